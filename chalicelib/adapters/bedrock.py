@@ -1,0 +1,193 @@
+"""Amazon Bedrock's OpenAI-compatible ("Mantle") endpoint, through the openai SDK.
+
+Thin on purpose: token handling, retries with backoff and jitter inside a
+deadline, and error mapping. What to send is decided by services/domain.
+
+Endpoint: AWS_ENDPOINT_URL_BEDROCK_MANTLE when set (local stack), otherwise
+https://bedrock-mantle.<region>.api.aws, the documented host; `/v1` is appended.
+Auth: a short-term `bedrock-api-key-...` bearer token from aws-bedrock-token-generator,
+cached and re-minted before expiry and on a 401/403.
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import openai
+from aws_bedrock_token_generator import provide_token
+
+from chalicelib.config import settings
+from chalicelib.errors import ApiError, InvalidRequest, NotFound, RateLimited, UpstreamError
+from chalicelib.log import logger
+
+T = TypeVar("T")
+_TOKEN_LIFETIME = timedelta(hours=1)
+_REMINT_MARGIN_SECONDS = 300
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class BedrockRejected(ApiError):
+    """Bedrock refused the request as invalid (a 4xx other than 429/401/403)."""
+    status = 400
+    code = "bedrock_rejected"
+
+
+def base_url() -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_BEDROCK_MANTLE") or \
+        f"https://bedrock-mantle.{settings().region}.api.aws"
+    return endpoint.rstrip("/") + "/v1"
+
+
+class _Session:
+    """One SDK client per process, rebuilt whenever the token is re-minted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: openai.OpenAI | None = None
+        self._minted_at = 0.0
+
+    def client(self, force_new_token: bool = False) -> openai.OpenAI:
+        with self._lock:
+            expired = time.time() - self._minted_at > _TOKEN_LIFETIME.total_seconds() - _REMINT_MARGIN_SECONDS
+            if self._client is None or expired or force_new_token:
+                token = provide_token(region=settings().region, expiry=_TOKEN_LIFETIME)
+                # max_retries=0: retries are ours (deadline-bound, logged, mapped).
+                self._client = openai.OpenAI(base_url=base_url(), api_key=token, max_retries=0,
+                                             timeout=openai.Timeout(60.0, connect=5.0))
+                self._minted_at = time.time()
+            return self._client
+
+    def reset(self) -> None:
+        with self._lock:
+            self._client = None
+
+
+_session = _Session()
+
+
+def reset() -> None:
+    _session.reset()
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    return str((err or {}).get("message") or exc.message)
+
+
+def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | None = None) -> T:
+    """Runs `op(client)` with retries on throttling, 5xx and connection errors."""
+    deadline = time.monotonic() + (deadline_s or settings().bedrock_retry_deadline_seconds)
+    attempt = 0
+    reminted = False
+    while True:
+        attempt += 1
+        try:
+            return op(_session.client())
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            if status in (401, 403) and not reminted:
+                reminted = True          # an expired or rotated token: mint once more
+                _session.client(force_new_token=True)
+                continue
+            retryable = status in RETRYABLE_STATUS
+            if retryable and time.monotonic() < deadline:
+                _sleep(attempt, exc.response.headers.get("retry-after"), deadline)
+                continue
+            logger.warning("bedrock call failed", extra={"op": what, "status": status, "attempts": attempt})
+            raise _map(status, _message(exc), what) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            if time.monotonic() < deadline:
+                _sleep(attempt, None, deadline)
+                continue
+            logger.warning("bedrock unreachable", extra={"op": what, "attempts": attempt})
+            raise UpstreamError(f"Amazon Bedrock did not answer ({what}): {type(exc).__name__}.") from None
+
+
+def _sleep(attempt: int, retry_after: str | None, deadline: float) -> None:
+    # Full jitter, capped; honour Retry-After when Bedrock sends one.
+    delay = random.uniform(0, min(8.0, 0.2 * 2 ** attempt))
+    if retry_after:
+        try:
+            delay = max(delay, float(retry_after))
+        except ValueError:
+            pass
+    time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+
+
+def _map(status: int, message: str, what: str) -> ApiError:
+    if status == 429:
+        return RateLimited(f"Amazon Bedrock is throttling ({what}); retry later. {message}")
+    if status == 404:
+        return NotFound(f"Amazon Bedrock: {message}")
+    if status in (401, 403):
+        return UpstreamError(f"rft-hub is not authorised on Amazon Bedrock ({what}).", code="bedrock_auth")
+    if 400 <= status < 500:
+        return BedrockRejected(f"Amazon Bedrock rejected the request ({what}): {message}")
+    return UpstreamError(f"Amazon Bedrock failed ({what}, HTTP {status}): {message}")
+
+
+# ---- operations used by rft-hub ------------------------------------------------------------
+
+def _dump(obj: Any) -> dict:
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
+
+
+def upload_file(fileobj, filename: str) -> dict:
+    def op(c: openai.OpenAI):
+        fileobj.seek(0)
+        return c.files.create(file=(filename, fileobj, "application/jsonl"), purpose="fine-tune")
+    # No blind retry beyond the deadline: an upload is idempotent for us (we record the id once).
+    return _dump(call(op, what="files.create"))
+
+
+def create_job(*, model: str, training_file: str, validation_file: str | None,
+               method: dict) -> dict:
+    kwargs: dict[str, Any] = {"model": model, "training_file": training_file,
+                              # The SDK's typed grader union has no "lambda": send the method raw.
+                              "extra_body": {"method": method}}
+    if validation_file:
+        # UNCONFIRMED whether Mantle RFT uses validation_file; it is an OpenAI field, so forward it.
+        kwargs["validation_file"] = validation_file
+    # Never sent: `suffix` (Bedrock rejects it), `seed` and `metadata` (undocumented on Mantle).
+    return _dump(call(lambda c: c.fine_tuning.jobs.create(**kwargs), what="fine_tuning.jobs.create",
+                      deadline_s=8.0))
+
+
+def retrieve_job(bedrock_job_id: str) -> dict:
+    return _dump(call(lambda c: c.fine_tuning.jobs.retrieve(bedrock_job_id), what="fine_tuning.jobs.retrieve"))
+
+
+def cancel_job(bedrock_job_id: str) -> dict:
+    return _dump(call(lambda c: c.fine_tuning.jobs.cancel(bedrock_job_id), what="fine_tuning.jobs.cancel"))
+
+
+def list_jobs(limit: int = 100, after: str | None = None) -> list[dict]:
+    def op(c: openai.OpenAI):
+        kw = {"limit": limit}
+        if after:
+            kw["after"] = after
+        return c.fine_tuning.jobs.list(**kw)
+    page = call(op, what="fine_tuning.jobs.list")
+    return [_dump(j) for j in page.data]
+
+
+def list_events(bedrock_job_id: str, limit: int = 100) -> list[dict]:
+    """Newest first, as the OpenAI API returns them."""
+    page = call(lambda c: c.fine_tuning.jobs.list_events(bedrock_job_id, limit=limit),
+                what="fine_tuning.jobs.list_events")
+    return [_dump(e) for e in page.data]
+
+
+def list_checkpoints(bedrock_job_id: str, limit: int = 100) -> list[dict]:
+    page = call(lambda c: c.fine_tuning.jobs.checkpoints.list(bedrock_job_id, limit=limit),
+                what="fine_tuning.jobs.checkpoints.list")
+    return [_dump(c) for c in page.data]
+
+
+def ping() -> None:
+    call(lambda c: c.with_options(timeout=3.0).models.list(), what="models.list", deadline_s=1.0)

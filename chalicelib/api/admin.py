@@ -1,0 +1,44 @@
+"""Admin API: teams and their keys (authenticated with the admin key)."""
+from __future__ import annotations
+
+from chalice import Blueprint
+from pydantic import Field
+
+from chalicelib.api.http import Request, StrictModel, route
+from chalicelib.services import teams
+
+bp = Blueprint(__name__)
+
+
+class CreateTeam(StrictModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
+
+
+@route(bp, "/v1/admin/teams", ("POST",), auth="admin", body=CreateTeam)
+def create_team(req: Request):
+    return 201, teams.create_team(req.body.name)
+
+
+@route(bp, "/v1/admin/teams", auth="admin")
+def list_teams(req: Request):
+    return {"object": "list", "data": teams.list_teams()}
+
+
+@route(bp, "/v1/admin/teams/{team_id}", auth="admin")
+def get_team(req: Request, team_id: str):
+    return teams.team_view(teams.get_team(team_id))
+
+
+@route(bp, "/v1/admin/teams/{team_id}/keys", ("POST",), auth="admin")
+def issue_key(req: Request, team_id: str):
+    return 201, teams.issue_key(team_id)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/keys", auth="admin")
+def list_keys(req: Request, team_id: str):
+    return {"object": "list", "data": teams.list_keys(team_id)}
+
+
+@route(bp, "/v1/admin/keys/{key_id}", ("DELETE",), auth="admin")
+def revoke_key(req: Request, key_id: str):
+    return teams.revoke_key(key_id)

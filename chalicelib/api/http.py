@@ -1,0 +1,186 @@
+"""What every route shares: authentication, body parsing, the error envelope, logging.
+
+Views are declared with `@route(bp, path, ...)`; they receive a `Request` and the
+path parameters, and return a dict (200), a `(status, dict)` pair or a Chalice
+`Response`. Any `ApiError` becomes the OpenAI error envelope; anything else
+becomes a 500 with a request id and one log line, never a stack trace.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pydantic
+from chalice import Blueprint, Response
+
+from chalicelib.errors import ApiError, InternalError, InvalidRequest, PayloadTooLarge, Unauthorized
+from chalicelib.config import settings
+from chalicelib.domain.keys import bearer_token
+from chalicelib.log import logger
+from chalicelib.services import teams
+from chalicelib.services.teams import Principal
+
+ANY_CONTENT = ["*/*"]
+
+
+@dataclass
+class Request:
+    principal: Principal | None
+    headers: dict[str, str]
+    query: dict[str, str]
+    raw_body: bytes
+    request_id: str
+    body: Any = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def team_id(self) -> str:
+        assert self.principal and self.principal.team_id
+        return self.principal.team_id
+
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+
+def json_response(status: int, body: Any, request_id: str, headers: dict | None = None) -> Response:
+    out_headers = {"Content-Type": "application/json", "x-request-id": request_id}
+    out_headers.update(headers or {})
+    return Response(body=json.dumps(body, separators=(",", ":"), default=str),
+                    status_code=status, headers=out_headers)
+
+
+def error_response(err: ApiError, request_id: str) -> Response:
+    return json_response(err.status, err.body(), request_id, err.headers)
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(exc: pydantic.ValidationError, prefix: str = "") -> InvalidRequest:
+    first = exc.errors()[0]
+    path = _field_path(tuple(first.get("loc", ())))
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif first.get("type") == "missing":
+        msg = "field required"
+    count = len(exc.errors())
+    more = f" (and {count - 1} more error{'s' if count > 2 else ''})" if count > 1 else ""
+    return InvalidRequest(f"Invalid '{path}': {msg}{more}.", param=path or None)
+
+
+def parse_json_body(raw: bytes, model: type[pydantic.BaseModel] | None) -> Any:
+    if len(raw) > settings().max_json_body_bytes:
+        raise PayloadTooLarge(f"Request body is {len(raw)} bytes; the limit is "
+                              f"{settings().max_json_body_bytes} bytes.")
+    if not raw.strip():
+        raise InvalidRequest("Request body must be a JSON object.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _request_id(current) -> str:
+    context = getattr(current, "context", None) or {}
+    return context.get("requestId") or str(uuid.uuid4())
+
+
+def _authenticate(auth: str | None, headers: dict[str, str]) -> Principal | None:
+    if auth is None:
+        return None
+    token = bearer_token(headers.get("authorization"))
+    if token is None:
+        raise Unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
+    if auth == "admin":
+        return teams.authenticate_admin(token)
+    return teams.authenticate_team(token)
+
+
+def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
+          auth: str | None = "team", body: type[pydantic.BaseModel] | None = None,
+          json_body: bool = False) -> Callable:
+    """Registers `fn(request, **path_params)` on the blueprint with rft-hub's conventions.
+
+    auth: "team", "admin" or None. body: a pydantic model to validate a JSON body
+    against (unknown fields rejected); json_body=True parses JSON without a model.
+    """
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def view(**path_params: str) -> Response:
+            current = bp.current_request
+            request_id = _request_id(current)
+            started = time.perf_counter()
+            headers = {k.lower(): v for k, v in (current.headers or {}).items()}
+            logger.append_keys(request_id=request_id)
+            status = 500
+            team_id = None
+            try:
+                raw = current.raw_body or b""
+                req = Request(principal=None, headers=headers,
+                              query=dict(current.query_params or {}), raw_body=raw,
+                              request_id=request_id)
+                req.principal = _authenticate(auth, headers)
+                team_id = req.principal.team_id if req.principal else None
+                if body is not None or json_body:
+                    req.body = parse_json_body(raw, body)
+                result = fn(req, **path_params)
+                if isinstance(result, Response):
+                    result.headers.setdefault("x-request-id", request_id)
+                    response = result
+                elif isinstance(result, tuple):
+                    response = json_response(result[0], result[1], request_id)
+                else:
+                    response = json_response(200, result, request_id)
+            except ApiError as err:
+                response = error_response(err, request_id)
+            except Exception:  # noqa: BLE001 - the one place unexpected errors are turned into a 500
+                logger.exception("unhandled error", extra={"path": current.path})
+                response = error_response(InternalError(
+                    f"The server had an error while processing your request (request id {request_id})."),
+                    request_id)
+            status = response.status_code
+            logger.info("request", extra={
+                "method": current.method, "path": current.path, "status": status, "team_id": team_id,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+            return response
+
+        bp.route(path, methods=list(methods), content_types=ANY_CONTENT)(view)
+        return fn
+    return decorate
+
+
+def query_int(req: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"Query parameter '{name}' must be an integer.", param=name) from None
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"Query parameter '{name}' must be between {lo} and {hi}.", param=name)
+    return value
+
+
+class StrictModel(pydantic.BaseModel):
+    """Request bodies: unknown fields are an error, never silently dropped."""
+    model_config = pydantic.ConfigDict(extra="forbid", strict=False)

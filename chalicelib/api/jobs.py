@@ -1,0 +1,59 @@
+"""OpenAI-compatible fine-tuning jobs: /v1/fine_tuning/jobs."""
+from __future__ import annotations
+
+import json
+
+from chalice import Blueprint
+
+from chalicelib.api.http import Request, query_int, route, validation_error
+from chalicelib.domain.jobs import CreateJob
+from chalicelib.errors import InvalidRequest
+from chalicelib.services import graders, jobs
+
+bp = Blueprint(__name__)
+
+
+@route(bp, "/v1/fine_tuning/jobs", ("POST",), json_body=True)
+def create_job(req: Request):
+    try:
+        parsed = CreateJob.model_validate(req.body)
+    except Exception as exc:  # pydantic.ValidationError
+        raise validation_error(exc) from None
+    key = req.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
+    return jobs.create_job(req.team_id, parsed, req.body, key, graders.resolve_for_bedrock)
+
+
+@route(bp, "/v1/fine_tuning/jobs")
+def list_jobs(req: Request):
+    metadata = None
+    raw = {k[len("metadata["):-1]: v for k, v in req.query.items() if k.startswith("metadata[") and k.endswith("]")}
+    if raw:
+        metadata = raw
+    elif req.query.get("metadata"):
+        try:
+            metadata = json.loads(req.query["metadata"])
+        except ValueError:
+            raise InvalidRequest("metadata must be a JSON object of strings.", param="metadata") from None
+    return jobs.list_jobs(req.team_id, query_int(req, "limit", 20, 1, 100), req.query.get("after"), metadata)
+
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}")
+def retrieve_job(req: Request, job_id: str):
+    return jobs.retrieve(req.team_id, job_id)
+
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/cancel", ("POST",))
+def cancel_job(req: Request, job_id: str):
+    return jobs.cancel(req.team_id, job_id)
+
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/events")
+def list_job_events(req: Request, job_id: str):
+    return jobs.list_events(req.team_id, job_id, query_int(req, "limit", 20, 1, 1000), req.query.get("after"))
+
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/checkpoints")
+def list_job_checkpoints(req: Request, job_id: str):
+    return jobs.list_checkpoints(req.team_id, job_id, query_int(req, "limit", 10, 1, 100), req.query.get("after"))

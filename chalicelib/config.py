@@ -1,0 +1,63 @@
+"""Settings, read from the environment once per process.
+
+Every deployment difference lives in environment variables set by
+`.chalice/config.json` (per stage) or by the local stack. AWS endpoints are
+*not* settings: boto3 and PynamoDB read `AWS_ENDPOINT_URL_<SERVICE>` themselves,
+and the Bedrock Mantle adapter reads `AWS_ENDPOINT_URL_BEDROCK_MANTLE` the same way.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+# Base models teams may fine-tune (Bedrock open-weight RFT, see shared docs §3.1).
+DEFAULT_RFT_MODELS = ("openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b")
+
+
+def _csv(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    stage: str
+    region: str
+    table_prefix: str
+    datasets_bucket: str
+    admin_key_secret_id: str
+    rft_models: tuple[str, ...]
+    auth_cache_seconds: int
+    max_json_body_bytes: int
+    max_upload_part_bytes: int
+    max_file_bytes: int
+    bedrock_retry_deadline_seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    stage = os.environ.get("RFT_STAGE", "local")
+    return Settings(
+        stage=stage,
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-west-2",
+        table_prefix=os.environ.get("RFT_TABLE_PREFIX", f"rfthub-{stage}-"),
+        datasets_bucket=os.environ.get("RFT_DATASETS_BUCKET", f"rfthub-{stage}-datasets"),
+        admin_key_secret_id=os.environ.get("RFT_ADMIN_KEY_SECRET_ID", f"rfthub/{stage}/admin-key"),
+        rft_models=_csv("RFT_MODELS", DEFAULT_RFT_MODELS),
+        auth_cache_seconds=int(os.environ.get("RFT_AUTH_CACHE_SECONDS", "30")),
+        # API Gateway + Lambda cap a synchronous request near 6 MB.
+        max_json_body_bytes=int(os.environ.get("RFT_MAX_JSON_BODY_BYTES", str(1024 * 1024))),
+        max_upload_part_bytes=int(os.environ.get("RFT_MAX_UPLOAD_PART_BYTES", str(5_800_000))),
+        max_file_bytes=int(os.environ.get("RFT_MAX_FILE_BYTES", str(512 * 1024 * 1024))),
+        bedrock_retry_deadline_seconds=float(os.environ.get("RFT_BEDROCK_RETRY_DEADLINE", "20")),
+    )
+
+
+def table_name(short: str) -> str:
+    """Full DynamoDB table name; read at import time by the PynamoDB models."""
+    stage = os.environ.get("RFT_STAGE", "local")
+    return os.environ.get("RFT_TABLE_PREFIX", f"rfthub-{stage}-") + short

@@ -1,0 +1,156 @@
+"""Streaming validation of RFT training data (JSONL, OpenAI chat format).
+
+Each line: a JSON object with `messages` (non-empty list of {role, content},
+ending with the prompt turn, i.e. a user message), optional `reference_answer`
+(string or object), optional string `id`, and any extra fields (kept: graders
+read them). Bedrock requires 100-20,000 rows in a training file.
+
+The validator sees one line at a time, so a file of any size is checked in
+constant memory (apart from the set of ids, used to flag duplicates).
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+MIN_ROWS = 100
+MAX_ROWS = 20_000
+MAX_REPORTED_ERRORS = 20
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_CHARS_PER_TOKEN = 4  # rough, model-independent estimate
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Splits a stream of byte chunks into lines (without the newline)."""
+    pending = b""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _content_chars(content) -> int | None:
+    """Length of a message's text, or None when the content is not text."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # content parts; RFT is text-only
+        total = 0
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") in ("text", "input_text")
+                    and isinstance(part.get("text"), str)):
+                return None
+            total += len(part["text"])
+        return total
+    return None
+
+
+def check_row(row) -> tuple[str | None, int]:
+    """(error or None, characters of prompt text) for one parsed line."""
+    if not isinstance(row, dict):
+        return "line is not a JSON object", 0
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list", 0
+    chars = 0
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            return f"messages[{i}] is not an object", 0
+        role = msg.get("role")
+        if role not in ROLES:
+            return f"messages[{i}].role must be one of {sorted(ROLES)}", 0
+        n = _content_chars(msg.get("content"))
+        if n is None:
+            return f"messages[{i}].content must be a string or a list of text parts", 0
+        chars += n
+    if messages[-1].get("role") != "user":
+        return "the last message must be the prompt turn (role 'user'); the model writes the answer", 0
+    ref = row.get("reference_answer")
+    if ref is not None and not isinstance(ref, (str, dict)):
+        return "'reference_answer' must be a string or an object", 0
+    row_id = row.get("id")
+    if row_id is not None and not isinstance(row_id, str):
+        return "'id' must be a string", 0
+    return None, chars
+
+
+class DatasetValidator:
+    def __init__(self, max_errors: int = MAX_REPORTED_ERRORS) -> None:
+        self.max_errors = max_errors
+        self.rows = 0
+        self.bytes = 0
+        self.chars = 0
+        self.error_count = 0
+        self.errors: list[dict] = []
+        self.line_no = 0
+        self._ids: set[str] = set()
+        self.duplicate_ids = 0
+        self.with_reference = 0
+
+    def _error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append({"line": self.line_no, "message": message})
+
+    def feed(self, line: bytes) -> None:
+        self.line_no += 1
+        self.bytes += len(line) + 1
+        if not line.strip():
+            self._error("empty line")
+            return
+        try:
+            row = json.loads(line)
+        except UnicodeDecodeError:
+            self._error("line is not valid UTF-8")
+            return
+        except ValueError as exc:
+            self._error(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            return
+        problem, chars = check_row(row)
+        if problem:
+            self._error(problem)
+            return
+        self.rows += 1
+        self.chars += chars
+        if row.get("reference_answer") is not None:
+            self.with_reference += 1
+        row_id = row.get("id")
+        if row_id is not None:
+            if row_id in self._ids:
+                self.duplicate_ids += 1
+            else:
+                self._ids.add(row_id)
+
+    def report(self) -> dict:
+        warnings = []
+        within = MIN_ROWS <= self.rows <= MAX_ROWS
+        if not within:
+            warnings.append(f"Bedrock RFT needs {MIN_ROWS}-{MAX_ROWS} training rows; this file has "
+                            f"{self.rows}. It cannot be used as a training_file.")
+        if self.duplicate_ids:
+            warnings.append(f"{self.duplicate_ids} rows repeat an 'id' used earlier in the file.")
+        if self.rows and self.with_reference < self.rows:
+            warnings.append(f"{self.rows - self.with_reference} rows have no 'reference_answer'.")
+        return {
+            "valid": self.error_count == 0 and self.rows > 0,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "estimated_tokens": self.chars // _CHARS_PER_TOKEN,
+            "error_count": self.error_count,
+            "errors": self.errors,
+            "warnings": warnings,
+            "training_row_limits": {"min": MIN_ROWS, "max": MAX_ROWS, "ok": within},
+        }
+
+
+def validate(chunks: Iterable[bytes]) -> dict:
+    validator = DatasetValidator()
+    for line in iter_lines(chunks):
+        validator.feed(line)
+    if validator.line_no == 0:
+        validator._error("file is empty")
+    return validator.report()

@@ -1,0 +1,268 @@
+"""Datasets: files and multipart uploads. Content in S3, metadata in DynamoDB, per team."""
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Iterator
+
+from pynamodb.exceptions import DoesNotExist, UpdateError
+
+from chalicelib.adapters import aws
+from chalicelib.config import settings
+from chalicelib.domain import datasets, ids
+from chalicelib.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from chalicelib.store.models import File, Upload
+
+PURPOSE = "fine-tune"
+UPLOAD_TTL_SECONDS = 3600
+ACCEPTED_MIME_TYPES = {"application/jsonl", "application/x-jsonlines", "application/x-ndjson",
+                       "application/json", "text/plain", "text/jsonl", "application/octet-stream"}
+_S3_PART = 8 * 1024 * 1024  # S3 multipart parts must be >= 5 MiB except the last
+
+
+def check_purpose(purpose: str | None) -> None:
+    if purpose != PURPOSE:
+        raise InvalidRequest(f"purpose must be '{PURPOSE}' (rft-hub trains RFT jobs only); got {purpose!r}.",
+                             param="purpose")
+
+
+def file_view(f: File) -> dict:
+    report = f.validation or {}
+    return {"id": f.file_id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
+            "filename": f.filename, "purpose": f.purpose, "status": f.status,
+            "status_details": None, "expires_at": None,
+            "rft_validation": report}
+
+
+def _rejected(report: dict) -> InvalidRequest:
+    first = report["errors"][0] if report["errors"] else {"line": 0, "message": "no rows"}
+    more = report["error_count"] - 1
+    suffix = f" ({more} more error{'s' if more != 1 else ''}; first ones: " + "; ".join(
+        f"line {e['line']}: {e['message']}" for e in report["errors"][1:5]) + ")" if more > 0 else ""
+    return InvalidRequest(f"Invalid training data: line {first['line']}: {first['message']}{suffix}.",
+                          param="file", code="invalid_file")
+
+
+def _key(team_id: str, file_id: str) -> str:
+    return f"files/{team_id}/{file_id}.jsonl"
+
+
+def create_file(team_id: str, filename: str | None, purpose: str | None, data: bytes) -> dict:
+    check_purpose(purpose)
+    if len(data) > settings().max_file_bytes:
+        raise PayloadTooLarge("File too large.", param="file")
+    report = datasets.validate([data])
+    if not report["valid"]:
+        raise _rejected(report)
+    file_id = ids.new_id("file")
+    aws.s3().put_object(Bucket=settings().datasets_bucket, Key=_key(team_id, file_id), Body=data,
+                        ContentType="application/jsonl")
+    return file_view(_save(team_id, file_id, filename or "data.jsonl", len(data), report))
+
+
+def _save(team_id: str, file_id: str, filename: str, size: int, report: dict) -> File:
+    record = File(team_id, file_id, filename=filename[:255], purpose=PURPOSE, bytes=size,
+                  created_at=ids.now(), status="processed", s3_key=_key(team_id, file_id),
+                  validation=report)
+    record.save(condition=File.file_id.does_not_exist())
+    return record
+
+
+def get_file(team_id: str, file_id: str) -> File:
+    try:
+        return File.get(team_id, file_id, consistent_read=True)
+    except DoesNotExist:
+        # Another team's file is indistinguishable from a missing one.
+        raise NotFound(f"No such file: '{file_id}'.", param="file_id") from None
+
+
+def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
+               order: str = "desc") -> dict:
+    items = [f for f in File.query(team_id) if purpose is None or f.purpose == purpose]
+    items.sort(key=lambda f: (f.created_at, f.file_id), reverse=(order != "asc"))
+    if after:
+        idx = next((i for i, f in enumerate(items) if f.file_id == after), None)
+        items = items[idx + 1:] if idx is not None else []
+    page = items[:limit]
+    data = [file_view(f) for f in page]
+    return {"object": "list", "data": data, "has_more": len(items) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def delete_file(team_id: str, file_id: str) -> dict:
+    record = get_file(team_id, file_id)
+    aws.s3().delete_object(Bucket=settings().datasets_bucket, Key=record.s3_key)
+    record.delete()
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def file_content(team_id: str, file_id: str, max_bytes: int = 5_000_000) -> bytes:
+    record = get_file(team_id, file_id)
+    if record.bytes > max_bytes:
+        raise PayloadTooLarge(f"File is {record.bytes} bytes; content downloads are limited to "
+                              f"{max_bytes} bytes through the API.", param="file_id")
+    return aws.s3().get_object(Bucket=settings().datasets_bucket, Key=record.s3_key)["Body"].read()
+
+
+def open_content(record: File) -> Iterator[bytes]:
+    body = aws.s3().get_object(Bucket=settings().datasets_bucket, Key=record.s3_key)["Body"]
+    yield from body.iter_chunks(1024 * 1024)
+
+
+# ---- Uploads (large files in parts) ---------------------------------------------------------
+
+def upload_view(u: Upload, file: dict | None = None) -> dict:
+    return {"id": u.upload_id, "object": "upload", "bytes": u.bytes, "created_at": u.created_at,
+            "filename": u.filename, "purpose": u.purpose, "status": _upload_status(u),
+            "expires_at": u.expires_at, "file": file}
+
+
+def _upload_status(u: Upload) -> str:
+    if u.status == "pending" and ids.now() >= u.expires_at:
+        return "expired"
+    return u.status
+
+
+def create_upload(team_id: str, filename: str, purpose: str, size: int, mime_type: str) -> dict:
+    check_purpose(purpose)
+    if mime_type.split(";")[0].strip().lower() not in ACCEPTED_MIME_TYPES:
+        raise InvalidRequest(f"mime_type {mime_type!r} is not accepted for fine-tune files; "
+                             "use application/jsonl.", param="mime_type")
+    if size > settings().max_file_bytes:
+        raise PayloadTooLarge(f"bytes must be at most {settings().max_file_bytes}.", param="bytes")
+    now = ids.now()
+    record = Upload(team_id, ids.new_id("upload"), filename=filename[:255], purpose=purpose, bytes=size,
+                    mime_type=mime_type, created_at=now, expires_at=now + UPLOAD_TTL_SECONDS,
+                    status="pending")
+    record.save(condition=Upload.upload_id.does_not_exist())
+    return upload_view(record)
+
+
+def get_upload(team_id: str, upload_id: str) -> Upload:
+    try:
+        return Upload.get(team_id, upload_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No such upload: '{upload_id}'.", param="upload_id") from None
+
+
+def _pending(team_id: str, upload_id: str) -> Upload:
+    record = get_upload(team_id, upload_id)
+    status = _upload_status(record)
+    if status != "pending":
+        raise Conflict(f"Upload '{upload_id}' is {status}; parts can only be added to a pending upload.",
+                       param="upload_id")
+    return record
+
+
+def _part_key(team_id: str, upload_id: str, part_id: str) -> str:
+    return f"uploads/{team_id}/{upload_id}/{part_id}"
+
+
+def add_part(team_id: str, upload_id: str, data: bytes) -> dict:
+    _pending(team_id, upload_id)
+    if not data:
+        raise InvalidRequest("The part is empty.", param="data")
+    if len(data) > settings().max_upload_part_bytes:
+        raise PayloadTooLarge(f"A part may be at most {settings().max_upload_part_bytes} bytes "
+                              "(a Lambda request body is capped near 6 MB); pass a smaller part_size.",
+                              param="data")
+    part_id = ids.new_id("part")
+    aws.s3().put_object(Bucket=settings().datasets_bucket, Key=_part_key(team_id, upload_id, part_id),
+                        Body=data)
+    return {"id": part_id, "object": "upload.part", "created_at": ids.now(), "upload_id": upload_id}
+
+
+def _stream_parts(team_id: str, upload_id: str, part_ids: list[str]) -> Iterator[bytes]:
+    for part_id in part_ids:
+        obj = aws.s3().get_object(Bucket=settings().datasets_bucket,
+                                  Key=_part_key(team_id, upload_id, part_id))
+        yield from obj["Body"].iter_chunks(1024 * 1024)
+
+
+def complete_upload(team_id: str, upload_id: str, part_ids: list[str], md5: str | None) -> dict:
+    upload = _pending(team_id, upload_id)
+    if not part_ids:
+        raise InvalidRequest("part_ids must list the parts in order.", param="part_ids")
+    if len(set(part_ids)) != len(part_ids):
+        raise InvalidRequest("part_ids lists a part twice.", param="part_ids")
+    s3, bucket = aws.s3(), settings().datasets_bucket
+    total = 0
+    for part_id in part_ids:
+        try:
+            total += s3.head_object(Bucket=bucket, Key=_part_key(team_id, upload_id, part_id))["ContentLength"]
+        except s3.exceptions.ClientError:
+            raise InvalidRequest(f"Unknown part '{part_id}' for upload '{upload_id}'.",
+                                 param="part_ids") from None
+    if total != upload.bytes:
+        raise InvalidRequest(f"The parts hold {total} bytes but the upload was created with "
+                             f"bytes={upload.bytes}.", param="part_ids")
+
+    # One pass over the parts: copy into the final object, hash, and validate.
+    file_id = ids.new_id("file")
+    key = _key(team_id, file_id)
+    digest = hashlib.md5(usedforsecurity=False)
+    validator = datasets.DatasetValidator()
+    mpu = s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType="application/jsonl")
+    etags, buffer = [], io.BytesIO()
+
+    def copied(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            buffer.write(chunk)
+            if buffer.tell() >= _S3_PART:
+                etags.append(_put_part(s3, bucket, key, mpu["UploadId"], len(etags) + 1, buffer))
+            yield chunk
+
+    try:
+        for line in datasets.iter_lines(copied(_stream_parts(team_id, upload_id, part_ids))):
+            validator.feed(line)
+        if buffer.tell() or not etags:
+            etags.append(_put_part(s3, bucket, key, mpu["UploadId"], len(etags) + 1, buffer))
+        report = validator.report()
+        if md5 and md5.lower() != digest.hexdigest():
+            raise InvalidRequest("md5 does not match the uploaded bytes.", param="md5")
+        if not report["valid"]:
+            raise _rejected(report)
+        s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"],
+                                     MultipartUpload={"Parts": etags})
+    except BaseException:
+        s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"])
+        raise
+    record = _save(team_id, file_id, upload.filename, total, report)
+    try:
+        upload.update(actions=[Upload.status.set("completed"), Upload.file_id.set(file_id)],
+                      condition=Upload.status == "pending")
+    except UpdateError:
+        # A concurrent complete won; keep its file, drop ours.
+        s3.delete_object(Bucket=bucket, Key=key)
+        record.delete()
+        raise Conflict(f"Upload '{upload_id}' was completed or cancelled concurrently.") from None
+    _delete_parts(team_id, upload_id)
+    return upload_view(upload, file_view(record))
+
+
+def _put_part(s3, bucket: str, key: str, upload_id: str, number: int, buffer: io.BytesIO) -> dict:
+    data = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    etag = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
+    return {"ETag": etag, "PartNumber": number}
+
+
+def cancel_upload(team_id: str, upload_id: str) -> dict:
+    upload = _pending(team_id, upload_id)
+    try:
+        upload.update(actions=[Upload.status.set("cancelled")], condition=Upload.status == "pending")
+    except UpdateError:
+        raise Conflict(f"Upload '{upload_id}' is no longer pending.") from None
+    _delete_parts(team_id, upload_id)
+    return upload_view(upload)
+
+
+def _delete_parts(team_id: str, upload_id: str) -> None:
+    s3, bucket = aws.s3(), settings().datasets_bucket
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"uploads/{team_id}/{upload_id}/"):
+        objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if objects:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})

@@ -1,0 +1,380 @@
+"""RFT jobs: create (idempotent, never orphaned), read, cancel, events and checkpoints.
+
+Write order on create: the job record first (conditional put), then Bedrock, then
+the record again. A crash in between leaves `submit_state` = pending/submitting,
+which a retried create or the reconciler finishes (`submit`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from typing import Any
+
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+
+from chalicelib.adapters import bedrock
+from chalicelib.config import settings
+from chalicelib.domain import ids
+from chalicelib.domain import jobs as rules
+from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS
+from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
+from chalicelib.log import logger
+from chalicelib.services import files
+from chalicelib.store.models import Checkpoint, File, Job, JobEvent
+
+ACTIVE = "active"
+SUBMIT_LEASE_SECONDS = 120
+POLL_MIN_INTERVAL_SECONDS = 5
+
+
+# ---- views -----------------------------------------------------------------------------------
+
+def job_view(job: Job) -> dict:
+    hp = job.method.get("reinforcement", {}).get("hyperparameters") or {}
+    return {
+        "id": job.job_id, "object": "fine_tuning.job", "created_at": job.created_at,
+        "error": job.error, "fine_tuned_model": job.fine_tuned_model, "finished_at": job.finished_at,
+        "hyperparameters": {k: hp.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
+        "model": job.model, "organization_id": job.team_id, "result_files": [],
+        "seed": job.seed if job.seed is not None else 0, "status": job.status,
+        "trained_tokens": job.trained_tokens, "training_file": job.training_file,
+        "validation_file": job.validation_file, "estimated_finish": None, "integrations": None,
+        "metadata": job.metadata, "method": job.method, "user_provided_suffix": job.suffix,
+        # rft-hub extras
+        "rft_team_id": job.team_id, "rft_bedrock_job_id": job.bedrock_job_id,
+        "rft_submission": job.submit_state, "rft_cost_estimate": job.estimate,
+        "rft_status_path": list(job.status_path or []),
+    }
+
+
+def event_view(e: JobEvent) -> dict:
+    return {"id": e.event_id, "object": "fine_tuning.job.event", "created_at": e.created_at,
+            "level": e.level, "message": e.message, "type": e.type, "data": e.data,
+            "rft_source": e.source}
+
+
+def checkpoint_view(c: Checkpoint) -> dict:
+    return {"id": c.checkpoint_id, "object": "fine_tuning.job.checkpoint", "created_at": c.created_at,
+            "fine_tuned_model_checkpoint": c.fine_tuned_model_checkpoint, "fine_tuning_job_id": c.job_id,
+            "metrics": c.metrics or {}, "step_number": c.step_number}
+
+
+# ---- create ----------------------------------------------------------------------------------
+
+def _request_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _training_file(team_id: str, file_id: str, param: str, enforce_rows: bool) -> File:
+    try:
+        record = files.get_file(team_id, file_id)
+    except NotFound:
+        raise NotFound(f"No such file: '{file_id}'.", param=param) from None
+    rows = (record.validation or {}).get("rows", 0)
+    if enforce_rows and not MIN_ROWS <= rows <= MAX_ROWS:
+        raise InvalidRequest(f"Training file '{file_id}' has {rows} rows; Amazon Bedrock RFT needs "
+                             f"{MIN_ROWS} to {MAX_ROWS}.", param=param, code="invalid_training_file")
+    return record
+
+
+def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None,
+               resolve_grader) -> tuple[int, dict]:
+    """Returns (HTTP status, job). `resolve_grader(team_id, grader_dict)` -> Lambda ARN for Bedrock."""
+    hyperparameters = rules.check_create(req, settings().rft_models)
+    grader = req.method.reinforcement.grader
+    lambda_arn = resolve_grader(team_id, grader)
+    training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
+    if req.validation_file:
+        _training_file(team_id, req.validation_file, "validation_file", enforce_rows=False)
+
+    request_hash = _request_hash(raw_body)
+    job_id = ids.stable_id("ftjob", team_id, idempotency_key) if idempotency_key else ids.new_id("ftjob")
+    report = training.validation or {}
+    now = ids.now()
+    job = Job(team_id, job_id, status="validating_files", model=req.model, training_file=req.training_file,
+              validation_file=req.validation_file, method=req.method.model_dump(mode="json", by_alias=True,
+                                                                                exclude_none=True),
+              bedrock_method=rules.bedrock_method(lambda_arn, hyperparameters), suffix=req.suffix,
+              metadata=req.metadata, seed=req.seed, created_at=now, updated_at=now,
+              estimate=rules.estimate_cost(req.model, report.get("rows", 0), report.get("estimated_tokens", 0),
+                                           hyperparameters.get("n_epochs")),
+              request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
+              status_path=["validating_files"])
+    try:
+        job.save(condition=Job.job_id.does_not_exist())
+    except PutError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        existing = get_job(team_id, job_id)
+        if existing.request_hash != request_hash:
+            raise Conflict("This Idempotency-Key was already used with a different request body.",
+                           param="Idempotency-Key", code="idempotency_key_reused") from None
+        if existing.submit_state in ("pending", "submitting"):
+            existing = submit(existing)
+        return 200, job_view(existing)
+    record_event(job, f"Job created by rft-hub; estimated cost "
+                      f"{job.estimate.get('estimated_usd') or 'unpriced'} USD.", source="rft-hub")
+    job = submit(job)
+    if job.submit_state == "rejected":
+        raise InvalidRequest(f"{job.error['message']} (job {job.job_id} was recorded as failed)",
+                             param=job.error.get("param"), code="bedrock_rejected")
+    return 201, job_view(job)
+
+
+def _acquire_lease(job: Job) -> bool:
+    now = ids.now()
+    try:
+        job.update(actions=[Job.submit_state.set("submitting"),
+                            Job.submit_lease_until.set(now + SUBMIT_LEASE_SECONDS),
+                            Job.submit_attempts.add(1), Job.updated_at.set(now)],
+                   condition=(Job.submit_state == "pending") |
+                             ((Job.submit_state == "submitting") & (Job.submit_lease_until < now)))
+        return True
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+
+
+def _bedrock_file_id(team_id: str, file_id: str) -> str:
+    """Uploads a dataset to Bedrock's Files API once; later jobs reuse the id."""
+    record = files.get_file(team_id, file_id)
+    if record.bedrock_file_id:
+        return record.bedrock_file_id
+    # Lambda's /tmp holds files far larger than its memory; stream S3 -> disk -> Bedrock.
+    with tempfile.TemporaryFile() as tmp:
+        for chunk in files.open_content(record):
+            tmp.write(chunk)
+        uploaded = bedrock.upload_file(tmp, record.filename)
+    record.update(actions=[File.bedrock_file_id.set(uploaded["id"])])
+    return uploaded["id"]
+
+
+def _adopt_orphan(job: Job, training_id: str) -> dict | None:
+    """After an expired lease, Bedrock may already hold the job the crashed attempt created."""
+    if not job.submit_attempts or job.submit_attempts < 2:
+        return None
+    for candidate in bedrock.list_jobs(limit=100):
+        if candidate.get("training_file") == training_id and candidate.get("model") == job.model \
+                and candidate.get("created_at", 0) >= job.created_at \
+                and not list(Job.by_bedrock_id.query(candidate["id"])):
+            return candidate
+    return None
+
+
+def submit(job: Job) -> Job:
+    """Sends a recorded job to Bedrock, at most once (guarded by a lease)."""
+    if not _acquire_lease(job):
+        return get_job(job.team_id, job.job_id)
+    try:
+        training_id = _bedrock_file_id(job.team_id, job.training_file)
+        validation_id = _bedrock_file_id(job.team_id, job.validation_file) if job.validation_file else None
+        remote = _adopt_orphan(job, training_id) or bedrock.create_job(
+            model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
+    except bedrock.BedrockRejected as err:
+        _fail_submission(job, err)
+        return job
+    except ApiError as err:
+        # Throttled or unavailable after retries: release the lease; the reconciler resubmits.
+        logger.warning("submission deferred", extra={"job_id": job.job_id, "error": err.message})
+        job.update(actions=[Job.submit_state.set("pending"), Job.submit_lease_until.remove()],
+                   condition=Job.submit_state == "submitting")
+        record_event(job, "Amazon Bedrock is unavailable; submission will be retried.", level="warn",
+                     source="rft-hub")
+        return job
+    job.update(actions=[Job.submit_state.set("submitted"), Job.bedrock_job_id.set(remote["id"]),
+                        Job.submit_lease_until.remove(), Job.updated_at.set(ids.now())],
+               condition=Job.submit_state == "submitting")
+    record_event(job, f"Submitted to Amazon Bedrock as {remote['id']}.", source="rft-hub")
+    apply_remote(job, remote, source="bedrock")
+    if job.cancel_requested and job.status not in rules.TERMINAL:
+        bedrock.cancel_job(remote["id"])
+    return job
+
+
+def _fail_submission(job: Job, err: ApiError) -> None:
+    now = ids.now()
+    job.update(actions=[Job.submit_state.set("rejected"), Job.submit_lease_until.remove(),
+                        Job.status.set("failed"), Job.finished_at.set(now), Job.updated_at.set(now),
+                        Job.error.set({"code": "bedrock_rejected", "message": err.message, "param": err.param}),
+                        Job.active_shard.remove(),
+                        Job.status_path.set(Job.status_path.append(["failed"]))],
+               condition=Job.submit_state == "submitting")
+    record_event(job, f"Amazon Bedrock rejected the job: {err.message}", level="error", source="rft-hub")
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str | None = None,
+                 error: dict | None = None, trained_tokens: int | None = None) -> bool:
+    """Applies one observed status with a single conditional write. True if it changed the job."""
+    target = rules.transition(job.status, observed)
+    if target is None:
+        return False
+    now = ids.now()
+    actions = [Job.status.set(target), Job.updated_at.set(now), Job.last_event_at.set(now),
+               Job.status_path.set(Job.status_path.append([target]))]
+    if target in rules.TERMINAL:
+        actions += [Job.finished_at.set(now), Job.active_shard.remove()]
+    if fine_tuned_model:
+        actions.append(Job.fine_tuned_model.set(fine_tuned_model))
+    if error:
+        actions.append(Job.error.set(error))
+    if trained_tokens is not None:
+        actions.append(Job.trained_tokens.set(trained_tokens))
+    previous = job.status
+    try:
+        # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
+        job.update(actions=actions, condition=Job.status == previous)
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        job.refresh(consistent_read=True)
+        return apply_status(job, observed, source=source, fine_tuned_model=fine_tuned_model,
+                            error=error, trained_tokens=trained_tokens)
+    record_event(job, f"Status {previous} -> {target}.", source=source,
+                 data={"from": previous, "to": target})
+    return True
+
+
+def apply_remote(job: Job, remote: dict, *, source: str) -> bool:
+    observed = rules.normalise_status(remote.get("status"))
+    if observed is None:
+        logger.warning("unknown bedrock status", extra={"job_id": job.job_id, "status": remote.get("status")})
+        return False
+    err = remote.get("error")
+    error = {"code": err.get("code"), "message": err.get("message"), "param": err.get("param")} \
+        if isinstance(err, dict) and err.get("message") else None
+    return apply_status(job, observed, source=source, fine_tuned_model=remote.get("fine_tuned_model"),
+                        error=error, trained_tokens=remote.get("trained_tokens"))
+
+
+def record_event(job: Job, message: str, *, source: str, level: str = "info", type_: str = "message",
+                 data: dict | None = None, event_id: str | None = None, created_at: int | None = None) -> None:
+    event_id = event_id or ids.new_id("ftevent")
+    created = created_at or ids.now()
+    JobEvent(job.job_id, f"{created:010d}#{event_id}", event_id=event_id, created_at=created, level=level,
+             message=message, type=type_, data=data, source=source).save()
+
+
+def get_job(team_id: str, job_id: str) -> Job:
+    try:
+        return Job.get(team_id, job_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No fine-tuning job with id '{job_id}'.", param="fine_tuning_job_id") from None
+
+
+def refresh_from_bedrock(job: Job, *, force: bool = False) -> Job:
+    """Polls Bedrock for a non-terminal submitted job (rate-limited per job)."""
+    if job.status in rules.TERMINAL or not job.bedrock_job_id:
+        return job
+    if not force and ids.now() - (job.updated_at or 0) < POLL_MIN_INTERVAL_SECONDS:
+        return job
+    try:
+        remote = bedrock.retrieve_job(job.bedrock_job_id)
+    except ApiError as err:  # reads degrade gracefully: show the last known state
+        logger.warning("bedrock poll failed", extra={"job_id": job.job_id, "error": err.message})
+        return job
+    if not apply_remote(job, remote, source="poll"):
+        job.update(actions=[Job.updated_at.set(ids.now())])
+    return job
+
+
+def retrieve(team_id: str, job_id: str) -> dict:
+    return job_view(refresh_from_bedrock(get_job(team_id, job_id)))
+
+
+def list_jobs(team_id: str, limit: int, after: str | None, metadata: dict[str, str] | None = None) -> dict:
+    items = sorted(Job.query(team_id), key=lambda j: (j.created_at, j.job_id), reverse=True)
+    if metadata:
+        items = [j for j in items if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
+    if after:
+        idx = next((i for i, j in enumerate(items) if j.job_id == after), None)
+        items = items[idx + 1:] if idx is not None else []
+    return {"object": "list", "data": [job_view(j) for j in items[:limit]], "has_more": len(items) > limit}
+
+
+def cancel(team_id: str, job_id: str) -> dict:
+    job = get_job(team_id, job_id)
+    if job.status == "cancelled":
+        return job_view(job)  # idempotent
+    if job.status in rules.TERMINAL:
+        raise Conflict(f"Job '{job_id}' already {job.status}; only a running job can be cancelled.",
+                       param="fine_tuning_job_id", code="job_finished")
+    job.update(actions=[Job.cancel_requested.set(True), Job.updated_at.set(ids.now())])
+    if job.bedrock_job_id:
+        remote = bedrock.cancel_job(job.bedrock_job_id)
+        apply_remote(job, remote, source="bedrock")
+    elif job.submit_state == "pending":
+        # Never reached Bedrock: cancelling is purely ours. Block a later submission first.
+        try:
+            job.update(actions=[Job.submit_state.set("cancelled")], condition=Job.submit_state == "pending")
+            apply_status(job, "cancelled", source="rft-hub")
+        except UpdateError:
+            pass  # a submitter took the lease; it sees cancel_requested and cancels on Bedrock
+    record_event(job, "Cancellation requested.", source="rft-hub")
+    return job_view(get_job(team_id, job_id))
+
+
+# ---- events and checkpoints (copied from Bedrock so reads do not depend on it) ---------------
+
+def sync_events(job: Job) -> int:
+    """Copies Bedrock events not yet stored; returns how many were new."""
+    if not job.bedrock_job_id:
+        return 0
+    remote = bedrock.list_events(job.bedrock_job_id, limit=100)
+    new = 0
+    for event in remote:  # newest first: stop at the first one already stored
+        sort_key = f"{int(event.get('created_at', 0)):010d}#{event['id']}"
+        try:
+            JobEvent(job.job_id, sort_key, event_id=event["id"], created_at=int(event.get("created_at", 0)),
+                     level=event.get("level") or "info", message=event.get("message") or "",
+                     type=event.get("type") or "message", data=event.get("data"), source="bedrock",
+                     ).save(condition=JobEvent.sort_key.does_not_exist())
+            new += 1
+        except PutError as exc:
+            if exc.cause_response_code == "ConditionalCheckFailedException":
+                break
+            raise
+    return new
+
+
+def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
+    job = get_job(team_id, job_id)
+    if job.status not in rules.TERMINAL or not job.finished_at or ids.now() - job.finished_at < 600:
+        try:
+            sync_events(job)
+        except ApiError as err:
+            logger.warning("event sync failed", extra={"job_id": job_id, "error": err.message})
+    items = list(JobEvent.query(job_id, scan_index_forward=False))
+    if after:
+        idx = next((i for i, e in enumerate(items) if e.event_id == after), None)
+        items = items[idx + 1:] if idx is not None else []
+    return {"object": "list", "data": [event_view(e) for e in items[:limit]], "has_more": len(items) > limit}
+
+
+def sync_checkpoints(job: Job) -> None:
+    if not job.bedrock_job_id or job.status in ("validating_files", "queued"):
+        return
+    for ck in bedrock.list_checkpoints(job.bedrock_job_id):
+        step = int(ck.get("step_number") or 0)
+        Checkpoint(job.job_id, f"{step:08d}#{ck['id']}", checkpoint_id=ck["id"], step_number=step,
+                   created_at=int(ck.get("created_at") or ids.now()),
+                   fine_tuned_model_checkpoint=ck.get("fine_tuned_model_checkpoint") or "",
+                   metrics=ck.get("metrics") or {}).save()
+
+
+def list_checkpoints(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
+    job = get_job(team_id, job_id)
+    try:
+        sync_checkpoints(job)
+    except ApiError as err:
+        logger.warning("checkpoint sync failed", extra={"job_id": job_id, "error": err.message})
+    items = list(Checkpoint.query(job_id, scan_index_forward=False))
+    if after:
+        idx = next((i for i, c in enumerate(items) if c.checkpoint_id == after), None)
+        items = items[idx + 1:] if idx is not None else []
+    data = [checkpoint_view(c) for c in items[:limit]]
+    return {"object": "list", "data": data, "has_more": len(items) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,139 @@
+"""Teams, their API keys, and authentication of both teams and the admin."""
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+
+from pynamodb.exceptions import DoesNotExist, PutError
+
+from chalicelib.adapters.secrets import get_secret
+from chalicelib.config import settings
+from chalicelib.domain import ids, keys
+from chalicelib.errors import Conflict, NotFound, Unauthorized
+from chalicelib.store.models import ApiKey, Team
+
+
+@dataclass(frozen=True)
+class Principal:
+    team_id: str | None      # None for the admin
+    key_id: str | None
+    is_admin: bool = False
+
+
+def team_view(team: Team) -> dict:
+    return {"id": team.team_id, "object": "team", "name": team.name, "created_at": team.created_at}
+
+
+def key_view(key: ApiKey) -> dict:
+    return {"id": key.key_id, "object": "api_key", "team_id": key.team_id, "prefix": key.prefix,
+            "created_at": key.created_at, "revoked_at": key.revoked_at}
+
+
+def create_team(name: str) -> dict:
+    team = Team(ids.new_id("team", 8), name=name, created_at=ids.now())
+    try:
+        team.save(condition=Team.team_id.does_not_exist())
+    except PutError as exc:  # a 64-bit id collision: surface it rather than overwrite
+        raise Conflict("team id collision, retry the request") from exc
+    return team_view(team)
+
+
+def get_team(team_id: str) -> Team:
+    try:
+        return Team.get(team_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No team with id '{team_id}'", param="team_id") from None
+
+
+def list_teams() -> list[dict]:
+    return sorted((team_view(t) for t in Team.scan()), key=lambda t: t["created_at"])
+
+
+def issue_key(team_id: str) -> dict:
+    get_team(team_id)
+    key_id, full_key = keys.generate()
+    record = ApiKey(key_id, team_id=team_id, key_hash=keys.hash_key(full_key),
+                    prefix=keys.display_prefix(full_key), created_at=ids.now())
+    record.save(condition=ApiKey.key_id.does_not_exist())
+    # The full key is returned once and never stored.
+    return {**key_view(record), "key": full_key}
+
+
+def list_keys(team_id: str) -> list[dict]:
+    get_team(team_id)
+    return [key_view(k) for k in ApiKey.by_team.query(team_id)]
+
+
+def revoke_key(key_id: str) -> dict:
+    try:
+        record = ApiKey.get(key_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No API key with id '{key_id}'", param="key_id") from None
+    if record.revoked_at is None:
+        record.update(actions=[ApiKey.revoked_at.set(ids.now())],
+                      condition=ApiKey.revoked_at.does_not_exist())
+    _key_cache.invalidate(key_id)
+    return key_view(record)
+
+
+class _KeyCache:
+    """Keeps verified keys for a short time so warm requests skip DynamoDB.
+
+    Bound: a key revoked through another Lambda instance is honoured within
+    RFT_AUTH_CACHE_SECONDS (default 30 s); revocation through this instance at once.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[float, str, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_id: str, key_hash: str) -> Principal | None:
+        with self._lock:
+            hit = self._items.get(key_id)
+        if not hit or time.monotonic() - hit[0] > settings().auth_cache_seconds:
+            return None
+        return hit[2] if hmac.compare_digest(hit[1], key_hash) else None
+
+    def put(self, key_id: str, key_hash: str, principal: Principal) -> None:
+        with self._lock:
+            self._items[key_id] = (time.monotonic(), key_hash, principal)
+
+    def invalidate(self, key_id: str) -> None:
+        with self._lock:
+            self._items.pop(key_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_key_cache = _KeyCache()
+_INVALID = "Incorrect API key provided. Pass a valid rft-hub team key as 'Authorization: Bearer <key>'."
+
+
+def authenticate_team(token: str | None) -> Principal:
+    key_id = keys.parse_key_id(token or "")
+    if key_id is None:
+        raise Unauthorized(_INVALID)
+    presented_hash = keys.hash_key(token)
+    cached = _key_cache.get(key_id, presented_hash)
+    if cached:
+        return cached
+    try:
+        record = ApiKey.get(key_id, consistent_read=True)
+    except DoesNotExist:
+        raise Unauthorized(_INVALID) from None
+    if record.revoked_at is not None or not hmac.compare_digest(record.key_hash, presented_hash):
+        raise Unauthorized(_INVALID)
+    principal = Principal(team_id=record.team_id, key_id=key_id)
+    _key_cache.put(key_id, presented_hash, principal)
+    return principal
+
+
+def authenticate_admin(token: str | None) -> Principal:
+    expected = get_secret(settings().admin_key_secret_id)
+    if not token or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Unauthorized("Incorrect admin key.")
+    return Principal(team_id=None, key_id=None, is_admin=True)

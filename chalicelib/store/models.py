@@ -1,0 +1,182 @@
+"""DynamoDB tables (PynamoDB models).
+
+No `host` in Meta: the endpoint comes from AWS_ENDPOINT_URL_DYNAMODB when set
+(local stack, tests) and from the Lambda's region otherwise. Table names come
+from RFT_TABLE_PREFIX, read at import time (Lambda and `chalice local` set the
+environment before importing the app; tests set it in conftest).
+"""
+from __future__ import annotations
+
+from pynamodb.attributes import (
+    BooleanAttribute, JSONAttribute, ListAttribute, NumberAttribute, UnicodeAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
+from pynamodb.models import Model
+
+from chalicelib.config import table_name
+
+
+class _Base(Model):
+    class Meta:
+        abstract = True
+        billing_mode = "PAY_PER_REQUEST"
+
+
+class Team(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("teams")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    name = UnicodeAttribute()
+    created_at = NumberAttribute()
+
+
+class KeysByTeam(GlobalSecondaryIndex):
+    class Meta:
+        index_name = "by_team"
+        projection = AllProjection()
+
+    team_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class ApiKey(_Base):
+    """A team's API key. Only the SHA-256 of the full key is stored."""
+    class Meta(_Base.Meta):
+        table_name = table_name("api_keys")
+
+    key_id = UnicodeAttribute(hash_key=True)
+    team_id = UnicodeAttribute()
+    key_hash = UnicodeAttribute()
+    prefix = UnicodeAttribute()
+    created_at = NumberAttribute()
+    revoked_at = NumberAttribute(null=True)
+    by_team = KeysByTeam()
+
+
+class File(_Base):
+    """A dataset: content in S3, metadata and validation report here."""
+    class Meta(_Base.Meta):
+        table_name = table_name("files")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    file_id = UnicodeAttribute(range_key=True)
+    filename = UnicodeAttribute()
+    purpose = UnicodeAttribute()
+    bytes = NumberAttribute()
+    created_at = NumberAttribute()
+    status = UnicodeAttribute()             # processed | error
+    s3_key = UnicodeAttribute()
+    validation = JSONAttribute(default=dict)
+    bedrock_file_id = UnicodeAttribute(null=True)
+
+
+class Upload(_Base):
+    """A multipart upload in progress (OpenAI Uploads API)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("uploads")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    upload_id = UnicodeAttribute(range_key=True)
+    filename = UnicodeAttribute()
+    purpose = UnicodeAttribute()
+    bytes = NumberAttribute()
+    mime_type = UnicodeAttribute()
+    created_at = NumberAttribute()
+    expires_at = NumberAttribute()
+    status = UnicodeAttribute()             # pending | completed | cancelled | expired
+    file_id = UnicodeAttribute(null=True)
+
+
+class ActiveJobs(GlobalSecondaryIndex):
+    """Sparse index of non-terminal jobs: the reconciler queries it instead of scanning."""
+    class Meta:
+        index_name = "active"
+        projection = KeysOnlyProjection()
+
+    active_shard = UnicodeAttribute(hash_key=True)
+    job_id = UnicodeAttribute(range_key=True)
+
+
+class JobsByBedrockId(GlobalSecondaryIndex):
+    class Meta:
+        index_name = "by_bedrock_id"
+        projection = KeysOnlyProjection()
+
+    bedrock_job_id = UnicodeAttribute(hash_key=True)
+
+
+class Job(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("jobs")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    job_id = UnicodeAttribute(range_key=True)
+    status = UnicodeAttribute()
+    model = UnicodeAttribute()
+    training_file = UnicodeAttribute()
+    validation_file = UnicodeAttribute(null=True)
+    method = JSONAttribute()                # OpenAI-shaped method, as requested
+    bedrock_method = JSONAttribute()        # exactly what is sent to Bedrock
+    suffix = UnicodeAttribute(null=True)    # kept here: Bedrock rejects it
+    metadata = JSONAttribute(null=True)
+    seed = NumberAttribute(null=True)
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    finished_at = NumberAttribute(null=True)
+    fine_tuned_model = UnicodeAttribute(null=True)
+    error = JSONAttribute(null=True)
+    estimate = JSONAttribute(default=dict)
+    request_hash = UnicodeAttribute()       # for Idempotency-Key replays
+    # submission to Bedrock: pending -> submitting (leased) -> submitted | rejected
+    submit_state = UnicodeAttribute()
+    submit_lease_until = NumberAttribute(null=True)
+    submit_attempts = NumberAttribute(default=0)
+    bedrock_job_id = UnicodeAttribute(null=True)
+    bedrock_status = UnicodeAttribute(null=True)
+    last_event_at = NumberAttribute(null=True)
+    active_shard = UnicodeAttribute(null=True)
+    trained_tokens = NumberAttribute(null=True)
+    cancel_requested = BooleanAttribute(default=False)
+    status_path = ListAttribute(default=list)
+    active = ActiveJobs()
+    by_bedrock_id = JobsByBedrockId()
+
+
+class JobEvent(_Base):
+    """OpenAI-shaped job events: rft-hub's own and those copied from Bedrock."""
+    class Meta(_Base.Meta):
+        table_name = table_name("job_events")
+
+    job_id = UnicodeAttribute(hash_key=True)
+    sort_key = UnicodeAttribute(range_key=True)   # "<created_at:010d>#<event id>"
+    event_id = UnicodeAttribute()
+    created_at = NumberAttribute()
+    level = UnicodeAttribute()
+    message = UnicodeAttribute()
+    type = UnicodeAttribute()
+    data = JSONAttribute(null=True)
+    source = UnicodeAttribute()              # rft-hub | bedrock | event | poll
+
+
+class Checkpoint(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("checkpoints")
+
+    job_id = UnicodeAttribute(hash_key=True)
+    step_key = UnicodeAttribute(range_key=True)   # "<step:08d>#<id>"
+    checkpoint_id = UnicodeAttribute()
+    step_number = NumberAttribute()
+    created_at = NumberAttribute()
+    fine_tuned_model_checkpoint = UnicodeAttribute()
+    metrics = JSONAttribute(default=dict)
+
+
+ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint)
+
+
+def create_tables() -> None:
+    """Idempotent: used by the local stack and the tests (deployed tables come from the template)."""
+    for model in ALL_MODELS:
+        if not model.exists():
+            model.create_table(wait=True)

@@ -1,0 +1,575 @@
+"""A local Amazon Bedrock "Mantle" endpoint: the OpenAI-compatible subset rft-hub uses.
+
+Strict where Bedrock is (shared/docs/bedrock-rft.md): bearer tokens must be
+`bedrock-api-key-...`; purpose must be fine-tune; `suffix` is refused; only
+reinforcement jobs with a `lambda` grader whose ARN matches Bedrock's pattern;
+only n_epochs, batch_size and learning_rate_multiplier. Jobs advance
+validating_files -> queued -> running -> succeeded on a configurable clock; each
+training step samples responses, scores them by invoking the job's grader Lambda
+with the reward contract (bare list in, list out) through the Lambda Invoke API
+(AWS_ENDPOINT_URL_LAMBDA), and emits a `metrics` event from those real scores.
+State changes are also published to EventBridge as native "Model Customization
+Job State Change" events when AWS_ENDPOINT_URL_EVENTS is set.
+
+Control endpoints under /_local/ set the clock and inject failures per test.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from typing import Any
+
+import boto3
+from flask import Flask, Response, jsonify, request
+
+RFT_MODELS = ["openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b"]
+INFERENCE_MODELS = RFT_MODELS + ["openai.gpt-oss-120b"]
+LAMBDA_ARN = re.compile(
+    r"^arn:(aws[a-zA-Z-]*)?:lambda:[a-z]{2}(-gov)?-[a-z]+-\d{1}:\d{12}:function:[a-zA-Z0-9-_\.]+"
+    r"(:(\$LATEST|[a-zA-Z0-9-_]+))?$")
+HYPER = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 512), "learning_rate_multiplier": (float, 1e-6, 10.0)}
+JOB_FIELDS = {"model", "training_file", "validation_file", "method", "metadata", "seed"}
+STATE_TO_NATIVE = {"running": "InProgress", "succeeded": "Completed", "failed": "Failed", "cancelled": "Stopped"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+DEFAULT_CLOCK = {"validating_seconds": 0.3, "queued_seconds": 0.3, "step_seconds": 0.3, "total_steps": 6,
+                 "samples_per_step": 8, "checkpoint_every": 3}
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None) -> Response:
+    resp = jsonify({"error": {"message": message, "type": type_, "code": code, "param": param}})
+    resp.status_code = status
+    return resp
+
+
+class State:
+    def __init__(self, account: str, region: str) -> None:
+        self.lock = threading.RLock()
+        self.account, self.region = account, region
+        self.files: dict[str, dict] = {}
+        self.file_bytes: dict[str, bytes] = {}
+        self.jobs: dict[str, dict] = {}
+        self.events: dict[str, list[dict]] = {}
+        self.checkpoints: dict[str, list[dict]] = {}
+        self.clock = dict(DEFAULT_CLOCK)
+        self.faults: list[dict] = []
+        self.latency_ms = 0
+        self.requests: list[dict] = []   # what was called, for tests to assert on
+        self.published: list[dict] = []
+
+    def reset(self) -> None:
+        with self.lock:
+            self.__init__(self.account, self.region)
+
+
+def create_app(state: State | None = None) -> Flask:
+    state = state or State(os.environ.get("LOCAL_ACCOUNT_ID", "123456789012"),
+                           os.environ.get("AWS_DEFAULT_REGION", "us-west-2"))
+    app = Flask("local-bedrock")
+    app.config["state"] = state
+
+    @app.before_request
+    def gate():
+        if request.path.startswith("/_local/"):
+            return None
+        with state.lock:
+            state.requests.append({"method": request.method, "path": request.path,
+                                   "body": request.get_json(silent=True) if request.is_json else None})
+            fault = next((f for f in state.faults if f["count"] > 0 and request.path.startswith(f.get("path", "/"))
+                          and f.get("method", request.method) == request.method), None)
+            if fault:
+                fault["count"] -= 1
+            latency = state.latency_ms
+        if latency:
+            time.sleep(latency / 1000)
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer bedrock-api-key-"):
+            return _error(401, "Missing or invalid Bedrock API key.", "authentication_error", "invalid_api_key")
+        if fault:
+            return _error(fault["status"], f"Injected failure ({fault['status']}).",
+                          "rate_limit_error" if fault["status"] == 429 else "server_error")
+        return None
+
+    # ---- control -------------------------------------------------------------------------
+    @app.post("/_local/reset")
+    def reset():
+        state.reset()
+        return jsonify({"ok": True})
+
+    @app.post("/_local/config")
+    def configure():
+        body = request.get_json(force=True)
+        with state.lock:
+            state.clock.update(body.get("clock", {}))
+            if "latency_ms" in body:
+                state.latency_ms = int(body["latency_ms"])
+            if "faults" in body:
+                state.faults = [dict(f) for f in body["faults"]]
+        return jsonify({"clock": state.clock, "faults": state.faults, "latency_ms": state.latency_ms})
+
+    @app.get("/_local/requests")
+    def recorded():
+        with state.lock:
+            return jsonify({"requests": state.requests, "published": state.published})
+
+    @app.post("/_local/jobs/<job_id>/fail")
+    def force_fail(job_id):
+        with state.lock:
+            job = state.jobs.get(job_id)
+            if not job:
+                return _error(404, "no such job")
+            job["_force_fail"] = request.get_json(silent=True) or {"message": "Injected training failure."}
+        return jsonify({"ok": True})
+
+    # ---- files ---------------------------------------------------------------------------
+    @app.post("/v1/files")
+    def create_file():
+        purpose = request.form.get("purpose")
+        if purpose != "fine-tune":
+            return _error(400, f"Invalid purpose '{purpose}'. Supported: fine-tune.", param="purpose")
+        upload = request.files.get("file")
+        if upload is None:
+            return _error(400, "Missing file.", param="file")
+        data = upload.read()
+        file_id = str(uuid.uuid4())  # Bedrock returns bare UUIDs
+        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                  "filename": upload.filename or "file.jsonl", "purpose": purpose, "status": "processed"}
+        with state.lock:
+            state.files[file_id] = record
+            state.file_bytes[file_id] = data
+        return jsonify(record)
+
+    @app.get("/v1/files")
+    def list_files():
+        with state.lock:
+            return jsonify({"object": "list", "data": list(state.files.values()), "has_more": False})
+
+    @app.get("/v1/files/<file_id>")
+    def get_file(file_id):
+        with state.lock:
+            record = state.files.get(file_id)
+        return jsonify(record) if record else _error(404, f"No such file: {file_id}")
+
+    @app.delete("/v1/files/<file_id>")
+    def delete_file(file_id):
+        with state.lock:
+            if state.files.pop(file_id, None) is None:
+                return _error(404, f"No such file: {file_id}")
+            state.file_bytes.pop(file_id, None)
+        return jsonify({"id": file_id, "object": "file", "deleted": True})
+
+    # ---- fine-tuning jobs ----------------------------------------------------------------
+    @app.post("/v1/fine_tuning/jobs")
+    def create_job():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return _error(400, "Body must be a JSON object.")
+        if "suffix" in body:
+            return _error(400, "Suffix field is not supported.", param="suffix")
+        unknown = set(body) - JOB_FIELDS
+        if unknown:
+            return _error(400, f"Unrecognized request argument(s): {sorted(unknown)}.", param=sorted(unknown)[0])
+        if body.get("model") not in RFT_MODELS:
+            return _error(400, f"Model {body.get('model')!r} does not support reinforcement fine-tuning.",
+                          param="model")
+        with state.lock:
+            if body.get("training_file") not in state.files:
+                return _error(400, f"Training file {body.get('training_file')!r} not found.", param="training_file")
+            if body.get("validation_file") and body["validation_file"] not in state.files:
+                return _error(400, "Validation file not found.", param="validation_file")
+        problem = _check_method(body.get("method"))
+        if problem:
+            return _error(400, problem, param="method")
+        job_id = "ftjob-" + uuid.uuid4().hex[:24]
+        now = int(time.time())
+        hp = body["method"]["reinforcement"].get("hyperparameters") or {}
+        job = {"id": job_id, "object": "fine_tuning.job", "created_at": now, "error": None,
+               "fine_tuned_model": None, "finished_at": None,
+               "hyperparameters": {"n_epochs": hp.get("n_epochs", 1), "batch_size": hp.get("batch_size", 4),
+                                   "learning_rate_multiplier": hp.get("learning_rate_multiplier", 1.0)},
+               "model": body["model"], "organization_id": state.account, "result_files": [],
+               "seed": body.get("seed", 0), "status": "validating_files", "trained_tokens": None,
+               "training_file": body["training_file"], "validation_file": body.get("validation_file"),
+               "method": body["method"], "metadata": body.get("metadata"),
+               "_t0": time.monotonic(), "_phase_at": time.monotonic(), "_step": 0}
+        with state.lock:
+            state.jobs[job_id] = job
+            state.events[job_id] = []
+            state.checkpoints[job_id] = []
+            _event(state, job, "Validating training file.")
+        return jsonify(_public(job))
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs():
+        limit = int(request.args.get("limit", 20))
+        after = request.args.get("after")
+        with state.lock:
+            jobs = sorted(state.jobs.values(), key=lambda j: j["created_at"], reverse=True)
+        ids = [j["id"] for j in jobs]
+        if after in ids:
+            jobs = jobs[ids.index(after) + 1:]
+        return jsonify({"object": "list", "data": [_public(j) for j in jobs[:limit]],
+                        "has_more": len(jobs) > limit})
+
+    @app.get("/v1/fine_tuning/jobs/<job_id>")
+    def get_job(job_id):
+        with state.lock:
+            job = state.jobs.get(job_id)
+            return jsonify(_public(job)) if job else _error(404, f"No such job: {job_id}")
+
+    @app.post("/v1/fine_tuning/jobs/<job_id>/cancel")
+    def cancel_job(job_id):
+        with state.lock:
+            job = state.jobs.get(job_id)
+            if not job:
+                return _error(404, f"No such job: {job_id}")
+            if job["status"] in ("succeeded", "failed"):
+                return _error(400, f"Job {job_id} has already {job['status']} and cannot be cancelled.")
+            if job["status"] != "cancelled":
+                _set_status(state, job, "cancelled")
+            return jsonify(_public(job))
+
+    @app.get("/v1/fine_tuning/jobs/<job_id>/events")
+    def job_events(job_id):
+        return _page(state.events, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/<job_id>/checkpoints")
+    def job_checkpoints(job_id):
+        return _page(state.checkpoints, job_id)
+
+    def _page(store: dict, job_id: str):
+        limit = int(request.args.get("limit", 20))
+        after = request.args.get("after")
+        with state.lock:
+            if job_id not in state.jobs:
+                return _error(404, f"No such job: {job_id}")
+            items = list(reversed(store[job_id]))  # newest first
+        ids = [i["id"] for i in items]
+        if after in ids:
+            items = items[ids.index(after) + 1:]
+        return jsonify({"object": "list", "data": items[:limit], "has_more": len(items) > limit})
+
+    # ---- inference -----------------------------------------------------------------------
+    @app.get("/v1/models")
+    def models():
+        with state.lock:
+            tuned = [j["fine_tuned_model"] for j in state.jobs.values() if j.get("fine_tuned_model")]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "bedrock"} for m in INFERENCE_MODELS + tuned]
+        return jsonify({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    def chat():
+        body = request.get_json(silent=True) or {}
+        problem = _known_model(state, body.get("model"))
+        if problem:
+            return problem
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "messages must be a non-empty list.", param="messages")
+        prompt_text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        text, usage = _generate(prompt_text, body.get("model"), body.get("max_tokens") or
+                                body.get("max_completion_tokens"))
+        cid = "chatcmpl-" + uuid.uuid4().hex[:20]
+        created = int(time.time())
+        if body.get("stream"):
+            include_usage = (body.get("stream_options") or {}).get("include_usage")
+            return Response(_sse_chat(cid, created, body["model"], text, usage if include_usage else None),
+                            mimetype="text/event-stream")
+        return jsonify({"id": cid, "object": "chat.completion", "created": created, "model": body["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}], "usage": usage})
+
+    @app.post("/v1/responses")
+    def responses():
+        body = request.get_json(silent=True) or {}
+        problem = _known_model(state, body.get("model"))
+        if problem:
+            return problem
+        given = body.get("input")
+        prompt_text = given if isinstance(given, str) else json.dumps(given)
+        text, usage = _generate(prompt_text, body.get("model"), body.get("max_output_tokens"))
+        rid = "resp_" + uuid.uuid4().hex[:24]
+        return jsonify({"id": rid, "object": "response", "created_at": int(time.time()), "model": body["model"],
+                        "status": "completed", "output": [{"type": "message", "id": "msg_" + rid[5:],
+                        "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                        "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                                  "total_tokens": usage["total_tokens"],
+                                  "input_tokens_details": {"cached_tokens": 0},
+                                  "output_tokens_details": {"reasoning_tokens": 0}},
+                        "parallel_tool_calls": True, "tool_choice": "auto", "tools": []})
+
+    threading.Thread(target=_ticker, args=(state,), daemon=True, name="local-bedrock-clock").start()
+    return app
+
+
+def _check_method(method: Any) -> str | None:
+    if not isinstance(method, dict) or method.get("type") != "reinforcement":
+        return "method.type must be 'reinforcement'."
+    rft = method.get("reinforcement")
+    if not isinstance(rft, dict) or set(rft) - {"grader", "hyperparameters"}:
+        return "method.reinforcement must hold only 'grader' and 'hyperparameters'."
+    grader = rft.get("grader")
+    if not isinstance(grader, dict) or grader.get("type") != "lambda":
+        return f"Unsupported grader type {grader.get('type') if isinstance(grader, dict) else grader!r}; " \
+               "only 'lambda' is supported."
+    arn = (grader.get("lambda") or {}).get("function", "")
+    if not isinstance(arn, str) or not LAMBDA_ARN.match(arn):
+        return f"Invalid Lambda function ARN {arn!r}."
+    for name, value in (rft.get("hyperparameters") or {}).items():
+        if name not in HYPER:
+            return f"Unsupported hyperparameter '{name}'."
+        kind, lo, hi = HYPER[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi \
+                or (kind is int and not float(value).is_integer()):
+            return f"Hyperparameter '{name}' must be {kind.__name__} in [{lo}, {hi}]."
+    return None
+
+
+def _known_model(state: State, model: Any) -> Response | None:
+    with state.lock:
+        tuned = {j["fine_tuned_model"] for j in state.jobs.values() if j.get("fine_tuned_model")}
+        tuned |= {c["fine_tuned_model_checkpoint"] for cks in state.checkpoints.values() for c in cks}
+    if model in INFERENCE_MODELS or model in tuned:
+        return None
+    return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                  code="model_not_found", param="model")
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _generate(prompt: str, model: str, max_tokens: int | None) -> tuple[str, dict]:
+    words = (f"[{model}] " + (prompt[-200:] if prompt else "ok")).split()
+    if max_tokens:
+        words = words[: max(1, int(max_tokens))]
+    text = " ".join(words)
+    p, c = _tokens(prompt), len(words)
+    return text, {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                  "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def _sse_chat(cid: str, created: int, model: str, text: str, usage: dict | None):
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                       "finish_reason": None}]}) + "\n\n"
+    for word in text.split(" "):
+        yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"content": word + " "},
+                                                           "finish_reason": None}]}) + "\n\n"
+    yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + "\n\n"
+    if usage:
+        yield "data: " + json.dumps({**base, "choices": [], "usage": usage}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- the training clock ----------------------------------------------------------------------
+
+def _public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if not k.startswith("_")}
+
+
+def _event(state: State, job: dict, message: str, type_: str = "message", data: dict | None = None,
+           level: str = "info") -> None:
+    state.events[job["id"]].append({"id": "ftevent-" + uuid.uuid4().hex, "object": "fine_tuning.job.event",
+                                    "created_at": int(time.time()), "level": level, "message": message,
+                                    "type": type_, "data": data or {}})
+
+
+def _set_status(state: State, job: dict, status: str, error: dict | None = None) -> None:
+    job["status"] = status
+    job["_phase_at"] = time.monotonic()
+    if status in TERMINAL:
+        job["finished_at"] = int(time.time())
+    if error:
+        job["error"] = error
+    _event(state, job, f"Job {status.replace('_', ' ')}.", level="error" if status == "failed" else "info")
+    _publish(state, job)
+
+
+def _publish(state: State, job: dict) -> None:
+    native = STATE_TO_NATIVE.get(job["status"])
+    if not native:
+        return
+    arn = f"arn:aws:bedrock:{state.region}:{state.account}:model-customization-job/{job['id']}"
+    detail = {"version": "0.0", "jobName": job["id"], "jobArn": arn, "outputModelName": job.get("fine_tuned_model"),
+              "outputModelArn": None, "roleArn": f"arn:aws:iam::{state.account}:role/BedrockRFT",
+              "jobStatus": native, "creationTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["created_at"])),
+              "lastModifiedTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "baseModelArn": f"arn:aws:bedrock:{state.region}::foundation-model/{job['model']}"}
+    if job.get("error"):
+        detail["failureMessage"] = job["error"]["message"]
+    if job["status"] in TERMINAL:
+        detail["endTime"] = detail["lastModifiedTime"]
+    entry = {"Source": "aws.bedrock", "DetailType": "Model Customization Job State Change",
+             "Detail": json.dumps(detail), "Resources": [arn]}
+    state.published.append(entry)
+    if os.environ.get("AWS_ENDPOINT_URL_EVENTS"):
+        try:
+            boto3.client("events", region_name=state.region).put_events(Entries=[entry])
+        except Exception:  # noqa: BLE001 - EventBridge is best effort, as on AWS
+            pass
+
+
+def _ticker(state: State) -> None:
+    while True:
+        time.sleep(0.05)
+        with state.lock:
+            jobs = [j for j in state.jobs.values() if j["status"] not in TERMINAL]
+            clock = dict(state.clock)
+        for job in jobs:
+            try:
+                _advance(state, job, clock)
+            except Exception as exc:  # noqa: BLE001 - a broken job must not stop the clock
+                with state.lock:
+                    _set_status(state, job, "failed", {"code": "internal", "message": str(exc), "param": None})
+
+
+def _advance(state: State, job: dict, clock: dict) -> None:
+    elapsed = time.monotonic() - job["_phase_at"]
+    if job.get("_force_fail"):
+        with state.lock:
+            _set_status(state, job, "failed", {"code": "training_failed",
+                                               "message": job["_force_fail"].get("message"), "param": None})
+        return
+    if job["status"] == "validating_files" and elapsed >= clock["validating_seconds"]:
+        rows = _rows(state, job["training_file"])
+        with state.lock:
+            if not 100 <= len(rows) <= 20000:
+                _set_status(state, job, "failed", {"code": "invalid_training_file", "param": "training_file",
+                            "message": f"Training file has {len(rows)} valid rows; 100-20000 are required."})
+            else:
+                _set_status(state, job, "queued")
+    elif job["status"] == "queued" and elapsed >= clock["queued_seconds"]:
+        with state.lock:
+            _set_status(state, job, "running")
+    elif job["status"] == "running" and elapsed >= clock["step_seconds"] * (job["_step"] + 1):
+        _train_step(state, job, clock)
+
+
+def _rows(state: State, file_id: str) -> list[dict]:
+    rows = []
+    for line in state.file_bytes.get(file_id, b"").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            rows.append(row)
+    return rows
+
+
+def _reference_text(ref: Any) -> str:
+    if isinstance(ref, str):
+        return ref
+    if isinstance(ref, dict):
+        for key in ("text", "answer", "final_answer", "solution"):
+            if isinstance(ref.get(key), str):
+                return ref[key]
+        return json.dumps(ref)
+    return ""
+
+
+def _train_step(state: State, job: dict, clock: dict) -> None:
+    step = job["_step"] + 1
+    total = int(clock["total_steps"])
+    rng = random.Random(f"{job['id']}:{step}")
+    rows = _rows(state, job["training_file"])
+    quality = 0.15 + 0.8 * step / total  # the policy improves as it trains
+    samples = []
+    for i in range(int(clock["samples_per_step"])):
+        row = rows[rng.randrange(len(rows))]
+        answer = _reference_text(row.get("reference_answer")) if rng.random() < quality else "I am not sure."
+        sample = {k: v for k, v in row.items() if k not in ("messages", "id")}
+        sample.update({"id": f"{job['id']}-s{step}-{i}",
+                       "messages": row["messages"] + [{"role": "assistant", "content": answer}]})
+        samples.append(sample)
+    arn = job["method"]["reinforcement"]["grader"]["lambda"]["function"]
+    scores, problem = _invoke_grader(state, arn, samples)
+    if problem:
+        with state.lock:
+            _set_status(state, job, "failed", {"code": "reward_function_error", "param": None,
+                                               "message": f"Reward function {arn} failed: {problem}"})
+        return
+    mean = sum(scores) / len(scores)
+    lengths = [len(s["messages"][-1]["content"]) / 4 for s in samples]
+    with state.lock:
+        if job["status"] != "running":
+            return  # cancelled meanwhile
+        job["_step"] = step
+        job["trained_tokens"] = (job.get("trained_tokens") or 0) + int(sum(lengths))
+        _event(state, job, f"Step {step}/{total}: training metrics", "metrics", {
+            "step": step, "total_steps": total, "critic_rewards_mean": round(mean, 4),
+            "critic_rewards_max": max(scores), "critic_rewards_min": min(scores),
+            "actor_pg_loss": round(0.2 / step, 5), "actor_entropy": round(0.9 - 0.5 * step / total, 4),
+            "actor_grad_norm": 0.001, "critic_advantages_mean": 0.01,
+            "response_length_mean": round(sum(lengths) / len(lengths), 2)})
+        if step % int(clock["checkpoint_every"]) == 0 or step == total:
+            ck_id = "ftckpt-" + uuid.uuid4().hex[:20]
+            state.checkpoints[job["id"]].append({
+                "id": ck_id, "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
+                "fine_tuned_model_checkpoint": f"{job['model']}:ft:{job['id'][6:18]}:ckpt-step-{step}",
+                "fine_tuning_job_id": job["id"], "step_number": step,
+                "metrics": {"step": step, "train_reward_mean": round(mean, 4)}})
+            _event(state, job, f"Checkpoint created at step {step}.")
+        if step >= total:
+            job["fine_tuned_model"] = f"{job['model']}:ft:{job['id'][6:18]}"
+            _set_status(state, job, "succeeded")
+
+
+def _invoke_grader(state: State, arn: str, samples: list[dict]) -> tuple[list[float], str | None]:
+    """Calls the grader with Bedrock's reward contract; returns (scores, problem)."""
+    client = boto3.client("lambda", region_name=state.region)
+    try:
+        resp = client.invoke(FunctionName=arn, Payload=json.dumps(samples).encode())
+    except client.exceptions.ResourceNotFoundException:
+        return [], "function not found"
+    except Exception as exc:  # noqa: BLE001
+        return [], f"invoke failed: {type(exc).__name__}"
+    payload = resp["Payload"].read()
+    if resp.get("FunctionError"):
+        return [], f"function error: {payload[:300]!r}"
+    try:
+        out = json.loads(payload)
+    except ValueError:
+        return [], "response is not JSON"
+    if not isinstance(out, list):
+        return [], "response is not a list"
+    by_id = {o.get("id"): o for o in out if isinstance(o, dict)}
+    scores = []
+    for sample in samples:
+        item = by_id.get(sample["id"])
+        if item is None:
+            return [], f"no score for sample id {sample['id']}"
+        score = item.get("aggregate_reward_score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            return [], f"aggregate_reward_score for {sample['id']} is not a finite number"
+        scores.append(float(score))
+    return scores, None
+
+
+def main() -> None:
+    import argparse
+
+    from werkzeug.serving import make_server
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8003)
+    parser.add_argument("--step-seconds", type=float, default=2.0)
+    parser.add_argument("--total-steps", type=int, default=10)
+    args = parser.parse_args()
+    app = create_app()
+    app.config["state"].clock.update({"step_seconds": args.step_seconds, "total_steps": args.total_steps,
+                                      "validating_seconds": 2.0, "queued_seconds": 2.0})
+    make_server("127.0.0.1", args.port, app, threaded=True).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
