@@ -411,7 +411,7 @@ def _publish(state: State, job: dict) -> None:
     entry = {"Source": "aws.bedrock", "DetailType": "Model Customization Job State Change",
              "Detail": json.dumps(detail), "Resources": [arn]}
     state.published.append(entry)
-    if os.environ.get("AWS_ENDPOINT_URL_EVENTS"):
+    if os.environ.get("AWS_ENDPOINT_URL_EVENTBRIDGE") or os.environ.get("AWS_ENDPOINT_URL_EVENTS"):
         try:
             boto3.client("events", region_name=state.region).put_events(Entries=[entry])
         except Exception:  # noqa: BLE001 - EventBridge is best effort, as on AWS
@@ -555,6 +555,40 @@ def _invoke_grader(state: State, arn: str, samples: list[dict]) -> tuple[list[fl
     return scores, None
 
 
+def save(state: State, directory: str) -> None:
+    """Snapshot for `make run` restarts (jobs, events, checkpoints; file bytes on disk)."""
+    from pathlib import Path
+
+    root = Path(directory)
+    (root / "files").mkdir(parents=True, exist_ok=True)
+    with state.lock:
+        for file_id, data in state.file_bytes.items():
+            path = root / "files" / file_id
+            if not path.exists():
+                path.write_bytes(data)
+        jobs = {k: {kk: vv for kk, vv in j.items() if kk not in ("_t0", "_phase_at")} for k, j in state.jobs.items()}
+        snapshot = {"files": state.files, "jobs": jobs, "events": state.events, "checkpoints": state.checkpoints}
+    tmp = root / "state.json.tmp"
+    tmp.write_text(json.dumps(snapshot))
+    tmp.replace(root / "state.json")
+
+
+def load(state: State, directory: str) -> None:
+    from pathlib import Path
+
+    root = Path(directory)
+    if not (root / "state.json").exists():
+        return
+    snapshot = json.loads((root / "state.json").read_text())
+    with state.lock:
+        state.files = snapshot["files"]
+        state.file_bytes = {fid: (root / "files" / fid).read_bytes() for fid in state.files
+                            if (root / "files" / fid).exists()}
+        for job in snapshot["jobs"].values():
+            job["_t0"] = job["_phase_at"] = time.monotonic()
+        state.jobs, state.events, state.checkpoints = snapshot["jobs"], snapshot["events"], snapshot["checkpoints"]
+
+
 def main() -> None:
     import argparse
 
@@ -564,10 +598,20 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8003)
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--total-steps", type=int, default=10)
+    parser.add_argument("--state-dir", default=None)
     args = parser.parse_args()
     app = create_app()
-    app.config["state"].clock.update({"step_seconds": args.step_seconds, "total_steps": args.total_steps,
-                                      "validating_seconds": 2.0, "queued_seconds": 2.0})
+    state = app.config["state"]
+    state.clock.update({"step_seconds": args.step_seconds, "total_steps": args.total_steps,
+                        "validating_seconds": 2.0, "queued_seconds": 2.0})
+    if args.state_dir:
+        load(state, args.state_dir)
+
+        def autosave() -> None:
+            while True:
+                time.sleep(2)
+                save(state, args.state_dir)
+        threading.Thread(target=autosave, daemon=True).start()
     make_server("127.0.0.1", args.port, app, threaded=True).serve_forever()
 
 

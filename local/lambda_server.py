@@ -57,7 +57,8 @@ def app_functions() -> dict[str, Handler]:
     from local.example_graders import FUNCTIONS
 
     functions: dict[str, Handler] = dict(FUNCTIONS)
-    for name, handler in chalice_app.handler_map.items():
-        if getattr(handler, "__module__", "") and name not in ("api_handler",):
-            functions.setdefault(name, handler)
+    for fn in chalice_app.pure_lambda_functions:
+        # Deployed as "<app>-<stage>-<name>"; accept both that and the bare name.
+        functions[fn.name] = fn
+        functions[f"{chalice_app.app_name}-local-{fn.name}"] = fn
     return functions

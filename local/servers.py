@@ -82,7 +82,8 @@ def start_dynamodb(port: int, db_path: Path | None) -> subprocess.Popen:
     proc = subprocess.Popen(
         ["java", "-Xmx512m", f"-Djava.library.path={jar_dir / 'DynamoDBLocal_lib'}", "-jar",
          str(jar_dir / "DynamoDBLocal.jar"), "-port", str(port), "-disableTelemetry", *storage],
-        cwd=jar_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=jar_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # Ctrl-C reaches only the orchestrator, which stops children in order
     wait_for_port(port, 60, proc)
     return proc
 
@@ -105,4 +106,5 @@ class ThreadServer:
 
 
 def python_module(module: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env={**os.environ, **env})
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env={**os.environ, **env},
+                            start_new_session=True)

@@ -103,7 +103,7 @@ class DatasetValidator:
             self._error("empty line")
             return
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))  # decode first: json.loads(bytes) would accept UTF-16/32
         except UnicodeDecodeError:
             self._error("line is not valid UTF-8")
             return

@@ -1,0 +1,38 @@
+# rft-hub: two commands do everything on a fresh machine.
+#   make run    the whole local stack in the foreground (Ctrl-C stops it)
+#   make test   the test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STAGE ?= dev
+
+.PHONY: setup run test bench package clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+# Java for DynamoDB Local (AWS's own engine, from the npm package amplify-dynamodb-simulator).
+.local/.java:
+	@command -v java >/dev/null || { echo "installing a Java runtime for DynamoDB Local"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
+	@mkdir -p .local && touch $@
+
+setup: $(STAMP) .local/.java
+	$(BIN)/python -c "from local.servers import ensure_dynamodb_local; ensure_dynamodb_local()"
+
+run: setup
+	$(BIN)/python -m local.run
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf .local $(VENV)

@@ -1,0 +1,140 @@
+"""`make run`: the whole local stack in the foreground. Ctrl-C stops every child.
+
+Persists to .local/: DynamoDB Local's files (.local/ddb), the datasets bucket
+(.local/s3, restored at start, saved on stop), the local Bedrock (.local/bedrock)
+and the keys (.local/stack.json), so a second `make run` picks up where it left off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from local import servers
+
+LOCAL = servers.LOCAL_DIR
+STACK_JSON = LOCAL / "stack.json"
+DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004}
+APP_ENV = {"RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
+           "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key"}
+
+
+def _ports() -> dict[str, int]:
+    return {name: int(os.environ.get(f"LOCAL_PORT_{name.upper()}", port)) for name, port in DEFAULT_PORTS.items()}
+
+
+def _http(method: str, url: str, token: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _demo_team(base_url: str, admin_key: str, previous: dict) -> tuple[str, str]:
+    if previous.get("demo_key") and _http("GET", f"{base_url}/v1/me", previous["demo_key"])[0] == 200:
+        return previous["demo_team_id"], previous["demo_key"]
+    status, team = _http("POST", f"{base_url}/v1/admin/teams", admin_key, {"name": "demo"})
+    if status != 201:
+        raise RuntimeError(f"could not create the demo team: {status} {team}")
+    status, key = _http("POST", f"{base_url}/v1/admin/teams/{team['id']}/keys", admin_key)
+    if status != 201:
+        raise RuntimeError(f"could not issue the demo key: {status} {key}")
+    return team["id"], key["key"]
+
+
+def _sync_bucket(direction: str) -> None:
+    import boto3
+
+    bucket, root = APP_ENV["RFT_DATASETS_BUCKET"], LOCAL / "s3"
+    s3 = boto3.client("s3", region_name=servers.REGION)
+    if direction == "restore":
+        for path in root.rglob("*") if root.exists() else []:
+            if path.is_file():
+                s3.upload_file(str(path), bucket, str(path.relative_to(root)))
+        return
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            target = root / obj["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+
+
+def main() -> int:
+    LOCAL.mkdir(exist_ok=True)
+    ports = _ports()
+    previous = json.loads(STACK_JSON.read_text()) if STACK_JSON.exists() else {}
+    admin_key = previous.get("admin_key") or "rfth_admin_" + secrets.token_urlsafe(32)
+    env = {**servers.base_env(ports), **APP_ENV}
+    os.environ.update(env)
+    children: list[subprocess.Popen] = []
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        print("rft-hub local stack: starting DynamoDB Local, moto, local Bedrock ...", flush=True)
+        children.append(servers.start_dynamodb(ports["dynamodb"], LOCAL / "ddb"))
+        children.append(servers.python_module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env))
+        children.append(servers.python_module("local.bedrock_server", "--port", str(ports["bedrock"]),
+                                              "--state-dir", str(LOCAL / "bedrock"), env=env))
+        for name in ("moto", "bedrock"):
+            servers.wait_for_port(ports[name], 60)
+
+        from local.bootstrap import bootstrap
+        bootstrap(admin_key)
+        _sync_bucket("restore")
+
+        children.append(servers.python_module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env))
+        chalice = Path(sys.executable).with_name("chalice")
+        children.append(subprocess.Popen([str(chalice), "local", "--stage", "local", "--host", "127.0.0.1",
+                                          "--port", str(ports["api"]), "--no-autoreload"],
+                                         cwd=servers.ROOT, env={**os.environ, **env}, start_new_session=True))
+        for name in ("lambda", "api"):
+            servers.wait_for_port(ports[name], 60)
+
+        base_url = f"http://127.0.0.1:{ports['api']}"
+        team_id, demo_key = _demo_team(base_url, admin_key, previous)
+        stack = {**previous, "base_url": base_url, "openai_base_url": f"{base_url}/v1", "admin_key": admin_key,
+                 "demo_team_id": team_id, "demo_key": demo_key,
+                 "services": {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}}
+        STACK_JSON.write_text(json.dumps(stack, indent=2))
+        os.chmod(STACK_JSON, 0o600)
+        print(f"\nrft-hub is up at {base_url}\n  demo team: {team_id}\n  demo key:  {demo_key}\n"
+              f"  admin key: in {STACK_JSON}\n  try: OPENAI_BASE_URL={base_url}/v1 OPENAI_API_KEY=<demo key> "
+              f"python examples/quickstart.py\nCtrl-C stops everything.", flush=True)
+        while True:
+            for child in children:
+                if child.poll() is not None:
+                    print(f"a local server exited ({child.args[:3]} -> {child.returncode}); stopping", flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        try:
+            _sync_bucket("save")
+        except Exception as exc:  # noqa: BLE001 - moto may already be gone
+            print(f"(datasets not saved: {exc!r})", flush=True)
+        for child in reversed(children):
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
