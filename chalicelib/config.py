@@ -35,6 +35,7 @@ class Settings:
     max_upload_part_bytes: int
     max_file_bytes: int
     bedrock_retry_deadline_seconds: float
+    job_poll_min_seconds: float
     extra: dict = field(default_factory=dict)
 
 
@@ -54,6 +55,8 @@ def settings() -> Settings:
         max_upload_part_bytes=int(os.environ.get("RFT_MAX_UPLOAD_PART_BYTES", str(5_800_000))),
         max_file_bytes=int(os.environ.get("RFT_MAX_FILE_BYTES", str(512 * 1024 * 1024))),
         bedrock_retry_deadline_seconds=float(os.environ.get("RFT_BEDROCK_RETRY_DEADLINE", "20")),
+        # Reads of a running job poll Bedrock at most this often (the reconciler covers the rest).
+        job_poll_min_seconds=float(os.environ.get("RFT_JOB_POLL_MIN_SECONDS", "5")),
     )
 
 

@@ -34,9 +34,10 @@ def main() -> None:
 
     job = client.fine_tuning.jobs.create(
         model="openai.gpt-oss-20b", training_file=training.id, suffix="calculator",
-        method={"type": "reinforcement", "reinforcement": {
+        # As in AWS's notebooks: the SDK's typed grader union has no "lambda", so pass the method raw.
+        extra_body={"method": {"type": "reinforcement", "reinforcement": {
             "grader": {"type": "lambda", "lambda": {"function": GRADER_ARN}},
-            "hyperparameters": {"n_epochs": 1, "batch_size": 4}}})
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4}}}})
     print(f"job {job.id}: {job.status}; estimate {job.model_extra['rft_cost_estimate']['estimated_usd']} USD")
 
     seen = set()

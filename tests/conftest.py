@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.update({
     "RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
     "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key", "POWERTOOLS_LOG_LEVEL": "WARNING",
-    "RFT_BEDROCK_RETRY_DEADLINE": "3",
+    "RFT_BEDROCK_RETRY_DEADLINE": "3", "RFT_JOB_POLL_MIN_SECONDS": "0",
 })
 
 from local import servers  # noqa: E402

@@ -25,7 +25,6 @@ from chalicelib.store.models import Checkpoint, File, Job, JobEvent
 
 ACTIVE = "active"
 SUBMIT_LEASE_SECONDS = 120
-POLL_MIN_INTERVAL_SECONDS = 5
 
 
 # ---- views -----------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def refresh_from_bedrock(job: Job, *, force: bool = False) -> Job:
     """Polls Bedrock for a non-terminal submitted job (rate-limited per job)."""
     if job.status in rules.TERMINAL or not job.bedrock_job_id:
         return job
-    if not force and ids.now() - (job.updated_at or 0) < POLL_MIN_INTERVAL_SECONDS:
+    if not force and ids.now() - (job.updated_at or 0) < settings().job_poll_min_seconds:
         return job
     try:
         remote = bedrock.retrieve_job(job.bedrock_job_id)
