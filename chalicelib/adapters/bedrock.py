@@ -176,9 +176,10 @@ def list_jobs(limit: int = 100, after: str | None = None) -> list[dict]:
     return [_dump(j) for j in page.data]
 
 
-def list_events(bedrock_job_id: str, limit: int = 100) -> list[dict]:
-    """Newest first, as the OpenAI API returns them."""
-    page = call(lambda c: c.fine_tuning.jobs.list_events(bedrock_job_id, limit=limit),
+def list_events(bedrock_job_id: str, limit: int = 100, after: str | None = None) -> list[dict]:
+    """One page, newest first, as the OpenAI API returns them; `after` pages to older events."""
+    kwargs = {"limit": limit, **({"after": after} if after else {})}
+    page = call(lambda c: c.fine_tuning.jobs.list_events(bedrock_job_id, **kwargs),
                 what="fine_tuning.jobs.list_events")
     return [_dump(e) for e in page.data]
 

@@ -25,6 +25,7 @@ from chalicelib.store.models import Checkpoint, File, Job, JobEvent
 
 ACTIVE = "active"
 SUBMIT_LEASE_SECONDS = 120
+MAX_EVENT_PAGES = 50
 
 
 # ---- views -----------------------------------------------------------------------------------
@@ -249,12 +250,24 @@ def apply_remote(job: Job, remote: dict, *, source: str) -> bool:
                         error=error, trained_tokens=remote.get("trained_tokens"))
 
 
+def _next_seqs(job: Job, count: int) -> range:
+    """Reserves `count` consecutive event sequence numbers (one atomic ADD)."""
+    fresh = Job(job.team_id, job.job_id)
+    fresh.update(actions=[Job.event_seq.add(count)])
+    return range(fresh.event_seq - count + 1, fresh.event_seq + 1)
+
+
+def _save_event(job_id: str, seq: int, *, event_id: str, created_at: int, level: str, message: str,
+                type_: str, data: dict | None, source: str) -> None:
+    JobEvent(job_id, f"{seq:012d}", event_id=event_id, created_at=created_at, level=level, message=message,
+             type=type_, data=data, source=source).save()
+
+
 def record_event(job: Job, message: str, *, source: str, level: str = "info", type_: str = "message",
-                 data: dict | None = None, event_id: str | None = None, created_at: int | None = None) -> None:
-    event_id = event_id or ids.new_id("ftevent")
-    created = created_at or ids.now()
-    JobEvent(job.job_id, f"{created:010d}#{event_id}", event_id=event_id, created_at=created, level=level,
-             message=message, type=type_, data=data, source=source).save()
+                 data: dict | None = None) -> None:
+    seq = _next_seqs(job, 1)[0]
+    _save_event(job.job_id, seq, event_id=ids.new_id("ftevent"), created_at=ids.now(), level=level,
+                message=message, type_=type_, data=data, source=source)
 
 
 def get_job(team_id: str, job_id: str) -> Job:
@@ -319,24 +332,37 @@ def cancel(team_id: str, job_id: str) -> dict:
 # ---- events and checkpoints (copied from Bedrock so reads do not depend on it) ---------------
 
 def sync_events(job: Job) -> int:
-    """Copies Bedrock events not yet stored; returns how many were new."""
+    """Copies Bedrock events not yet stored, oldest first; returns how many were new."""
     if not job.bedrock_job_id:
         return 0
-    remote = bedrock.list_events(job.bedrock_job_id, limit=100)
-    new = 0
-    for event in remote:  # newest first: stop at the first one already stored
-        sort_key = f"{int(event.get('created_at', 0)):010d}#{event['id']}"
-        try:
-            JobEvent(job.job_id, sort_key, event_id=event["id"], created_at=int(event.get("created_at", 0)),
-                     level=event.get("level") or "info", message=event.get("message") or "",
-                     type=event.get("type") or "message", data=event.get("data"), source="bedrock",
-                     ).save(condition=JobEvent.sort_key.does_not_exist())
-            new += 1
-        except PutError as exc:
-            if exc.cause_response_code == "ConditionalCheckFailedException":
-                break
+    seen = job.bedrock_event_cursor
+    fresh: list[dict] = []
+    after = None
+    for _ in range(MAX_EVENT_PAGES):   # newest first, page by page, back to the last one copied
+        page = bedrock.list_events(job.bedrock_job_id, limit=100, after=after)
+        ids_ = [e["id"] for e in page]
+        if seen in ids_:
+            fresh.extend(page[:ids_.index(seen)])
+            break
+        fresh.extend(page)
+        if len(page) < 100:
+            break
+        after = ids_[-1]
+    if not fresh:
+        return 0
+    fresh.reverse()
+    for seq, event in zip(_next_seqs(job, len(fresh)), fresh):
+        _save_event(job.job_id, seq, event_id=event["id"], created_at=int(event.get("created_at") or ids.now()),
+                    level=event.get("level") or "info", message=event.get("message") or "",
+                    type_=event.get("type") or "message", data=event.get("data"), source="bedrock")
+    # Conditional on the cursor we started from: a concurrent sync that won keeps its own copy.
+    try:
+        job.update(actions=[Job.bedrock_event_cursor.set(fresh[-1]["id"])],
+                   condition=(Job.bedrock_event_cursor == seen) if seen else Job.bedrock_event_cursor.does_not_exist())
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
             raise
-    return new
+    return len(fresh)
 
 
 def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
@@ -346,7 +372,11 @@ def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dic
             sync_events(job)
         except ApiError as err:
             logger.warning("event sync failed", extra={"job_id": job_id, "error": err.message})
-    items = list(JobEvent.query(job_id, scan_index_forward=False))
+    items, seen_ids = [], set()
+    for event in JobEvent.query(job_id, scan_index_forward=False):
+        if event.event_id not in seen_ids:   # two concurrent syncs may both copy an event
+            seen_ids.add(event.event_id)
+            items.append(event)
     if after:
         idx = next((i for i, e in enumerate(items) if e.event_id == after), None)
         items = items[idx + 1:] if idx is not None else []

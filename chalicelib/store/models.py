@@ -139,6 +139,8 @@ class Job(_Base):
     trained_tokens = NumberAttribute(null=True)
     cancel_requested = BooleanAttribute(default=False)
     status_path = ListAttribute(default=list)
+    event_seq = NumberAttribute(default=0)
+    bedrock_event_cursor = UnicodeAttribute(null=True)   # newest Bedrock event copied   # orders job events as rft-hub recorded them
     active = ActiveJobs()
     by_bedrock_id = JobsByBedrockId()
 
@@ -149,7 +151,7 @@ class JobEvent(_Base):
         table_name = table_name("job_events")
 
     job_id = UnicodeAttribute(hash_key=True)
-    sort_key = UnicodeAttribute(range_key=True)   # "<created_at:010d>#<event id>"
+    sort_key = UnicodeAttribute(range_key=True)   # "<job event seq:012d>"
     event_id = UnicodeAttribute()
     created_at = NumberAttribute()
     level = UnicodeAttribute()

@@ -1,0 +1,8 @@
+"""Runs every benchmark in bench/ and prints their figures as JSON (recorded in README.md)."""
+import json
+
+from bench import dataset_validation
+
+if __name__ == "__main__":
+    for module in (dataset_validation,):
+        print(json.dumps(module.run(), indent=2), flush=True)
