@@ -1,12 +1,33 @@
 """rft-hub: the Chalice app. Routes live in blueprints under chalicelib/api; the
 non-HTTP handlers below are one call each into chalicelib."""
-from chalice import Chalice
+from chalice import Chalice, Rate
 
-from chalicelib.api import admin, files, health, jobs
+from chalicelib.api import admin, files, health, jobs, models
+from chalicelib.services import lifecycle
 
 app = Chalice(app_name="rft-hub")
 # Multipart uploads must reach the Lambda byte-exact (API Gateway base64-encodes binary types).
 app.api.binary_types.append("multipart/form-data")
 
-for blueprint in (health.bp, admin.bp, files.bp, jobs.bp):
+for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp):
     app.register_blueprint(blueprint)
+
+
+def _account_id() -> str | None:
+    arn = getattr(app.lambda_context, "invoked_function_arn", "") or ""
+    parts = arn.split(":")
+    return parts[4] if len(parts) > 4 and parts[4].isdigit() else None
+
+
+# Bedrock job state changes on the default bus. The status is detail.jobStatus; no detail
+# filter here, so every status (InProgress too) reaches the handler.
+@app.on_cw_event({"source": ["aws.bedrock"], "detail-type": ["Model Customization Job State Change"]},
+                 name="on_bedrock_job_event")
+def on_bedrock_job_event(event):
+    return lifecycle.handle_bedrock_event(event.to_dict(), _account_id())
+
+
+# Events are best effort: polling is what guarantees every job converges.
+@app.schedule(Rate(2, unit=Rate.MINUTES), name="reconcile_jobs")
+def reconcile_jobs(event):
+    return lifecycle.reconcile().view()

@@ -36,6 +36,9 @@ class Settings:
     max_file_bytes: int
     bedrock_retry_deadline_seconds: float
     job_poll_min_seconds: float
+    stall_seconds: int
+    reconcile_deadline_seconds: float
+    reconcile_concurrency: int
     extra: dict = field(default_factory=dict)
 
 
@@ -57,6 +60,10 @@ def settings() -> Settings:
         bedrock_retry_deadline_seconds=float(os.environ.get("RFT_BEDROCK_RETRY_DEADLINE", "20")),
         # Reads of a running job poll Bedrock at most this often (the reconciler covers the rest).
         job_poll_min_seconds=float(os.environ.get("RFT_JOB_POLL_MIN_SECONDS", "5")),
+        stall_seconds=int(os.environ.get("RFT_STALL_SECONDS", "3600")),
+        # The reconciler Lambda runs for at most 5 minutes; stop starting work well before.
+        reconcile_deadline_seconds=float(os.environ.get("RFT_RECONCILE_DEADLINE", "240")),
+        reconcile_concurrency=int(os.environ.get("RFT_RECONCILE_CONCURRENCY", "16")),
     )
 
 

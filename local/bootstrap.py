@@ -1,6 +1,8 @@
 """Creates what the deployed template declares, on the local servers. Idempotent."""
 from __future__ import annotations
 
+import json
+
 import boto3
 
 from chalicelib.config import settings
@@ -14,8 +16,24 @@ def bootstrap(admin_key: str) -> None:
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if s.datasets_bucket not in existing:
         s3.create_bucket(Bucket=s.datasets_bucket, CreateBucketConfiguration={"LocationConstraint": s.region})
+    _event_bus()
     sm = boto3.client("secretsmanager", region_name=s.region)
     try:
         sm.put_secret_value(SecretId=s.admin_key_secret_id, SecretString=admin_key)
     except sm.exceptions.ResourceNotFoundException:
         sm.create_secret(Name=s.admin_key_secret_id, SecretString=admin_key)
+
+
+def _event_bus() -> None:
+    """rft-hub's bus, plus a queue subscribed to all of it so outbound events can be watched."""
+    from chalicelib.services.outbox import SOURCE, bus_name
+
+    events = boto3.client("events", region_name=settings().region)
+    sqs = boto3.client("sqs", region_name=settings().region)
+    if bus_name() not in {b["Name"] for b in events.list_event_buses()["EventBuses"]}:
+        events.create_event_bus(Name=bus_name())
+    url = sqs.create_queue(QueueName=f"{bus_name()}-outbound-tap")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="rfthub-outbound-tap", EventBusName=bus_name(),
+                    EventPattern=json.dumps({"source": [SOURCE]}), State="ENABLED")
+    events.put_targets(Rule="rfthub-outbound-tap", EventBusName=bus_name(), Targets=[{"Id": "tap", "Arn": arn}])

@@ -155,7 +155,7 @@ def create_job(*, model: str, training_file: str, validation_file: str | None,
         kwargs["validation_file"] = validation_file
     # Never sent: `suffix` (Bedrock rejects it), `seed` and `metadata` (undocumented on Mantle).
     return _dump(call(lambda c: c.fine_tuning.jobs.create(**kwargs), what="fine_tuning.jobs.create",
-                      deadline_s=8.0))
+                      deadline_s=min(8.0, settings().bedrock_retry_deadline_seconds)))
 
 
 def retrieve_job(bedrock_job_id: str) -> dict:

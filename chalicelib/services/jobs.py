@@ -11,7 +11,9 @@ import json
 import tempfile
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
+from pynamodb.transactions import TransactWrite
 
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
@@ -20,7 +22,7 @@ from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
-from chalicelib.services import files
+from chalicelib.services import files, outbox, registry
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent
 
 ACTIVE = "active"
@@ -194,29 +196,34 @@ def submit(job: Job) -> Job:
 
 
 def _fail_submission(job: Job, err: ApiError) -> None:
-    now = ids.now()
-    job.update(actions=[Job.submit_state.set("rejected"), Job.submit_lease_until.remove(),
-                        Job.status.set("failed"), Job.finished_at.set(now), Job.updated_at.set(now),
-                        Job.error.set({"code": "bedrock_rejected", "message": err.message, "param": err.param}),
-                        Job.active_shard.remove(),
-                        Job.status_path.set(Job.status_path.append(["failed"]))],
+    error = {"code": "bedrock_rejected", "message": err.message, "param": err.param}
+    job.update(actions=[Job.submit_state.set("rejected"), Job.submit_lease_until.remove(), Job.error.set(error)],
                condition=Job.submit_state == "submitting")
     record_event(job, f"Amazon Bedrock rejected the job: {err.message}", level="error", source="rft-hub")
+    apply_status(job, "failed", source="rft-hub", error=error)
 
 
 # ---- state -----------------------------------------------------------------------------------
 
+def _job_summary(job: Job) -> dict:
+    return {"job_id": job.job_id, "bedrock_job_id": job.bedrock_job_id, "model": job.model,
+            "suffix": job.suffix, "fine_tuned_model": job.fine_tuned_model, "error": job.error,
+            "estimated_usd": (job.estimate or {}).get("estimated_usd")}
+
+
 def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str | None = None,
                  error: dict | None = None, trained_tokens: int | None = None) -> bool:
-    """Applies one observed status with a single conditional write. True if it changed the job."""
+    """Applies one observed status: one conditional write, plus its outbound event in the same
+    transaction. True if it changed the job. Used by requests, events and the reconciler alike."""
     target = rules.transition(job.status, observed)
     if target is None:
         return False
     now = ids.now()
     actions = [Job.status.set(target), Job.updated_at.set(now), Job.last_event_at.set(now),
+               Job.last_progress_at.set(now), Job.stalled_at.remove(),
                Job.status_path.set(Job.status_path.append([target]))]
     if target in rules.TERMINAL:
-        actions += [Job.finished_at.set(now), Job.active_shard.remove()]
+        actions.append(Job.finished_at.set(now))   # stays in the active index until finalized
     if fine_tuned_model:
         actions.append(Job.fine_tuned_model.set(fine_tuned_model))
     if error:
@@ -224,18 +231,46 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
     if trained_tokens is not None:
         actions.append(Job.trained_tokens.set(trained_tokens))
     previous = job.status
+    summary = {**_job_summary(job), "fine_tuned_model": fine_tuned_model or job.fine_tuned_model,
+               "error": error or job.error}
+    event = outbox.stage("rft-hub.job.state_changed", job.team_id, previous_status=previous, status=target,
+                         source=source, job=summary)
     try:
-        # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
-        job.update(actions=actions, condition=Job.status == previous)
-    except UpdateError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
+        with TransactWrite(connection=Connection(region=settings().region)) as tx:
+            # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
+            tx.update(job, actions=actions, condition=Job.status == previous)
+            tx.save(event)
+    except TransactWriteError as exc:
+        reasons = [r.code for r in (exc.cancellation_reasons or []) if r is not None]
+        if "ConditionalCheckFailed" not in reasons:
             raise
         job.refresh(consistent_read=True)
         return apply_status(job, observed, source=source, fine_tuned_model=fine_tuned_model,
                             error=error, trained_tokens=trained_tokens)
-    record_event(job, f"Status {previous} -> {target}.", source=source,
-                 data={"from": previous, "to": target})
+    job.refresh(consistent_read=True)
+    record_event(job, f"Status {previous} -> {target}.", source=source, data={"from": previous, "to": target})
+    outbox.publish([event])
+    if target in rules.TERMINAL:
+        finalize(job)
     return True
+
+
+def finalize(job: Job) -> None:
+    """Last steps of a finished job: final copy of events and checkpoints, registry, and leaving
+    the active index. Safe to repeat; the reconciler repeats it until it completes."""
+    if job.status not in rules.TERMINAL or job.active_shard is None:
+        return
+    try:
+        sync_events(job)
+        sync_checkpoints(job)
+    except NotFound:
+        pass   # nothing left to copy on Bedrock's side
+    except ApiError as err:
+        logger.warning("final sync failed", extra={"job_id": job.job_id, "error": err.message})
+        return
+    if job.status == "succeeded" and registry.register(job) is None:
+        return
+    job.update(actions=[Job.active_shard.remove()])
 
 
 def apply_remote(job: Job, remote: dict, *, source: str) -> bool:

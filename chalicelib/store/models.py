@@ -139,6 +139,8 @@ class Job(_Base):
     trained_tokens = NumberAttribute(null=True)
     cancel_requested = BooleanAttribute(default=False)
     status_path = ListAttribute(default=list)
+    last_progress_at = NumberAttribute(null=True)   # a status change or new Bedrock events
+    stalled_at = NumberAttribute(null=True)
     event_seq = NumberAttribute(default=0)
     bedrock_event_cursor = UnicodeAttribute(null=True)   # newest Bedrock event copied   # orders job events as rft-hub recorded them
     active = ActiveJobs()
@@ -174,7 +176,74 @@ class Checkpoint(_Base):
     metrics = JSONAttribute(default=dict)
 
 
-ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint)
+class TunedModel(_Base):
+    """A model a team's job produced (the registry)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("models")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    model_id = UnicodeAttribute(range_key=True)     # Bedrock's fine_tuned_model
+    base_model = UnicodeAttribute()
+    job_id = UnicodeAttribute()
+    grader = JSONAttribute()
+    final_reward = NumberAttribute(null=True)
+    best_reward = NumberAttribute(null=True)
+    checkpoints = JSONAttribute(default=list)       # [{id, model, step}]
+    created_at = NumberAttribute()
+
+
+class Alias(_Base):
+    """A team's name for a model; `version` counts re-points (alias@version addresses history)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("aliases")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    alias = UnicodeAttribute(range_key=True)
+    model_id = UnicodeAttribute()
+    base_model = UnicodeAttribute()
+    version = NumberAttribute()
+    updated_at = NumberAttribute()
+
+
+class AliasChange(_Base):
+    """Audit trail of every alias change."""
+    class Meta(_Base.Meta):
+        table_name = table_name("alias_history")
+
+    team_alias = UnicodeAttribute(hash_key=True)    # "<team_id>#<alias>"
+    version = NumberAttribute(range_key=True)
+    model_id = UnicodeAttribute()
+    base_model = UnicodeAttribute()
+    previous_model_id = UnicodeAttribute(null=True)
+    changed_by = UnicodeAttribute()                 # "key:<id>" | "job:<id>" | "admin"
+    changed_at = NumberAttribute()
+
+
+class PendingOutbox(GlobalSecondaryIndex):
+    class Meta:
+        index_name = "pending"
+        projection = AllProjection()
+
+    pending_shard = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class OutboxEvent(_Base):
+    """rft-hub events to publish, written in the same transaction as the change they describe."""
+    class Meta(_Base.Meta):
+        table_name = table_name("outbox")
+
+    event_id = UnicodeAttribute(hash_key=True)
+    detail_type = UnicodeAttribute()
+    detail = JSONAttribute()
+    created_at = NumberAttribute()
+    attempts = NumberAttribute(default=0)
+    last_error = UnicodeAttribute(null=True)
+    pending_shard = UnicodeAttribute(null=True)     # "pending" until published
+    pending = PendingOutbox()
+
+
+ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel, Alias, AliasChange, OutboxEvent)
 
 
 def create_tables() -> None:

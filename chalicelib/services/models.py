@@ -1,0 +1,27 @@
+"""What a team can call: base models (priced ones only), its tuned models and aliases."""
+from __future__ import annotations
+
+from chalicelib.domain import pricing
+from chalicelib.services import registry
+from chalicelib.services.registry import alias_history, list_aliases, point_alias  # noqa: F401 (re-exported)
+
+
+def base_models() -> list[dict]:
+    return [{"id": m, "object": "model", "created": 0, "owned_by": "amazon-bedrock", "rft_kind": "base",
+             "rft_price": p.view()} for m, p in sorted(pricing.repository_prices().items())]
+
+
+def list_for_team(team_id: str) -> list[dict]:
+    return base_models() + registry.list_tuned(team_id) + registry.list_aliases(team_id)
+
+
+def describe(team_id: str, model_id: str) -> dict | None:
+    for m in base_models():
+        if m["id"] == model_id:
+            return m
+    target = registry.resolve(team_id, model_id)
+    if target is None:
+        return None
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": team_id, "rft_kind": target["kind"],
+            "rft_target": target["model"], "rft_base_model": target["base_model"],
+            "rft_version": target.get("version")}

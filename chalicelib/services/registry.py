@@ -1,0 +1,171 @@
+"""The tuned-model registry and aliases (promote, roll back, audit trail)."""
+from __future__ import annotations
+
+import re
+
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.config import settings
+from chalicelib.domain import ids
+from chalicelib.errors import Conflict, InvalidRequest, NotFound
+from chalicelib.log import logger
+from chalicelib.services import outbox
+from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel
+
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def _conn() -> Connection:
+    return Connection(region=settings().region)
+
+
+def tuned_view(m: TunedModel) -> dict:
+    return {"id": m.model_id, "object": "model", "created": m.created_at, "owned_by": m.team_id,
+            "rft_kind": "tuned", "rft_base_model": m.base_model, "rft_job_id": m.job_id,
+            "rft_final_reward": m.final_reward, "rft_best_reward": m.best_reward,
+            "rft_checkpoints": m.checkpoints, "rft_grader": m.grader}
+
+
+def alias_view(a: Alias) -> dict:
+    return {"id": a.alias, "object": "model", "created": a.updated_at, "owned_by": a.team_id,
+            "rft_kind": "alias", "rft_target": a.model_id, "rft_base_model": a.base_model, "rft_version": a.version}
+
+
+def change_view(c: AliasChange) -> dict:
+    return {"alias": c.team_alias.split("#", 1)[1], "version": c.version, "model": c.model_id,
+            "previous_model": c.previous_model_id, "changed_by": c.changed_by, "changed_at": c.changed_at}
+
+
+# ---- registration (from a succeeded job) ------------------------------------------------------
+
+def _rewards(job_id: str) -> tuple[float | None, float | None]:
+    means = [(e.data or {}).get("critic_rewards_mean") for e in JobEvent.query(job_id) if e.type == "metrics"]
+    means = [m for m in means if isinstance(m, (int, float))]
+    return (means[-1], max(means)) if means else (None, None)
+
+
+def register(job: Job) -> TunedModel | None:
+    """Idempotent: registers the job's model once, and gives it the job's suffix as an alias
+    when that alias is free (an existing alias is only moved by an explicit promote)."""
+    if not job.fine_tuned_model:
+        logger.warning("succeeded job without a model", extra={"job_id": job.job_id})
+        return None
+    try:
+        return TunedModel.get(job.team_id, job.fine_tuned_model, consistent_read=True)
+    except DoesNotExist:
+        pass
+    final, best = _rewards(job.job_id)
+    checkpoints = [{"id": c.checkpoint_id, "model": c.fine_tuned_model_checkpoint, "step": c.step_number}
+                   for c in Checkpoint.query(job.job_id)]
+    model = TunedModel(job.team_id, job.fine_tuned_model, base_model=job.model, job_id=job.job_id,
+                       grader=job.method.get("reinforcement", {}).get("grader", {}), final_reward=final,
+                       best_reward=best, checkpoints=checkpoints, created_at=ids.now())
+    event = outbox.stage("rft-hub.model.registered", job.team_id, model=model.model_id, base_model=job.model,
+                         job_id=job.job_id, final_reward=final, best_reward=best)
+    try:
+        with TransactWrite(connection=_conn()) as tx:
+            tx.save(model, condition=TunedModel.model_id.does_not_exist())
+            tx.save(event)
+    except TransactWriteError:
+        return TunedModel.get(job.team_id, job.fine_tuned_model, consistent_read=True)
+    outbox.publish([event])
+    if job.suffix:
+        try:
+            point_alias(job.team_id, job.suffix, model.model_id, changed_by=f"job:{job.job_id}", only_if_new=True)
+        except Conflict:
+            logger.info("alias exists; not moved automatically", extra={"alias": job.suffix, "job_id": job.job_id})
+    return model
+
+
+# ---- aliases ----------------------------------------------------------------------------------
+
+def _owned_target(team_id: str, model_id: str) -> str:
+    """The base model of a team's tuned model or checkpoint; 404 otherwise."""
+    try:
+        return TunedModel.get(team_id, model_id).base_model
+    except DoesNotExist:
+        pass
+    for m in TunedModel.query(team_id):
+        if any(c.get("model") == model_id for c in m.checkpoints or []):
+            return m.base_model
+    raise NotFound(f"No tuned model or checkpoint '{model_id}' in this team.", param="model")
+
+
+def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, only_if_new: bool = False) -> dict:
+    if not ALIAS_RE.match(alias or ""):
+        raise InvalidRequest("alias must be 1-64 lowercase letters, digits or '-', starting with a letter "
+                             "or digit.", param="alias")
+    base = _owned_target(team_id, model_id)
+    now = ids.now()
+    try:
+        current = Alias.get(team_id, alias, consistent_read=True)
+    except DoesNotExist:
+        current = None
+    if current and only_if_new:
+        raise Conflict(f"Alias '{alias}' already exists.", param="alias")
+    if current and current.model_id == model_id:
+        return alias_view(current)   # idempotent re-point
+    version = (current.version if current else 0) + 1
+    record = Alias(team_id, alias, model_id=model_id, base_model=base, version=version, updated_at=now)
+    change = AliasChange(f"{team_id}#{alias}", version, model_id=model_id, base_model=base,
+                         previous_model_id=current.model_id if current else None, changed_by=changed_by,
+                         changed_at=now)
+    event = outbox.stage("rft-hub.alias.changed", team_id, alias=alias, model=model_id, version=version,
+                         previous_model=change.previous_model_id, changed_by=changed_by)
+    condition = (Alias.version == current.version) if current else Alias.alias.does_not_exist()
+    try:
+        with TransactWrite(connection=_conn()) as tx:
+            tx.save(record, condition=condition)
+            tx.save(change, condition=AliasChange.version.does_not_exist())
+            tx.save(event)
+    except TransactWriteError:
+        raise Conflict(f"Alias '{alias}' changed concurrently; retry.", param="alias") from None
+    outbox.publish([event])
+    return alias_view(record)
+
+
+def alias_history(team_id: str, alias: str) -> dict:
+    changes = [change_view(c) for c in AliasChange.query(f"{team_id}#{alias}", scan_index_forward=False)]
+    if not changes:
+        raise NotFound(f"No alias '{alias}'.", param="alias")
+    return {"object": "list", "data": changes}
+
+
+def list_aliases(team_id: str) -> list[dict]:
+    return [alias_view(a) for a in Alias.query(team_id)]
+
+
+def list_tuned(team_id: str) -> list[dict]:
+    return [tuned_view(m) for m in TunedModel.query(team_id)]
+
+
+def resolve(team_id: str, name: str) -> dict | None:
+    """What a `model` string means for a team: an alias (optionally `alias@version`), a tuned
+    model or one of its checkpoints. None if it is none of these."""
+    alias, _, version = name.partition("@")
+    if ALIAS_RE.match(alias):
+        try:
+            current = Alias.get(team_id, alias)
+        except DoesNotExist:
+            current = None
+        if current and not version:
+            return {"kind": "alias", "alias": alias, "model": current.model_id, "base_model": current.base_model,
+                    "version": current.version}
+        if current and version.isdigit():
+            try:
+                change = AliasChange.get(f"{team_id}#{alias}", int(version))
+            except DoesNotExist:
+                return None
+            return {"kind": "alias", "alias": alias, "model": change.model_id, "base_model": change.base_model,
+                    "version": change.version}
+    try:
+        tuned = TunedModel.get(team_id, name)
+        return {"kind": "tuned", "alias": None, "model": tuned.model_id, "base_model": tuned.base_model}
+    except DoesNotExist:
+        pass
+    for m in TunedModel.query(team_id):
+        if any(c.get("model") == name for c in m.checkpoints or []):
+            return {"kind": "checkpoint", "alias": None, "model": name, "base_model": m.base_model}
+    return None
