@@ -13,8 +13,8 @@ for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp):
     app.register_blueprint(blueprint)
 
 
-def _account_id() -> str | None:
-    arn = getattr(app.lambda_context, "invoked_function_arn", "") or ""
+def _account_id(context) -> str | None:
+    arn = getattr(context, "invoked_function_arn", "") or ""
     parts = arn.split(":")
     return parts[4] if len(parts) > 4 and parts[4].isdigit() else None
 
@@ -24,7 +24,7 @@ def _account_id() -> str | None:
 @app.on_cw_event({"source": ["aws.bedrock"], "detail-type": ["Model Customization Job State Change"]},
                  name="on_bedrock_job_event")
 def on_bedrock_job_event(event):
-    return lifecycle.handle_bedrock_event(event.to_dict(), _account_id())
+    return lifecycle.handle_bedrock_event(event.to_dict(), _account_id(event.context))
 
 
 # Events are best effort: polling is what guarantees every job converges.

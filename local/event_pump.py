@@ -103,6 +103,8 @@ class Pump:
             msgs = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
             for msg in msgs:
                 event = json.loads(msg["Body"])
+                # moto 5.2.5's SQS delivery drops the envelope's "account", which EventBridge always sets.
+                event.setdefault("account", servers.ACCOUNT)
                 copies = self._copies()
                 try:
                     for _ in range(copies):

@@ -82,6 +82,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)   # also when started from a script that ignores SIGINT
     try:
         print("rft-hub local stack: starting DynamoDB Local, moto, local Bedrock ...", flush=True)
         children.append(servers.start_dynamodb(ports["dynamodb"], LOCAL / "ddb"))

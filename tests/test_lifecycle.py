@@ -254,3 +254,29 @@ def test_aliases_promote_roll_back_and_audit(api, client, bedrock, stack):
     r = api.http.post("/v1/models/aliases", headers=headers,
                       body=json.dumps({"alias": "Bad Alias!", "model": first.fine_tuned_model}))
     assert r.status_code == 400 and r.json_body["error"]["param"] == "alias"
+
+
+def test_local_event_pump_delivers_eventbridge_events_to_the_handler(stack):
+    """make run's pump: the handler's own pattern as a rule on moto's default bus -> SQS -> handler."""
+    from app import app
+    from local.event_pump import Pump
+
+    pump = Pump(app, schedule_seconds=3600)
+    pump.start()
+    try:
+        job = record()
+        events = boto3.client("events", region_name="us-west-2")
+        detail = {"jobName": job.bedrock_job_id, "jobStatus": "InProgress"}
+        pump.faults["duplicate_next"] = 1
+        events.put_events(Entries=[
+            {"Source": "aws.bedrock", "DetailType": DETAIL_TYPE, "Detail": json.dumps(detail)},
+            {"Source": "aws.bedrock", "DetailType": "Batch Inference Job State Change", "Detail": "{}"},
+        ])
+        deadline = time.monotonic() + 10
+        while len(pump.delivered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e["detail-type"] for e in pump.delivered] == [DETAIL_TYPE, DETAIL_TYPE]   # duplicated, filtered
+        job.refresh()
+        assert job.status == "running" and not pump.errors
+    finally:
+        pump.stop()
