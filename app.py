@@ -2,14 +2,14 @@
 non-HTTP handlers below are one call each into chalicelib."""
 from chalice import Chalice, Rate
 
-from chalicelib.api import admin, files, health, jobs, models
-from chalicelib.services import lifecycle
+from chalicelib.api import admin, files, graders, health, jobs, models
+from chalicelib.services import hosted_grader, lifecycle
 
 app = Chalice(app_name="rft-hub")
 # Multipart uploads must reach the Lambda byte-exact (API Gateway base64-encodes binary types).
 app.api.binary_types.append("multipart/form-data")
 
-for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp):
+for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp):
     app.register_blueprint(blueprint)
 
 
@@ -31,3 +31,9 @@ def on_bedrock_job_event(event):
 @app.schedule(Rate(2, unit=Rate.MINUTES), name="reconcile_jobs")
 def reconcile_jobs(event):
     return lifecycle.reconcile().view()
+
+
+# Bedrock's reward Lambda for declarative graders: a bare list of samples in, scores out.
+@app.lambda_function(name="hosted_grader")
+def hosted_grader_handler(event, context):
+    return hosted_grader.handle(event, context)

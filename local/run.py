@@ -23,6 +23,7 @@ LOCAL = servers.LOCAL_DIR
 STACK_JSON = LOCAL / "stack.json"
 DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004}
 APP_ENV = {"RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
+           "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
            "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key"}
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.update({
     "RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
     "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key", "POWERTOOLS_LOG_LEVEL": "WARNING",
+    "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
     "RFT_BEDROCK_RETRY_DEADLINE": "3", "RFT_JOB_POLL_MIN_SECONDS": "0",
 })
 

@@ -155,7 +155,11 @@ def test_bedrock_rejection_fails_the_job_with_its_message(client, training, bedr
 
 def test_grader_that_breaks_the_contract_fails_the_job(client, training):
     arn = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-broken-contract"
-    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn))
+    with pytest.raises(openai.BadRequestError) as err:   # the preflight catches it before any training
+        client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn))
+    assert err.value.code == "grader_preflight_failed" and "lambda_contract_error" in err.value.message
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn),
+                                         extra_body={"preflight": "warn"})
     done = wait_for(client, job.id, {"succeeded", "failed"})
     assert done.status == "failed" and "not a list" in done.error.message
 

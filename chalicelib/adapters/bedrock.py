@@ -192,3 +192,17 @@ def list_checkpoints(bedrock_job_id: str, limit: int = 100) -> list[dict]:
 
 def ping() -> None:
     call(lambda c: c.with_options(timeout=3.0).models.list(), what="models.list", deadline_s=1.0)
+
+
+def judge(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
+    """One LLM-judge call (score_model graders): (reply text, total tokens). Retries throttling."""
+    kwargs: dict[str, Any] = {"model": model, "messages": messages}
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+                         ("max_completions_tokens", "max_tokens"), ("max_completion_tokens", "max_tokens"),
+                         ("reasoning_effort", "reasoning_effort")):
+        if sampling.get(ours) is not None:
+            kwargs[theirs] = sampling[ours]
+    reply = call(lambda c: c.chat.completions.create(**kwargs), what="chat.completions.create (judge)",
+                 deadline_s=30.0)
+    text = (reply.choices[0].message.content or "") if reply.choices else ""
+    return text, (reply.usage.total_tokens if reply.usage else 0)

@@ -8,7 +8,7 @@ from chalice import Blueprint
 from chalicelib.api.http import Request, query_int, route, validation_error
 from chalicelib.domain.jobs import CreateJob
 from chalicelib.errors import InvalidRequest
-from chalicelib.services import graders, jobs
+from chalicelib.services import jobs
 
 bp = Blueprint(__name__)
 
@@ -22,7 +22,7 @@ def create_job(req: Request):
     key = req.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidRequest("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-    return jobs.create_job(req.team_id, parsed, req.body, key, graders.resolve_for_bedrock)
+    return jobs.create_job(req.team_id, parsed, req.body, key)
 
 
 @route(bp, "/v1/fine_tuning/jobs")

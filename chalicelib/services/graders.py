@@ -1,28 +1,166 @@
-"""Which Lambda Bedrock calls for a job's grader.
+"""Graders as a service: checking specs, dry runs, saved (versioned) graders, and which
+Lambda Bedrock calls for a job.
 
-Today: a team's own Lambda (`{"type": "lambda"}`), checked against Bedrock's ARN pattern.
-Other OpenAI grader types are explained, not silently accepted.
+Declarative graders run in rft-hub's hosted grader Lambda. Their spec is stored by
+content hash and referenced from every training row (`rft_grader_ref`), so the Lambda
+knows which grader applies to each sample.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Any
 
-from chalicelib.domain import jobs as rules
-from chalicelib.errors import InvalidRequest
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
+from chalicelib.adapters import bedrock, lambdas
+from chalicelib.domain import ids
+from chalicelib.domain.graders import ERROR_KINDS, Deps, Grader, GraderSpecError, build, run_text
+from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from chalicelib.store.models import GraderSpec, GraderVersion, SavedGrader
+
+REF_FIELD = "rft_grader_ref"
 PARAM = "method.reinforcement.grader"
-_OPENAI_TYPES = {"string_check", "text_similarity", "score_model", "label_model", "multi"}
 
 
-def resolve_for_bedrock(team_id: str, grader: dict[str, Any]) -> str:
-    kind = grader.get("type")
-    if kind == "lambda":
-        return rules.check_lambda_grader(grader, PARAM)
-    if kind == "python":
-        raise InvalidRequest("python graders run arbitrary code and are not accepted. Package the code "
-                             "as an AWS Lambda function and use {'type': 'lambda', 'lambda': "
-                             "{'function': <ARN>}}.", param=f"{PARAM}.type", code="grader_not_allowed")
-    if kind in _OPENAI_TYPES:
-        raise InvalidRequest(f"Grader type '{kind}' is not available yet; use a 'lambda' grader.",
-                             param=f"{PARAM}.type", code="grader_not_supported")
-    raise InvalidRequest(f"Unknown grader type {kind!r}; use 'lambda'.", param=f"{PARAM}.type")
+def deps() -> Deps:
+    return Deps(judge=bedrock.judge, invoke_lambda=lambdas.invoke)
+
+
+def compile_spec(spec: Any, param: str = "grader") -> Grader:
+    try:
+        return build(spec, param)
+    except GraderSpecError as exc:
+        raise InvalidRequest(f"Invalid grader: {exc}.", param=exc.param, code="invalid_grader") from None
+
+
+# ---- dry runs (OpenAI's /fine_tuning/alpha/graders endpoints) ----------------------------------
+
+def run_view(grader: Grader, result, seconds: float) -> dict:
+    errors = {kind: kind in result.errors for kind in ERROR_KINDS}
+    errors["model_grader_server_error_details"] = result.details if "model_grader_server_error" in result.errors \
+        else None
+    errors["python_grader_runtime_error_details"] = None
+    errors["python_grader_server_error_type"] = None
+    errors["details"] = result.details
+    return {"reward": result.reward, "sub_rewards": result.sub_rewards,
+            "metadata": {"name": grader.name, "type": grader.type, "errors": errors,
+                         "execution_time": round(seconds, 6), "scores": {grader.name: result.reward,
+                                                                         **result.sub_rewards},
+                         "token_usage": result.token_usage or None, "sampled_model_name": result.model},
+            "model_grader_token_usage_per_model": {result.model: result.token_usage} if result.model else {}}
+
+
+def dry_run(spec: Any, model_sample: str, item: Any) -> dict:
+    grader = compile_spec(spec)
+    if item is not None and not isinstance(item, dict):
+        raise InvalidRequest("item must be an object.", param="item")
+    result, seconds = run_text(grader, model_sample, item or {}, deps())
+    return run_view(grader, result, seconds)
+
+
+# ---- stored specs and saved graders ------------------------------------------------------------
+
+def _canonical(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def store_spec(spec: dict) -> str:
+    """Stores an (already checked) spec by content hash; returns its reference."""
+    digest = hashlib.sha256(_canonical(spec).encode()).hexdigest()[:32]
+    try:
+        GraderSpec(digest, spec=spec, created_at=ids.now()).save(condition=GraderSpec.spec_hash.does_not_exist())
+    except PutError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+    return f"spec:{digest}"
+
+
+def load_spec(ref: str) -> dict:
+    if not isinstance(ref, str) or not ref.startswith("spec:"):
+        raise KeyError(ref)
+    return GraderSpec.get(ref[5:], consistent_read=True).spec
+
+
+def version_view(v: GraderVersion, spec: dict | None = None) -> dict:
+    return {"id": v.grader_id, "object": "grader", "name": v.name, "version": v.version,
+            "created_at": v.created_at, "grader": spec if spec is not None else load_spec(f"spec:{v.spec_hash}")}
+
+
+def save(team_id: str, name: str, spec: dict) -> dict:
+    compile_spec(spec)
+    ref = store_spec(spec)
+    now = ids.now()
+    for _ in range(5):   # optimistic: the version number is claimed with a conditional write
+        try:
+            current = SavedGrader.get(team_id, name, consistent_read=True)
+            version = current.latest_version + 1
+            current.update(actions=[SavedGrader.latest_version.set(version), SavedGrader.updated_at.set(now)],
+                           condition=SavedGrader.latest_version == current.latest_version)
+            grader_id = current.grader_id
+        except DoesNotExist:
+            grader_id, version = ids.new_id("grader", 8), 1
+            try:
+                SavedGrader(team_id, name, grader_id=grader_id, latest_version=1, created_at=now,
+                            updated_at=now).save(condition=SavedGrader.name.does_not_exist())
+            except PutError:
+                continue
+        except UpdateError:
+            continue
+        record = GraderVersion(grader_id, version, team_id=team_id, name=name, spec_hash=ref[5:], created_at=now)
+        record.save()
+        return version_view(record, spec)
+    raise Conflict(f"Grader '{name}' is being saved concurrently; retry.", param="name")
+
+
+def _versions(team_id: str, grader_id: str) -> list[GraderVersion]:
+    versions = [v for v in GraderVersion.query(grader_id, scan_index_forward=False) if v.team_id == team_id]
+    if not versions:
+        raise NotFound(f"No grader '{grader_id}'.", param="grader_id")
+    return versions
+
+
+def get(team_id: str, grader_id: str, version: int | None = None) -> dict:
+    versions = _versions(team_id, grader_id)
+    chosen = versions[0] if version is None else next((v for v in versions if v.version == version), None)
+    if chosen is None:
+        raise NotFound(f"Grader '{grader_id}' has no version {version}.", param="version")
+    return {**version_view(chosen), "versions": [v.version for v in versions]}
+
+
+def list_saved(team_id: str) -> list[dict]:
+    out = []
+    for g in SavedGrader.query(team_id):
+        v = GraderVersion.get(g.grader_id, g.latest_version)
+        out.append({**version_view(v), "versions": list(range(1, g.latest_version + 1))})
+    return out
+
+
+# ---- jobs ---------------------------------------------------------------------------------------
+
+def hosted_grader_arn() -> str:
+    # Set by the deploy template (the hosted_grader function's ARN) and by the local stage.
+    configured = os.environ.get("RFT_HOSTED_GRADER_ARN")
+    if not configured:
+        raise ServiceUnavailable("Hosted graders are not configured on this deployment (RFT_HOSTED_GRADER_ARN).")
+    return configured
+
+
+def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None]:
+    """(spec, Lambda ARN for Bedrock, grader ref or None) for a job's grader."""
+    if isinstance(grader, dict) and grader.get("type") == "saved":
+        extra = set(grader) - {"type", "id", "version"}
+        if extra or not isinstance(grader.get("id"), str):
+            raise InvalidRequest("A saved grader is {'type': 'saved', 'id': <grader id>, 'version': <n>}.",
+                                 param=PARAM)
+        version = grader.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise InvalidRequest("version must be an integer.", param=f"{PARAM}.version")
+        spec = get(team_id, grader["id"], version)["grader"]
+    else:
+        spec = grader
+    compiled = compile_spec(spec, PARAM)
+    if compiled.type == "lambda":
+        return spec, compiled.arn, None
+    return spec, hosted_grader_arn(), store_spec(spec)

@@ -19,10 +19,10 @@ from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
-from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS
+from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS, iter_lines
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
-from chalicelib.services import files, outbox, registry
+from chalicelib.services import files, graders, outbox, preflight, registry
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent
 
 ACTIVE = "active"
@@ -46,7 +46,7 @@ def job_view(job: Job) -> dict:
         # rft-hub extras
         "rft_team_id": job.team_id, "rft_bedrock_job_id": job.bedrock_job_id,
         "rft_submission": job.submit_state, "rft_cost_estimate": job.estimate,
-        "rft_status_path": list(job.status_path or []),
+        "rft_status_path": list(job.status_path or []), "rft_preflight": job.preflight,
     }
 
 
@@ -80,18 +80,36 @@ def _training_file(team_id: str, file_id: str, param: str, enforce_rows: bool) -
     return record
 
 
-def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None,
-               resolve_grader) -> tuple[int, dict]:
-    """Returns (HTTP status, job). `resolve_grader(team_id, grader_dict)` -> Lambda ARN for Bedrock."""
+PREFLIGHT_ROWS = 8
+
+
+def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
+    """A small preflight; a critical finding refuses the job unless the request says "warn"."""
+    report = preflight.run(team_id, spec, req.training_file, PREFLIGHT_ROWS)
+    critical = [f for f in report["findings"] if f["severity"] == "critical"]
+    if critical and req.preflight == "block":
+        listed = " ".join(f"[{f['code']}] {f['message']}" for f in critical)
+        raise InvalidRequest(f"Grader preflight found problems: {listed} Fix the grader, or send "
+                             "\"preflight\": \"warn\" to train anyway.", param="method.reinforcement.grader",
+                             code="grader_preflight_failed")
+    return report
+
+
+def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None) -> tuple[int, dict]:
+    """Returns (HTTP status, job)."""
     hyperparameters = rules.check_create(req, settings().rft_models)
-    grader = req.method.reinforcement.grader
-    lambda_arn = resolve_grader(team_id, grader)
+    spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader)
     training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
     if req.validation_file:
         _training_file(team_id, req.validation_file, "validation_file", enforce_rows=False)
 
     request_hash = _request_hash(raw_body)
     job_id = ids.stable_id("ftjob", team_id, idempotency_key) if idempotency_key else ids.new_id("ftjob")
+    try:
+        existing = Job.get(team_id, job_id, consistent_read=True)   # a replay: no second preflight
+    except DoesNotExist:
+        existing = None
+    checked = _preflight(team_id, req, spec) if existing is None else None
     report = training.validation or {}
     now = ids.now()
     job = Job(team_id, job_id, status="validating_files", model=req.model, training_file=req.training_file,
@@ -102,7 +120,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
               estimate=rules.estimate_cost(req.model, report.get("rows", 0), report.get("estimated_tokens", 0),
                                            hyperparameters.get("n_epochs")),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
-              status_path=["validating_files"])
+              status_path=["validating_files"], grader_ref=grader_ref, preflight=checked)
     try:
         job.save(condition=Job.job_id.does_not_exist())
     except PutError as exc:
@@ -117,6 +135,9 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         return 200, job_view(existing)
     record_event(job, f"Job created by rft-hub; estimated cost "
                       f"{job.estimate.get('estimated_usd') or 'unpriced'} USD.", source="rft-hub")
+    if checked and checked["findings"]:
+        record_event(job, "Grader preflight: " + "; ".join(f"{f['severity']} {f['code']}" for f in checked["findings"]),
+                     level="warn" if not checked["passed"] else "info", source="rft-hub", data=checked)
     job = submit(job)
     if job.submit_state == "rejected":
         raise InvalidRequest(f"{job.error['message']} (job {job.job_id} was recorded as failed)",
@@ -139,17 +160,30 @@ def _acquire_lease(job: Job) -> bool:
         raise
 
 
-def _bedrock_file_id(team_id: str, file_id: str) -> str:
-    """Uploads a dataset to Bedrock's Files API once; later jobs reuse the id."""
+def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None) -> str:
+    """Uploads a dataset to Bedrock's Files API once per grader; later jobs reuse the id.
+
+    For hosted graders every row carries `rft_grader_ref` (extra fields reach the reward
+    Lambda), so the Lambda knows which grader applies.
+    """
     record = files.get_file(team_id, file_id)
-    if record.bedrock_file_id:
-        return record.bedrock_file_id
+    key = grader_ref or ""
+    if (record.bedrock_files or {}).get(key):
+        return record.bedrock_files[key]
     # Lambda's /tmp holds files far larger than its memory; stream S3 -> disk -> Bedrock.
     with tempfile.TemporaryFile() as tmp:
-        for chunk in files.open_content(record):
-            tmp.write(chunk)
+        if grader_ref:
+            for line in iter_lines(files.open_content(record)):
+                if line.strip():
+                    row = json.loads(line)
+                    row[graders.REF_FIELD] = grader_ref
+                    tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+        else:
+            for chunk in files.open_content(record):
+                tmp.write(chunk)
         uploaded = bedrock.upload_file(tmp, record.filename)
-    record.update(actions=[File.bedrock_file_id.set(uploaded["id"])])
+    # Last writer wins: two jobs racing on one file at worst upload it twice.
+    record.update(actions=[File.bedrock_files.set({**(record.bedrock_files or {}), key: uploaded["id"]})])
     return uploaded["id"]
 
 
@@ -170,8 +204,9 @@ def submit(job: Job) -> Job:
     if not _acquire_lease(job):
         return get_job(job.team_id, job.job_id)
     try:
-        training_id = _bedrock_file_id(job.team_id, job.training_file)
-        validation_id = _bedrock_file_id(job.team_id, job.validation_file) if job.validation_file else None
+        training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref)
+        validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref) \
+            if job.validation_file else None
         remote = _adopt_orphan(job, training_id) or bedrock.create_job(
             model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
     except bedrock.BedrockRejected as err:

@@ -68,7 +68,7 @@ class File(_Base):
     status = UnicodeAttribute()             # processed | error
     s3_key = UnicodeAttribute()
     validation = JSONAttribute(default=dict)
-    bedrock_file_id = UnicodeAttribute(null=True)
+    bedrock_files = JSONAttribute(default=dict)   # {grader ref or "": Bedrock file id}
 
 
 class Upload(_Base):
@@ -132,6 +132,8 @@ class Job(_Base):
     submit_state = UnicodeAttribute()
     submit_lease_until = NumberAttribute(null=True)
     submit_attempts = NumberAttribute(default=0)
+    preflight = JSONAttribute(null=True)
+    grader_ref = UnicodeAttribute(null=True)   # hosted graders: "spec:<hash>", written into every row
     bedrock_job_id = UnicodeAttribute(null=True)
     bedrock_status = UnicodeAttribute(null=True)
     last_event_at = NumberAttribute(null=True)
@@ -219,6 +221,41 @@ class AliasChange(_Base):
     changed_at = NumberAttribute()
 
 
+class GraderSpec(_Base):
+    """Grader specs by content hash: immutable, so the hosted grader caches them forever."""
+    class Meta(_Base.Meta):
+        table_name = table_name("grader_specs")
+
+    spec_hash = UnicodeAttribute(hash_key=True)
+    spec = JSONAttribute()
+    created_at = NumberAttribute()
+
+
+class SavedGrader(_Base):
+    """A team's named grader; each save of the same name is a new version."""
+    class Meta(_Base.Meta):
+        table_name = table_name("graders")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    name = UnicodeAttribute(range_key=True)
+    grader_id = UnicodeAttribute()
+    latest_version = NumberAttribute()
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+
+
+class GraderVersion(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("grader_versions")
+
+    grader_id = UnicodeAttribute(hash_key=True)
+    version = NumberAttribute(range_key=True)
+    team_id = UnicodeAttribute()
+    name = UnicodeAttribute()
+    spec_hash = UnicodeAttribute()
+    created_at = NumberAttribute()
+
+
 class PendingOutbox(GlobalSecondaryIndex):
     class Meta:
         index_name = "pending"
@@ -243,7 +280,8 @@ class OutboxEvent(_Base):
     pending = PendingOutbox()
 
 
-ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel, Alias, AliasChange, OutboxEvent)
+ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel, Alias, AliasChange, OutboxEvent,
+              GraderSpec, SavedGrader, GraderVersion)
 
 
 def create_tables() -> None:
