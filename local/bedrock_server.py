@@ -273,7 +273,7 @@ def create_app(state: State | None = None) -> Flask:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "messages must be a non-empty list.", param="messages")
-        prompt_text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        prompt_text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         text, usage = _generate(prompt_text, body.get("model"), body.get("max_tokens") or
                                 body.get("max_completion_tokens"))
         cid = "chatcmpl-" + uuid.uuid4().hex[:20]
@@ -347,7 +347,25 @@ def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def _judge_reply(prompt: str) -> str | None:
+    """A stand-in LLM judge: prompts with "Reference:" and "Answer:" lines get {"score": similarity}."""
+    import difflib
+
+    ref = re.search(r"Reference:\s*(.*)", prompt)
+    ans = re.search(r"Answer:\s*(.*)", prompt)
+    if not ref or not ans:
+        return None
+    if "REFUSE" in prompt:
+        return "I'm sorry, I can't grade this."
+    ratio = difflib.SequenceMatcher(None, ref.group(1).strip().lower(), ans.group(1).strip().lower()).ratio()
+    return json.dumps({"score": round(ratio, 3)})
+
+
 def _generate(prompt: str, model: str, max_tokens: int | None) -> tuple[str, dict]:
+    judged = _judge_reply(prompt)
+    if judged is not None:
+        return judged, {"prompt_tokens": _tokens(prompt), "completion_tokens": 8, "total_tokens": _tokens(prompt) + 8,
+                        "prompt_tokens_details": {"cached_tokens": 0}}
     words = (f"[{model}] " + (prompt[-200:] if prompt else "ok")).split()
     if max_tokens:
         words = words[: max(1, int(max_tokens))]
