@@ -1,8 +1,8 @@
 """Runs every benchmark in bench/ and prints their figures as JSON (recorded in README.md)."""
 import json
 
-from bench import dataset_validation
+from bench import dataset_validation, graders
 
 if __name__ == "__main__":
-    for module in (dataset_validation,):
+    for module in (dataset_validation, graders):
         print(json.dumps(module.run(), indent=2), flush=True)
