@@ -2,14 +2,14 @@
 non-HTTP handlers below are one call each into chalicelib."""
 from chalice import Chalice, Rate
 
-from chalicelib.api import admin, files, graders, health, jobs, models
+from chalicelib.api import admin, files, gateway, graders, health, jobs, models, usage
 from chalicelib.services import hosted_grader, lifecycle
 
 app = Chalice(app_name="rft-hub")
 # Multipart uploads must reach the Lambda byte-exact (API Gateway base64-encodes binary types).
 app.api.binary_types.append("multipart/form-data")
 
-for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp):
+for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp):
     app.register_blueprint(blueprint)
 
 

@@ -66,6 +66,10 @@ class Stack:
 
         from app import app
 
+        import socketserver
+        # Chalice's local server listens with the stdlib's backlog of 5; the concurrency tests
+        # open 50 connections at once, as API Gateway would.
+        socketserver.TCPServer.request_queue_size = 256
         port = servers.free_port()
         config = Config.create(chalice_stage="local", app_name="rft-hub", chalice_app=app, project_dir=str(ROOT),
                                config_from_disk=json.loads((ROOT / ".chalice" / "config.json").read_text()))

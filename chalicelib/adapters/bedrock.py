@@ -79,8 +79,20 @@ def _message(exc: openai.APIStatusError) -> str:
     return str((err or {}).get("message") or exc.message)
 
 
-def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | None = None) -> T:
-    """Runs `op(client)` with retries on throttling, 5xx and connection errors."""
+class UpstreamStatus(ApiError):
+    """An upstream error passed through with Bedrock's own status and type (the gateway)."""
+
+    def __init__(self, status: int, message: str, type_: str | None, code: str | None):
+        super().__init__(message, code=code)
+        self.status = status
+        self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+
+
+def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | None = None,
+         passthrough: bool = False) -> T:
+    """Runs `op(client)` with retries on throttling, 5xx and connection errors.
+
+    passthrough: a final upstream error keeps Bedrock's status and type (for the gateway)."""
     deadline = time.monotonic() + (deadline_s or settings().bedrock_retry_deadline_seconds)
     attempt = 0
     reminted = False
@@ -99,6 +111,11 @@ def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | Non
                 _sleep(attempt, exc.response.headers.get("retry-after"), deadline)
                 continue
             logger.warning("bedrock call failed", extra={"op": what, "status": status, "attempts": attempt})
+            if passthrough and status not in (401, 403):
+                body = exc.body if isinstance(exc.body, dict) else {}
+                err = body.get("error") if isinstance(body.get("error"), dict) else body
+                raise UpstreamStatus(status, f"Amazon Bedrock: {_message(exc)}", (err or {}).get("type"),
+                                     (err or {}).get("code")) from None
             raise _map(status, _message(exc), what) from None
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             if time.monotonic() < deadline:
@@ -206,3 +223,13 @@ def judge(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
                  deadline_s=30.0)
     text = (reply.choices[0].message.content or "") if reply.choices else ""
     return text, (reply.usage.total_tokens if reply.usage else 0)
+
+
+def forward(path: str, body: dict, deadline_s: float) -> tuple[int, str, bytes]:
+    """POSTs an OpenAI-compatible request as given; returns (status, content type, raw body).
+    A streamed answer comes back whole (the caller re-serves it as one SSE body)."""
+    import httpx2
+
+    resp = call(lambda c: c.post(path, body=body, cast_to=httpx2.Response), what=f"POST {path}",
+                deadline_s=deadline_s, passthrough=True)
+    return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content

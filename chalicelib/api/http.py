@@ -19,6 +19,7 @@ from chalice import Blueprint, Response
 
 from chalicelib.errors import ApiError, InternalError, InvalidRequest, PayloadTooLarge, Unauthorized
 from chalicelib.config import settings
+from chalicelib.domain import keys
 from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
 from chalicelib.services import teams
@@ -39,7 +40,8 @@ class Request:
 
     @property
     def team_id(self) -> str:
-        assert self.principal and self.principal.team_id
+        if not self.principal or not self.principal.team_id:
+            raise InvalidRequest("This route needs a team key; the admin key has no team.")
         return self.principal.team_id
 
     def content_type(self) -> str:
@@ -112,6 +114,8 @@ def _authenticate(auth: str | None, headers: dict[str, str]) -> Principal | None
         raise Unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
     if auth == "admin":
         return teams.authenticate_admin(token)
+    if auth == "any" and keys.parse_key_id(token) is None:
+        return teams.authenticate_admin(token)   # not a team key: only the admin key can pass
     return teams.authenticate_team(token)
 
 
@@ -120,7 +124,7 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
           json_body: bool = False) -> Callable:
     """Registers `fn(request, **path_params)` on the blueprint with rft-hub's conventions.
 
-    auth: "team", "admin" or None. body: a pydantic model to validate a JSON body
+    auth: "team", "admin", "any" (a team key or the admin key) or None. body: a pydantic model to validate a JSON body
     against (unknown fields rejected); json_body=True parses JSON without a model.
     """
     def decorate(fn: Callable) -> Callable:

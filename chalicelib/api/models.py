@@ -6,7 +6,7 @@ from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
 from chalicelib.errors import NotFound
-from chalicelib.services import models
+from chalicelib.services import gateway, models
 
 bp = Blueprint(__name__)
 
@@ -32,7 +32,9 @@ def retrieve_model(req: Request, model_id: str):
 
 @route(bp, "/v1/models/aliases", ("POST",), body=PointAlias)
 def point_alias(req: Request):
-    return models.point_alias(req.team_id, req.body.alias, req.body.model, changed_by=f"key:{req.principal.key_id}")
+    result = models.point_alias(req.team_id, req.body.alias, req.body.model, changed_by=f"key:{req.principal.key_id}")
+    gateway.forget_model(req.team_id, req.body.alias)   # this instance routes to the new target at once
+    return result
 
 
 @route(bp, "/v1/models/aliases")

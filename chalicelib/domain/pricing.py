@@ -48,3 +48,10 @@ def micro_usd(tokens: int, rate: Decimal) -> int:
 def usd(micro: int) -> str:
     """Micro-dollars as an exact decimal string, e.g. 1234567 -> '1.234567'."""
     return str((Decimal(micro) / Decimal(1_000_000)).quantize(Decimal("0.000001")))
+
+
+def cost_of_usage(price: Price, input_tokens: int, cached_tokens: int, output_tokens: int) -> int:
+    """Exact cost of one call: cached prompt tokens at the cached rate, the rest at the input rate."""
+    cached = max(0, min(cached_tokens, input_tokens))
+    return (micro_usd(input_tokens - cached, price.input) + micro_usd(cached, price.cached_input)
+            + micro_usd(output_tokens, price.output))

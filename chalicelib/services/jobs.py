@@ -22,7 +22,7 @@ from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS, iter_lines
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
-from chalicelib.services import files, graders, outbox, preflight, registry
+from chalicelib.services import budgets, files, graders, outbox, preflight, registry
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent
 
 ACTIVE = "active"
@@ -121,11 +121,17 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
                                            hyperparameters.get("n_epochs")),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
               status_path=["validating_files"], grader_ref=grader_ref, preflight=checked)
+    if existing is None:
+        # Training spend is held against the team budget like inference: 429 when it does not fit.
+        held = budgets.reserve(team_id, job.estimate.get("estimated_micro_usd") or 0)
+        job.budget_reserved_micro, job.budget_period = held.micro, held.period
     try:
         job.save(condition=Job.job_id.does_not_exist())
     except PutError as exc:
         if exc.cause_response_code != "ConditionalCheckFailedException":
             raise
+        if existing is None:
+            budgets.settle(held, 0)   # a concurrent replay created it first: release our hold
         existing = get_job(team_id, job_id)
         if existing.request_hash != request_hash:
             raise Conflict("This Idempotency-Key was already used with a different request body.",
@@ -305,7 +311,25 @@ def finalize(job: Job) -> None:
         return
     if job.status == "succeeded" and registry.register(job) is None:
         return
+    _settle_budget(job)
     job.update(actions=[Job.active_shard.remove()])
+
+
+def _settle_budget(job: Job) -> None:
+    """Once per job: a succeeded job spends its estimate (Bedrock publishes no actual training
+    price); a failed or cancelled one releases its hold."""
+    if job.budget_period is None or job.budget_settled:
+        return
+    estimate = (job.estimate or {}).get("estimated_micro_usd") or 0
+    actual = estimate if job.status == "succeeded" else 0
+    held = budgets.Reservation(job.team_id, job.budget_period, int(job.budget_reserved_micro or 0))
+    try:
+        with TransactWrite(connection=budgets.connection()) as tx:
+            tx.update(job, actions=[Job.budget_settled.set(True)], condition=Job.budget_settled.does_not_exist())
+            budgets.settle_in(tx, held, actual)
+    except TransactWriteError:
+        return   # settled by a concurrent finalize
+    budgets.announce_thresholds(held, actual)
 
 
 def apply_remote(job: Job, remote: dict, *, source: str) -> bool:

@@ -8,7 +8,7 @@ environment before importing the app; tests set it in conftest).
 from __future__ import annotations
 
 from pynamodb.attributes import (
-    BooleanAttribute, JSONAttribute, ListAttribute, NumberAttribute, UnicodeAttribute,
+    BooleanAttribute, JSONAttribute, ListAttribute, NumberAttribute, TTLAttribute, UnicodeAttribute,
 )
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
@@ -127,6 +127,9 @@ class Job(_Base):
     fine_tuned_model = UnicodeAttribute(null=True)
     error = JSONAttribute(null=True)
     estimate = JSONAttribute(default=dict)
+    budget_reserved_micro = NumberAttribute(null=True)   # reserved against the team budget at creation
+    budget_period = UnicodeAttribute(null=True)
+    budget_settled = BooleanAttribute(null=True)
     request_hash = UnicodeAttribute()       # for Idempotency-Key replays
     # submission to Bedrock: pending -> submitting (leased) -> submitted | rejected
     submit_state = UnicodeAttribute()
@@ -256,6 +259,86 @@ class GraderVersion(_Base):
     created_at = NumberAttribute()
 
 
+class PriceOverride(_Base):
+    """Admin price overrides (USD per 1M tokens as exact decimal strings)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("prices")
+
+    model = UnicodeAttribute(hash_key=True)
+    input = UnicodeAttribute()
+    output = UnicodeAttribute()
+    cached_input = UnicodeAttribute()
+    updated_at = NumberAttribute()
+    note = UnicodeAttribute(null=True)
+
+
+class Budget(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("budgets")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    limit_micro = NumberAttribute()
+    period = UnicodeAttribute()                     # "monthly" (calendar month, UTC)
+    thresholds = ListAttribute(default=list)        # e.g. [0.5, 0.8, 1.0]
+    updated_at = NumberAttribute()
+
+
+class BudgetPeriod(_Base):
+    """One team x one budget period. `committed` = spent + outstanding reservations; every
+    reservation is a conditional ADD on it, so concurrent calls can never pass the limit."""
+    class Meta(_Base.Meta):
+        table_name = table_name("budget_periods")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    period = UnicodeAttribute(range_key=True)       # "2026-11"
+    committed = NumberAttribute(default=0)
+    spent = NumberAttribute(default=0)
+    alerted = ListAttribute(default=list)           # thresholds already announced this period
+
+
+class LedgerEntry(_Base):
+    """One metered call (kept for RFT_LEDGER_RETENTION_DAYS, then expired by TTL)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("ledger")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    sort_key = UnicodeAttribute(range_key=True)     # "<unix ms:013d>#<request id>"
+    request_id = UnicodeAttribute()
+    key_id = UnicodeAttribute(null=True)
+    model = UnicodeAttribute()                      # what the caller asked for (alias, tuned or base)
+    upstream_model = UnicodeAttribute()
+    alias = UnicodeAttribute(null=True)
+    endpoint = UnicodeAttribute()
+    input_tokens = NumberAttribute(default=0)
+    cached_tokens = NumberAttribute(default=0)
+    output_tokens = NumberAttribute(default=0)
+    cost_micro = NumberAttribute(default=0)
+    reserved_micro = NumberAttribute(default=0)
+    latency_ms = NumberAttribute(default=0)
+    status = NumberAttribute()
+    stream = BooleanAttribute(default=False)
+    created_at = NumberAttribute()
+    expires_at = TTLAttribute(null=True)
+
+
+class UsageDaily(_Base):
+    """Atomic per team x day x model x key totals (DynamoDB ADD)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("usage_daily")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    bucket = UnicodeAttribute(range_key=True)       # "<YYYY-MM-DD>#<model>#<key id>"
+    day = UnicodeAttribute()
+    model = UnicodeAttribute()
+    key_id = UnicodeAttribute()
+    requests = NumberAttribute(default=0)
+    errors = NumberAttribute(default=0)
+    input_tokens = NumberAttribute(default=0)
+    cached_tokens = NumberAttribute(default=0)
+    output_tokens = NumberAttribute(default=0)
+    cost_micro = NumberAttribute(default=0)
+
+
 class PendingOutbox(GlobalSecondaryIndex):
     class Meta:
         index_name = "pending"
@@ -281,7 +364,7 @@ class OutboxEvent(_Base):
 
 
 ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel, Alias, AliasChange, OutboxEvent,
-              GraderSpec, SavedGrader, GraderVersion)
+              GraderSpec, SavedGrader, GraderVersion, PriceOverride, Budget, BudgetPeriod, LedgerEntry, UsageDaily)
 
 
 def create_tables() -> None:

@@ -1,0 +1,52 @@
+"""Budgets: periods, worst-case reservations and threshold crossings. Pure; money in micro-dollars."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+
+from chalicelib.domain import pricing
+
+DEFAULT_OUTPUT_CAP = 4096        # tokens reserved when a call sets no max_tokens
+_CHARS_PER_TOKEN = 3             # pessimistic on purpose: reservations must not under-estimate
+
+
+def period_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m")
+
+
+def resets_at(period: str) -> int:
+    year, month = (int(x) for x in period.split("-"))
+    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return int(datetime(year, month, 1, tzinfo=timezone.utc).timestamp())
+
+
+def to_micro(usd) -> int:
+    """An exact USD amount (string, int or Decimal; floats are read through their repr) in micro-dollars."""
+    try:
+        value = Decimal(str(usd))
+    except (InvalidOperation, ValueError):
+        raise ValueError("not a number") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be a finite, non-negative amount")
+    micro = value * 1_000_000
+    if micro != micro.to_integral_value():
+        raise ValueError("at most 6 decimal places (micro-dollars)")
+    return int(micro)
+
+
+def prompt_tokens_estimate(payload) -> int:
+    """An upper-bound-ish token count of whatever the caller sends (chars / 3, plus framing)."""
+    import json
+
+    return len(json.dumps(payload, ensure_ascii=False)) // _CHARS_PER_TOKEN + 16
+
+
+def worst_case_micro(price: pricing.Price, prompt_tokens: int, max_output_tokens: int | None) -> int:
+    output = max_output_tokens if max_output_tokens else DEFAULT_OUTPUT_CAP
+    return pricing.micro_usd(prompt_tokens, price.input) + pricing.micro_usd(output, price.output)
+
+
+def crossed(thresholds: list[float], limit_micro: int, before: int, after: int, alerted: list) -> list[float]:
+    """Thresholds that spend passes going from `before` to `after`, not yet announced this period."""
+    return [t for t in sorted(thresholds)
+            if t not in alerted and before < Decimal(str(t)) * limit_micro <= after]

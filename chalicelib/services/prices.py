@@ -1,0 +1,60 @@
+"""Effective prices: admin override, else the repository table; a tuned model inherits its
+base model's price unless it has its own override. Cached per warm container (60 s)."""
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from pynamodb.exceptions import DoesNotExist
+
+from chalicelib.domain import ids, pricing
+from chalicelib.errors import InvalidRequest
+from chalicelib.services.cache import TTLCache
+from chalicelib.store.models import PriceOverride
+
+_cache = TTLCache(60)
+
+
+def _override(model: str) -> pricing.Price | None:
+    try:
+        o = PriceOverride.get(model)
+    except DoesNotExist:
+        return None
+    return pricing.Price(model, Decimal(o.input), Decimal(o.output), Decimal(o.cached_input),
+                         o.note or "admin override", str(o.updated_at), False)
+
+
+def _load(model: str) -> pricing.Price | None:
+    return _override(model) or pricing.price_for(model)
+
+
+def price(model: str, base_model: str | None = None) -> pricing.Price | None:
+    """The price for calling `model` (a tuned model passes its base model)."""
+    own = _cache.get(model, lambda: _load(model))
+    if own is not None or not base_model or base_model == model:
+        return own
+    return _cache.get(base_model, lambda: _load(base_model))
+
+
+def set_override(model: str, body: dict) -> dict:
+    values = {}
+    for field in ("input", "output", "cached_input"):
+        raw = body.get(f"{field}_usd_per_1m", body.get(field))
+        if raw is None and field == "cached_input":
+            raw = values["input"]
+        try:
+            value = Decimal(str(raw))
+        except (InvalidOperation, ValueError):
+            raise InvalidRequest(f"'{field}_usd_per_1m' must be a decimal amount.", param=f"{field}_usd_per_1m") from None
+        if not value.is_finite() or value < 0:
+            raise InvalidRequest(f"'{field}_usd_per_1m' must be a non-negative amount.", param=f"{field}_usd_per_1m")
+        values[field] = value
+    PriceOverride(model, input=str(values["input"]), output=str(values["output"]),
+                  cached_input=str(values["cached_input"]), updated_at=ids.now(),
+                  note=str(body.get("note") or "admin override")[:200]).save()
+    _cache.invalidate(model)
+    return _load(model).view()
+
+
+def list_prices() -> list[dict]:
+    models = set(pricing.repository_prices()) | {o.model for o in PriceOverride.scan()}
+    return [_load(m).view() for m in sorted(models)]
