@@ -18,7 +18,6 @@ import json
 import os
 import re
 import threading
-import time
 import uuid
 from datetime import datetime, timezone
 

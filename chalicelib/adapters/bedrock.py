@@ -21,7 +21,7 @@ import openai
 from aws_bedrock_token_generator import provide_token
 
 from chalicelib.config import settings
-from chalicelib.errors import ApiError, InvalidRequest, NotFound, RateLimited, UpstreamError
+from chalicelib.errors import ApiError, NotFound, RateLimited, UpstreamError
 from chalicelib.log import logger
 
 T = TypeVar("T")

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.config import settings
 from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
 from chalicelib.services import outbox
 from chalicelib.services.cache import TTLCache
-from chalicelib.store.models import Budget, BudgetPeriod
+from chalicelib.store.models import Budget, BudgetPeriod, connection
 
 _config = TTLCache(30)   # a changed budget is honoured within 30 s on other instances
 
@@ -37,10 +35,6 @@ class Reservation:
     micro: int                # 0 when the team has no budget
     committed_after: int = 0
     limit_micro: int | None = None
-
-
-def connection() -> Connection:
-    return Connection(region=settings().region)
 
 
 def config(team_id: str) -> Budget | None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from typing import Any
 
-from pynamodb.connection import Connection
+
 from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
@@ -23,7 +22,7 @@ from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS, iter_lines
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, files, graders, outbox, preflight, registry
-from chalicelib.store.models import Checkpoint, File, Job, JobEvent
+from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
 
 ACTIVE = "active"
 SUBMIT_LEASE_SECONDS = 120
@@ -277,7 +276,7 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
     event = outbox.stage("rft-hub.job.state_changed", job.team_id, previous_status=previous, status=target,
                          source=source, job=summary)
     try:
-        with TransactWrite(connection=Connection(region=settings().region)) as tx:
+        with TransactWrite(connection=connection()) as tx:
             # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
             tx.update(job, actions=actions, condition=Job.status == previous)
             tx.save(event)
@@ -324,7 +323,7 @@ def _settle_budget(job: Job) -> None:
     actual = estimate if job.status == "succeeded" else 0
     held = budgets.Reservation(job.team_id, job.budget_period, int(job.budget_reserved_micro or 0))
     try:
-        with TransactWrite(connection=budgets.connection()) as tx:
+        with TransactWrite(connection=connection()) as tx:
             tx.update(job, actions=[Job.budget_settled.set(True)], condition=Job.budget_settled.does_not_exist())
             budgets.settle_in(tx, held, actual)
     except TransactWriteError:

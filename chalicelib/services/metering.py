@@ -12,7 +12,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib.domain import pricing
 from chalicelib.errors import InvalidRequest
 from chalicelib.services import budgets
-from chalicelib.store.models import Job, LedgerEntry, Team, UsageDaily
+from chalicelib.store.models import Job, LedgerEntry, Team, UsageDaily, connection
 
 GROUPS = ("day", "model", "key")
 _COUNTERS = ("requests", "errors", "input_tokens", "cached_tokens", "output_tokens", "cost_micro")
@@ -28,7 +28,7 @@ def record(res: budgets.Reservation, entry: LedgerEntry) -> None:
     key_id = entry.key_id or "-"
     daily = UsageDaily(entry.team_id, f"{day}#{entry.model}#{key_id}")
     entry.expires_at = timedelta(days=retention_days())
-    with TransactWrite(connection=budgets.connection()) as tx:
+    with TransactWrite(connection=connection()) as tx:
         tx.save(entry)
         tx.update(daily, actions=[
             UsageDaily.day.set(day), UsageDaily.model.set(entry.model), UsageDaily.key_id.set(key_id),

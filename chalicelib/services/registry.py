@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import re
 
-from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import outbox
-from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel
+from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel, connection
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-
-
-def _conn() -> Connection:
-    return Connection(region=settings().region)
 
 
 def tuned_view(m: TunedModel) -> dict:
@@ -65,7 +59,7 @@ def register(job: Job) -> TunedModel | None:
     event = outbox.stage("rft-hub.model.registered", job.team_id, model=model.model_id, base_model=job.model,
                          job_id=job.job_id, final_reward=final, best_reward=best)
     try:
-        with TransactWrite(connection=_conn()) as tx:
+        with TransactWrite(connection=connection()) as tx:
             tx.save(model, condition=TunedModel.model_id.does_not_exist())
             tx.save(event)
     except TransactWriteError:
@@ -116,7 +110,7 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
                          previous_model=change.previous_model_id, changed_by=changed_by)
     condition = (Alias.version == current.version) if current else Alias.alias.does_not_exist()
     try:
-        with TransactWrite(connection=_conn()) as tx:
+        with TransactWrite(connection=connection()) as tx:
             tx.save(record, condition=condition)
             tx.save(change, condition=AliasChange.version.does_not_exist())
             tx.save(event)
