@@ -2,14 +2,16 @@
 non-HTTP handlers below are one call each into chalicelib."""
 from chalice import Chalice, Rate
 
-from chalicelib.api import admin, files, gateway, graders, health, jobs, models, usage
+from chalicelib.api import admin, files, gateway, graders, health, jobs, models, slack, usage
 from chalicelib.services import hosted_grader, lifecycle
+from chalicelib.services import slack as slack_service
 
 app = Chalice(app_name="rft-hub")
 # Multipart uploads must reach the Lambda byte-exact (API Gateway base64-encodes binary types).
 app.api.binary_types.append("multipart/form-data")
 
-for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp):
+for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp,
+                  slack.bp):
     app.register_blueprint(blueprint)
 
 
@@ -37,3 +39,18 @@ def reconcile_jobs(event):
 @app.lambda_function(name="hosted_grader")
 def hosted_grader_handler(event, context):
     return hosted_grader.handle(event, context)
+
+
+# rft-hub's own events (via a rule on its bus) -> one Block Kit message each. A raise leaves the
+# message queued (Retry-After / backoff); the queue's redrive policy dead-letters what keeps failing.
+@app.on_sqs_message(queue=slack_service.notify_queue(), batch_size=1, name="slack_notifier")
+def slack_notifier(event):
+    for record in event:
+        slack_service.deliver(record.body, record.receipt_handle)
+
+
+# Slash commands too slow for Slack's 3 seconds, finished through response_url.
+@app.on_sqs_message(queue=slack_service.commands_queue(), batch_size=1, name="slack_commands")
+def slack_commands(event):
+    for record in event:
+        slack_service.finish_command(record.body)

@@ -9,7 +9,7 @@ from chalicelib.config import settings
 from chalicelib.store.models import create_tables
 
 
-def bootstrap(admin_key: str) -> None:
+def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     s = settings()
     create_tables()
     s3 = boto3.client("s3", region_name=s.region)
@@ -17,11 +17,39 @@ def bootstrap(admin_key: str) -> None:
     if s.datasets_bucket not in existing:
         s3.create_bucket(Bucket=s.datasets_bucket, CreateBucketConfiguration={"LocationConstraint": s.region})
     _event_bus()
-    sm = boto3.client("secretsmanager", region_name=s.region)
+    _slack_queues()
+    from chalicelib.services import slack
+    _secret(s.admin_key_secret_id, admin_key)
+    _secret(slack.settings_secret_id(), slack_signing_secret)
+
+
+def _secret(name: str, value: str) -> None:
+    sm = boto3.client("secretsmanager", region_name=settings().region)
     try:
-        sm.put_secret_value(SecretId=s.admin_key_secret_id, SecretString=admin_key)
+        sm.put_secret_value(SecretId=name, SecretString=value)
     except sm.exceptions.ResourceNotFoundException:
-        sm.create_secret(Name=s.admin_key_secret_id, SecretString=admin_key)
+        sm.create_secret(Name=name, SecretString=value)
+
+
+def _slack_queues() -> None:
+    """As the template declares them: notifications from the bus with a dead-letter queue, and commands."""
+    from chalicelib.services import slack
+    from chalicelib.services.outbox import SOURCE, bus_name
+
+    sqs = boto3.client("sqs", region_name=settings().region)
+    events = boto3.client("events", region_name=settings().region)
+
+    def arn(url: str) -> str:
+        return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+    dlq = arn(sqs.create_queue(QueueName=slack.dead_letter_queue())["QueueUrl"])
+    notify = sqs.create_queue(QueueName=slack.notify_queue(), Attributes={
+        "VisibilityTimeout": "60", "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq, "maxReceiveCount": "5"})})
+    sqs.create_queue(QueueName=slack.commands_queue(), Attributes={"VisibilityTimeout": "60"})
+    events.put_rule(Name="rfthub-slack-notify", EventBusName=bus_name(), State="ENABLED",
+                    EventPattern=json.dumps({"source": [SOURCE]}))
+    events.put_targets(Rule="rfthub-slack-notify", EventBusName=bus_name(),
+                       Targets=[{"Id": "slack", "Arn": arn(notify["QueueUrl"])}])
 
 
 def _event_bus() -> None:

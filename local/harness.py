@@ -15,10 +15,12 @@ from local import servers
 from local.servers import ROOT
 
 ADMIN_KEY = "rfth_admin_" + secrets.token_urlsafe(24)
+SLACK_SIGNING_SECRET = secrets.token_hex(16)
 TEST_ENV = {
     "RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
     "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key", "RFT_EVENT_BUS": "rfthub-local",
     "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
+    "RFT_SLACK_URL_PREFIXES": "https://hooks.slack.com/,http://127.0.0.1:",
 }
 
 
@@ -50,7 +52,10 @@ class Stack:
         self.threads.append(servers.ThreadServer(self.lambda_app, ports["lambda"]))
 
         from local.bootstrap import bootstrap
-        bootstrap(ADMIN_KEY)
+        bootstrap(ADMIN_KEY, SLACK_SIGNING_SECRET)
+        from local import slack_sink
+        self.slack_app = slack_sink.create_app()
+        self.slack = servers.ThreadServer(self.slack_app)
         self.api_port = self._serve_app()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
 

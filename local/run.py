@@ -21,9 +21,11 @@ from local import servers
 
 LOCAL = servers.LOCAL_DIR
 STACK_JSON = LOCAL / "stack.json"
-DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004}
+DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005}
+DEMO_SLACK = {"slack_team_id": "TLOCALDEMO", "channel_ids": ["CDEMO"]}
 APP_ENV = {"RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
            "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
+           "RFT_SLACK_URL_PREFIXES": "https://hooks.slack.com/,http://127.0.0.1:", "RFT_EVENT_BUS": "rfthub-local",
            "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key"}
 
 
@@ -75,6 +77,7 @@ def main() -> int:
     ports = _ports()
     previous = json.loads(STACK_JSON.read_text()) if STACK_JSON.exists() else {}
     admin_key = previous.get("admin_key") or "rfth_admin_" + secrets.token_urlsafe(32)
+    signing_secret = previous.get("slack_signing_secret") or secrets.token_hex(16)
     env = {**servers.base_env(ports), **APP_ENV}
     os.environ.update(env)
     children: list[subprocess.Popen] = []
@@ -90,11 +93,13 @@ def main() -> int:
         children.append(servers.python_module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env))
         children.append(servers.python_module("local.bedrock_server", "--port", str(ports["bedrock"]),
                                               "--state-dir", str(LOCAL / "bedrock"), env=env))
-        for name in ("moto", "bedrock"):
+        children.append(servers.python_module("local.slack_sink", "--port", str(ports["slack"]),
+                                              "--log", str(LOCAL / "slack.log"), env=env))
+        for name in ("moto", "bedrock", "slack"):
             servers.wait_for_port(ports[name], 60)
 
         from local.bootstrap import bootstrap
-        bootstrap(admin_key)
+        bootstrap(admin_key, signing_secret)
         _sync_bucket("restore")
 
         children.append(servers.python_module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env))
@@ -107,13 +112,19 @@ def main() -> int:
 
         base_url = f"http://127.0.0.1:{ports['api']}"
         team_id, demo_key = _demo_team(base_url, admin_key, previous)
+        webhook = f"http://127.0.0.1:{ports['slack']}/services/TLOCALDEMO/BDEMO/demo"
+        _http("PUT", f"{base_url}/v1/admin/teams/{team_id}/slack", admin_key,
+              {**DEMO_SLACK, "webhook_url": webhook, "notify": ["job", "budget", "model"]})
         stack = {**previous, "base_url": base_url, "openai_base_url": f"{base_url}/v1", "admin_key": admin_key,
-                 "demo_team_id": team_id, "demo_key": demo_key,
+                 "demo_team_id": team_id, "demo_key": demo_key, "slack_signing_secret": signing_secret,
+                 "slack_messages": f"http://127.0.0.1:{ports['slack']}/messages", "slack_log": str(LOCAL / "slack.log"),
+                 "demo_slack": DEMO_SLACK,
                  "services": {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}}
         STACK_JSON.write_text(json.dumps(stack, indent=2))
         os.chmod(STACK_JSON, 0o600)
         print(f"\nrft-hub is up at {base_url}\n  demo team: {team_id}\n  demo key:  {demo_key}\n"
-              f"  admin key: in {STACK_JSON}\n  try: OPENAI_BASE_URL={base_url}/v1 OPENAI_API_KEY=<demo key> "
+              f"  admin key: in {STACK_JSON}\n  Slack messages: http://127.0.0.1:{ports['slack']}/messages "
+              f"(and {LOCAL / 'slack.log'})\n  try: OPENAI_BASE_URL={base_url}/v1 OPENAI_API_KEY=<demo key> "
               f"python examples/quickstart.py\nCtrl-C stops everything.", flush=True)
         while True:
             for child in children:

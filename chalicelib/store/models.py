@@ -343,6 +343,43 @@ class UsageDaily(_Base):
     cost_micro = NumberAttribute(default=0)
 
 
+class SlackConfig(_Base):
+    """A team's Slack settings. The webhook URL itself lives in Secrets Manager."""
+    class Meta(_Base.Meta):
+        table_name = table_name("slack_configs")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    webhook_secret_id = UnicodeAttribute(null=True)
+    slack_team_id = UnicodeAttribute(null=True)
+    channel_ids = ListAttribute(default=list)
+    notify = ListAttribute(default=list)
+    health = JSONAttribute(default=dict)          # {"status": ok|broken|unknown, "error", "at"}
+    updated_at = NumberAttribute()
+
+
+class SlackChannel(_Base):
+    """Which rft-hub team a Slack workspace's channel belongs to (for slash commands)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("slack_channels")
+
+    slack_team_id = UnicodeAttribute(hash_key=True)
+    channel_id = UnicodeAttribute(range_key=True)
+    team_id = UnicodeAttribute()
+
+
+class SlackDelivery(_Base):
+    """Dedupe of notifications by event id (a lease while sending, then "sent")."""
+    class Meta(_Base.Meta):
+        table_name = table_name("slack_deliveries")
+
+    event_id = UnicodeAttribute(hash_key=True)
+    status = UnicodeAttribute()                   # sending | sent | failed
+    lease_until = NumberAttribute(default=0)
+    attempts = NumberAttribute(default=0)
+    last_error = UnicodeAttribute(null=True)
+    expires_at = TTLAttribute(null=True)
+
+
 class PendingOutbox(GlobalSecondaryIndex):
     class Meta:
         index_name = "pending"
@@ -368,7 +405,8 @@ class OutboxEvent(_Base):
 
 
 ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel, Alias, AliasChange, OutboxEvent,
-              GraderSpec, SavedGrader, GraderVersion, PriceOverride, Budget, BudgetPeriod, LedgerEntry, UsageDaily)
+              GraderSpec, SavedGrader, GraderVersion, PriceOverride, Budget, BudgetPeriod, LedgerEntry, UsageDaily,
+              SlackConfig, SlackChannel, SlackDelivery)
 
 
 @functools.lru_cache(maxsize=1)

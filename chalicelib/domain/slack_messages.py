@@ -1,0 +1,106 @@
+"""Block Kit messages for rft-hub's events and slash commands (slack-sdk models, which
+enforce Block Kit's limits on `to_dict()`; long values are truncated first)."""
+from __future__ import annotations
+
+from slack_sdk.models.blocks import (
+    ContextBlock, DividerBlock, HeaderBlock, MarkdownTextObject, PlainTextObject, SectionBlock,
+)
+
+HEADER_MAX, FIELD_MAX, SECTION_MAX, FALLBACK_MAX = 150, 2000, 3000, 3000
+SPARK = "▁▂▃▄▅▆▇█"
+STATUS_EMOJI = {"validating_files": ":hourglass_flowing_sand:", "queued": ":inbox_tray:", "running": ":runner:",
+                "succeeded": ":white_check_mark:", "failed": ":x:", "cancelled": ":no_entry_sign:"}
+# Which notification category each event belongs to (teams choose with `notify`).
+CATEGORY = {"rft-hub.job.state_changed": "job", "rft-hub.job.stalled": "job", "rft-hub.model.registered": "model",
+            "rft-hub.alias.changed": "model", "rft-hub.budget.threshold_crossed": "budget"}
+
+
+def truncate(text: str, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values[-40:])
+
+
+def _fields(pairs: list[tuple[str, str]]) -> SectionBlock:
+    return SectionBlock(fields=[MarkdownTextObject(text=truncate(f"*{k}*\n{v}", FIELD_MAX)) for k, v in pairs[:10]])
+
+
+def _message(text: str, blocks: list) -> dict:
+    return {"text": truncate(text, FALLBACK_MAX), "blocks": [b.to_dict() for b in blocks]}
+
+
+def job_message(detail: dict, rewards: list[float], status_path: list[str], budget_line: str | None) -> dict:
+    job = detail.get("job") or {}
+    status = detail.get("status", "")
+    emoji = STATUS_EMOJI.get(status, ":information_source:")
+    best = f"{max(rewards):.3f}" if rewards else "—"
+    header = truncate(f"{emoji} RFT job {status.replace('_', ' ')}: {job.get('suffix') or job.get('job_id')}",
+                      HEADER_MAX)
+    pairs = [("Job", f"`{job.get('job_id')}`"), ("Base model", job.get("model") or "—"),
+             ("Status", " → ".join(status_path or [detail.get("previous_status", "?"), status])),
+             ("Best reward", best)]
+    if job.get("fine_tuned_model"):
+        pairs.append(("Model", f"`{job['fine_tuned_model']}`"))
+    if budget_line:
+        pairs.append(("Cost so far", budget_line))
+    blocks = [HeaderBlock(text=PlainTextObject(text=header, emoji=True)), _fields(pairs)]
+    if rewards:
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate(
+            f"*Reward curve* `{sparkline(rewards)}` ({rewards[0]:.2f} → {rewards[-1]:.2f})", SECTION_MAX))))
+    error = job.get("error") or {}
+    if status == "failed" and error.get("message"):
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate(f"*Failure*\n```{error['message']}```",
+                                                                         SECTION_MAX))))
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=truncate(
+        f"Bedrock job `{job.get('bedrock_job_id') or 'not submitted'}` · source: {detail.get('source', '?')}",
+        SECTION_MAX))]))
+    text = f"RFT job {job.get('job_id')} ({job.get('model')}) {status}; best reward {best}"
+    if status == "failed" and error.get("message"):
+        text += f": {error['message']}"
+    return _message(text, blocks)
+
+
+def stalled_message(detail: dict) -> dict:
+    job = detail.get("job") or {}
+    minutes = int(detail.get("no_progress_seconds", 0)) // 60
+    text = f"RFT job {job.get('job_id')} has made no progress for {minutes} minutes (status {detail.get('status')})."
+    return _message(text, [HeaderBlock(text=PlainTextObject(text=":warning: RFT job stalled", emoji=True)),
+                           SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+
+
+def model_message(detail_type: str, detail: dict) -> dict:
+    if detail_type == "rft-hub.model.registered":
+        text = (f"New tuned model `{detail.get('model')}` from job `{detail.get('job_id')}` "
+                f"(base {detail.get('base_model')}, best reward {detail.get('best_reward')}).")
+        title = ":package: Model registered"
+    else:
+        text = (f"Alias `{detail.get('alias')}` now points to `{detail.get('model')}` (version {detail.get('version')}, "
+                f"was {detail.get('previous_model') or 'unset'}; by {detail.get('changed_by')}).")
+        title = ":label: Alias changed"
+    return _message(text, [HeaderBlock(text=PlainTextObject(text=title, emoji=True)),
+                           SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+
+
+def budget_message(detail: dict) -> dict:
+    pct = int(float(detail.get("threshold", 0)) * 100)
+    text = (f"Team budget {pct}% reached: ${detail.get('spent_usd')} of ${detail.get('limit_usd')} spent in "
+            f"{detail.get('period')}.")
+    return _message(text, [HeaderBlock(text=PlainTextObject(text=f":moneybag: Budget {pct}% reached", emoji=True)),
+                           _fields([("Spent", f"${detail.get('spent_usd')}"), ("Limit", f"${detail.get('limit_usd')}"),
+                                    ("Period", str(detail.get("period"))),
+                                    ("Resets", f"<!date^{int(detail.get('resets_at', 0))}^{{date_short}}|next month>")])])
+
+
+def ephemeral(text: str, lines: list[str] | None = None) -> dict:
+    blocks = [SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))]
+    if lines:
+        blocks.append(DividerBlock())
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate("\n".join(lines), SECTION_MAX))))
+    return {"response_type": "ephemeral", **_message(text, blocks)}

@@ -1,0 +1,322 @@
+"""Slack: per-team configuration, notifications from rft-hub's events, and slash commands.
+
+Notifications are decoupled: rft-hub's bus -> an SQS queue -> `deliver` (a queue consumer).
+A state change is committed long before Slack is involved; Slack being down delays
+messages, never job updates. Every event is posted at most once (dedupe on event id).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.parse
+from datetime import timedelta
+
+from pynamodb.exceptions import DoesNotExist, UpdateError
+from slack_sdk.signature import SignatureVerifier
+
+from chalicelib.adapters import aws, slack as slack_http
+from chalicelib.adapters.secrets import get_secret
+from chalicelib.domain import ids, slack_messages as messages
+from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
+from chalicelib.log import logger
+from chalicelib.services import budgets, jobs, registry
+from chalicelib.store.models import Job, JobEvent, SlackChannel, SlackConfig, SlackDelivery
+
+NOTIFY = ("job", "budget", "model")
+LEASE_SECONDS = 60
+
+
+class RetryLater(Exception):
+    """Slack asked us to wait (429) or failed (5xx): leave the message on the queue."""
+
+
+def _stage() -> str:
+    return os.environ.get("RFT_STAGE", "local")
+
+
+def notify_queue() -> str:
+    return os.environ.get("RFT_SLACK_QUEUE", f"rfthub-{_stage()}-slack-notify")
+
+
+def commands_queue() -> str:
+    return os.environ.get("RFT_SLACK_COMMANDS_QUEUE", f"rfthub-{_stage()}-slack-commands")
+
+
+def dead_letter_queue() -> str:
+    return os.environ.get("RFT_SLACK_DLQ", f"rfthub-{_stage()}-slack-dlq")
+
+
+def _allowed_url(url: str) -> bool:
+    prefixes = os.environ.get("RFT_SLACK_URL_PREFIXES", "https://hooks.slack.com/").split(",")
+    return any(url.startswith(p.strip()) for p in prefixes if p.strip())
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def config_view(team_id: str) -> dict:
+    try:
+        cfg = SlackConfig.get(team_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound("Slack is not configured for this team.", param="team_id") from None
+    return {"object": "slack_config", "team_id": team_id, "slack_team_id": cfg.slack_team_id,
+            "channel_ids": list(cfg.channel_ids), "notify": list(cfg.notify),
+            "webhook": {"set": bool(cfg.webhook_secret_id), "health": cfg.health or {"status": "unknown"}}}
+
+
+def configure(team_id: str, body: dict) -> dict:
+    allowed = {"webhook_url", "slack_team_id", "channel_ids", "notify"}
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise InvalidRequest(f"Invalid '{extra[0]}': unknown field.", param=extra[0])
+    url = body.get("webhook_url")
+    if url is not None and (not isinstance(url, str) or not _allowed_url(url)):
+        raise InvalidRequest("webhook_url must be a Slack incoming-webhook URL (https://hooks.slack.com/services/...).",
+                             param="webhook_url")
+    notify = body.get("notify", list(NOTIFY))
+    if not isinstance(notify, list) or any(n not in NOTIFY for n in notify):
+        raise InvalidRequest(f"notify must list some of {', '.join(NOTIFY)}.", param="notify")
+    channels = body.get("channel_ids", [])
+    if not isinstance(channels, list) or any(not isinstance(c, str) or not re.match(r"^[A-Z0-9]{1,30}$", c)
+                                             for c in channels):
+        raise InvalidRequest("channel_ids must be Slack channel ids like C0123456789.", param="channel_ids")
+    slack_team = body.get("slack_team_id")
+    if slack_team is not None and (not isinstance(slack_team, str) or not re.match(r"^T[A-Z0-9]{1,30}$", slack_team)):
+        raise InvalidRequest("slack_team_id must be a Slack workspace id like T0123456789.", param="slack_team_id")
+    try:
+        cfg = SlackConfig.get(team_id, consistent_read=True)
+    except DoesNotExist:
+        cfg = SlackConfig(team_id, updated_at=ids.now())
+    if url is not None:
+        cfg.webhook_secret_id = _store_webhook(team_id, url)
+        cfg.health = {"status": "unknown", "error": None, "at": ids.now()}
+    for old in list(cfg.channel_ids or []):
+        if cfg.slack_team_id and (old not in channels or slack_team != cfg.slack_team_id):
+            SlackChannel(cfg.slack_team_id, old).delete()
+    cfg.slack_team_id, cfg.channel_ids, cfg.notify, cfg.updated_at = slack_team, channels, notify, ids.now()
+    cfg.save()
+    if slack_team:
+        for channel in channels:
+            SlackChannel(slack_team, channel, team_id=team_id).save()
+    return config_view(team_id)
+
+
+def _store_webhook(team_id: str, url: str) -> str:
+    """Write-only: the URL is a credential, kept in Secrets Manager (KMS-encrypted), never returned."""
+    name = f"rfthub/{_stage()}/slack-webhook/{team_id}"
+    sm = aws.secrets()
+    try:
+        sm.put_secret_value(SecretId=name, SecretString=url)
+    except sm.exceptions.ResourceNotFoundException:
+        sm.create_secret(Name=name, SecretString=url)
+    from chalicelib.adapters import secrets
+    secrets.clear_cache()
+    return name
+
+
+def _mark_health(team_id: str, status: str, error: str | None) -> None:
+    SlackConfig(team_id).update(actions=[SlackConfig.health.set({"status": status, "error": error, "at": ids.now()})])
+
+
+# ---- notifications (queue consumer) -------------------------------------------------------------
+
+def _claim(event_id: str) -> bool:
+    now = ids.now()
+    try:
+        SlackDelivery(event_id).update(
+            actions=[SlackDelivery.status.set("sending"), SlackDelivery.lease_until.set(now + LEASE_SECONDS),
+                     SlackDelivery.attempts.add(1), SlackDelivery.expires_at.set(timedelta(days=14))],
+            condition=SlackDelivery.status.does_not_exist() | (SlackDelivery.status == "failed")
+            | ((SlackDelivery.status == "sending") & (SlackDelivery.lease_until < now)))
+        return True
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            return False   # already sent, or being sent right now
+        raise
+
+
+def _job_message(detail: dict) -> dict:
+    job_id = (detail.get("job") or {}).get("job_id")
+    rewards, path, budget_line = [], [], None
+    try:
+        job = Job.get(detail["team_id"], job_id)
+        path = list(job.status_path or [])
+        rewards = [e.data["critic_rewards_mean"] for e in JobEvent.query(job_id)
+                   if e.type == "metrics" and isinstance((e.data or {}).get("critic_rewards_mean"), (int, float))]
+        view = budgets.view(detail["team_id"])
+        estimate = (job.estimate or {}).get("estimated_usd")
+        budget_line = f"~${estimate} (estimate)" if estimate else "unpriced"
+        if view["limit_usd"]:
+            budget_line += f" · team ${view['spent_usd']} of ${view['limit_usd']} this month"
+    except DoesNotExist:
+        pass
+    return messages.job_message(detail, rewards, path, budget_line)
+
+
+def build_message(detail_type: str, detail: dict) -> dict | None:
+    if detail_type == "rft-hub.job.state_changed":
+        return _job_message(detail)
+    if detail_type == "rft-hub.job.stalled":
+        return messages.stalled_message(detail)
+    if detail_type in ("rft-hub.model.registered", "rft-hub.alias.changed"):
+        return messages.model_message(detail_type, detail)
+    if detail_type == "rft-hub.budget.threshold_crossed":
+        return messages.budget_message(detail)
+    return None
+
+
+def deliver(body: str, receipt_handle: str | None = None) -> str:
+    """Posts one rft-hub event to its team's webhook. Raises RetryLater to leave it queued."""
+    try:
+        event = json.loads(body)
+        detail_type, detail = event["detail-type"], event["detail"]
+        event_id, team_id = detail["event_id"], detail["team_id"]
+    except (ValueError, KeyError, TypeError):
+        logger.warning("unreadable notification dropped")
+        return "dropped"
+    try:
+        cfg = SlackConfig.get(team_id)
+    except DoesNotExist:
+        return "not-configured"
+    if not cfg.webhook_secret_id or messages.CATEGORY.get(detail_type) not in (cfg.notify or []):
+        return "not-wanted"
+    if (cfg.health or {}).get("status") == "broken":
+        return "webhook-broken"
+    message = build_message(detail_type, detail)
+    if message is None or not _claim(event_id):
+        return "duplicate" if message else "dropped"
+    result = slack_http.post(get_secret(cfg.webhook_secret_id), message)
+    if result.ok:
+        SlackDelivery(event_id).update(actions=[SlackDelivery.status.set("sent")])
+        if (cfg.health or {}).get("status") != "ok":
+            _mark_health(team_id, "ok", None)
+        return "sent"
+    SlackDelivery(event_id).update(actions=[SlackDelivery.status.set("failed"),
+                                            SlackDelivery.last_error.set(f"{result.status} {result.body}"[:200])])
+    if result.permanent:
+        _mark_health(team_id, "broken", f"{result.status} {result.body}"[:200])
+        _dead_letter(body, f"permanent: {result.status} {result.body}")
+        return "dead-lettered"
+    delay = result.retry_after if result.status == 429 and result.retry_after else None
+    _delay(receipt_handle, delay)
+    raise RetryLater(f"Slack answered {result.status}; retrying")
+
+
+def _queue_url(name: str) -> str:
+    return aws.sqs().get_queue_url(QueueName=name)["QueueUrl"]
+
+
+def _delay(receipt_handle: str | None, seconds: float | None) -> None:
+    """Honours Retry-After (or backs off) by hiding the message for that long."""
+    if not receipt_handle:
+        return
+    try:
+        aws.sqs().change_message_visibility(QueueUrl=_queue_url(notify_queue()), ReceiptHandle=receipt_handle,
+                                            VisibilityTimeout=int(min(900, max(1, seconds or 30))))
+    except Exception:  # noqa: BLE001 - the queue's own visibility timeout applies instead
+        logger.warning("could not delay the notification")
+
+
+def _dead_letter(body: str, reason: str) -> None:
+    aws.sqs().send_message(QueueUrl=_queue_url(dead_letter_queue()), MessageBody=body,
+                           MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:250]}})
+
+
+# ---- slash commands -----------------------------------------------------------------------------
+
+HELP = ["`/rft help` this list", "`/rft jobs` recent jobs", "`/rft status <job>` one job",
+        "`/rft usage` month-to-date spend against the budget", "`/rft models` tuned models and aliases",
+        "`/rft cancel <job>` cancel a running job"]
+
+
+def verify(raw_body: bytes, headers: dict) -> dict:
+    secret = get_secret(settings_secret_id())
+    if not SignatureVerifier(secret).is_valid(raw_body, headers.get("x-slack-request-timestamp"),
+                                              headers.get("x-slack-signature")):
+        raise Unauthorized("Request verification failed.", code="invalid_signature")
+    form = urllib.parse.parse_qs(raw_body.decode("utf-8", errors="replace"))
+    return {k: v[0] for k, v in form.items()}
+
+
+def settings_secret_id() -> str:
+    return os.environ.get("RFT_SLACK_SIGNING_SECRET_ID", f"rfthub/{_stage()}/slack-signing-secret")
+
+
+def command(form: dict) -> dict:
+    try:
+        team_id = SlackChannel.get(form.get("team_id", ""), form.get("channel_id", "")).team_id
+    except DoesNotExist:
+        return messages.ephemeral("This channel is not linked to an rft-hub team yet. Ask your rft-hub admin to "
+                                  "add it to the team's Slack settings.")
+    words = (form.get("text") or "").split()
+    name, args = (words[0].lower(), words[1:]) if words else ("help", [])
+    if name == "help":
+        return messages.ephemeral("rft-hub commands:", HELP)
+    if name == "jobs":
+        recent = jobs.list_jobs(team_id, 10, None)["data"]
+        lines = [f"`{j['id']}` {j['model']} *{j['status']}* best reward {_best(j['id'])}" for j in recent]
+        return messages.ephemeral(f"{len(recent)} most recent jobs:" if recent else "No jobs yet.", lines)
+    if name == "status":
+        job = _job_arg(team_id, args)
+        if isinstance(job, dict):
+            return job
+        path = " → ".join(job.status_path or [job.status])
+        return messages.ephemeral(f"`{job.job_id}` ({job.model}) is *{job.status}*.",
+                                  [f"Path: {path}", f"Best reward: {_best(job.job_id)}",
+                                   f"Model: `{job.fine_tuned_model or '—'}`"] +
+                                  ([f"Error: {job.error.get('message')}"] if job.error else []))
+    if name == "usage":
+        view = budgets.view(team_id)
+        limit = f"${view['limit_usd']}" if view["limit_usd"] else "no budget set"
+        return messages.ephemeral(f"Spent ${view['spent_usd']} in {view['current_period']} ({limit}).",
+                                  [f"Reserved in flight: ${view['reserved_usd']}",
+                                   f"Resets: <!date^{view['resets_at']}^{{date_short}}|next month>"])
+    if name == "models":
+        lines = [f"`{a['id']}` → `{a['rft_target']}` (v{a['rft_version']})" for a in registry.list_aliases(team_id)]
+        lines += [f"`{m['id']}` best reward {m['rft_best_reward']}" for m in registry.list_tuned(team_id)]
+        return messages.ephemeral("Your models:" if lines else "No tuned models yet.", lines)
+    if name == "cancel":
+        job = _job_arg(team_id, args)
+        if isinstance(job, dict):
+            return job
+        aws.sqs().send_message(QueueUrl=_queue_url(commands_queue()), MessageBody=json.dumps(
+            {"command": "cancel", "team_id": team_id, "job_id": job.job_id, "response_url": form.get("response_url")}))
+        return messages.ephemeral(f"Cancelling `{job.job_id}`… I will post here when it is done.")
+    return messages.ephemeral(f"Unknown command `{truncate_word(name)}`.", HELP)
+
+
+def truncate_word(word: str) -> str:
+    return messages.truncate(re.sub(r"[`*_~<>]", "", word), 40)
+
+
+def _best(job_id: str) -> str:
+    rewards = [e.data["critic_rewards_mean"] for e in JobEvent.query(job_id)
+               if e.type == "metrics" and isinstance((e.data or {}).get("critic_rewards_mean"), (int, float))]
+    return f"{max(rewards):.3f}" if rewards else "—"
+
+
+def _job_arg(team_id: str, args: list[str]):
+    if not args:
+        return messages.ephemeral("Which job? Try `/rft jobs` for ids.")
+    try:
+        return Job.get(team_id, args[0])
+    except DoesNotExist:   # another team's job looks exactly like a missing one
+        return messages.ephemeral(f"No job `{truncate_word(args[0])}` in this team.")
+
+
+def finish_command(body: str) -> str:
+    """Queue consumer for slow commands: do the work, answer through response_url."""
+    task = json.loads(body)
+    if task.get("command") != "cancel":
+        return "ignored"
+    try:
+        job = jobs.cancel(task["team_id"], task["job_id"])
+        text = f"`{job['id']}` is now *{job['status']}*."
+    except Exception as exc:  # noqa: BLE001 - the user gets an answer either way
+        text = f"Could not cancel `{task['job_id']}`: {getattr(exc, 'message', type(exc).__name__)}"
+    url = task.get("response_url") or ""
+    if _allowed_url(url):
+        slack_http.post(url, messages.ephemeral(text))
+    return text
+
+
