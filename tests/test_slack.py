@@ -86,6 +86,7 @@ def test_delivery_dedupes_retries_and_dead_letters(api, admin_headers, make_team
     assert slack.deliver(body) == "duplicate"                    # a duplicated event never posts twice
     assert len(sent_to(sink, team_id)) == 1
 
+    _drain_notifications(api)                                    # an empty queue, to find our message
     sqs = boto3.client("sqs", region_name="us-west-2")
     url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
     throttled = _event(team_id)
