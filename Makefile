@@ -31,6 +31,15 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Deployable artefacts for STAGE=dev|prod, without AWS credentials: build/STAGE/sam.json + deployment.zip.
+package: $(STAMP)
+	rm -rf build/$(STAGE)
+	RFT_STAGE=$(STAGE) RFT_TABLE_PREFIX=rfthub-$(STAGE)- $(BIN)/python -m deploy.template $(STAGE)
+	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-west-2} $(BIN)/chalice package --stage $(STAGE) \
+	  --merge-template build/resources-$(STAGE).json build/$(STAGE)
+	$(BIN)/cfn-lint build/$(STAGE)/sam.json
+	@echo "packaged: build/$(STAGE)/sam.json"
+
 bench: setup
 	$(BIN)/python -m bench.run_all
 

@@ -2,7 +2,7 @@
 non-HTTP handlers below are one call each into chalicelib."""
 from chalice import Chalice, Rate
 
-from chalicelib.api import admin, files, gateway, graders, health, jobs, models, slack, usage
+from chalicelib.api import admin, files, gateway, graders, health, jobs, models, openapi, slack, usage
 from chalicelib.services import hosted_grader, lifecycle
 from chalicelib.services import slack as slack_service
 
@@ -11,7 +11,7 @@ app = Chalice(app_name="rft-hub")
 app.api.binary_types.append("multipart/form-data")
 
 for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp,
-                  slack.bp):
+                  slack.bp, openapi.bp):
     app.register_blueprint(blueprint)
 
 

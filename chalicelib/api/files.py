@@ -16,7 +16,7 @@ def _form(req: Request) -> dict[str, multipart.Part]:
     return multipart.parse(req.content_type(), req.raw_body)
 
 
-@route(bp, "/v1/files", ("POST",))
+@route(bp, "/v1/files", ("POST",), consumes="multipart/form-data")
 def create_file(req: Request):
     form = _form(req)
     if "file" not in form:
@@ -26,7 +26,7 @@ def create_file(req: Request):
     return files.create_file(req.team_id, upload.filename, purpose, upload.data)
 
 
-@route(bp, "/v1/files")
+@route(bp, "/v1/files", query={"purpose": "string", "limit": "integer", "after": "string", "order": "string"})
 def list_files(req: Request):
     order = req.query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -45,7 +45,7 @@ def delete_file(req: Request, file_id: str):
     return files.delete_file(req.team_id, file_id)
 
 
-@route(bp, "/v1/files/{file_id}/content")
+@route(bp, "/v1/files/{file_id}/content", produces="application/jsonl")
 def file_content(req: Request, file_id: str):
     return Response(body=files.file_content(req.team_id, file_id), status_code=200,
                     headers={"Content-Type": "application/jsonl"})
@@ -70,7 +70,7 @@ def create_upload(req: Request):
     return files.create_upload(req.team_id, b.filename, b.purpose, b.bytes, b.mime_type)
 
 
-@route(bp, "/v1/uploads/{upload_id}/parts", ("POST",))
+@route(bp, "/v1/uploads/{upload_id}/parts", ("POST",), consumes="multipart/form-data")
 def add_upload_part(req: Request, upload_id: str):
     form = _form(req)
     if "data" not in form:

@@ -14,7 +14,7 @@ def _reply(reply: gateway.Reply) -> Response:
                     headers={"Content-Type": reply.content_type, **reply.headers})
 
 
-@route(bp, "/v1/chat/completions", ("POST",), json_body=True)
+@route(bp, "/v1/chat/completions", ("POST",), json_body=True, produces="text/event-stream")
 def chat_completions(req: Request):
     return _reply(gateway.chat_completions(req.principal, req.request_id, req.body))
 

@@ -26,6 +26,8 @@ from chalicelib.services import teams
 from chalicelib.services.teams import Principal
 
 ANY_CONTENT = ["*/*"]
+# Every route declared through `route`, for the OpenAPI document (chalicelib/api/openapi.py).
+ROUTES: list[dict] = []
 
 
 @dataclass
@@ -121,10 +123,12 @@ def _authenticate(auth: str | None, headers: dict[str, str]) -> Principal | None
 
 def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
           auth: str | None = "team", body: type[pydantic.BaseModel] | None = None,
-          json_body: bool = False) -> Callable:
+          json_body: bool = False, consumes: str | None = None, produces: str = "application/json",
+          query: dict[str, str] | None = None, schema: dict | None = None) -> Callable:
     """Registers `fn(request, **path_params)` on the blueprint with rft-hub's conventions.
 
-    auth: "team", "admin", "any" (a team key or the admin key) or None. body: a pydantic model to validate a JSON body
+    auth: "team", "admin", "any" (a team key or the admin key) or None.
+    consumes/produces/query/schema only describe the route in the OpenAPI document. body: a pydantic model to validate a JSON body
     against (unknown fields rejected); json_body=True parses JSON without a model.
     """
     def decorate(fn: Callable) -> Callable:
@@ -168,6 +172,11 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
             return response
 
         bp.route(path, methods=list(methods), content_types=ANY_CONTENT)(view)
+        for method in methods:
+            ROUTES.append({"path": path, "method": method.lower(), "auth": auth, "body": body,
+                           "json_body": json_body, "consumes": consumes, "produces": produces,
+                           "query": query or {}, "schema": schema, "name": fn.__name__,
+                           "summary": (fn.__doc__ or fn.__name__.replace("_", " ")).strip().splitlines()[0]})
         return fn
     return decorate
 

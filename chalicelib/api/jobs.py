@@ -25,7 +25,7 @@ def create_job(req: Request):
     return jobs.create_job(req.team_id, parsed, req.body, key)
 
 
-@route(bp, "/v1/fine_tuning/jobs")
+@route(bp, "/v1/fine_tuning/jobs", query={"limit": "integer", "after": "string"})
 def list_jobs(req: Request):
     metadata = None
     raw = {k[len("metadata["):-1]: v for k, v in req.query.items() if k.startswith("metadata[") and k.endswith("]")}
@@ -49,11 +49,11 @@ def cancel_job(req: Request, job_id: str):
     return jobs.cancel(req.team_id, job_id)
 
 
-@route(bp, "/v1/fine_tuning/jobs/{job_id}/events")
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/events", query={"limit": "integer", "after": "string"})
 def list_job_events(req: Request, job_id: str):
     return jobs.list_events(req.team_id, job_id, query_int(req, "limit", 20, 1, 1000), req.query.get("after"))
 
 
-@route(bp, "/v1/fine_tuning/jobs/{job_id}/checkpoints")
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/checkpoints", query={"limit": "integer", "after": "string"})
 def list_job_checkpoints(req: Request, job_id: str):
     return jobs.list_checkpoints(req.team_id, job_id, query_int(req, "limit", 10, 1, 100), req.query.get("after"))

@@ -9,7 +9,7 @@ from chalicelib.services import slack, teams
 bp = Blueprint(__name__)
 
 
-@route(bp, "/slack/commands", ("POST",), auth=None)
+@route(bp, "/slack/commands", ("POST",), auth=None, consumes="application/x-www-form-urlencoded")
 def slash_command(req: Request):
     # Verified against the raw body with the app's signing secret; 401 on any failure.
     return slack.command(slack.verify(req.raw_body, req.headers))

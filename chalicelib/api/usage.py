@@ -9,7 +9,8 @@ from chalicelib.services import budgets, metering, prices, teams
 bp = Blueprint(__name__)
 
 
-@route(bp, "/v1/usage", auth="any")
+@route(bp, "/v1/usage", auth="any", produces="text/csv",
+       query={"start": "string", "end": "string", "group_by": "string", "format": "string", "team_id": "string"})
 def usage(req: Request):
     """Team-scoped with a team key; every team (or ?team_id=) with the admin key."""
     if req.principal.is_admin:
