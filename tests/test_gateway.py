@@ -12,22 +12,13 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.services import outbox
 from chalicelib.store.models import BudgetPeriod, LedgerEntry
-from sample_data import arithmetic_rows, jsonl
-
-GRADER = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
+from helpers import start_job, wait_for
 
 
 def tuned_alias(api, client, bedrock, model="openai.gpt-oss-20b", suffix="helpdesk"):
     """A job trained on the local Bedrock, finished and registered with `suffix` as its alias."""
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix=suffix, extra_body={
-        "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda",
-                                                                         "lambda": {"function": GRADER}}}}})
-    deadline = time.monotonic() + 30
-    while client.fine_tuning.jobs.retrieve(job.id).status != "succeeded":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+    job = start_job(client, model=model, suffix=suffix)
+    return wait_for(client, job.id, {"succeeded"}).fine_tuned_model
 
 
 def admin(api, admin_headers, method, path, body=None):

@@ -1,18 +1,9 @@
 """RFT jobs through the unmodified openai SDK, against the local Bedrock."""
-import time
-
 import openai
 import pytest
 
+from helpers import GRADER, rft, wait_for
 from sample_data import arithmetic_rows, jsonl
-
-GRADER = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
-
-
-def rft(grader_arn=GRADER, **hp):
-    return {"type": "reinforcement", "reinforcement": {
-        "grader": {"type": "lambda", "lambda": {"function": grader_arn}},
-        "hyperparameters": hp or {"n_epochs": 1, "batch_size": 4}}}
 
 
 @pytest.fixture
@@ -20,20 +11,11 @@ def training(client):
     return client.files.create(file=("train.jsonl", jsonl(arithmetic_rows(150))), purpose="fine-tune")
 
 
-def wait_for(client, job_id, statuses, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in statuses:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} stuck in {job.status}")
-
-
 def test_job_runs_to_success_with_metrics_and_checkpoints(client, training, bedrock):
 
-    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(),
-                                         suffix="calc", metadata={"owner": "qa"}, seed=7)
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id,
+                                         method=rft(n_epochs=1, batch_size=4), suffix="calc", metadata={"owner": "qa"},
+                                         seed=7)
     assert job.status == "validating_files" and job.model == "openai.gpt-oss-20b"
     assert job.model_extra["rft_bedrock_job_id"].startswith("ftjob-")
     estimate = job.model_extra["rft_cost_estimate"]

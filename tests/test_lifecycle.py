@@ -11,9 +11,7 @@ from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.services import outbox
 from chalicelib.store.models import Alias, Job, TunedModel
-from sample_data import arithmetic_rows, jsonl
-
-GRADER = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
+from helpers import start_job
 DETAIL_TYPE = "Model Customization Job State Change"
 SEQUENCES = {  # a job's native event sequence -> its final state
     "completed": (["InProgress", "Completed"], "succeeded"),
@@ -49,10 +47,7 @@ def record(team_id="team-lifecycle", bedrock_id=None, status="validating_files")
 
 def real_job(client, bedrock, suffix=None):
     """A job rft-hub submitted to the local Bedrock, which then finishes it (no polling by rft-hub)."""
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(120))), purpose="fine-tune")
-    created = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, suffix=suffix,
-                                             extra_body={"method": {"type": "reinforcement", "reinforcement": {
-                                                 "grader": {"type": "lambda", "lambda": {"function": GRADER}}}}})
+    created = start_job(client, suffix=suffix)
     bid = created.model_extra["rft_bedrock_job_id"]
     deadline = time.monotonic() + 20
     while bedrock.jobs[bid]["status"] != "succeeded":
@@ -176,10 +171,7 @@ def test_reconciler_repairs_a_dropped_completed_event(api, client, bedrock):
 
 def test_reconciler_submits_jobs_left_pending(api, client, bedrock):
     bedrock.faults = [{"status": 503, "count": 1000, "path": "/v1/fine_tuning/jobs", "method": "POST"}]
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
-    created = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, extra_body={
-        "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda",
-                                                                         "lambda": {"function": GRADER}}}}})
+    created = start_job(client)
     assert created.model_extra["rft_submission"] == "pending"
     bedrock.faults = []
     from chalicelib.services import lifecycle
@@ -190,10 +182,7 @@ def test_reconciler_submits_jobs_left_pending(api, client, bedrock):
 
 def test_stalled_job_is_flagged_once(api, client, bedrock, monkeypatch):
     bedrock.clock.update({"validating_seconds": 3600})
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
-    created = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, extra_body={
-        "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda",
-                                                                         "lambda": {"function": GRADER}}}}})
+    created = start_job(client)
     job = Job.get(created.organization_id, created.id)
     from chalicelib.services import lifecycle
     lifecycle.reconcile()                                               # copies the events there are

@@ -11,9 +11,7 @@ from chalicelib.domain import slack_messages as messages
 from chalicelib.services import outbox, slack
 from chalicelib.store.models import SlackConfig
 from local.harness import SLACK_SIGNING_SECRET
-from sample_data import arithmetic_rows, jsonl
-
-GRADER = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
+from helpers import start_job, wait_for
 
 
 @pytest.fixture
@@ -139,14 +137,8 @@ def test_a_job_produces_messages_for_each_state_change_and_a_final_sparkline(api
     team_id, key = make_team("slack-job")
     configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, suffix="slacky", extra_body={
-        "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda",
-                                                                         "lambda": {"function": GRADER}}}}})
-    deadline = time.monotonic() + 30
-    while client.fine_tuning.jobs.retrieve(job.id).status != "succeeded":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    job = start_job(client, suffix="slacky")
+    wait_for(client, job.id, {"succeeded"})
     _drain_notifications(api)
     _drain_notifications(api)      # a second pass (e.g. redelivery) posts nothing new
     posted = sent_to(sink, team_id)
@@ -199,10 +191,7 @@ def test_slash_commands(api, admin_headers, make_team, stack, sink, bedrock):
     channel = configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")["channel_ids"][0]
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
     bedrock.clock.update({"step_seconds": 30, "total_steps": 50})
-    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, extra_body={
-        "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda",
-                                                                         "lambda": {"function": GRADER}}}}})
+    job = start_job(client)
     base = {"team_id": "TTEST1", "channel_id": channel, "user_id": "U1", "command": "/rft",
             "response_url": f"http://127.0.0.1:{stack.slack.port}/commands/T/{team_id}/resp"}
 
