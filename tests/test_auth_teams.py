@@ -103,3 +103,26 @@ def test_health_reports_dependencies(api):
     assert r.status_code == 200, r.json_body
     assert r.json_body["status"] == "ok"
     assert set(r.json_body["dependencies"]) == {"dynamodb", "s3", "bedrock"}
+
+
+def test_unexpected_errors_become_a_500_envelope_with_a_request_id():
+    """The shared route decorator, on a throwaway app whose view fails unexpectedly."""
+    from chalice import Blueprint, Chalice
+    from chalice.test import Client
+
+    from chalicelib.api.http import route
+
+    bp = Blueprint("tests.broken")
+
+    @route(bp, "/broken", auth=None)
+    def broken(req):
+        raise RuntimeError("secret detail that must not leak")
+
+    app = Chalice(app_name="broken")
+    app.register_blueprint(bp)
+    with Client(app) as c:
+        r = c.http.get("/broken")
+    assert r.status_code == 500
+    error = r.json_body["error"]
+    assert error["type"] == "server_error" and "secret detail" not in json.dumps(r.json_body)
+    assert r.headers["x-request-id"] in error["message"]

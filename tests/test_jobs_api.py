@@ -151,3 +151,9 @@ def test_unknown_job_is_404(client):
         client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.cancel("ftjob-doesnotexist")
+
+
+def test_an_expired_bedrock_token_is_minted_again(client, training, bedrock):
+    bedrock.faults = [{"status": 401, "count": 1, "path": "/v1/fine_tuning/jobs", "method": "POST"}]
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
+    assert job.model_extra["rft_submission"] == "submitted" and bedrock.faults[0]["count"] == 0
