@@ -254,9 +254,13 @@ def _preflight(api, client, grader, file_id, n=10):
 
 
 def test_preflight_passes_a_sound_grader(api, client, dataset):
-    report = _preflight(api, client, EQ, dataset.id)
-    assert report["passed"] and all(f["severity"] == "info" for f in report["findings"]), report["findings"]
+    contains_answer = {**EQ, "operation": "ilike"}   # the answer anywhere in the response, any case
+    report = _preflight(api, client, contains_answer, dataset.id)
+    assert report["passed"] and report["findings"] == [], report["findings"]
     assert report["probes"]["reference"]["mean"] == 1.0 and report["probes"]["empty"]["mean"] == 0.0
+    strict = _preflight(api, client, EQ, dataset.id)            # exact match: sound, but strict about format
+    assert strict["passed"] and {f["code"] for f in strict["findings"]} == {"padding_not_rewarded",
+                                                                           "format_sensitive"}
 
 
 def test_preflight_flags_reward_hacking(api, client, dataset):

@@ -41,8 +41,10 @@ def prompt_tokens_estimate(payload) -> int:
     return len(json.dumps(payload, ensure_ascii=False)) // _CHARS_PER_TOKEN + 16
 
 
-def worst_case_micro(price: pricing.Price, prompt_tokens: int, max_output_tokens: int | None) -> int:
-    output = max_output_tokens if max_output_tokens else DEFAULT_OUTPUT_CAP
+def worst_case_micro(price: pricing.Price, prompt_tokens: int, max_output_tokens: int | None,
+                     choices: int = 1) -> int:
+    """The most a call can cost: the prompt, plus every requested choice at its output cap."""
+    output = (max_output_tokens if max_output_tokens else DEFAULT_OUTPUT_CAP) * max(1, choices)
     return pricing.micro_usd(prompt_tokens, price.input) + pricing.micro_usd(output, price.output)
 
 

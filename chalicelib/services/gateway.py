@@ -120,7 +120,7 @@ def _tokens(usage: dict | None, style: str) -> tuple[int, int, int] | None:
 
 
 def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
-          max_output: int | None, stream: bool, client_wants_usage: bool) -> Reply:
+          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply:
     team_id = principal.team_id
     target = resolve(team_id, body.get("model"))
     price = prices.price(target.upstream, target.base_model)
@@ -128,7 +128,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
         raise InvalidRequest(f"Model '{target.requested}' has no price, so calls to it cannot be metered; an "
                              "admin can set one with PUT /v1/admin/prices/{model}.", param="model",
                              code="model_not_priced")
-    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(prompt), max_output)
+    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(prompt), max_output, choices)
     reservation = budgets.reserve(team_id, worst)      # 429 insufficient_quota before any upstream call
     upstream_body = {**body, "model": target.upstream}
     entry = LedgerEntry(team_id, f"{int(time.time() * 1000):013d}#{request_id}", request_id=request_id,
@@ -178,10 +178,15 @@ def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply
     if stream:
         # Always get usage for streamed calls, so streamed spend is never lost.
         body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+    choices = body.get("n", 1)
+    if choices is None:
+        choices = 1
+    if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= 128:
+        raise InvalidRequest("n must be an integer from 1 to 128.", param="n")
     return _call(principal, request_id, body, endpoint="/chat/completions", style="chat",
                  prompt=[body["messages"], body.get("tools")],
                  max_output=_max_output(body, "max_completion_tokens", "max_tokens"),
-                 stream=stream, client_wants_usage=wants_usage)
+                 stream=stream, client_wants_usage=wants_usage, choices=choices)
 
 
 def responses(principal: Principal, request_id: str, body: dict) -> Reply:
