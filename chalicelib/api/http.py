@@ -26,8 +26,6 @@ from chalicelib.services import teams
 from chalicelib.services.teams import Principal
 
 ANY_CONTENT = ["*/*"]
-# Every route declared through `route`, for the OpenAPI document (chalicelib/api/openapi.py).
-ROUTES: list[dict] = []
 
 
 @dataclass
@@ -171,12 +169,11 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
             return response
 
+        # What the OpenAPI document says about this route (chalicelib/api/openapi.py).
+        view.openapi = {"auth": auth, "body": body, "json_body": json_body, "consumes": consumes,
+                        "produces": produces, "query": query or {}, "schema": schema, "name": fn.__name__,
+                        "summary": (fn.__doc__ or fn.__name__.replace("_", " ")).strip().splitlines()[0]}
         bp.route(path, methods=list(methods), content_types=ANY_CONTENT)(view)
-        for method in methods:
-            ROUTES.append({"path": path, "method": method.lower(), "auth": auth, "body": body,
-                           "json_body": json_body, "consumes": consumes, "produces": produces,
-                           "query": query or {}, "schema": schema, "name": fn.__name__,
-                           "summary": (fn.__doc__ or fn.__name__.replace("_", " ")).strip().splitlines()[0]})
         return fn
     return decorate
 
