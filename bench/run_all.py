@@ -1,8 +1,17 @@
-"""Runs every benchmark in bench/ and prints their figures as JSON (recorded in README.md)."""
-import json
+"""Runs every benchmark in bench/ and prints their figures as JSON (recorded in README.md).
 
-from bench import dataset_validation, gateway_overhead, graders, reconciler
+Each runs in its own process: the ones that start a local stack bind clients to its ports."""
+import subprocess
+import sys
+
+MODULES = ("bench.dataset_validation", "bench.graders", "bench.gateway_overhead", "bench.reconciler")
 
 if __name__ == "__main__":
-    for module in (dataset_validation, graders, gateway_overhead, reconciler):
-        print(json.dumps(module.run(), indent=2), flush=True)
+    failed = 0
+    for module in MODULES:
+        result = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
+        print(result.stdout, flush=True)
+        if result.returncode:
+            failed += 1
+            print(result.stderr[-2000:], file=sys.stderr)
+    sys.exit(1 if failed else 0)
