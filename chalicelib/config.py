@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Base models teams may fine-tune (Bedrock open-weight RFT, see shared docs §3.1).
 DEFAULT_RFT_MODELS = ("openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b")
@@ -39,7 +39,6 @@ class Settings:
     stall_seconds: int
     reconcile_deadline_seconds: float
     reconcile_concurrency: int
-    extra: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=1)

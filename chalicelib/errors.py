@@ -35,11 +35,6 @@ class Unauthorized(ApiError):
     code = "invalid_api_key"
 
 
-class PermissionDenied(ApiError):
-    status = 403
-    type = "permission_error"
-
-
 class NotFound(ApiError):
     status = 404
     code = "not_found"

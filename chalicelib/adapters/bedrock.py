@@ -61,16 +61,8 @@ class _Session:
                 self._minted_at = time.time()
             return self._client
 
-    def reset(self) -> None:
-        with self._lock:
-            self._client = None
-
 
 _session = _Session()
-
-
-def reset() -> None:
-    _session.reset()
 
 
 def _message(exc: openai.APIStatusError) -> str:

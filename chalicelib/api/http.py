@@ -11,7 +11,7 @@ import functools
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pydantic
@@ -36,7 +36,6 @@ class Request:
     raw_body: bytes
     request_id: str
     body: Any = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def team_id(self) -> str:

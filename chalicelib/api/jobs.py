@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pydantic
 from chalice import Blueprint
 
 from chalicelib.api.http import Request, query_int, route, validation_error
@@ -17,7 +18,7 @@ bp = Blueprint(__name__)
 def create_job(req: Request):
     try:
         parsed = CreateJob.model_validate(req.body)
-    except Exception as exc:  # pydantic.ValidationError
+    except pydantic.ValidationError as exc:
         raise validation_error(exc) from None
     key = req.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
 from chalicelib.errors import NotFound
-from chalicelib.services import gateway, models
+from chalicelib.services import models, registry
 
 bp = Blueprint(__name__)
 
@@ -32,16 +32,14 @@ def retrieve_model(req: Request, model_id: str):
 
 @route(bp, "/v1/models/aliases", ("POST",), body=PointAlias)
 def point_alias(req: Request):
-    result = models.point_alias(req.team_id, req.body.alias, req.body.model, changed_by=f"key:{req.principal.key_id}")
-    gateway.forget_model(req.team_id, req.body.alias)   # this instance routes to the new target at once
-    return result
+    return registry.point_alias(req.team_id, req.body.alias, req.body.model, changed_by=f"key:{req.principal.key_id}")
 
 
 @route(bp, "/v1/models/aliases")
 def list_aliases(req: Request):
-    return {"object": "list", "data": models.list_aliases(req.team_id)}
+    return {"object": "list", "data": registry.list_aliases(req.team_id)}
 
 
 @route(bp, "/v1/models/aliases/{alias}/history")
 def alias_history(req: Request, alias: str):
-    return models.alias_history(req.team_id, alias)
+    return registry.alias_history(req.team_id, alias)

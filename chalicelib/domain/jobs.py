@@ -1,7 +1,6 @@
 """RFT jobs: the create request, its checks, the state machine and the cost estimate. Pure."""
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import pydantic
@@ -11,10 +10,6 @@ from chalicelib.domain import pricing
 from chalicelib.errors import InvalidRequest
 
 # ---- the create request ----------------------------------------------------------------------
-
-LAMBDA_ARN = re.compile(
-    r"^arn:(aws[a-zA-Z-]*)?:lambda:[a-z]{2}(-gov)?-[a-z]+-\d{1}:\d{12}:function:[a-zA-Z0-9-_\.]+"
-    r"(:(\$LATEST|[a-zA-Z0-9-_]+))?$")  # Bedrock's LambdaGraderConfig.lambdaArn pattern (botocore)
 
 # Bedrock documents only these three for OpenAI-compatible RFT. Ranges: UNCONFIRMED for Mantle;
 # n_epochs mirrors the native epochCount (1-50); batch_size admits the notebooks' 4 and the native
@@ -29,17 +24,6 @@ UNSUPPORTED_OPENAI_HYPERPARAMETERS = {"eval_interval", "eval_samples", "reasonin
 
 class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-
-
-class LambdaRef(_Strict):
-    function: str = Field(max_length=512)
-
-
-class LambdaGrader(_Strict):
-    type: Literal["lambda"]
-    name: str | None = None
-    # "lambda" is a Python keyword: the field is aliased.
-    lambda_: LambdaRef = Field(alias="lambda")
 
 
 class Reinforcement(_Strict):
@@ -110,22 +94,6 @@ def check_hyperparameters(hp: dict) -> dict:
             raise InvalidRequest(f"'{name}' must be between {lo} and {hi}; got {value}.", param=param)
         out[name] = int(value) if kind is int else float(value)
     return out
-
-
-def check_lambda_grader(grader: dict, param: str = "method.reinforcement.grader") -> str:
-    """Validates a {"type": "lambda"} grader and returns its ARN."""
-    try:
-        parsed = LambdaGrader.model_validate(grader)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]).replace("lambda_", "lambda")
-        raise InvalidRequest(f"Invalid '{param}.{loc}': {first['msg']}.", param=f"{param}.{loc}") from None
-    arn = parsed.lambda_.function
-    if not LAMBDA_ARN.match(arn):
-        raise InvalidRequest(f"'{param}.lambda.function' must be a Lambda function ARN like "
-                             "arn:aws:lambda:us-west-2:123456789012:function:my-grader; got "
-                             f"{arn!r}.", param=f"{param}.lambda.function")
-    return arn
 
 
 def bedrock_method(lambda_arn: str, hyperparameters: dict) -> dict:

@@ -18,11 +18,9 @@ from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, metering, prices, registry
-from chalicelib.services.cache import TTLCache
 from chalicelib.services.teams import Principal
 from chalicelib.store.models import LedgerEntry
 
-_models = TTLCache(30)   # alias re-points reach other warm instances within 30 s
 
 
 def deadline() -> float:
@@ -53,22 +51,13 @@ def resolve(team_id: str, model) -> Target:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model is required.", param="model")
 
-    def load():
-        if model in base_models():
-            return Target(model, model, model, None)
-        found = registry.resolve(team_id, model)
-        if found is None:
-            return None
-        return Target(model, found["model"], found["base_model"], found.get("alias"))
-    target = _models.get((team_id, model), load)
-    if target is None:
+    if model in base_models():
+        return Target(model, model, model, None)
+    found = registry.resolve_cached(team_id, model)
+    if found is None:
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
                        code="model_not_found")
-    return target
-
-
-def forget_model(team_id: str, model: str) -> None:
-    _models.invalidate((team_id, model))
+    return Target(model, found["model"], found["base_model"], found.get("alias"))
 
 
 def _max_output(body: dict, *names: str) -> int | None:

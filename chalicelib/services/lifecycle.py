@@ -11,7 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pynamodb.exceptions import UpdateError
+from pynamodb.exceptions import TransactWriteError
+from pynamodb.transactions import TransactWrite
 
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
@@ -20,7 +21,7 @@ from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
 from chalicelib.services import jobs, outbox
-from chalicelib.store.models import Job
+from chalicelib.store.models import Job, connection
 
 DETAIL_TYPE = "Model Customization Job State Change"
 MISSING_AFTER_SECONDS = 600
@@ -151,10 +152,11 @@ def _flag_stall(job: Job, now: int, report: RunReport) -> None:
     event = outbox.stage("rft-hub.job.stalled", job.team_id, job=jobs._job_summary(job), status=job.status,
                          no_progress_seconds=now - since)
     try:
-        job.update(actions=[Job.stalled_at.set(now)], condition=Job.stalled_at.does_not_exist())
-    except UpdateError:
-        return
-    event.save()
+        with TransactWrite(connection=connection()) as tx:
+            tx.update(job, actions=[Job.stalled_at.set(now)], condition=Job.stalled_at.does_not_exist())
+            tx.save(event)
+    except TransactWriteError:
+        return   # flagged already (by a concurrent run)
     jobs.record_event(job, f"No progress for {now - since} s: job looks stalled.", level="warn", source="poll")
     outbox.publish([event])
     report.add("stalled")

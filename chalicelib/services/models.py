@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from chalicelib.domain import pricing
 from chalicelib.services import registry
-from chalicelib.services.registry import alias_history, list_aliases, point_alias  # noqa: F401 (re-exported)
 
 
 def base_models() -> list[dict]:

@@ -10,9 +10,13 @@ from chalicelib.domain import ids
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import outbox
+from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel, connection
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+# Resolutions are read on every gateway call: cached per warm instance. An alias re-pointed
+# through this instance applies at once; through another, within 30 s.
+_resolved = TTLCache(30)
 
 
 def tuned_view(m: TunedModel) -> dict:
@@ -117,6 +121,7 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
     except TransactWriteError:
         raise Conflict(f"Alias '{alias}' changed concurrently; retry.", param="alias") from None
     outbox.publish([event])
+    _resolved.invalidate((team_id, alias))
     return alias_view(record)
 
 
@@ -133,6 +138,10 @@ def list_aliases(team_id: str) -> list[dict]:
 
 def list_tuned(team_id: str) -> list[dict]:
     return [tuned_view(m) for m in TunedModel.query(team_id)]
+
+
+def resolve_cached(team_id: str, name: str) -> dict | None:
+    return _resolved.get((team_id, name), lambda: resolve(team_id, name))
 
 
 def resolve(team_id: str, name: str) -> dict | None:

@@ -8,7 +8,6 @@ environment before importing the app; tests set it in conftest).
 from __future__ import annotations
 
 import functools
-import os
 
 from pynamodb.attributes import (
     BooleanAttribute, JSONAttribute, ListAttribute, NumberAttribute, TTLAttribute, UnicodeAttribute,
@@ -17,7 +16,7 @@ from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjec
 from pynamodb.connection import Connection
 from pynamodb.models import Model
 
-from chalicelib.config import table_name
+from chalicelib.config import settings, table_name
 
 
 class _Base(Model):
@@ -412,7 +411,7 @@ ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel,
 @functools.lru_cache(maxsize=1)
 def connection() -> Connection:
     """One connection per process for transactions (building a botocore client costs ~70 ms)."""
-    return Connection(region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-west-2")
+    return Connection(region=settings().region)
 
 
 def create_tables() -> None:

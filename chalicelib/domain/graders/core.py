@@ -6,6 +6,7 @@ Types: string_check, text_similarity, score_model, multi, lambda. `python` is re
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chalicelib.domain.graders import similarity
+from chalicelib.domain.graders.contract import check_response, request_rows
+from chalicelib.domain.graders.formula import FormulaError, compile_formula
 from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, make_sample
 
 LAMBDA_ARN = re.compile(
@@ -144,8 +147,6 @@ _REFUSAL = re.compile(r"^\s*(i'?m sorry|i cannot|i can't|i am unable)", re.I)
 
 def parse_score(text: str, lo: float, hi: float) -> float | None:
     """A judge's score from its reply: JSON {"score": x}, "Score: x", or the last number in range."""
-    import json
-
     stripped = text.strip()
     try:
         data = json.loads(stripped)
@@ -237,8 +238,6 @@ class LambdaGrader(Grader):
         return self.grade_batch([(sample, item)], deps)[0]
 
     def grade_batch(self, pairs: list[tuple[dict, dict]], deps: Deps) -> list[Result]:
-        from chalicelib.domain.graders.contract import check_response, request_rows
-
         rows = request_rows(pairs)
         try:
             response = deps.invoke_lambda(self.arn, rows)
@@ -271,7 +270,6 @@ class Multi(Grader):
                                       f"{path}.graders.{name}")
             self.graders[name] = build(sub, f"{path}.graders.{name}", depth + 1)
         self.formula = _need(spec, "calculate_output", str, path)
-        from chalicelib.domain.graders.formula import FormulaError, compile_formula
         try:
             self.evaluate = compile_formula(self.formula, set(self.graders))
         except FormulaError as exc:
