@@ -16,16 +16,9 @@ from local.servers import ROOT
 
 ADMIN_KEY = "rfth_admin_" + secrets.token_urlsafe(24)
 SLACK_SIGNING_SECRET = secrets.token_hex(16)
-TEST_ENV = {
-    "RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
-    "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key", "RFT_EVENT_BUS": "rfthub-local",
-    "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
-    "RFT_SLACK_URL_PREFIXES": "https://hooks.slack.com/,http://127.0.0.1:",
-}
-
-
 def configure_environment(**overrides: str) -> None:
-    os.environ.update({**TEST_ENV, **overrides})
+    """The `local` stage's settings (.chalice/config.json), before the app is imported."""
+    os.environ.update({**servers.local_stage_env(), **overrides})
 
 
 class Stack:

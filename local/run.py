@@ -23,10 +23,7 @@ LOCAL = servers.LOCAL_DIR
 STACK_JSON = LOCAL / "stack.json"
 DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005}
 DEMO_SLACK = {"slack_team_id": "TLOCALDEMO", "channel_ids": ["CDEMO"]}
-APP_ENV = {"RFT_STAGE": "local", "RFT_TABLE_PREFIX": "rfthub-local-", "RFT_DATASETS_BUCKET": "rfthub-local-datasets",
-           "RFT_HOSTED_GRADER_ARN": "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader",
-           "RFT_SLACK_URL_PREFIXES": "https://hooks.slack.com/,http://127.0.0.1:", "RFT_EVENT_BUS": "rfthub-local",
-           "RFT_ADMIN_KEY_SECRET_ID": "rfthub/local/admin-key"}
+APP_ENV = servers.local_stage_env()
 
 
 def _ports() -> dict[str, int]:

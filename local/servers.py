@@ -1,6 +1,7 @@
 """Starting and stopping the local servers, shared by `make run` and the tests."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -36,6 +37,12 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | Non
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def local_stage_env() -> dict[str, str]:
+    """The app's settings for the `local` stage, from .chalice/config.json (as `chalice local` applies them)."""
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    return {**config.get("environment_variables", {}), **config["stages"]["local"]["environment_variables"]}
 
 
 def base_env(ports: dict[str, int]) -> dict[str, str]:

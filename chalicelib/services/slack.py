@@ -15,7 +15,7 @@ from datetime import timedelta
 from pynamodb.exceptions import DoesNotExist, UpdateError
 from slack_sdk.signature import SignatureVerifier
 
-from chalicelib.adapters import aws, slack as slack_http
+from chalicelib.adapters import aws, secrets, slack as slack_http
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import ids, slack_messages as messages
 from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
@@ -109,7 +109,6 @@ def _store_webhook(team_id: str, url: str) -> str:
         sm.put_secret_value(SecretId=name, SecretString=url)
     except sm.exceptions.ResourceNotFoundException:
         sm.create_secret(Name=name, SecretString=url)
-    from chalicelib.adapters import secrets
     secrets.clear_cache()
     return name
 
