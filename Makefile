@@ -37,6 +37,7 @@ package: $(STAMP)
 	RFT_STAGE=$(STAGE) RFT_TABLE_PREFIX=rfthub-$(STAGE)- $(BIN)/python -m deploy.template $(STAGE)
 	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-west-2} $(BIN)/chalice package --stage $(STAGE) \
 	  --merge-template build/resources-$(STAGE).json build/$(STAGE)
+	$(BIN)/python -m deploy.template --slim build/$(STAGE)/deployment.zip   # botocore models in use only; fails over 20 MB
 	$(BIN)/cfn-lint build/$(STAGE)/sam.json
 	@echo "packaged: build/$(STAGE)/sam.json"
 

@@ -1,6 +1,11 @@
 """rft-hub: the Chalice app. Routes live in blueprints under chalicelib/api; the
 non-HTTP handlers below are one call each into chalicelib."""
+import json
+
 from chalice import Chalice, Rate
+
+from chalicelib import deadline
+from chalicelib.config import jobs_queue
 
 from chalicelib.api import admin, files, gateway, graders, health, jobs, models, openapi, slack, usage
 from chalicelib.services import hosted_grader, lifecycle
@@ -33,6 +38,18 @@ def on_bedrock_job_event(event):
 @app.schedule(Rate(2, unit=Rate.MINUTES), name="reconcile_jobs")
 def reconcile_jobs(event):
     return lifecycle.reconcile().view()
+
+
+# Slow work of a new job, off the request path: the preflight of graders that call out, the
+# dataset preparation and the Bedrock submission. Idempotent; a raise leaves the message queued.
+@app.on_sqs_message(queue=jobs_queue(), batch_size=1, name="job_worker")
+def job_worker(event):
+    from chalicelib.services import jobs as jobs_service   # only this function needs it at start
+
+    for record in event:
+        body = json.loads(record.body)
+        with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):
+            jobs_service.prepare(body["team_id"], body["job_id"])
 
 
 # Bedrock's reward Lambda for declarative graders: a bare list of samples in, scores out.

@@ -29,7 +29,7 @@ def run(jobs: int = JOBS) -> dict:
                             api_key=provide_token(region="us-west-2"), max_retries=0)
     training = bedrock.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune").id
     method = {"type": "reinforcement", "reinforcement": {"grader": {"type": "lambda", "lambda": {
-        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"}}}}
+        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-exact-match"}}}}
     now = ids.now()
     with Job.batch_write() as batch:
         for i in range(jobs):

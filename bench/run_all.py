@@ -4,7 +4,8 @@ Each runs in its own process: the ones that start a local stack bind clients to 
 import subprocess
 import sys
 
-MODULES = ("bench.dataset_validation", "bench.graders", "bench.gateway_overhead", "bench.reconciler")
+MODULES = ("bench.dataset_validation", "bench.graders", "bench.gateway_overhead", "bench.reconciler",
+           "bench.money", "bench.cold_import", "bench.package_size")
 
 if __name__ == "__main__":
     failed = 0

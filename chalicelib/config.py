@@ -39,6 +39,8 @@ class Settings:
     stall_seconds: int
     reconcile_deadline_seconds: float
     reconcile_concurrency: int
+    dynamodb_connect_timeout_seconds: float
+    dynamodb_read_timeout_seconds: float
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,7 +56,8 @@ def settings() -> Settings:
         auth_cache_seconds=int(os.environ.get("RFT_AUTH_CACHE_SECONDS", "30")),
         # API Gateway + Lambda cap a synchronous request near 6 MB.
         max_json_body_bytes=int(os.environ.get("RFT_MAX_JSON_BODY_BYTES", str(1024 * 1024))),
-        max_upload_part_bytes=int(os.environ.get("RFT_MAX_UPLOAD_PART_BYTES", str(5_800_000))),
+        # A part travels base64-encoded in the Lambda event (6,291,456 bytes at most): 4.5 MB fits.
+        max_upload_part_bytes=int(os.environ.get("RFT_MAX_UPLOAD_PART_BYTES", str(4_500_000))),
         max_file_bytes=int(os.environ.get("RFT_MAX_FILE_BYTES", str(512 * 1024 * 1024))),
         bedrock_retry_deadline_seconds=float(os.environ.get("RFT_BEDROCK_RETRY_DEADLINE", "20")),
         # Reads of a running job poll Bedrock at most this often (the reconciler covers the rest).
@@ -63,7 +66,16 @@ def settings() -> Settings:
         # The reconciler Lambda runs for at most 5 minutes; stop starting work well before.
         reconcile_deadline_seconds=float(os.environ.get("RFT_RECONCILE_DEADLINE", "240")),
         reconcile_concurrency=int(os.environ.get("RFT_RECONCILE_CONCURRENCY", "16")),
+        # A stalled DynamoDB must cost a request seconds, not minutes (API Gateway gives up at 29 s).
+        dynamodb_connect_timeout_seconds=float(os.environ.get("RFT_DYNAMODB_CONNECT_TIMEOUT", "1")),
+        dynamodb_read_timeout_seconds=float(os.environ.get("RFT_DYNAMODB_READ_TIMEOUT", "3")),
     )
+
+
+def jobs_queue() -> str:
+    """The job worker's SQS queue (named here: app.py needs it at import, without the jobs service)."""
+    stage = os.environ.get("RFT_STAGE", "local")
+    return os.environ.get("RFT_JOBS_QUEUE", f"rfthub-{stage}-jobs")
 
 
 def table_name(short: str) -> str:

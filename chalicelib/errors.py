@@ -11,15 +11,22 @@ class ApiError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    # Sent as `x-should-retry`, which the openai SDK obeys before its own rules (it would
+    # otherwise resend every 409 and 429 -- insufficient_quota included -- three times).
+    should_retry: bool | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, should_retry: bool | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
-        self.headers = headers or {}
+        if should_retry is not None:
+            self.should_retry = should_retry
+        self.headers = dict(headers or {})
+        if self.should_retry is not None:
+            self.headers.setdefault("x-should-retry", "true" if self.should_retry else "false")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
@@ -43,6 +50,7 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status = 409
     code = "conflict"
+    should_retry = False
 
 
 class PayloadTooLarge(ApiError):
@@ -72,6 +80,15 @@ class ServiceUnavailable(ApiError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+    should_retry = True
+
+
+class GatewayTimeout(ApiError):
+    """The call could not finish inside the time API Gateway gives a request."""
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+    should_retry = True
 
 
 class InternalError(ApiError):

@@ -3,18 +3,23 @@ one least-privilege IAM policy per function. Tables come from the PynamoDB model
 template cannot drift from the code.
 
     python -m deploy.template STAGE      # writes .chalice/policy-STAGE-*.json and build/resources-STAGE.json
+    python -m deploy.template --slim build/STAGE/deployment.zip     # after `chalice package` (make package)
+
+Also API Gateway's own answers (gateway responses) in the OpenAI envelope, and the slimming of the
+deployment package (botocore's models for the services rft-hub calls only).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "rft-hub"
 FUNCTIONS = ("api_handler", "on_bedrock_job_event", "reconcile_jobs", "hosted_grader", "slack_notifier",
-             "slack_commands")
+             "slack_commands", "job_worker")
 # Team grader Lambdas rft-hub may invoke for dry runs and preflight: only functions named like
 # this (an explicit allowlist, not every function in the account).
 TEAM_GRADER_PATTERN = "arn:aws:lambda:*:*:function:rft-grader-*"
@@ -85,6 +90,74 @@ def short_name(model) -> str:
     return model.Meta.table_name[len(prefix):]
 
 
+# ---- API Gateway's own answers -------------------------------------------------------------------
+# By default API Gateway answers what never reaches the Lambda with {"message": ...}: for an
+# unknown route or method a 403 "Missing Authentication Token", or, when the request carries an
+# Authorization header, "Authorization header requires 'Credential' parameter ...
+# Authorization=<the header>" -- the caller's key, reflected back ($context.error.message).
+# Every type below answers in the OpenAI envelope instead, from static text: the templates use
+# $context.httpMethod and $context.requestId only, never a header, a parameter, the path, the
+# authorizer or $context.error.message. API Gateway cannot tell an unknown path from a method
+# the path lacks (both are MISSING_AUTHENTICATION_TOKEN), so deployed both are a 404; locally
+# (local/api_gateway.py) the second is a 405 with an Allow header.
+GATEWAY_ALLOWED_VARIABLES = ("$context.httpMethod", "$context.requestId")
+_UNKNOWN_URL = ("Unknown request URL: no $context.httpMethod route at this path (the path is not repeated). "
+                "Please check the URL and method for typos, or see GET /openapi.json for rft-hub's routes.")
+_TOO_LARGE = ("Request too large: API Gateway takes a body of at most 10 MB and the API Lambda an event of at "
+              "most 6 MB (binary bodies are base64-encoded). Upload large datasets through /v1/uploads in "
+              "parts of at most 4 MiB (README, Limits).")
+# type: (status or None to keep API Gateway's, OpenAI error type, code, message)
+GATEWAY_RESPONSES = {
+    "MISSING_AUTHENTICATION_TOKEN": ("404", "invalid_request_error", "unknown_url", _UNKNOWN_URL),
+    "RESOURCE_NOT_FOUND": ("404", "invalid_request_error", "unknown_url", _UNKNOWN_URL),
+    "UNAUTHORIZED": ("401", "invalid_request_error", "invalid_api_key",
+                     "Missing or invalid API key. Send 'Authorization: Bearer <key>'."),
+    "INVALID_API_KEY": ("401", "invalid_request_error", "invalid_api_key",
+                        "Missing or invalid API key. Send 'Authorization: Bearer <key>'."),
+    "ACCESS_DENIED": ("403", "invalid_request_error", "permission_denied", "Access denied by API Gateway."),
+    # rft-hub has no AWS_IAM-authorized method, so API Gateway evaluates a signature (and finds a
+    # bearer key "incomplete") only for a request that matched no method: an unknown URL too.
+    "EXPIRED_TOKEN": ("404", "invalid_request_error", "unknown_url", _UNKNOWN_URL),
+    "INVALID_SIGNATURE": ("404", "invalid_request_error", "unknown_url", _UNKNOWN_URL),
+    "WAF_FILTERED": ("403", "invalid_request_error", "permission_denied", "The request was blocked by a firewall rule."),
+    "REQUEST_TOO_LARGE": ("413", "invalid_request_error", "payload_too_large", _TOO_LARGE),
+    "UNSUPPORTED_MEDIA_TYPE": ("415", "invalid_request_error", "unsupported_media_type", "Unsupported media type."),
+    "THROTTLED": ("429", "rate_limit_error", "rate_limit_exceeded",
+                  "Too many requests reached API Gateway; retry with backoff."),
+    "QUOTA_EXCEEDED": ("429", "rate_limit_error", "rate_limit_exceeded",
+                       "API Gateway's request quota is exhausted; retry later."),
+    "BAD_REQUEST_BODY": ("400", "invalid_request_error", "invalid_request", "The request body is invalid."),
+    "BAD_REQUEST_PARAMETERS": ("400", "invalid_request_error", "invalid_request", "The request parameters are invalid."),
+    "INTEGRATION_TIMEOUT": ("504", "server_error", "timeout",
+                            "rft-hub did not answer within API Gateway's 29 s (request id $context.requestId)."),
+    "INTEGRATION_FAILURE": ("502", "server_error", "server_error",
+                            "rft-hub could not be reached (request id $context.requestId)."),
+    "DEFAULT_4XX": (None, "invalid_request_error", "invalid_request",
+                    "API Gateway refused the request before it reached rft-hub (request id $context.requestId)."),
+    "DEFAULT_5XX": (None, "server_error", "server_error",
+                    "API Gateway failed to complete the request (request id $context.requestId)."),
+}
+
+
+def gateway_responses() -> dict:
+    """`x-amazon-apigateway-gateway-responses` for the REST API's definition.
+
+    In the definition body, not as AWS::ApiGateway::GatewayResponse resources: SAM imports the
+    body in overwrite mode and deploys it by its hash, so separate resources would be dropped at
+    the next deployment and never trigger one (aws/serverless-application-model #390, #623, #3482)."""
+    out = {}
+    for kind, (status, error_type, code, message) in GATEWAY_RESPONSES.items():
+        body = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}},
+                          separators=(",", ":"))
+        response = {"responseTemplates": {"application/json": body},
+                    "responseParameters": {"gatewayresponse.header.x-should-retry":
+                                           "'true'" if (status or "").startswith(("429", "5")) else "'false'"}}
+        if status:
+            response["statusCode"] = status
+        out[kind] = response
+    return out
+
+
 def queue(name: str, visibility: int, dlq_ref: str | None = None) -> dict:
     props = {"QueueName": name, "VisibilityTimeout": visibility, "SqsManagedSseEnabled": True,
              "MessageRetentionPeriod": 1209600}
@@ -116,6 +189,13 @@ def resources(stage: str) -> dict:
         "SlackNotifyQueue": queue(f"rfthub-{stage}-slack-notify", 120, "SlackDeadLetterQueue"),
         "SlackCommandsDeadLetterQueue": queue(f"rfthub-{stage}-slack-commands-dlq", 60),
         "SlackCommandsQueue": queue(f"rfthub-{stage}-slack-commands", 120, "SlackCommandsDeadLetterQueue"),
+        # The job worker's queue: visibility above the worker's 900 s timeout, so a message is
+        # redelivered only after an attempt has surely ended.
+        "JobsDeadLetterQueue": queue(f"rfthub-{stage}-jobs-dlq", 60),
+        "JobsQueue": queue(f"rfthub-{stage}-jobs", 960, "JobsDeadLetterQueue"),
+        # Ledger entries DynamoDB refused after the call was served; the reconciler drains it.
+        "LedgerDeadLetterQueue": {**queue(f"rfthub-{stage}-ledger-dlq", 60),
+                                  "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"},
         "SlackNotifyRule": {"Type": "AWS::Events::Rule", "Properties": {
             "EventBusName": {"Ref": "EventBus"}, "State": "ENABLED",
             "EventPattern": {"source": ["rft-hub"]},
@@ -137,9 +217,11 @@ def resources(stage: str) -> dict:
     # Functions: the hosted grader's ARN and the datasets bucket name reach the API at run time.
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
            "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}
-    for logical in ("APIHandler", "ReconcileJobs"):
+    for logical in ("APIHandler", "ReconcileJobs", "JobWorker"):
         res[logical] = {"Properties": {"Environment": {"Variables": env}}}
     res["HostedGrader"] = {"Properties": {"Environment": {"Variables": {"RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}}}}
+    # Deep-merged by `chalice package` into its AWS::Serverless::Api (logical id RestAPI).
+    res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()}}}
     return res
 
 
@@ -164,6 +246,20 @@ def policies(stage: str) -> dict[str, dict]:
     def sqs(names: list[str], actions: list[str], sid: str) -> dict:
         return _statement(actions, [f"arn:aws:sqs:*:*:rfthub-{stage}-{n}" for n in names], sid)
 
+    def tables(names: list[str], actions: list[str], sid: str) -> dict:
+        arns = [f"arn:aws:dynamodb:*:*:table/rfthub-{stage}-{n}" for n in names]
+        return _statement(actions, arns + [f"{a}/index/*" for a in arns], sid)
+
+    send = ["sqs:SendMessage", "sqs:GetQueueUrl"]
+    ledger_dlq = sqs(["ledger-dlq"], send, "LedgerDeadLetters")
+    # The hosted grader meters its judge calls like the gateway: resolve the team's model, read
+    # prices and budgets, reserve/settle, write the ledger; and flags the job when money runs out.
+    grader_tables = tables(["grader_specs", "prices", "budgets", "models", "aliases", "alias_history"],
+                           ["dynamodb:GetItem", "dynamodb:Query"], "GraderReads")
+    grader_writes = tables(["budget_periods", "ledger", "jobs", "job_events", "outbox"],
+                           ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+                           "GraderMetering")
+
     consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility",
                "sqs:GetQueueUrl"]
     return {
@@ -176,12 +272,21 @@ def policies(stage: str) -> dict[str, dict]:
                         _statement(["secretsmanager:CreateSecret", "secretsmanager:PutSecretValue"],
                                    [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/slack-webhook/*"], "Webhooks"),
                         _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
-                        sqs(["slack-commands"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "SlackCommands")],
+                        sqs(["slack-commands"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "SlackCommands"),
+                        sqs(["jobs"], send, "JobsQueue"), ledger_dlq],
         "on_bedrock_job_event": [ddb_rw, logs, token, bus, _statement(MANTLE_READ, ["*"], "BedrockMantle")],
-        "reconcile_jobs": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
-                           _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets")],
-        "hosted_grader": [_statement(["dynamodb:GetItem"], [f"arn:aws:dynamodb:*:*:table/rfthub-{stage}-grader_specs"],
-                                     "GraderSpecs"), logs, token,
+        "reconcile_jobs": [ddb_rw, logs, token, bus,
+                           _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
+                           _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
+                           _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
+                           sqs(["ledger-dlq"], consume, "LedgerDeadLetters")],
+        # Preflight (judges, team Lambdas), dataset preparation and submission of new jobs.
+        "job_worker": [ddb_rw, logs, token, bus,
+                       _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
+                       _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
+                       _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
+                       sqs(["jobs"], consume, "JobsQueue"), ledger_dlq],
+        "hosted_grader": [grader_tables, grader_writes, logs, token, ledger_dlq,
                           _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "Judge")],
         "slack_notifier": [ddb_rw, logs, _statement(["secretsmanager:GetSecretValue"], [secrets], "Secrets"),
                            sqs(["slack-notify"], consume, "NotifyQueue"),
@@ -189,6 +294,36 @@ def policies(stage: str) -> dict[str, dict]:
         "slack_commands": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
                            sqs(["slack-commands"], consume, "CommandsQueue")],
     }
+
+
+# ---- the deployment package -------------------------------------------------------------------------
+# boto3/botocore are pinned and packaged (not the runtime's copy), but botocore's models for the
+# ~400 services rft-hub never calls are 15 MB of the zip. Kept: the services the code creates
+# clients for (chalicelib/adapters/aws.py; dynamodb through PynamoDB) and sts for credential
+# providers. tests/test_deploy.py imports the app from the slimmed zip and creates each client.
+BOTOCORE_SERVICES = ("dynamodb", "events", "lambda", "s3", "secretsmanager", "sqs", "sts")
+MAX_PACKAGE_BYTES = 20_000_000         # 20 MB zipped (issue #12)
+
+
+def _dropped(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) > 3 and parts[0] == "botocore" and parts[1] == "data"
+            and parts[2] not in BOTOCORE_SERVICES)
+
+
+def slim_package(path: Path) -> dict:
+    """Rewrites `chalice package`'s deployment.zip without the botocore models rft-hub does not use."""
+    before = path.stat().st_size
+    tmp = path.with_suffix(".slim.zip")
+    dropped = 0
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if _dropped(info.filename):
+                dropped += 1
+                continue
+            dst.writestr(info, src.read(info), compress_type=info.compress_type)
+    tmp.replace(path)
+    return {"zip_bytes_before": before, "zip_bytes": path.stat().st_size, "files_dropped": dropped}
 
 
 def write(stage: str) -> None:
@@ -202,4 +337,11 @@ def write(stage: str) -> None:
 
 
 if __name__ == "__main__":
-    write(sys.argv[1] if len(sys.argv) > 1 else "dev")
+    if len(sys.argv) == 3 and sys.argv[1] == "--slim":
+        result = slim_package(Path(sys.argv[2]))
+        print(f"slimmed {sys.argv[2]}: {result['zip_bytes_before']:,} -> {result['zip_bytes']:,} bytes "
+              f"({result['files_dropped']} botocore model files dropped)")
+        if result["zip_bytes"] > MAX_PACKAGE_BYTES:
+            sys.exit(f"the deployment package is {result['zip_bytes']:,} bytes; the limit is {MAX_PACKAGE_BYTES:,}")
+    else:
+        write(sys.argv[1] if len(sys.argv) > 1 else "dev")

@@ -20,7 +20,8 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_data import arithmetic_rows, jsonl  # noqa: E402
 
-GRADER_ARN = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
+# A team's own reward Lambda, named rft-grader-*; `make run` registers it to the demo team (an admin's step).
+GRADER_ARN = "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-exact-match"
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
         s3.create_bucket(Bucket=s.datasets_bucket, CreateBucketConfiguration={"LocationConstraint": s.region})
     _event_bus()
     _slack_queues()
+    _ledger_queue()
     from chalicelib.services import slack
     _secret(s.admin_key_secret_id, admin_key)
     _secret(slack.settings_secret_id(), slack_signing_secret)
@@ -50,6 +51,18 @@ def _slack_queues() -> None:
                     EventPattern=json.dumps({"source": [SOURCE]}))
     events.put_targets(Rule="rfthub-slack-notify", EventBusName=bus_name(),
                        Targets=[{"Id": "slack", "Arn": arn(notify["QueueUrl"])}])
+
+
+def _ledger_queue() -> None:
+    """Where a served call's ledger entry waits when DynamoDB refuses it (the reconciler drains it),
+    and the job worker's queue."""
+    from chalicelib.services import metering
+
+    from chalicelib.config import jobs_queue
+
+    sqs = boto3.client("sqs", region_name=settings().region)
+    sqs.create_queue(QueueName=metering.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})
+    sqs.create_queue(QueueName=jobs_queue(), Attributes={"VisibilityTimeout": "960"})
 
 
 def _event_bus() -> None:

@@ -50,8 +50,9 @@ def _rate_seconds(expression) -> float:
 
 
 class Pump:
-    def __init__(self, chalice_app, schedule_seconds: float | None = None) -> None:
+    def __init__(self, chalice_app, schedule_seconds: float | None = None, only: set[str] | None = None) -> None:
         self.app = chalice_app
+        self.only = only        # handler names to drive (the tests drive the job worker only)
         self.sqs = boto3.client("sqs", region_name=servers.REGION)
         self.events = boto3.client("events", region_name=servers.REGION)
         self.schedule_seconds = schedule_seconds
@@ -63,7 +64,8 @@ class Pump:
 
     # --- wiring ---------------------------------------------------------------------------------
     def _sources(self, kind: str):
-        return [s for s in self.app.event_sources if type(s).__name__ == kind]
+        return [s for s in self.app.event_sources if type(s).__name__ == kind
+                and (self.only is None or s.name in self.only)]
 
     def setup(self) -> None:
         for source in self._sources("CloudWatchEventConfig"):

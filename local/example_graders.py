@@ -5,6 +5,8 @@ Each follows Bedrock's reward contract: a bare list of samples in, a list of
 """
 from __future__ import annotations
 
+from local.servers import ACCOUNT, REGION
+
 
 def _reference(sample: dict) -> str:
     ref = sample.get("reference_answer")
@@ -37,8 +39,15 @@ def broken_contract(event, context=None):
     return {"batch": [{"id": s["id"], "aggregate_reward_score": 1.0} for s in event]}
 
 
+# Named rft-grader-* like every team grader (the only names rft-hub may invoke). A team may use
+# them once an admin registers them to it: `make run` does that for the demo team, the tests for theirs.
 FUNCTIONS = {
-    "rft-example-exact-match": exact_match,
-    "rft-example-always-half": always_half,
-    "rft-example-broken-contract": broken_contract,
+    "rft-grader-example-exact-match": exact_match,
+    "rft-grader-example-always-half": always_half,
+    "rft-grader-example-broken-contract": broken_contract,
 }
+
+
+def arn(name: str) -> str:
+    """The local ARN of an example grader (the local stack's account and region)."""
+    return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"

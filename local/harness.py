@@ -1,6 +1,7 @@
 """The whole local stack inside one process, for the tests and the benchmarks.
 
-DynamoDB Local (in-memory, a Java child process), moto in server mode (S3, SQS, EventBridge,
+DynamoDB Local (in-memory, a Java child process) behind the DynamoDB fault layer
+(local/ddb_faults.py, pass-through until configured), moto in server mode (S3, SQS, EventBridge,
 Secrets Manager), the local Bedrock, the local Lambda Invoke API, and rft-hub served over
 HTTP by Chalice's local server. Call `configure_environment()` before importing the app.
 """
@@ -29,8 +30,15 @@ class Stack:
         self.threads = []
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
-        ports = {"moto": self.moto.get_host_and_port()[1], "dynamodb": servers.free_port()}
-        self.procs.append(servers.start_dynamodb(ports["dynamodb"], None))
+        ports = {"moto": self.moto.get_host_and_port()[1], "dynamodb_local": servers.free_port()}
+        self.procs.append(servers.start_dynamodb(ports["dynamodb_local"], None))
+        # Everything talks to DynamoDB through the fault layer (pass-through until a test configures it).
+        from local import ddb_faults
+        self.ddb_faults = ddb_faults.FaultProxy(f"http://127.0.0.1:{ports['dynamodb_local']}")
+        self.ddb_faults_server = servers.ThreadServer(self.ddb_faults)
+        self.ddb_faults_server.server.RequestHandlerClass = ddb_faults.QuietHandler  # before anyone knows the port
+        ports["dynamodb"] = self.ddb_faults_server.port
+        self.ddb_faults_url = f"http://127.0.0.1:{ports['dynamodb']}"
 
         from local import bedrock_server
         self.bedrock_app = bedrock_server.create_app()
@@ -51,21 +59,25 @@ class Stack:
         self.slack = servers.ThreadServer(self.slack_app)
         self.api_port = self._serve_app()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
+        # The job worker's queue, drained as Lambda's SQS trigger would (make run's pump drives all
+        # handlers; here the other queues and schedules are driven by the tests that need them).
+        from app import app
+        from local.event_pump import Pump
+        self.pump = Pump(app, schedule_seconds=3600, only={"job_worker"})
+        self.pump.start()
 
     def _serve_app(self) -> int:
+        """rft-hub behind the local API Gateway (local/api_gateway.py: Chalice's local server with
+        API Gateway's payload limits, 404/405 in the OpenAI envelope, a listen backlog of 256)."""
         from chalice.config import Config
-        from chalice.local import LocalDevServer
 
         from app import app
+        from local.api_gateway import create_server
 
-        import socketserver
-        # Chalice's local server listens with the stdlib's backlog of 5; the concurrency tests
-        # open 50 connections at once, as API Gateway would.
-        socketserver.TCPServer.request_queue_size = 256
         port = servers.free_port()
         config = Config.create(chalice_stage="local", app_name="rft-hub", chalice_app=app, project_dir=str(ROOT),
                                config_from_disk=json.loads((ROOT / ".chalice" / "config.json").read_text()))
-        server = LocalDevServer(app, config, host="127.0.0.1", port=port)
+        server = create_server(app, config, host="127.0.0.1", port=port)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.wait_for_port(port)
         return port
@@ -75,6 +87,8 @@ class Stack:
         return self.bedrock_app.config["state"]
 
     def stop(self) -> None:
+        self.pump.stop()
+        self.ddb_faults_server.stop()
         for proc in self.procs:
             proc.terminate()
         self.moto.stop()

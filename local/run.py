@@ -18,10 +18,12 @@ import urllib.request
 from pathlib import Path
 
 from local import servers
+from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn as example_arn
 
 LOCAL = servers.LOCAL_DIR
 STACK_JSON = LOCAL / "stack.json"
-DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005}
+DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005,
+                 "ddb_faults": 8006}
 DEMO_SLACK = {"slack_team_id": "TLOCALDEMO", "channel_ids": ["CDEMO"]}
 APP_ENV = servers.local_stage_env()
 
@@ -75,7 +77,9 @@ def main() -> int:
     previous = json.loads(STACK_JSON.read_text()) if STACK_JSON.exists() else {}
     admin_key = previous.get("admin_key") or "rfth_admin_" + secrets.token_urlsafe(32)
     signing_secret = previous.get("slack_signing_secret") or secrets.token_hex(16)
-    env = {**servers.base_env(ports), **APP_ENV}
+    # rft-hub reaches DynamoDB Local through the fault layer (pass-through until configured).
+    env = {**servers.base_env(ports), **APP_ENV,
+           "AWS_ENDPOINT_URL_DYNAMODB": f"http://127.0.0.1:{ports['ddb_faults']}"}
     os.environ.update(env)
     children: list[subprocess.Popen] = []
 
@@ -87,12 +91,14 @@ def main() -> int:
     try:
         print("rft-hub local stack: starting DynamoDB Local, moto, local Bedrock ...", flush=True)
         children.append(servers.start_dynamodb(ports["dynamodb"], LOCAL / "ddb"))
+        children.append(servers.python_module("local.ddb_faults", "--port", str(ports["ddb_faults"]),
+                                              "--upstream", f"http://127.0.0.1:{ports['dynamodb']}", env=env))
         children.append(servers.python_module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env))
         children.append(servers.python_module("local.bedrock_server", "--port", str(ports["bedrock"]),
                                               "--state-dir", str(LOCAL / "bedrock"), env=env))
         children.append(servers.python_module("local.slack_sink", "--port", str(ports["slack"]),
                                               "--log", str(LOCAL / "slack.log"), env=env))
-        for name in ("moto", "bedrock", "slack"):
+        for name in ("ddb_faults", "moto", "bedrock", "slack"):
             servers.wait_for_port(ports[name], 60)
 
         from local.bootstrap import bootstrap
@@ -100,10 +106,10 @@ def main() -> int:
         _sync_bucket("restore")
 
         children.append(servers.python_module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env))
-        chalice = Path(sys.executable).with_name("chalice")
-        children.append(subprocess.Popen([str(chalice), "local", "--stage", "local", "--host", "127.0.0.1",
-                                          "--port", str(ports["api"]), "--no-autoreload"],
-                                         cwd=servers.ROOT, env={**os.environ, **env}, start_new_session=True))
+        # `chalice local --stage local --no-autoreload`, behind the local API Gateway's limits and
+        # 404/405 answers (local/api_gateway.py).
+        children.append(servers.python_module("local.api_gateway", "--stage", "local", "--host", "127.0.0.1",
+                                              "--port", str(ports["api"]), env=env))
         for name in ("lambda", "api"):
             servers.wait_for_port(ports[name], 60)
 
@@ -112,6 +118,13 @@ def main() -> int:
         webhook = f"http://127.0.0.1:{ports['slack']}/services/TLOCALDEMO/BDEMO/demo"
         _http("PUT", f"{base_url}/v1/admin/teams/{team_id}/slack", admin_key,
               {**DEMO_SLACK, "webhook_url": webhook, "notify": ["job", "budget", "model"]})
+        for name in EXAMPLE_GRADERS:   # a team may use only Lambda graders an admin registered to it
+            status, body = _http("POST", f"{base_url}/v1/admin/teams/{team_id}/lambda_graders", admin_key,
+                                 {"function_arn": example_arn(name)})
+            if status == 409:   # a demo team of an earlier .local/ has it: a function belongs to one team
+                print(f"(example grader {name} stays with the team it is registered to)", flush=True)
+            elif status not in (200, 201):
+                raise RuntimeError(f"could not register the example grader {name}: {status} {body}")
         stack = {**previous, "base_url": base_url, "openai_base_url": f"{base_url}/v1", "admin_key": admin_key,
                  "demo_team_id": team_id, "demo_key": demo_key, "slack_signing_secret": signing_secret,
                  "slack_messages": f"http://127.0.0.1:{ports['slack']}/messages", "slack_log": str(LOCAL / "slack.log"),

@@ -1,8 +1,14 @@
 """A local stand-in for hooks.slack.com: incoming webhooks and response_url.
 
 Records every message (GET /messages, and appended to a log file) and can answer like
-Slack does when things go wrong: POST /_local/fail {"status": 429, "count": 2,
-"retry_after": 1, "body": "rate_limited"}.
+Slack does when things go wrong, for the next `count` posts (POST /_local/fail, one fault at a time;
+POST /_local/reset clears it and the messages):
+
+* an error: {"status": 429, "count": 2, "retry_after": 1, "body": "rate_limited"};
+* a redirect: {"status": 302, "count": 1, "location": "http://127.0.0.1:8005/services/elsewhere"};
+* a hang: {"hang_seconds": 3, "count": 1} records the message (Slack posted it) and answers 200 only
+  after 3 s, so a client with a shorter timeout cannot know it was posted; with "record": false the
+  message is lost instead.
 """
 from __future__ import annotations
 
@@ -26,19 +32,25 @@ def create_app(log_path: str | None = None) -> Flask:
             fault = next((f for f in state["faults"] if f["count"] > 0), None)
             if fault:
                 fault["count"] -= 1
-        if fault:
+        hang = float(fault.get("hang_seconds") or 0) if fault else 0
+        if fault and not hang:
             headers = {"Retry-After": str(fault["retry_after"])} if fault.get("retry_after") else {}
-            return Response(fault.get("body", "error"), status=fault["status"], headers=headers)
+            if fault.get("location"):
+                headers["Location"] = fault["location"]
+            return Response(fault.get("body", "error"), status=fault.get("status", 500), headers=headers)
         try:
             payload = json.loads(request.get_data() or b"{}")
         except ValueError:
             return Response("invalid_payload", status=400)
-        entry = {"path": request.path, "at": time.time(), "payload": payload}
-        with state["lock"]:
-            state["messages"].append(entry)
-        if log_path:
-            with open(log_path, "a") as log:
-                log.write(json.dumps(entry) + "\n")
+        if not (fault and fault.get("record") is False):
+            entry = {"path": request.path, "at": time.time(), "payload": payload}
+            with state["lock"]:
+                state["messages"].append(entry)
+            if log_path:
+                with open(log_path, "a") as log:
+                    log.write(json.dumps(entry) + "\n")
+        if hang:
+            time.sleep(min(hang, 60))
         return Response("ok", status=200)
 
     @app.get("/messages")
@@ -48,8 +60,11 @@ def create_app(log_path: str | None = None) -> Flask:
 
     @app.post("/_local/fail")
     def fail():
+        fault = request.get_json(force=True, silent=True)
+        if not isinstance(fault, dict) or not isinstance(fault.get("count", 1), int):
+            return Response("a fault is an object; see the module docstring", status=400)
         with state["lock"]:
-            state["faults"] = [request.get_json(force=True)]
+            state["faults"] = [{"count": 1, **fault}]
         return jsonify({"ok": True})
 
     @app.post("/_local/reset")

@@ -68,6 +68,15 @@ def bedrock(stack):
 
 
 @pytest.fixture
+def ddb_faults(stack):
+    """The DynamoDB fault layer every DynamoDB call goes through; back to pass-through after each test."""
+    proxy = stack.ddb_faults
+    proxy.reset()
+    yield proxy
+    proxy.reset()
+
+
+@pytest.fixture
 def client(stack, make_team, bedrock):
     """The official openai SDK pointed at rft-hub with a fresh team's key."""
     import openai

@@ -1,9 +1,48 @@
 """Small helpers shared by the SDK-driven tests."""
+import json
 import time
+import urllib.error
+import urllib.request
 
+from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn
+from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows, jsonl
 
-GRADER = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"
+GRADER = arn("rft-grader-example-exact-match")
+
+
+_owners: dict[str, str] = {}   # function name -> the test team it is registered to now
+
+
+def register_graders(client, *names):
+    """What an admin does before a team may use its Lambda graders: registers the example graders
+    (or `names`) to the team behind the SDK client's key, over HTTP. Returns the team id.
+
+    A function belongs to one team, and the local stack has one copy of each example grader, so
+    registering one here first unregisters it from the test team that had it before."""
+    base = str(client.base_url).rstrip("/")
+    team_id = http("GET", f"{base}/me", client.api_key)[1]["team"]["id"]
+    for name in names or EXAMPLE_GRADERS:
+        url, body = f"{base}/admin/teams/{team_id}/lambda_graders", {"function_arn": arn(name)}
+        status, answer = http("POST", url, ADMIN_KEY, body)
+        if status == 409 and _owners.get(name, team_id) != team_id:
+            http("DELETE", f"{base}/admin/teams/{_owners[name]}/lambda_graders/{name}", ADMIN_KEY)
+            status, answer = http("POST", url, ADMIN_KEY, body)
+        assert status in (200, 201), answer
+        _owners[name] = team_id
+    return team_id
+
+
+def http(method, url, token=None, body=None):
+    """(status, JSON body) of one plain HTTP call to a local server."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
 
 
 def rft(grader_arn=GRADER, **hyperparameters):
@@ -25,6 +64,21 @@ def wait_for(client, job_id, statuses, timeout=30):
 
 
 def start_job(client, model="openai.gpt-oss-20b", suffix=None, rows=100, method=None):
+    """Uploads rows and starts a job, by default with the example exact-match Lambda grader (registered
+    to the client's team first, as an admin would)."""
+    if method is None:
+        register_graders(client)
     f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(rows))), purpose="fine-tune")
     return client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix=suffix,
                                           extra_body={"method": method or rft()})
+
+
+def wait_submitted(client, job_id, timeout=30):
+    """Job creation answers at once; the worker prepares and submits the job (rft_submission)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.model_extra["rft_submission"] not in ("pending", "submitting"):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job.model_extra['rft_submission']}"
+        time.sleep(0.1)

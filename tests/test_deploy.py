@@ -1,8 +1,13 @@
-"""Deployability: the packaged template (cfn-lint clean, every resource declared) and
-least-privilege IAM (no wildcard action on a wildcard resource)."""
+"""Deployability: the packaged template (cfn-lint clean, every resource declared),
+least-privilege IAM (no wildcard action on a wildcard resource), API Gateway's own answers
+(OpenAI envelope, never an echo of the request) and a lean deployment package."""
+import ast
 import json
 import os
+import re
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -97,3 +102,98 @@ def test_functions_have_their_own_roles_and_sane_limits(packaged):
     assert len(roles) == len(functions)                               # one least-privilege role each
     api_env = functions["APIHandler"]["Properties"]["Environment"]["Variables"]
     assert api_env["RFT_HOSTED_GRADER_ARN"] == {"Fn::GetAtt": ["HostedGrader", "Arn"]}
+
+
+# ---- API Gateway's own answers (gateway responses) ----------------------------------------------
+
+def test_gateway_responses_answer_in_the_envelope_and_repeat_nothing(packaged):
+    from deploy.template import GATEWAY_ALLOWED_VARIABLES
+
+    responses = packaged["Resources"]["RestAPI"]["Properties"]["DefinitionBody"][
+        "x-amazon-apigateway-gateway-responses"]
+    assert {"DEFAULT_4XX", "DEFAULT_5XX", "MISSING_AUTHENTICATION_TOKEN", "RESOURCE_NOT_FOUND", "UNAUTHORIZED",
+            "ACCESS_DENIED", "REQUEST_TOO_LARGE", "INVALID_API_KEY", "THROTTLED", "INVALID_SIGNATURE",
+            "EXPIRED_TOKEN", "INTEGRATION_TIMEOUT"} <= set(responses)
+    for kind in ("MISSING_AUTHENTICATION_TOKEN", "INVALID_SIGNATURE", "RESOURCE_NOT_FOUND"):   # unknown route or method
+        assert responses[kind]["statusCode"] == "404"
+        assert json.loads(responses[kind]["responseTemplates"]["application/json"])["error"]["code"] == "unknown_url"
+    assert responses["REQUEST_TOO_LARGE"]["statusCode"] == "413"
+    assert responses["THROTTLED"]["statusCode"] == "429"
+    for kind, response in responses.items():
+        assert set(response["responseTemplates"]) == {"application/json"}, kind
+        template = response["responseTemplates"]["application/json"]
+        # Only the method and the request id: never a header, a parameter, the body, the path,
+        # the authorizer, the caller's identity or API Gateway's own message (which repeats the
+        # Authorization header for unknown routes).
+        assert not re.search(r"(?i)\$input|\$util|\$stageVariables|\$context\.(authorizer|identity|error|path)"
+                             r"|method\.request|header|params", template), kind
+        assert set(re.findall(r"\$[A-Za-z.]+", template)) <= set(GATEWAY_ALLOWED_VARIABLES), kind
+        error = json.loads(template)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] is None, kind
+        assert error["code"] and error["type"] in ("invalid_request_error", "rate_limit_error", "server_error")
+        for name, value in response.get("responseParameters", {}).items():
+            assert name.startswith("gatewayresponse.header.") and re.fullmatch(r"'[^']*'", value), (kind, name)
+
+
+# ---- a lean deployment package ------------------------------------------------------------------
+
+def test_the_deployment_package_is_lean(packaged):
+    from deploy.template import MAX_PACKAGE_BYTES
+
+    package = ROOT / "build" / "prod" / "deployment.zip"
+    assert package.stat().st_size <= MAX_PACKAGE_BYTES == 20_000_000
+    with zipfile.ZipFile(package) as z:
+        tops = {name.split("/")[0] for name in z.namelist()}
+    assert not tops & {"numpy", "numpy.libs", "rouge_score", "absl"}
+
+
+def _services_the_code_calls() -> set[str]:
+    """Service names passed as string literals to a `client(...)`/`_client(...)` call in chalicelib."""
+    found = set()
+    for path in (ROOT / "chalicelib").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "client", "_client") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+    return found
+
+
+def test_the_package_keeps_the_botocore_models_the_code_uses(packaged, tmp_path):
+    """The slimmed zip alone (no site-packages) imports the app and builds every client."""
+    from deploy.template import BOTOCORE_SERVICES
+    from local.servers import local_stage_env
+
+    used = _services_the_code_calls() | {"dynamodb"}         # PynamoDB builds the DynamoDB client
+    assert "s3" in used and used <= set(BOTOCORE_SERVICES)
+    with zipfile.ZipFile(ROOT / "build" / "prod" / "deployment.zip") as z:
+        z.extractall(tmp_path)
+    code = ("import sys, boto3, botocore.session, app\n"
+            "assert all(p.startswith(sys.argv[1]) or 'site-packages' not in p for p in sys.path)\n"
+            "for s in sys.argv[2:]: boto3.session.Session().client(s, region_name='us-west-2')\n"
+            "from chalicelib.domain.graders import similarity\n"
+            "print(similarity.score('rouge_l', 'the cats run', 'the cat runs'), app.app.app_name)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RFT_", "PYTHON"))}
+    env.update(local_stage_env())
+    env.update({"PYTHONPATH": str(tmp_path), "AWS_DEFAULT_REGION": "us-west-2", "PYTHONDONTWRITEBYTECODE": "1"})
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path), *BOTOCORE_SERVICES], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1.0", "rft-hub"]
+
+
+def test_import_app_loads_no_heavy_library():
+    """The openai SDK and the grader libraries are imported where they are used (bench/cold_import.py
+    measures the time)."""
+    from local.servers import local_stage_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ENDPOINT_URL", "RFT_"))}
+    env.update(local_stage_env())
+    env["AWS_DEFAULT_REGION"] = "us-west-2"
+    code = "import sys, app; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(result.stdout.split())
+    assert "chalicelib" in loaded
+    assert not loaded & {"openai", "rapidfuzz", "nltk", "numpy", "rouge_score", "httpx2"}

@@ -78,7 +78,14 @@ def test_unknown_and_unpriced_models_are_refused(api, client, bedrock):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert err.value.code == "model_not_found"
-    tuned_alias(api, client, bedrock, model="nvidia.nemotron-nano-3-30b", suffix="unpriced")
+    # Training an unpriced model is refused (test_money), so an unpriced tuned model can only be
+    # one trained while an admin price existed: its registry record, as the registry writes it.
+    from chalicelib.store.models import Alias, TunedModel
+    team_id = client.get("/me", cast_to=object)["team"]["id"]
+    TunedModel(team_id, "ft:nemotron:unpriced", base_model="nvidia.nemotron-nano-3-30b", job_id="ftjob-x",
+               grader={}, created_at=int(time.time())).save()
+    Alias(team_id, "unpriced", model_id="ft:nemotron:unpriced", base_model="nvidia.nemotron-nano-3-30b",
+          version=1, updated_at=int(time.time())).save()
     before = len(bedrock.requests)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="unpriced", messages=[{"role": "user", "content": "x"}])

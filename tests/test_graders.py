@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from chalicelib.domain.graders import Deps, GraderSpecError, build, run_text
 from chalicelib.domain.graders.contract import check_response
 from chalicelib.services import hosted_grader
+from helpers import register_graders, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
 ITEM = {"reference_answer": "42", "extra": {"unit": "kg"}, "messages": [{"role": "user", "content": "6*7?"}]}
@@ -212,14 +213,17 @@ def test_sdk_validate_and_run_each_type(client):
     missing = client.fine_tuning.alpha.graders.run(grader=EQ, model_sample="42", item={})
     assert missing.reward == 0 and missing.metadata.errors.invalid_variable_error
 
+    register_graders(client)                                 # an admin registers the team's Lambdas first
     lam = {"type": "lambda", "name": "team", "lambda": {
-        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-example-exact-match"}}
+        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-exact-match"}}
     assert client.fine_tuning.alpha.graders.run(grader=lam, model_sample="42", item=item).reward == 1.0
-    broken = {**lam, "lambda": {"function": "arn:aws:lambda:us-west-2:123456789012:function:rft-example-broken-contract"}}
+    broken = {**lam, "lambda": {"function": "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-broken-contract"}}
     r = client.fine_tuning.alpha.graders.run(grader=broken, model_sample="42", item=item)
     assert r.reward == 0 and r.metadata.errors.model_extra["lambda_contract_error"]
     assert "not a list" in r.metadata.errors.model_extra["details"]
-    gone = {**lam, "lambda": {"function": "arn:aws:lambda:us-west-2:123456789012:function:nobody"}}
+    register_graders(client, "rft-grader-example-missing")   # registered, but never deployed
+    gone = {**lam, "lambda": {
+        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-missing"}}
     r = client.fine_tuning.alpha.graders.run(grader=gone, model_sample="42", item=item)
     assert r.metadata.errors.model_extra["lambda_error"] and "not found" in r.metadata.errors.model_extra["details"]
 
@@ -268,8 +272,9 @@ def test_preflight_flags_reward_hacking(api, client, dataset):
     codes = {f["code"] for f in _preflight(api, client, rewards_empty, dataset.id)["findings"]}
     assert "rewards_empty_response" in codes
 
+    register_graders(client)
     constant = {"type": "lambda", "lambda": {
-        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-example-always-half"}}
+        "function": "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-always-half"}}
     report = _preflight(api, client, constant, dataset.id)
     assert "constant_reward" in {f["code"] for f in report["findings"]} and not report["passed"]
 
@@ -283,7 +288,7 @@ def test_job_with_a_string_check_grader_trains_on_hosted_grader_rewards(client, 
                                          extra_body={"method": {"type": "reinforcement",
                                                                 "reinforcement": {"grader": EQ}}})
     assert job.model_extra["rft_preflight"]["passed"]
-    bid = job.model_extra["rft_bedrock_job_id"]
+    bid = wait_submitted(client, job.id).model_extra["rft_bedrock_job_id"]
     sent = bedrock.jobs[bid]["method"]["reinforcement"]["grader"]
     assert sent == {"type": "lambda", "lambda": {"function": "arn:aws:lambda:us-west-2:123456789012:function:"
                                                              "rft-hub-local-hosted_grader"}}
@@ -316,7 +321,7 @@ def test_saved_grader_by_id_in_a_job(api, client, dataset):
     job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=dataset.id, extra_body={
         "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "saved", "id": saved["id"],
                                                                          "version": 1}}}})
-    assert job.model_extra["rft_submission"] == "submitted"
+    assert wait_submitted(client, job.id).model_extra["rft_submission"] == "submitted"
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=dataset.id, extra_body={
             "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "saved", "id": "grader-nope"}}}})

@@ -2,12 +2,13 @@
 import openai
 import pytest
 
-from helpers import GRADER, rft, wait_for
+from helpers import GRADER, register_graders, rft, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
 
 @pytest.fixture
 def training(client):
+    register_graders(client)   # the example Lambda graders, registered to the team by an admin
     return client.files.create(file=("train.jsonl", jsonl(arithmetic_rows(150))), purpose="fine-tune")
 
 
@@ -17,7 +18,7 @@ def test_job_runs_to_success_with_metrics_and_checkpoints(client, training, bedr
                                          method=rft(n_epochs=1, batch_size=4), suffix="calc", metadata={"owner": "qa"},
                                          seed=7)
     assert job.status == "validating_files" and job.model == "openai.gpt-oss-20b"
-    assert job.model_extra["rft_bedrock_job_id"].startswith("ftjob-")
+    assert wait_submitted(client, job.id).model_extra["rft_bedrock_job_id"].startswith("ftjob-")
     estimate = job.model_extra["rft_cost_estimate"]
     assert estimate["priced"] and estimate["rows"] == 150 and "formula" in estimate
     assert isinstance(estimate["estimated_micro_usd"], int)
@@ -86,6 +87,7 @@ def test_bad_requests_name_the_problem(client, training, make_team, stack):
 
     _, other_key = make_team("other")
     other = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=other_key, max_retries=0)
+    register_graders(other)
     with pytest.raises(openai.NotFoundError) as err:
         other.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
     assert err.value.body["param"] == "training_file"
@@ -99,6 +101,7 @@ def test_idempotency_key_returns_the_same_job(client, training, bedrock):
     b = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(),
                                        extra_headers=headers)
     assert a.id == b.id
+    wait_submitted(client, a.id)
     after = len([r for r in bedrock.requests if r["path"] == "/v1/fine_tuning/jobs" and r["method"] == "POST"])
     assert after - before == 1
     with pytest.raises(openai.ConflictError):
@@ -109,7 +112,7 @@ def test_idempotency_key_returns_the_same_job(client, training, bedrock):
 def test_bedrock_throttling_is_retried(client, training, bedrock):
     bedrock.faults = [{"status": 429, "count": 2, "path": "/v1/fine_tuning/jobs", "method": "POST"}]
     job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
-    assert job.model_extra["rft_submission"] == "submitted"
+    assert wait_submitted(client, job.id).model_extra["rft_submission"] == "submitted"
     assert bedrock.faults[0]["count"] == 0
 
 
@@ -128,18 +131,21 @@ def test_bedrock_outage_defers_submission_without_losing_the_job(client, trainin
 
 def test_bedrock_rejection_fails_the_job_with_its_message(client, training, bedrock):
     bedrock.faults = [{"status": 400, "count": 1, "path": "/v1/fine_tuning/jobs", "method": "POST"}]
-    with pytest.raises(openai.BadRequestError) as err:
-        client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
-    assert "Amazon Bedrock rejected" in err.value.message
-    failed = [j for j in client.fine_tuning.jobs.list().data if j.status == "failed"]
-    assert failed and failed[0].error.code == "bedrock_rejected"
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
+    failed = wait_for(client, job.id, {"failed"})          # the worker's submission was refused
+    assert failed.error.code == "bedrock_rejected" and "Amazon Bedrock rejected" in failed.error.message
 
 
-def test_grader_that_breaks_the_contract_fails_the_job(client, training):
-    arn = "arn:aws:lambda:us-west-2:123456789012:function:rft-example-broken-contract"
-    with pytest.raises(openai.BadRequestError) as err:   # the preflight catches it before any training
-        client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn))
-    assert err.value.code == "grader_preflight_failed" and "lambda_contract_error" in err.value.message
+def test_grader_that_breaks_the_contract_fails_the_job(client, training, bedrock):
+    arn = "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-broken-contract"
+    # A Lambda grader is preflighted by the job worker: the job fails before anything reaches Bedrock.
+    before = len([r for r in bedrock.requests if r["path"] == "/v1/fine_tuning/jobs"])
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn))
+    assert job.status == "validating_files"
+    failed = wait_for(client, job.id, {"failed"})
+    assert failed.error.code == "grader_preflight_failed" and "lambda_contract_error" in failed.error.message
+    assert failed.model_extra["rft_preflight"]["passed"] is False and failed.model_extra["rft_bedrock_job_id"] is None
+    assert len([r for r in bedrock.requests if r["path"] == "/v1/fine_tuning/jobs"]) == before
     job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft(arn),
                                          extra_body={"preflight": "warn"})
     done = wait_for(client, job.id, {"succeeded", "failed"})
@@ -156,4 +162,5 @@ def test_unknown_job_is_404(client):
 def test_an_expired_bedrock_token_is_minted_again(client, training, bedrock):
     bedrock.faults = [{"status": 401, "count": 1, "path": "/v1/fine_tuning/jobs", "method": "POST"}]
     job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=training.id, method=rft())
-    assert job.model_extra["rft_submission"] == "submitted" and bedrock.faults[0]["count"] == 0
+    assert wait_submitted(client, job.id).model_extra["rft_submission"] == "submitted"
+    assert bedrock.faults[0]["count"] == 0

@@ -11,7 +11,7 @@ from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.services import outbox
 from chalicelib.store.models import Alias, Job, TunedModel
-from helpers import start_job
+from helpers import start_job, wait_submitted
 DETAIL_TYPE = "Model Customization Job State Change"
 SEQUENCES = {  # a job's native event sequence -> its final state
     "completed": (["InProgress", "Completed"], "succeeded"),
@@ -47,7 +47,7 @@ def record(team_id="team-lifecycle", bedrock_id=None, status="validating_files")
 
 def real_job(client, bedrock, suffix=None):
     """A job rft-hub submitted to the local Bedrock, which then finishes it (no polling by rft-hub)."""
-    created = start_job(client, suffix=suffix)
+    created = wait_submitted(client, start_job(client, suffix=suffix).id)
     bid = created.model_extra["rft_bedrock_job_id"]
     deadline = time.monotonic() + 20
     while bedrock.jobs[bid]["status"] != "succeeded":
@@ -182,7 +182,7 @@ def test_reconciler_submits_jobs_left_pending(api, client, bedrock):
 
 def test_stalled_job_is_flagged_once(api, client, bedrock, monkeypatch):
     bedrock.clock.update({"validating_seconds": 3600})
-    created = start_job(client)
+    created = wait_submitted(client, start_job(client).id)
     job = Job.get(created.organization_id, created.id)
     from chalicelib.services import lifecycle
     lifecycle.reconcile()                                               # copies the events there are

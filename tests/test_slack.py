@@ -11,7 +11,7 @@ from chalicelib.domain import slack_messages as messages
 from chalicelib.services import outbox, slack
 from chalicelib.store.models import SlackConfig
 from local.harness import SLACK_SIGNING_SECRET
-from helpers import start_job, wait_for
+from helpers import http, start_job, wait_for
 
 
 @pytest.fixture
@@ -44,8 +44,9 @@ def test_webhook_is_write_only_and_validated(api, admin_headers, make_team, stac
     got = api.http.get(f"/v1/admin/teams/{team_id}/slack", headers=admin_headers).json_body
     assert "secret-path" not in json.dumps(got) and got["notify"] == ["job", "budget", "model"]
     stored = SlackConfig.get(team_id)
-    secret = boto3.client("secretsmanager", region_name="us-west-2").get_secret_value(SecretId=stored.webhook_secret_id)
-    assert secret["SecretString"].endswith("secret-path")
+    name, _, version = stored.webhook_secret_id.partition("#")    # "<secret>#<version>": rotation-safe caching
+    secret = boto3.client("secretsmanager", region_name="us-west-2").get_secret_value(SecretId=name, VersionId=version)
+    assert version and secret["SecretString"].endswith("secret-path")
     for body, param in [({"webhook_url": "https://evil.example.com/x"}, "webhook_url"),
                         ({"notify": ["everything"]}, "notify"), ({"channel": "x"}, "channel"),
                         ({"slack_team_id": "not a team"}, "slack_team_id")]:
@@ -168,6 +169,98 @@ def test_budget_crossings_post_once_per_threshold(api, admin_headers, make_team,
     _drain_notifications(api)
     posted = [m["blocks"][0]["text"]["text"] for m in sent_to(sink, team_id)]
     assert sorted(posted) == [":moneybag: Budget 50% reached", ":moneybag: Budget 80% reached"]
+
+
+# ---- delivery rules: unknown outcomes, per-job order, rotation, redirects (issue #19) ----------
+
+def sink_fault(stack, fault):
+    """The local Slack sink's controls, over HTTP."""
+    status, body = http("POST", f"http://127.0.0.1:{stack.slack.port}/_local/fail", body=fault)
+    assert status == 200, body
+
+
+def _state(team_id, job_id, previous, status, **extra):
+    """A job state change as apply_status publishes it (optionally with the producer's status_seq)."""
+    staged = outbox.stage("rft-hub.job.state_changed", team_id, previous_status=previous, status=status,
+                          source="poll", job={"job_id": job_id, "model": "openai.gpt-oss-20b", "suffix": None,
+                                              "bedrock_job_id": None, "fine_tuned_model": None, "error": None,
+                                              "estimated_usd": None}, **extra)
+    return json.dumps({"detail-type": "rft-hub.job.state_changed", "source": "rft-hub", "detail": staged.detail})
+
+
+def _headers(sink, hook):
+    return [m["blocks"][0]["text"]["text"] for m in sent_to(sink, hook)]
+
+
+@pytest.mark.parametrize("with_seq", [False, True], ids=["status-order", "status_seq"])
+def test_a_timed_out_post_is_never_repeated_and_a_job_posts_in_order(api, admin_headers, make_team, stack, sink,
+                                                                     monkeypatch, with_seq):
+    team_id, _ = make_team("slack-order")
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")
+    job_id = f"ftjob-order-{team_id}"
+    seq = (lambda n: {"status_seq": n}) if with_seq else (lambda n: {})
+    queued = _state(team_id, job_id, "validating_files", "queued", **seq(2))
+    running = _state(team_id, job_id, "queued", "running", **seq(3))
+    succeeded = _state(team_id, job_id, "running", "succeeded", **seq(4))
+
+    monkeypatch.setenv("RFT_SLACK_TIMEOUT_SECONDS", "0.5")
+    sink_fault(stack, {"hang_seconds": 5, "count": 1})   # Slack posts it, then answers too late
+    assert slack.deliver(running) == "unknown"
+    assert len(sent_to(sink, team_id)) == 1
+    assert slack.deliver(running) == "duplicate"          # SQS redelivers it: not posted a second time
+    assert slack.deliver(queued) == "superseded"          # older than what the channel already shows
+    assert slack.deliver(succeeded) == "sent"
+    assert slack.deliver(queued) == "superseded"
+    headers = _headers(sink, team_id)
+    assert len(headers) == 2 and headers[0].startswith(":runner:") and headers[1].startswith(":white_check_mark:")
+
+
+def test_an_attempt_that_died_while_sending_is_not_reposted(api, admin_headers, make_team, stack, sink):
+    from chalicelib.store.models import SlackDelivery
+    team_id, _ = make_team("slack-crash")
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")
+    body = _event(team_id)
+    event_id = json.loads(body)["detail"]["event_id"]
+    # What a notifier leaves behind when it dies after claiming the event (its lease has run out).
+    SlackDelivery(event_id, status="sending", lease_until=int(time.time()) - 1, attempts=1).save()
+    assert slack.deliver(body) == "unknown"
+    assert sent_to(sink, team_id) == [] and SlackDelivery.get(event_id).status == "unknown"
+
+
+def test_a_connection_that_never_opened_is_retried(api, admin_headers, make_team, stack, sink):
+    import socket
+    team_id, _ = make_team("slack-refused")
+    with socket.socket() as s:                            # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    r = api.http.put(f"/v1/admin/teams/{team_id}/slack", headers=admin_headers, body=json.dumps(
+        {"webhook_url": f"http://127.0.0.1:{closed}/services/T/B/{team_id}", "notify": ["model"]}))
+    assert r.status_code == 200
+    body = _event(team_id)
+    with pytest.raises(slack.RetryLater):                 # nothing was sent: safe to try again
+        slack.deliver(body)
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")
+    assert slack.deliver(body) == "sent" and len(sent_to(sink, team_id)) == 1
+
+
+def test_a_rotated_webhook_applies_to_the_next_message(api, admin_headers, make_team, stack, sink):
+    team_id, _ = make_team("slack-rotate")
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}-old")
+    assert slack.deliver(_event(team_id)) == "sent"       # the notifier now holds the old URL
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}-new")
+    assert slack.deliver(_event(team_id)) == "sent"
+    assert len(sent_to(sink, f"{team_id}-old")) == 1 and len(sent_to(sink, f"{team_id}-new")) == 1
+
+
+def test_redirects_are_never_followed(api, admin_headers, make_team, stack, sink):
+    team_id, _ = make_team("slack-redirect")
+    configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")
+    elsewhere = f"http://127.0.0.1:{stack.slack.port}/services/T/B/{team_id}-elsewhere"
+    sink_fault(stack, {"status": 302, "count": 1, "location": elsewhere, "body": ""})
+    assert slack.deliver(_event(team_id)) == "dead-lettered"
+    assert sent_to(sink, f"{team_id}-elsewhere") == [] and sent_to(sink, team_id) == []
+    health = api.http.get(f"/v1/admin/teams/{team_id}/slack", headers=admin_headers).json_body["webhook"]["health"]
+    assert health["status"] == "broken" and "redirect (302) not followed" in health["error"]
 
 
 # ---- slash commands ---------------------------------------------------------------------------

@@ -15,14 +15,14 @@ import random
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
-
-import openai
-from aws_bedrock_token_generator import provide_token
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from chalicelib.config import settings
-from chalicelib.errors import ApiError, NotFound, RateLimited, UpstreamError
+from chalicelib.errors import ApiError, GatewayTimeout, NotFound, RateLimited, UpstreamError
 from chalicelib.log import logger
+
+if TYPE_CHECKING:   # the SDK costs ~0.4 s to import: only the calls that reach Bedrock pay for it
+    import openai
 
 T = TypeVar("T")
 _TOKEN_LIFETIME = timedelta(hours=1)
@@ -51,6 +51,9 @@ class _Session:
         self._minted_at = 0.0
 
     def client(self, force_new_token: bool = False) -> openai.OpenAI:
+        import openai
+        from aws_bedrock_token_generator import provide_token
+
         with self._lock:
             expired = time.time() - self._minted_at > _TOKEN_LIFETIME.total_seconds() - _REMINT_MARGIN_SECONDS
             if self._client is None or expired or force_new_token:
@@ -85,13 +88,19 @@ def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | Non
     """Runs `op(client)` with retries on throttling, 5xx and connection errors.
 
     passthrough: a final upstream error keeps Bedrock's status and type (for the gateway)."""
+    import openai
+
     deadline = time.monotonic() + (deadline_s or settings().bedrock_retry_deadline_seconds)
     attempt = 0
     reminted = False
     while True:
         attempt += 1
+        left = deadline - time.monotonic()
+        client = _session.client()
+        if left < 60.0:   # each attempt's timeout fits in what is left of the caller's time
+            client = client.with_options(timeout=openai.Timeout(max(0.5, left), connect=min(5.0, max(0.5, left))))
         try:
-            return op(_session.client())
+            return op(client)
         except openai.APIStatusError as exc:
             status = exc.status_code
             if status in (401, 403) and not reminted:
@@ -114,6 +123,9 @@ def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | Non
                 _sleep(attempt, None, deadline)
                 continue
             logger.warning("bedrock unreachable", extra={"op": what, "attempts": attempt})
+            if isinstance(exc, openai.APITimeoutError):
+                raise GatewayTimeout(f"Amazon Bedrock did not answer in time ({what}); nothing was charged "
+                                     "for this attempt.") from None
             raise UpstreamError(f"Amazon Bedrock did not answer ({what}): {type(exc).__name__}.") from None
 
 
@@ -203,8 +215,8 @@ def ping() -> None:
     call(lambda c: c.with_options(timeout=3.0).models.list(), what="models.list", deadline_s=1.0)
 
 
-def judge(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
-    """One LLM-judge call (score_model graders): (reply text, total tokens). Retries throttling."""
+def judge(model: str, messages: list[dict], sampling: dict, deadline_s: float = 30.0) -> tuple[str, dict | None]:
+    """One LLM-judge call (score_model graders): (reply text, the usage Bedrock reported, as a dict)."""
     kwargs: dict[str, Any] = {"model": model, "messages": messages}
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
                          ("max_completions_tokens", "max_tokens"), ("max_completion_tokens", "max_tokens"),
@@ -212,9 +224,9 @@ def judge(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
         if sampling.get(ours) is not None:
             kwargs[theirs] = sampling[ours]
     reply = call(lambda c: c.chat.completions.create(**kwargs), what="chat.completions.create (judge)",
-                 deadline_s=30.0)
+                 deadline_s=deadline_s)
     text = (reply.choices[0].message.content or "") if reply.choices else ""
-    return text, (reply.usage.total_tokens if reply.usage else 0)
+    return text, (reply.usage.model_dump() if reply.usage else None)
 
 
 def forward(path: str, body: dict, deadline_s: float) -> tuple[int, str, bytes]:

@@ -1,17 +1,21 @@
-"""Admin API: teams and their keys (authenticated with the admin key)."""
+"""Admin API: teams, their keys and their Lambda graders (authenticated with the admin key)."""
 from __future__ import annotations
 
 from chalice import Blueprint
 from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
-from chalicelib.services import teams
+from chalicelib.services import lambda_graders, teams
 
 bp = Blueprint(__name__)
 
 
 class CreateTeam(StrictModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
+
+
+class RegisterLambdaGrader(StrictModel):
+    function_arn: str = Field(min_length=1, max_length=512)
 
 
 @route(bp, "/v1/admin/teams", ("POST",), auth="admin", body=CreateTeam)
@@ -42,3 +46,22 @@ def list_keys(req: Request, team_id: str):
 @route(bp, "/v1/admin/keys/{key_id}", ("DELETE",), auth="admin")
 def revoke_key(req: Request, key_id: str):
     return teams.revoke_key(key_id)
+
+
+# A team may use only the Lambda graders registered to it (chalicelib/services/lambda_graders.py).
+@route(bp, "/v1/admin/teams/{team_id}/lambda_graders", ("POST",), auth="admin", body=RegisterLambdaGrader)
+def register_lambda_grader(req: Request, team_id: str):
+    teams.get_team(team_id)
+    return lambda_graders.register(team_id, req.body.function_arn)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/lambda_graders", auth="admin")
+def list_lambda_graders(req: Request, team_id: str):
+    teams.get_team(team_id)
+    return {"object": "list", "data": lambda_graders.list_registered(team_id)}
+
+
+@route(bp, "/v1/admin/teams/{team_id}/lambda_graders/{name}", ("DELETE",), auth="admin")
+def unregister_lambda_grader(req: Request, team_id: str, name: str):
+    teams.get_team(team_id)
+    return lambda_graders.unregister(team_id, name)

@@ -35,13 +35,14 @@ class Preflight(StrictModel):
 
 @route(bp, "/v1/fine_tuning/alpha/graders/validate", ("POST",), body=ValidateGrader)
 def validate_grader(req: Request):
-    graders.compile_spec(req.body.grader)
+    graders.compile_spec(req.body.grader, team_id=req.team_id)
     return {"grader": req.body.grader}
 
 
 @route(bp, "/v1/fine_tuning/alpha/graders/run", ("POST",), body=RunGrader)
 def run_grader(req: Request):
-    return graders.dry_run(req.body.grader, req.body.model_sample, req.body.item)
+    return graders.dry_run(req.body.grader, req.body.model_sample, req.body.item, req.team_id,
+                           req.principal.key_id)
 
 
 @route(bp, "/v1/graders", ("POST",), body=SaveGrader)
@@ -61,4 +62,5 @@ def get_grader(req: Request, grader_id: str):
 
 @route(bp, "/v1/graders/preflight", ("POST",), body=Preflight)
 def preflight_grader(req: Request):
-    return preflight.run(req.team_id, req.body.grader, req.body.file_id, req.body.sample_size)
+    return preflight.run(req.team_id, req.body.grader, req.body.file_id, req.body.sample_size,
+                         req.principal.key_id)

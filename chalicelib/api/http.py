@@ -4,11 +4,18 @@ Views are declared with `@route(bp, path, ...)`; they receive a `Request` and th
 path parameters, and return a dict (200), a `(status, dict)` pair or a Chalice
 `Response`. Any `ApiError` becomes the OpenAI error envelope; anything else
 becomes a 500 with a request id and one log line, never a stack trace.
+
+Ids are checked here, once for every route, so that none reaches DynamoDB over its key limits: a
+path parameter over MAX_ID_CHARS characters or outside RFC 3986's path characters is a 404 (an id
+that cannot exist does not exist), and a top-level `model` in a JSON body over MAX_ID_CHARS
+characters is a 400 naming `model`. JSON bodies are parsed by `datasets.parse_json` (no NaN or
+Infinity, at most 64 levels deep).
 """
 from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,15 +24,22 @@ from typing import Any, Callable
 import pydantic
 from chalice import Blueprint, Response
 
-from chalicelib.errors import ApiError, InternalError, InvalidRequest, PayloadTooLarge, Unauthorized
+from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from chalicelib import deadline
 from chalicelib.config import settings
 from chalicelib.domain import keys
+from chalicelib.domain.datasets import JsonDepthError, parse_json
 from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
+from chalicelib.store import dynamo
+from pynamodb.exceptions import PynamoDBException
 from chalicelib.services import teams
 from chalicelib.services.teams import Principal
 
 ANY_CONTENT = ["*/*"]
+MAX_ID_CHARS = 256
+_PATH_ID = re.compile(rf"[A-Za-z0-9._~:@!$&'()*+,;=%/-]{{1,{MAX_ID_CHARS}}}")   # RFC 3986 pchar, and '/'
+
 
 
 @dataclass
@@ -80,6 +94,22 @@ def validation_error(exc: pydantic.ValidationError, prefix: str = "") -> Invalid
     return InvalidRequest(f"Invalid '{path}': {msg}{more}.", param=path or None)
 
 
+def check_path_params(params: dict[str, str]) -> None:
+    """404 for a path parameter that cannot be an id (too long, or characters no id has)."""
+    for name, value in params.items():
+        if not isinstance(value, str) or not _PATH_ID.fullmatch(value):
+            raise NotFound(f"No such {name.replace('_', ' ')}: ids are 1-{MAX_ID_CHARS} URL path characters.",
+                           param=name)
+
+
+def check_model_field(body: dict) -> None:
+    """400 naming `model` when a body's top-level `model` is longer than any model id can be."""
+    model = body.get("model")
+    if isinstance(model, str) and len(model) > MAX_ID_CHARS:
+        raise InvalidRequest(f"'model' is {len(model):,} characters; a model id is at most {MAX_ID_CHARS}.",
+                             param="model")
+
+
 def parse_json_body(raw: bytes, model: type[pydantic.BaseModel] | None) -> Any:
     if len(raw) > settings().max_json_body_bytes:
         raise PayloadTooLarge(f"Request body is {len(raw)} bytes; the limit is "
@@ -87,17 +117,27 @@ def parse_json_body(raw: bytes, model: type[pydantic.BaseModel] | None) -> Any:
     if not raw.strip():
         raise InvalidRequest("Request body must be a JSON object.")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = parse_json(raw)
+    except JsonDepthError as exc:
+        raise InvalidRequest(f"Request body is {exc}.") from None
+    except ValueError as exc:   # syntax, NaN/Infinity, undecodable bytes
         raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object.")
+    check_model_field(data)
     if model is None:
         return data
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def _lambda_context(bp: Blueprint):
+    try:
+        return bp.lambda_context
+    except (AttributeError, RuntimeError):   # not registered on an app (a test's own blueprint)
+        return None
 
 
 def _request_id(current) -> str:
@@ -145,9 +185,12 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                               request_id=request_id)
                 req.principal = _authenticate(auth, headers)
                 team_id = req.principal.team_id if req.principal else None
+                check_path_params(path_params)
                 if body is not None or json_body:
                     req.body = parse_json_body(raw, body)
-                result = fn(req, **path_params)
+                # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow.
+                with deadline.running(deadline.budget_from_context(_lambda_context(bp))):
+                    result = fn(req, **path_params)
                 if isinstance(result, Response):
                     result.headers.setdefault("x-request-id", request_id)
                     response = result
@@ -157,6 +200,15 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                     response = json_response(200, result, request_id)
             except ApiError as err:
                 response = error_response(err, request_id)
+            except PynamoDBException as exc:
+                if dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN):   # throttled or unreachable: 503
+                    logger.warning("dynamodb busy", extra={"path": current.path, "code": dynamo.response_code(exc)})
+                    response = error_response(dynamo.busy_error(current.path), request_id)
+                else:
+                    logger.exception("unhandled dynamodb error", extra={"path": current.path})
+                    response = error_response(InternalError(
+                        f"The server had an error while processing your request (request id {request_id})."),
+                        request_id)
             except Exception:  # noqa: BLE001 - the one place unexpected errors are turned into a 500
                 logger.exception("unhandled error", extra={"path": current.path})
                 response = error_response(InternalError(
@@ -192,4 +244,4 @@ def query_int(req: Request, name: str, default: int, lo: int, hi: int) -> int:
 
 class StrictModel(pydantic.BaseModel):
     """Request bodies: unknown fields are an error, never silently dropped."""
-    model_config = pydantic.ConfigDict(extra="forbid", strict=False)
+    model_config = pydantic.ConfigDict(extra="forbid", strict=False, defer_build=True)

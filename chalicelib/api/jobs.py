@@ -1,12 +1,11 @@
 """OpenAI-compatible fine-tuning jobs: /v1/fine_tuning/jobs."""
 from __future__ import annotations
 
-import json
-
 import pydantic
 from chalice import Blueprint
 
 from chalicelib.api.http import Request, query_int, route, validation_error
+from chalicelib.domain.datasets import parse_json
 from chalicelib.domain.jobs import CreateJob
 from chalicelib.errors import InvalidRequest
 from chalicelib.services import jobs
@@ -34,9 +33,12 @@ def list_jobs(req: Request):
         metadata = raw
     elif req.query.get("metadata"):
         try:
-            metadata = json.loads(req.query["metadata"])
+            metadata = parse_json(req.query["metadata"])
         except ValueError:
-            raise InvalidRequest("metadata must be a JSON object of strings.", param="metadata") from None
+            metadata = None
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InvalidRequest("metadata must be a JSON object of strings, e.g. metadata={\"team\":\"search\"}.",
+                                 param="metadata")
     return jobs.list_jobs(req.team_id, query_int(req, "limit", 20, 1, 100), req.query.get("after"), metadata)
 
 

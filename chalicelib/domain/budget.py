@@ -7,6 +7,10 @@ from decimal import Decimal, InvalidOperation
 from chalicelib.domain import pricing
 
 DEFAULT_OUTPUT_CAP = 4096        # tokens reserved when a call sets no max_tokens
+# Bounds on money an admin can type: past them a typo (or a 39-digit number) is refused
+# before it is saved, instead of breaking every later read of the team's budget.
+MAX_BUDGET_MICRO = 10_000_000 * 1_000_000      # $10M a month
+MAX_PRICE_PER_1M = 100_000                     # USD per 1M tokens
 _CHARS_PER_TOKEN = 3             # pessimistic on purpose: reservations must not under-estimate
 
 
@@ -20,14 +24,18 @@ def resets_at(period: str) -> int:
     return int(datetime(year, month, 1, tzinfo=timezone.utc).timestamp())
 
 
-def to_micro(usd) -> int:
+def to_micro(usd, maximum_micro: int | None = None) -> int:
     """An exact USD amount (string, int or Decimal; floats are read through their repr) in micro-dollars."""
+    if isinstance(usd, bool) or not isinstance(usd, (str, int, float, Decimal)) or len(str(usd)) > 40:
+        raise ValueError("must be a decimal amount such as \"25.00\"")
     try:
         value = Decimal(str(usd))
     except (InvalidOperation, ValueError):
         raise ValueError("not a number") from None
     if not value.is_finite() or value < 0:
         raise ValueError("must be a finite, non-negative amount")
+    if maximum_micro is not None and value * 1_000_000 > maximum_micro:
+        raise ValueError(f"at most {pricing.usd(maximum_micro)}")
     micro = value * 1_000_000
     if micro != micro.to_integral_value():
         raise ValueError("at most 6 decimal places (micro-dollars)")

@@ -11,13 +11,51 @@ constant memory (apart from the set of ids, used to flag duplicates).
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 MIN_ROWS = 100
 MAX_ROWS = 20_000
 MAX_REPORTED_ERRORS = 20
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _CHARS_PER_TOKEN = 4  # rough, model-independent estimate
+MAX_JSON_DEPTH = 64   # arrays/objects inside one another; chat rows and API bodies need far fewer
+
+
+class JsonDepthError(ValueError):
+    """JSON nested deeper than MAX_JSON_DEPTH."""
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON (use a number or null)")
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for untrusted input, shared by request bodies and dataset lines: refuses NaN and
+    Infinity (not JSON) and nesting deeper than `max_depth`, and never raises RecursionError.
+    Raises ValueError: json.JSONDecodeError for syntax, JsonDepthError for depth, a plain ValueError
+    for NaN/Infinity (UnicodeDecodeError for undecodable bytes)."""
+    too_deep = JsonDepthError(f"nested deeper than the limit of {max_depth} levels of arrays and objects")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise too_deep from None
+    opened = text.count(b"[") + text.count(b"{") if isinstance(text, bytes) else text.count("[") + text.count("{")
+    if opened > max_depth and isinstance(value, (dict, list)) and _depth_over(value, max_depth):
+        raise too_deep
+    return value
 
 
 def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -103,12 +141,18 @@ class DatasetValidator:
             self._error("empty line")
             return
         try:
-            row = json.loads(line.decode("utf-8"))  # decode first: json.loads(bytes) would accept UTF-16/32
+            row = parse_json(line.decode("utf-8"))  # decode first: json.loads(bytes) would accept UTF-16/32
         except UnicodeDecodeError:
             self._error("line is not valid UTF-8")
             return
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             self._error(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            return
+        except JsonDepthError as exc:
+            self._error(f"line is {exc}")
+            return
+        except ValueError as exc:   # NaN, Infinity
+            self._error(f"invalid JSON: {exc}")
             return
         problem, chars = check_row(row)
         if problem:

@@ -10,6 +10,10 @@ def now() -> int:
     return int(time.time())
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def new_id(prefix: str, nbytes: int = 12) -> str:
     return f"{prefix}-{secrets.token_hex(nbytes)}"
 

@@ -23,7 +23,7 @@ UNSUPPORTED_OPENAI_HYPERPARAMETERS = {"eval_interval", "eval_samples", "reasonin
 
 
 class _Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", defer_build=True)
 
 
 class Reinforcement(_Strict):
@@ -145,13 +145,20 @@ RESPONSE_TOKENS = 1024
 DEFAULT_EPOCHS = 1
 
 
-def estimate_cost(model: str, rows: int, prompt_tokens: int, n_epochs: int | None) -> dict:
+JUDGE_TEMPLATE_TOKENS = 200   # a judge prompt's own text around the rollout, per call
+
+
+def estimate_cost(price: pricing.Price | None, rows: int, prompt_tokens: int, n_epochs: int | None,
+                  judges: list[tuple[pricing.Price, int]] = ()) -> dict:
+    """Rollout tokens at `price` (the effective price: admin override or the repository's), and
+    the expected cost of the grader's LLM judges (one call per rollout per judge, at the judge's
+    price, its full output cap). Judge calls are held and metered one by one as they happen, so
+    only the rollouts are held for the job."""
     epochs = n_epochs or DEFAULT_EPOCHS
     rollouts = rows * epochs * SAMPLES_PER_PROMPT
     avg_prompt = prompt_tokens // rows if rows else 0
     input_tokens = rollouts * avg_prompt
     output_tokens = rollouts * RESPONSE_TOKENS
-    price = pricing.price_for(model)
     estimate = {
         "formula": "rows x n_epochs x samples_per_prompt x (avg_prompt_tokens x input_rate + "
                    "response_tokens x output_rate)",
@@ -159,11 +166,19 @@ def estimate_cost(model: str, rows: int, prompt_tokens: int, n_epochs: int | Non
         "avg_prompt_tokens": avg_prompt, "response_tokens": RESPONSE_TOKENS,
         "input_tokens": input_tokens, "output_tokens": output_tokens,
         "note": "Rollout tokens priced at the base model's on-demand rates: a lower bound, since Bedrock "
-                "publishes no RFT training price (UNCONFIRMED). Grader Lambda and judge costs are extra.",
+                "publishes no RFT training price (UNCONFIRMED). A team Lambda grader's own cost is extra.",
     }
     if price is None:
         return {**estimate, "priced": False, "estimated_micro_usd": None, "estimated_usd": None, "rates": None}
     micro = pricing.micro_usd(input_tokens, price.input) + pricing.micro_usd(output_tokens, price.output)
+    judge_in = avg_prompt + RESPONSE_TOKENS + JUDGE_TEMPLATE_TOKENS
+    judge = sum(rollouts * (pricing.micro_usd(judge_in, p.input) + pricing.micro_usd(cap, p.output))
+                for p, cap in judges)
+    estimate["judge"] = {"calls": rollouts * len(judges), "estimated_micro_usd": judge,
+                         "estimated_usd": pricing.usd(judge),
+                         "formula": "rollouts x judges x ((avg_prompt + response + template) tokens x input_rate "
+                                    "+ output cap x output_rate)"}
+    estimate["total_estimated_usd"] = pricing.usd(micro + judge)
     return {**estimate, "priced": True, "estimated_micro_usd": micro, "estimated_usd": pricing.usd(micro),
             "rates": {"input_usd_per_1m": str(price.input), "output_usd_per_1m": str(price.output),
                       "source": price.source, "indicative": price.indicative}}

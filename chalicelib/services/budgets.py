@@ -1,16 +1,27 @@
-"""Team budgets: reserve the worst case before any upstream call, settle to the actual cost.
+"""Team budgets: hold the worst case before any upstream call, settle to the actual cost.
 
-Every team has a period item holding `committed` (spent + open reservations) and `spent`.
-A reservation is one conditional ADD (`committed <= limit - amount`), so 50 concurrent calls
-against a budget that covers 10 admit at most 10; settling moves the reservation to the
-actual cost. Threshold crossings are announced once per threshold per period.
+Every team has one item per period holding `committed` (spent + open holds), `spent` and the
+open holds themselves ({hold id: micro}). Both writes are single UpdateItems -- never a
+transaction on this team-wide item, which DynamoDB would cancel under concurrency:
+
+- reserve: `SET holds.<id> = m, ADD committed m` if `committed <= limit - m` and the hold does
+  not exist. So 50 concurrent calls against a budget that covers 10 admit at most 10, and a
+  retry after an unknown outcome (timeout, 5xx) can never apply twice: the condition fails
+  and a consistent read shows the hold is ours.
+- settle: `REMOVE holds.<id>, ADD committed (actual - m), spent actual` if the hold exists.
+  Repeating it is a no-op, so settlements are retried, never skipped.
+
+Holds carry their creation time in their id. The reconciler settles an expired call hold
+from the ledger, or releases it as abandoned (services/metering.py); a job's hold is the job's
+to settle, unless no job was recorded with it (a crash between reserve and save).
+Threshold crossings are announced once per threshold per period (a deterministic outbox id).
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
-from pynamodb.transactions import TransactWrite
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, pricing
@@ -18,14 +29,17 @@ from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
 from chalicelib.services import outbox
 from chalicelib.services.cache import TTLCache
-from chalicelib.store.models import Budget, BudgetPeriod, connection
+from chalicelib.store import dynamo
+from chalicelib.store.models import Budget, BudgetPeriod
 
 _config = TTLCache(30)   # a changed budget is honoured within 30 s on other instances
+HOLD_TTL_SECONDS = 20 * 60   # longer than any call may run (a stream may take 15 minutes)
 
 
 class OverBudget(RateLimited):
     type = "insufficient_quota"
     code = "insufficient_quota"
+    should_retry = False
 
 
 @dataclass
@@ -33,33 +47,75 @@ class Reservation:
     team_id: str
     period: str
     micro: int                # 0 when the team has no budget
+    hold_id: str | None = None
     committed_after: int = 0
     limit_micro: int | None = None
 
 
+# ---- hold ids ------------------------------------------------------------------------------------
+
+def call_hold_id(created_ms: int) -> str:
+    """`c<created ms, hex>.<random>`: short (it is stored in the hot item) and self-dating."""
+    return f"c{created_ms:x}.{secrets.token_hex(4)}"
+
+
+def job_hold_id(job_id: str, created_ms: int) -> str:
+    """`j<created ms, hex>.<job id>`: a concurrent replay of one create holds under its own id
+    (and gives it back when it loses the race); the reconciler can tell an orphan from its job."""
+    return f"j{created_ms:x}.{job_id}"
+
+
+def hold_job_id(hold_id: str) -> str | None:
+    return hold_id.split(".", 1)[1] if hold_id.startswith("j") and "." in hold_id else None
+
+
+def hold_created_ms(hold_id: str) -> int | None:
+    if not hold_id[:1] in ("c", "j"):
+        return None
+    try:
+        return int(hold_id[1:].split(".", 1)[0], 16)
+    except ValueError:
+        return None
+
+
+def hold_expired(hold_id: str, now_s: float) -> bool:
+    """A call's hold past its time to live, or a job's hold old enough that its job, if it was
+    ever recorded, is surely there (the reconciler then checks which)."""
+    created = hold_created_ms(hold_id)
+    return created is not None and created / 1000 + HOLD_TTL_SECONDS < now_s
+
+
+# ---- config and view -----------------------------------------------------------------------------
+
 def config(team_id: str) -> Budget | None:
     def load():
         try:
-            return Budget.get(team_id)
+            return dynamo.call(lambda: Budget.get(team_id), idempotent=True, what="budget config read")
         except DoesNotExist:
             return None
     return _config.get(team_id, load)
 
 
-def _period_item(team_id: str, period: str) -> BudgetPeriod:
+def period_item(team_id: str, period: str) -> BudgetPeriod:
     try:
-        return BudgetPeriod.get(team_id, period, consistent_read=True)
+        return dynamo.call(lambda: BudgetPeriod.get(team_id, period, consistent_read=True),
+                           idempotent=True, what="budget read")
     except DoesNotExist:
         return BudgetPeriod(team_id, period)
+
+
+def open_holds(item: BudgetPeriod) -> dict[str, int]:
+    return {k: int(v) for k, v in (item.holds.as_dict() if item.holds else {}).items()}
 
 
 def view(team_id: str) -> dict:
     cfg = config(team_id)
     period = rules.period_of(ids.now())
-    item = _period_item(team_id, period)
+    item = period_item(team_id, period)
+    holds = open_holds(item)
     out = {"object": "budget", "team_id": team_id, "period": "monthly", "current_period": period,
            "resets_at": rules.resets_at(period), "spent_usd": pricing.usd(item.spent or 0),
-           "reserved_usd": pricing.usd((item.committed or 0) - (item.spent or 0)),
+           "reserved_usd": pricing.usd((item.committed or 0) - (item.spent or 0)), "open_holds": len(holds),
            "limit_usd": None, "remaining_usd": None, "alert_thresholds": [], "alerted": list(item.alerted or [])}
     if cfg:
         out.update({"limit_usd": pricing.usd(cfg.limit_micro), "alert_thresholds": list(cfg.thresholds),
@@ -71,7 +127,7 @@ def set_budget(team_id: str, body: dict) -> dict:
     if body.get("period", "monthly") != "monthly":
         raise InvalidRequest("period must be 'monthly' (calendar month, UTC).", param="period")
     try:
-        limit = rules.to_micro(body.get("limit_usd"))
+        limit = rules.to_micro(body.get("limit_usd"), rules.MAX_BUDGET_MICRO)
     except ValueError as exc:
         raise InvalidRequest(f"limit_usd: {exc}.", param="limit_usd") from None
     thresholds = body.get("alert_thresholds", [0.5, 0.8, 1.0])
@@ -84,59 +140,107 @@ def set_budget(team_id: str, body: dict) -> dict:
     return view(team_id)
 
 
-def reserve(team_id: str, micro: int) -> Reservation:
-    """Holds `micro` against the team's budget, or raises 429 insufficient_quota. No budget: no-op."""
+# ---- reserve and settle --------------------------------------------------------------------------
+
+def _over_budget(micro: int, cfg: Budget, period: str) -> OverBudget:
+    return OverBudget(f"This request could cost up to ${pricing.usd(micro)}, more than what is left of the "
+                      f"team's ${pricing.usd(cfg.limit_micro)} monthly budget (resets at "
+                      f"{rules.resets_at(period)}). Lower max_tokens or ask an admin to raise the budget.")
+
+
+def _ensure_period(team_id: str, period: str) -> None:
+    """Creates the period item with an empty holds map (a nested SET needs the map to exist)."""
+    try:
+        dynamo.call(lambda: BudgetPeriod(team_id, period, committed=0, spent=0, holds={}, alerted=[]).save(
+            condition=BudgetPeriod.period.does_not_exist()), idempotent=True, what="budget period create")
+    except PutError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+
+
+def _missing_map(exc: UpdateError) -> bool:
+    return dynamo.response_code(exc) == "ValidationException" and "document path" in str(exc.cause).lower()
+
+
+def reserve(team_id: str, micro: int, hold_id: str | None = None) -> Reservation:
+    """Holds `micro` against the team's budget, or raises 429 insufficient_quota (only when the
+    budget really has no room) or 503 (DynamoDB busy). No budget: a no-op. Idempotent per hold id."""
     cfg = config(team_id)
     period = rules.period_of(ids.now())
     if cfg is None:
         return Reservation(team_id, period, 0)
-    ceiling = cfg.limit_micro - micro
+    if micro > cfg.limit_micro:
+        raise _over_budget(micro, cfg, period)
+    hold_id = hold_id or call_hold_id(int(ids.now_ms()))
     item = BudgetPeriod(team_id, period)
+
+    def attempt():
+        item.update(actions=[BudgetPeriod.holds[hold_id].set(micro), BudgetPeriod.committed.add(micro)],
+                    condition=(BudgetPeriod.committed.does_not_exist()
+                               | (BudgetPeriod.committed <= cfg.limit_micro - micro))
+                    & BudgetPeriod.holds[hold_id].does_not_exist())
+
+    for _ in range(2):
+        try:
+            dynamo.call(attempt, idempotent=True, what="budget reservation")
+            return Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro)
+        except UpdateError as exc:
+            if _missing_map(exc):
+                _ensure_period(team_id, period)
+                continue
+            if not dynamo.is_condition(exc):
+                raise
+            current = period_item(team_id, period)
+            if hold_id in open_holds(current):      # an earlier attempt was applied after all
+                return Reservation(team_id, period, micro, hold_id, int(current.committed or 0), cfg.limit_micro)
+            raise _over_budget(micro, cfg, period) from None
+    raise dynamo.busy_error("budget reservation")
+
+
+def settle(res: Reservation, actual_micro: int) -> bool:
+    """Moves a hold to spend at `actual_micro` (0 releases it). True if this call settled it,
+    False if it was settled already. Raises StoreBusy (503) when DynamoDB stays busy."""
+    if not res.hold_id:
+        return False
+    item = BudgetPeriod(res.team_id, res.period)
     try:
-        if ceiling < 0:
-            raise UpdateError("over")
-        item.update(actions=[BudgetPeriod.committed.add(micro)],
-                    condition=BudgetPeriod.committed.does_not_exist() | (BudgetPeriod.committed <= ceiling))
-    except UpdateError:
-        raise OverBudget(f"This request could cost up to ${pricing.usd(micro)}, more than what is left of the "
-                         f"team's ${pricing.usd(cfg.limit_micro)} monthly budget (resets at "
-                         f"{rules.resets_at(period)}). Lower max_tokens or ask an admin to raise the budget.") \
-            from None
-    return Reservation(team_id, period, micro, int(item.committed), cfg.limit_micro)
+        dynamo.call(lambda: item.update(
+            actions=[BudgetPeriod.holds[res.hold_id].remove(), BudgetPeriod.committed.add(actual_micro - res.micro),
+                     BudgetPeriod.spent.add(actual_micro)],
+            condition=BudgetPeriod.holds[res.hold_id].exists()), idempotent=True, what="budget settlement")
+    except UpdateError as exc:
+        if dynamo.is_condition(exc) or _missing_map(exc):
+            return False
+        raise
+    if actual_micro:
+        res.committed_after = int(item.committed or 0)
+        announce_thresholds(res, actual_micro, int(item.spent or 0))
+    return True
 
 
-def settle_in(tx: TransactWrite, res: Reservation, actual_micro: int) -> None:
-    """Adds the settlement of `res` at `actual_micro` to a transaction (always records spend)."""
-    tx.update(BudgetPeriod(res.team_id, res.period),
-              actions=[BudgetPeriod.committed.add(actual_micro - res.micro), BudgetPeriod.spent.add(actual_micro)])
-
-
-def settle(res: Reservation, actual_micro: int) -> None:
-    with TransactWrite(connection=connection()) as tx:
-        settle_in(tx, res, actual_micro)
-    announce_thresholds(res, actual_micro)
-
-
-def announce_thresholds(res: Reservation, actual_micro: int) -> None:
-    """Cheap check first (from the reservation's view of the counter); reads only near a threshold."""
+def announce_thresholds(res: Reservation, actual_micro: int, spent_after: int) -> None:
+    """Once per threshold per period: the outbox event's id is derived from (team, period,
+    threshold) and written only if absent, so racing calls announce it once, with no
+    transaction on the budget item."""
     cfg = config(res.team_id)
     if cfg is None or not cfg.thresholds:
         return
-    estimate_after = res.committed_after - res.micro + actual_micro
-    if not rules.crossed(cfg.thresholds, cfg.limit_micro, estimate_after - actual_micro - 1, estimate_after, []):
-        return
-    item = _period_item(res.team_id, res.period)
-    for t in rules.crossed(cfg.thresholds, cfg.limit_micro, -1, item.spent or 0, list(item.alerted or [])):
+    for t in rules.crossed(cfg.thresholds, cfg.limit_micro, spent_after - actual_micro, spent_after, []):
         event = outbox.stage("rft-hub.budget.threshold_crossed", res.team_id, threshold=t, period=res.period,
-                             limit_usd=pricing.usd(cfg.limit_micro), spent_usd=pricing.usd(item.spent or 0),
-                             resets_at=rules.resets_at(res.period))
+                             limit_usd=pricing.usd(cfg.limit_micro), spent_usd=pricing.usd(spent_after),
+                             resets_at=rules.resets_at(res.period),
+                             event_id=ids.stable_id("evt", "budget", res.team_id, res.period, str(t)))
         try:
-            with TransactWrite(connection=connection()) as tx:
-                tx.update(BudgetPeriod(res.team_id, res.period),
-                          actions=[BudgetPeriod.alerted.set((BudgetPeriod.alerted | []).append([t]))],
-                          condition=BudgetPeriod.alerted.does_not_exist() | ~BudgetPeriod.alerted.contains(t))
-                tx.save(event)
-        except TransactWriteError:
-            continue   # another call announced it
+            dynamo.call(lambda: event.save(condition=type(event).event_id.does_not_exist()),
+                        idempotent=True, what="threshold event")
+        except PutError as exc:
+            if dynamo.is_condition(exc):
+                continue   # another call announced it
+            raise
+        try:
+            BudgetPeriod(res.team_id, res.period).update(
+                actions=[BudgetPeriod.alerted.set((BudgetPeriod.alerted | []).append([t]))])
+        except UpdateError:
+            pass   # `alerted` is a view for people; the event above is what counts
         logger.info("budget threshold crossed", extra={"team_id": res.team_id, "threshold": t})
         outbox.publish([event])

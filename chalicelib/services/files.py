@@ -12,6 +12,7 @@ from chalicelib.config import settings
 from chalicelib.domain import datasets, ids
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from chalicelib.store.models import File, Upload
+from chalicelib.store import dynamo, pagination
 
 PURPOSE = "fine-tune"
 UPLOAD_TTL_SECONDS = 3600
@@ -78,15 +79,29 @@ def get_file(team_id: str, file_id: str) -> File:
 
 def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
                order: str = "desc") -> dict:
-    items = [f for f in File.query(team_id) if purpose is None or f.purpose == purpose]
-    items.sort(key=lambda f: (f.created_at, f.file_id), reverse=(order != "asc"))
-    if after:
-        idx = next((i for i, f in enumerate(items) if f.file_id == after), None)
-        items = items[idx + 1:] if idx is not None else []
-    page = items[:limit]
-    data = [file_view(f) for f in page]
-    return {"object": "list", "data": data, "has_more": len(items) > limit,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    """One bounded query on the `by_created` index, in `order` of creation: `after` is a file id
+    (its created_at, from one GetItem, positions the query) or an rft_next_cursor."""
+    empty = {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None,
+             "rft_next_cursor": None}
+    if purpose is not None and purpose != PURPOSE:
+        return empty           # every stored file is a fine-tune file (create and uploads check it)
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, File, hash_value=team_id, index="by_created")
+    elif after:
+        if len(after.encode()) > 1024:   # longer than any id (and than a DynamoDB key may be)
+            return empty
+        try:
+            anchor = dynamo.call(lambda: File.get(team_id, after), idempotent=True, what="file list")
+        except DoesNotExist:
+            return empty
+        start = pagination.start_key(File, anchor, "by_created")
+    page = pagination.query(File, team_id, index="by_created", limit=limit, start=start,
+                            newest_first=order != "asc", what="file list")
+    data = [file_view(f) for f in page.items]
+    return {"object": "list", "data": data, "has_more": page.has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+            "rft_next_cursor": page.cursor if page.has_more else None}
 
 
 def delete_file(team_id: str, file_id: str) -> dict:

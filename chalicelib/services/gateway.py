@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from chalicelib import deadline
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.domain import budget as budget_rules
@@ -23,8 +24,10 @@ from chalicelib.store.models import LedgerEntry
 
 
 
-def deadline() -> float:
-    return min(25.0, settings().bedrock_retry_deadline_seconds)   # API Gateway gives up at 29 s
+def upstream_deadline() -> float:
+    """Seconds the upstream call may take: what the request has left (API Gateway gives up at
+    29 s), keeping time to write the bill afterwards."""
+    return max(0.5, min(settings().bedrock_retry_deadline_seconds, deadline.remaining() - 1.0))
 
 
 @dataclass
@@ -47,27 +50,41 @@ def base_models() -> set[str]:
     return set(pricing.repository_prices())
 
 
-def resolve(team_id: str, model) -> Target:
+def resolve(team_id: str, model, param: str = "model") -> Target:
     if not isinstance(model, str) or not model:
-        raise InvalidRequest("model is required.", param="model")
-
+        raise InvalidRequest(f"{param} is required.", param=param)
+    if len(model) > 256:
+        raise InvalidRequest(f"{param} is longer than 256 characters.", param=param)
     if model in base_models():
         return Target(model, model, model, None)
     found = registry.resolve_cached(team_id, model)
     if found is None:
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
+        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param=param,
                        code="model_not_found")
     return Target(model, found["model"], found["base_model"], found.get("alias"))
 
 
 def _max_output(body: dict, *names: str) -> int | None:
+    """The largest output limit the caller set under any of `names`: the upstream may honour
+    any one of them, so the hold must cover the largest (max_completion_tokens: 1 with
+    max_tokens: 100000 reserves for 100000)."""
+    limits = []
     for name in names:
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be a positive integer.", param=name)
-            return value
-    return None
+            limits.append(value)
+    return max(limits) if limits else None
+
+
+def _stream_flag(body: dict) -> bool:
+    value = body.get("stream", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest("stream must be true or false.", param="stream")
+    return value
 
 
 def _sse_events(raw: bytes):
@@ -99,6 +116,13 @@ def _stream_body(raw: bytes, client_wants_usage: bool) -> tuple[bytes, dict | No
 def _tokens(usage: dict | None, style: str) -> tuple[int, int, int] | None:
     if not isinstance(usage, dict):
         return None
+    try:
+        return _count(usage, style)
+    except (TypeError, ValueError, AttributeError):
+        return None      # malformed usage: treated as missing (the hold is charged)
+
+
+def _count(usage: dict, style: str) -> tuple[int, int, int]:
     if style == "chat":
         details = usage.get("prompt_tokens_details") or {}
         return int(usage.get("prompt_tokens") or 0), int(details.get("cached_tokens") or 0), \
@@ -108,37 +132,40 @@ def _tokens(usage: dict | None, style: str) -> tuple[int, int, int] | None:
         int(usage.get("output_tokens") or 0)
 
 
-def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
-          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply:
-    team_id = principal.team_id
-    target = resolve(team_id, body.get("model"))
+def priced(team_id: str, model, param: str = "model") -> tuple[Target, pricing.Price]:
+    target = resolve(team_id, model, param)
     price = prices.price(target.upstream, target.base_model)
     if price is None:
         raise InvalidRequest(f"Model '{target.requested}' has no price, so calls to it cannot be metered; an "
-                             "admin can set one with PUT /v1/admin/prices/{model}.", param="model",
+                             "admin can set one with PUT /v1/admin/prices/{model}.", param=param,
                              code="model_not_priced")
-    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(prompt), max_output, choices)
-    reservation = budgets.reserve(team_id, worst)      # 429 insufficient_quota before any upstream call
-    upstream_body = {**body, "model": target.upstream}
-    entry = LedgerEntry(team_id, f"{int(time.time() * 1000):013d}#{request_id}", request_id=request_id,
-                        key_id=principal.key_id, model=target.requested, upstream_model=target.upstream,
+    return target, price
+
+
+def _metered(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
+             *, endpoint: str, stream: bool, invoke, kind: str = "inference", job_id: str | None = None):
+    """Holds `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), writes
+    the ledger and settles the hold at the exact cost: the one metering path of every model call
+    rft-hub makes for a team (gateway calls and grader judges alike). Returns (result, entry)."""
+    created_ms = ids.now_ms()
+    # 429 insufficient_quota (really over) or 503 (DynamoDB busy) before any upstream call.
+    reservation = budgets.reserve(team_id, worst, budgets.call_hold_id(created_ms))
+    entry = LedgerEntry(team_id, metering.sort_key(created_ms, request_id), request_id=request_id,
+                        key_id=key_id, model=target.requested, upstream_model=target.upstream,
                         alias=target.alias, endpoint=endpoint, reserved_micro=worst, stream=stream,
-                        created_at=ids.now(), status=200)
+                        created_at=created_ms // 1000, status=200, kind=kind, job_id=job_id)
     started = time.perf_counter()
     try:
-        status, content_type, raw = bedrock.forward(endpoint, upstream_body, deadline())
+        result, counted = invoke()
     except ApiError as err:
-        entry.status = err.status
+        entry.status, entry.outcome = err.status, "error"
         entry.latency_ms = int((time.perf_counter() - started) * 1000)
-        metering.record(reservation, entry)            # releases the reservation; the error is on the ledger
+        metering.record(reservation, entry)            # the failure is on the ledger; the hold is released
+        raise
+    except BaseException:
+        budgets.settle(reservation, 0)                 # nothing was served: never leave the hold
         raise
     entry.latency_ms = int((time.perf_counter() - started) * 1000)
-    if stream:
-        raw, usage = _stream_body(raw, client_wants_usage)
-        content_type = "text/event-stream"
-    else:
-        usage = json.loads(raw).get("usage") if raw else None
-    counted = _tokens(usage, style)
     if counted is None:
         # Never record a call at $0: without usage we charge what was reserved (the worst case).
         logger.warning("upstream reported no usage; charging the reservation", extra={"model": target.upstream})
@@ -146,20 +173,79 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     else:
         entry.input_tokens, entry.cached_tokens, entry.output_tokens = counted
         entry.cost_micro = pricing.cost_of_usage(price, *counted)
-    try:
-        metering.record(reservation, entry)
-    except Exception:  # noqa: BLE001 - the caller was served; keep the record in the logs, keep the hold
-        logger.exception("ledger write failed; reservation kept", extra={
-            "request_id": request_id, "team_id": team_id, "model": target.requested, "cost_micro": entry.cost_micro,
-            "input_tokens": entry.input_tokens, "output_tokens": entry.output_tokens})
+    if entry.cost_micro > worst:
+        logger.warning("call cost more than its hold", extra={"request_id": request_id, "cost": entry.cost_micro,
+                                                              "reserved": worst})
+    metering.record(reservation, entry)                # never raises: DLQ and reconciler behind it
+    return result, entry
+
+
+def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
+          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply:
+    target, price = priced(principal.team_id, body.get("model"))
+    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(prompt), max_output, choices)
+
+    def invoke():
+        status, content_type, raw = bedrock.forward(endpoint, {**body, "model": target.upstream},
+                                                    upstream_deadline())
+        if stream:
+            raw, usage = _stream_body(raw, client_wants_usage)
+            content_type = "text/event-stream"
+        else:
+            try:
+                usage = json.loads(raw).get("usage") if raw else None
+            except (ValueError, AttributeError):
+                usage = None
+        return (status, content_type, raw), _tokens(usage, style)
+
+    (status, content_type, raw), entry = _metered(principal.team_id, principal.key_id, request_id, target, price,
+                                                  worst, endpoint=endpoint, stream=stream, invoke=invoke)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
     return Reply(status, content_type, raw, headers)
+
+
+def check_judges(team_id: str, judges: list[tuple[str, str, int]]) -> None:
+    """A grader's judge models resolve exactly as the gateway resolves them for the team (priced
+    base models, the team's own tuned models and aliases); anything else is a 400 naming it."""
+    for model, param, _ in judges:
+        try:
+            priced(team_id, model, param)
+        except NotFound:
+            raise InvalidRequest(f"The judge model '{model}' does not exist or you do not have access to it.",
+                                 param=param, code="invalid_grader") from None
+
+
+def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None, spent: list | None = None):
+    """A `Deps.judge` for one team: every call metered on the ledger (kind `grader`, with the job
+    id when there is one) and held to the team's budget; over budget raises JudgeRefused.
+    `spent`, when given, collects each call's cost in micro-dollars."""
+    from chalicelib.domain.graders import JudgeRefused
+
+    def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
+        target, price = priced(team_id, model, "grader.model")
+        worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
+                                              sampling.get("max_completion_tokens"))
+
+        def invoke():
+            text, usage = bedrock.judge(target.upstream, messages, sampling, upstream_deadline())
+            return (text, int((usage or {}).get("total_tokens") or 0)), _tokens(usage, "chat")
+
+        try:
+            result, entry = _metered(team_id, key_id or "grader", ids.new_id("judge", 8), target, price, worst,
+                                     endpoint="/chat/completions", stream=False, invoke=invoke, kind="grader",
+                                     job_id=job_id)
+        except budgets.OverBudget as err:
+            raise JudgeRefused(err) from None
+        if spent is not None:
+            spent.append(entry.cost_micro)
+        return result
+    return call
 
 
 def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise InvalidRequest("messages must be a non-empty list.", param="messages")
-    stream = body.get("stream") is True
+    stream = _stream_flag(body)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object.", param="stream_options")
@@ -181,7 +267,7 @@ def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply
 def responses(principal: Principal, request_id: str, body: dict) -> Reply:
     if body.get("input") is None:
         raise InvalidRequest("input is required.", param="input")
-    if body.get("stream") is True:
+    if _stream_flag(body):
         raise InvalidRequest("stream is not supported on /v1/responses through rft-hub yet (API Gateway and "
                              "Lambda cannot stream); call without stream.", param="stream")
     if body.get("background") is True:

@@ -14,25 +14,41 @@ from typing import Any
 
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
-from chalicelib.adapters import bedrock, lambdas
+from chalicelib.adapters import lambdas
 from chalicelib.domain import ids
-from chalicelib.domain.graders import ERROR_KINDS, Deps, Grader, GraderSpecError, build, run_text
+from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build,
+                                       judge_models, run_text)
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from chalicelib.services import lambda_graders
+from chalicelib.store import dynamo
 from chalicelib.store.models import GraderSpec, GraderVersion, SavedGrader
 
 REF_FIELD = "rft_grader_ref"
 PARAM = "method.reinforcement.grader"
 
 
-def deps() -> Deps:
-    return Deps(judge=bedrock.judge, invoke_lambda=lambdas.invoke)
+def deps(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
+         spent: list | None = None) -> Deps:
+    """What a team's graders may call: judges through the gateway's metering and budget (the
+    team's models only), and Lambda graders (registered to the team, checked at compile time)."""
+    from chalicelib.services import gateway   # the gateway's imports are not needed by every grader path
+
+    return Deps(judge=gateway.judge(team_id, key_id=key_id, job_id=job_id, spent=spent),
+                invoke_lambda=lambdas.invoke)
 
 
-def compile_spec(spec: Any, param: str = "grader") -> Grader:
+def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -> Grader:
     try:
-        return build(spec, param)
+        grader = build(spec, param)
     except GraderSpecError as exc:
         raise InvalidRequest(f"Invalid grader: {exc}.", param=exc.param, code="invalid_grader") from None
+    # Lambda graders: only functions registered to the team (services/lambda_graders.py); without a
+    # team_id, still only functions registered to some team.
+    lambda_graders.check(team_id, grader, param)
+    if team_id is not None:
+        from chalicelib.services import gateway
+        gateway.check_judges(team_id, judge_models(spec, param))
+    return grader
 
 
 # ---- dry runs (OpenAI's /fine_tuning/alpha/graders endpoints) ----------------------------------
@@ -52,11 +68,14 @@ def run_view(grader: Grader, result, seconds: float) -> dict:
             "model_grader_token_usage_per_model": {result.model: result.token_usage} if result.model else {}}
 
 
-def dry_run(spec: Any, model_sample: str, item: Any) -> dict:
-    grader = compile_spec(spec)
+def dry_run(spec: Any, model_sample: str, item: Any, team_id: str, key_id: str | None = None) -> dict:
+    grader = compile_spec(spec, team_id=team_id)
     if item is not None and not isinstance(item, dict):
         raise InvalidRequest("item must be an object.", param="item")
-    result, seconds = run_text(grader, model_sample, item or {}, deps())
+    try:
+        result, seconds = run_text(grader, model_sample, item or {}, deps(team_id, key_id=key_id))
+    except JudgeRefused as refused:
+        raise refused.error from None          # out of budget: the 429, not a graded error
     return run_view(grader, result, seconds)
 
 
@@ -72,7 +91,7 @@ def store_spec(spec: dict) -> str:
     try:
         GraderSpec(digest, spec=spec, created_at=ids.now()).save(condition=GraderSpec.spec_hash.does_not_exist())
     except PutError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
+        if not dynamo.is_condition(exc):
             raise
     return f"spec:{digest}"
 
@@ -89,7 +108,7 @@ def version_view(v: GraderVersion, spec: dict | None = None) -> dict:
 
 
 def save(team_id: str, name: str, spec: dict) -> dict:
-    compile_spec(spec)
+    compile_spec(spec, team_id=team_id)
     ref = store_spec(spec)
     now = ids.now()
     for _ in range(5):   # optimistic: the version number is claimed with a conditional write
@@ -160,7 +179,7 @@ def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None
         spec = get(team_id, grader["id"], version)["grader"]
     else:
         spec = grader
-    compiled = compile_spec(spec, PARAM)
+    compiled = compile_spec(spec, PARAM, team_id)
     if compiled.type == "lambda":
         return spec, compiled.arn, None
     return spec, hosted_grader_arn(), store_spec(spec)

@@ -11,17 +11,22 @@ import json
 import tempfile
 
 
-from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
+from pynamodb.exceptions import DoesNotExist, PutError, PynamoDBException, TransactWriteError, UpdateError
+from pynamodb.expressions.operand import Path
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.adapters import bedrock
-from chalicelib.config import settings
+from chalicelib.adapters import aws, bedrock
+from chalicelib.config import jobs_queue, settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS, iter_lines
+from chalicelib.domain.graders import calls_out, judge_models
+from chalicelib.services.graders import PARAM
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
-from chalicelib.services import budgets, files, graders, outbox, preflight, registry
+from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry
+from chalicelib.store import dynamo
+from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
 
 ACTIVE = "active"
@@ -82,16 +87,30 @@ def _training_file(team_id: str, file_id: str, param: str, enforce_rows: bool) -
 PREFLIGHT_ROWS = 8
 
 
-def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
-    """A small preflight; a critical finding refuses the job unless the request says "warn"."""
-    report = preflight.run(team_id, spec, req.training_file, PREFLIGHT_ROWS)
+def _blocking(report: dict, mode: str) -> str | None:
+    """The message that refuses a job whose preflight found critical problems (mode "block")."""
     critical = [f for f in report["findings"] if f["severity"] == "critical"]
-    if critical and req.preflight == "block":
-        listed = " ".join(f"[{f['code']}] {f['message']}" for f in critical)
-        raise InvalidRequest(f"Grader preflight found problems: {listed} Fix the grader, or send "
-                             "\"preflight\": \"warn\" to train anyway.", param="method.reinforcement.grader",
-                             code="grader_preflight_failed")
+    if not critical or mode != "block":
+        return None
+    listed = " ".join(f"[{f['code']}] {f['message']}" for f in critical)
+    return f"Grader preflight found problems: {listed} Fix the grader, or send \"preflight\": \"warn\" to train anyway."
+
+
+def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
+    """The preflight of a grader that runs locally and cheaply, on the request path: a critical
+    finding refuses the job (400) before it exists, unless the request says "warn"."""
+    report = preflight.run(team_id, spec, req.training_file, PREFLIGHT_ROWS)
+    refused = _blocking(report, req.preflight)
+    if refused:
+        raise InvalidRequest(refused, param="method.reinforcement.grader", code="grader_preflight_failed")
     return report
+
+
+def _judge_prices(team_id: str, spec: dict) -> list:
+    """(price, output cap) of each LLM judge in the grader, priced as the gateway prices them."""
+    from chalicelib.services import gateway
+
+    return [(gateway.priced(team_id, model, param)[1], cap) for model, param, cap in judge_models(spec, PARAM)]
 
 
 def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None) -> tuple[int, dict]:
@@ -108,7 +127,16 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         existing = Job.get(team_id, job_id, consistent_read=True)   # a replay: no second preflight
     except DoesNotExist:
         existing = None
-    checked = _preflight(team_id, req, spec) if existing is None else None
+    price = prices.price(req.model)
+    if price is None:
+        # Unpriced means refused, for training as for inference: a $0 hold is no budget at all.
+        raise InvalidRequest(f"Model '{req.model}' has no price, so its training cannot be estimated or held "
+                             "against the budget; an admin can set one with PUT /v1/admin/prices/{model}.",
+                             param="model", code="model_not_priced")
+    # Graders that call out (an LLM judge, a team Lambda) are preflighted by the job worker: on
+    # this path they could take longer than API Gateway's 29 s.
+    deferred = calls_out(spec)
+    checked = _preflight(team_id, req, spec) if existing is None and not deferred else None
     report = training.validation or {}
     now = ids.now()
     job = Job(team_id, job_id, status="validating_files", model=req.model, training_file=req.training_file,
@@ -116,38 +144,130 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
                                                                                 exclude_none=True),
               bedrock_method=rules.bedrock_method(lambda_arn, hyperparameters), suffix=req.suffix,
               metadata=req.metadata, seed=req.seed, created_at=now, updated_at=now,
-              estimate=rules.estimate_cost(req.model, report.get("rows", 0), report.get("estimated_tokens", 0),
-                                           hyperparameters.get("n_epochs")),
+              estimate=rules.estimate_cost(price, report.get("rows", 0), report.get("estimated_tokens", 0),
+                                           hyperparameters.get("n_epochs"), judges=_judge_prices(team_id, spec)),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
-              status_path=["validating_files"], grader_ref=grader_ref, preflight=checked)
+              status_path=["validating_files"], grader_ref=grader_ref, preflight=checked,
+              preflight_state="queued" if deferred else "done", preflight_mode=req.preflight)
+    held = None
     if existing is None:
         # Training spend is held against the team budget like inference: 429 when it does not fit.
-        held = budgets.reserve(team_id, job.estimate.get("estimated_micro_usd") or 0)
-        job.budget_reserved_micro, job.budget_period = held.micro, held.period
+        # The hold is keyed by the job id, so a replayed create can never hold twice.
+        held = budgets.reserve(team_id, job.estimate.get("estimated_micro_usd") or 0,
+                               budgets.job_hold_id(job_id, ids.now_ms()))
+        job.budget_reserved_micro, job.budget_period, job.budget_hold_id = held.micro, held.period, held.hold_id
     try:
-        job.save(condition=Job.job_id.does_not_exist())
+        dynamo.call(lambda: job.save(condition=Job.job_id.does_not_exist()), idempotent=True, what="job create")
     except PutError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
+        if not dynamo.is_condition(exc):
+            _release(held)
+            if dynamo.response_code(exc) == "ValidationException":
+                raise InvalidRequest(f"The job request is too large to store; "
+                                     "shorten the grader or metadata.", param="method") from None
             raise
-        if existing is None:
-            budgets.settle(held, 0)   # a concurrent replay created it first: release our hold
         existing = get_job(team_id, job_id)
+        _release(held)                # a concurrent replay created it first, with its own hold
         if existing.request_hash != request_hash:
             raise Conflict("This Idempotency-Key was already used with a different request body.",
                            param="Idempotency-Key", code="idempotency_key_reused") from None
-        if existing.submit_state in ("pending", "submitting"):
-            existing = submit(existing)
+        if existing.submit_state == "pending":
+            _enqueue(existing)        # harmless if the first message is still queued: the worker is idempotent
         return 200, job_view(existing)
     record_event(job, f"Job created by rft-hub; estimated cost "
                       f"{job.estimate.get('estimated_usd') or 'unpriced'} USD.", source="rft-hub")
-    if checked and checked["findings"]:
-        record_event(job, "Grader preflight: " + "; ".join(f"{f['severity']} {f['code']}" for f in checked["findings"]),
-                     level="warn" if not checked["passed"] else "info", source="rft-hub", data=checked)
+    if checked:
+        _record_preflight(job, checked)
+    _enqueue(job)
+    return 200, job_view(job)
+
+
+# ---- the job worker: preflight that calls out, dataset preparation, submission -------------------
+
+def _enqueue(job: Job) -> None:
+    """Hands the job to the worker. If the queue cannot be reached, the reconciler's next pass
+    finds the job pending and does the same work: nothing is lost, only later."""
+    try:
+        sqs = aws.sqs()
+        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=jobs_queue())["QueueUrl"],
+                         MessageBody=json.dumps({"team_id": job.team_id, "job_id": job.job_id}))
+    except Exception as exc:  # noqa: BLE001 - see above
+        logger.warning("job not queued; the reconciler will prepare it", extra={"job_id": job.job_id,
+                                                                               "error": type(exc).__name__})
+
+
+def _record_preflight(job: Job, report: dict) -> None:
+    if report["findings"]:
+        record_event(job, "Grader preflight: " + "; ".join(f"{f['severity']} {f['code']}" for f in report["findings"]),
+                     level="warn" if not report["passed"] else "info", source="rft-hub", data=report)
+
+
+PREFLIGHT_LEASE_SECONDS = 600
+
+
+def prepare(team_id: str, job_id: str) -> str:
+    """The worker's step for one job, safe to repeat (a redelivered message, the reconciler):
+    the deferred preflight once (under a lease), then the submission (under its own lease)."""
+    job = get_job(team_id, job_id)
+    if job.status in rules.TERMINAL or job.submit_state not in ("pending", "submitting"):
+        return "nothing to do"
+    if job.preflight_state in ("queued", "running"):
+        outcome = _deferred_preflight(job)
+        if outcome != "passed":
+            return outcome
     job = submit(job)
-    if job.submit_state == "rejected":
-        raise InvalidRequest(f"{job.error['message']} (job {job.job_id} was recorded as failed)",
-                             param=job.error.get("param"), code="bedrock_rejected")
-    return 201, job_view(job)
+    return job.submit_state
+
+
+def _deferred_preflight(job: Job) -> str:
+    now = ids.now()
+    try:
+        job.update(actions=[Job.preflight_state.set("running"), Job.preflight_lease_until.set(
+            now + PREFLIGHT_LEASE_SECONDS)],
+                   condition=(Job.preflight_state == "queued") |
+                             ((Job.preflight_state == "running") & (Job.preflight_lease_until < now)))
+    except UpdateError as exc:
+        if dynamo.is_condition(exc):
+            return "preflight running elsewhere"
+        raise
+    spec, _, _ = graders.resolve(job.team_id, job.method["reinforcement"]["grader"])
+    try:
+        report = preflight.run(job.team_id, spec, job.training_file, PREFLIGHT_ROWS)
+    except ApiError as err:     # e.g. the budget cannot pay for the judge calls: the job cannot train
+        error = {"code": err.code or "grader_preflight_failed", "message": f"Grader preflight could not run: "
+                 f"{err.message}", "param": "method.reinforcement.grader"}
+        _fail_before_bedrock(job, error, None)
+        return "failed"
+    refused = _blocking(report, job.preflight_mode or "block")
+    if refused:
+        _fail_before_bedrock(job, {"code": "grader_preflight_failed", "message": refused,
+                                   "param": "method.reinforcement.grader"}, report)
+        return "failed"
+    job.update(actions=[Job.preflight.set(report), Job.preflight_state.set("done"),
+                        Job.preflight_lease_until.remove()])
+    _record_preflight(job, report)
+    return "passed"
+
+
+def _fail_before_bedrock(job: Job, error: dict, report: dict | None) -> None:
+    """Fails a job that never reached Bedrock; its budget hold is released when it finalizes."""
+    actions = [Job.preflight_state.set("failed"), Job.preflight_lease_until.remove(),
+               Job.submit_state.set("rejected"), Job.error.set(error)]
+    if report is not None:
+        actions.append(Job.preflight.set(report))
+    try:
+        job.update(actions=actions, condition=Job.submit_state == "pending")
+    except UpdateError as exc:
+        if dynamo.is_condition(exc):
+            return            # cancelled meanwhile: nothing to fail
+        raise
+    record_event(job, error["message"], level="error", source="rft-hub", data=report)
+    apply_status(job, "failed", source="rft-hub", error=error)
+
+
+def _release(held: budgets.Reservation | None) -> None:
+    """Gives back a hold whose job was never recorded (never leave money held for nothing)."""
+    if held is not None and held.hold_id:
+        budgets.settle(held, 0)
 
 
 def _acquire_lease(job: Job) -> bool:
@@ -160,19 +280,21 @@ def _acquire_lease(job: Job) -> bool:
                              ((Job.submit_state == "submitting") & (Job.submit_lease_until < now)))
         return True
     except UpdateError as exc:
-        if exc.cause_response_code == "ConditionalCheckFailedException":
+        if dynamo.is_condition(exc):
             return False
         raise
 
 
-def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None) -> str:
-    """Uploads a dataset to Bedrock's Files API once per grader; later jobs reuse the id.
+def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id: str) -> str:
+    """Uploads a dataset to Bedrock's Files API: once per file for Lambda graders (later jobs
+    reuse the id), once per job for hosted graders.
 
-    For hosted graders every row carries `rft_grader_ref` (extra fields reach the reward
-    Lambda), so the Lambda knows which grader applies.
+    For hosted graders every row carries `rft_grader_ref` and `rft_job` (extra fields reach the
+    reward Lambda), so the Lambda knows which grader applies and whose budget its judge calls
+    are held to.
     """
     record = files.get_file(team_id, file_id)
-    key = grader_ref or ""
+    key = f"{grader_ref}#{job_id}" if grader_ref else ""
     if (record.bedrock_files or {}).get(key):
         return record.bedrock_files[key]
     # Lambda's /tmp holds files far larger than its memory; stream S3 -> disk -> Bedrock.
@@ -182,6 +304,7 @@ def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None) -> str:
                 if line.strip():
                     row = json.loads(line)
                     row[graders.REF_FIELD] = grader_ref
+                    row[hosted_grader.JOB_FIELD] = f"{team_id}/{job_id}"
                     tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
         else:
             for chunk in files.open_content(record):
@@ -209,8 +332,8 @@ def submit(job: Job) -> Job:
     if not _acquire_lease(job):
         return get_job(job.team_id, job.job_id)
     try:
-        training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref)
-        validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref) \
+        training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref, job.job_id)
+        validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref, job.job_id) \
             if job.validation_file else None
         remote = _adopt_orphan(job, training_id) or bedrock.create_job(
             model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
@@ -274,7 +397,7 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
     summary = {**_job_summary(job), "fine_tuned_model": fine_tuned_model or job.fine_tuned_model,
                "error": error or job.error}
     event = outbox.stage("rft-hub.job.state_changed", job.team_id, previous_status=previous, status=target,
-                         source=source, job=summary)
+                         source=source, job=summary, status_seq=len(job.status_path or []) + 1)
     try:
         with TransactWrite(connection=connection()) as tx:
             # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
@@ -291,7 +414,13 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
     record_event(job, f"Status {previous} -> {target}.", source=source, data={"from": previous, "to": target})
     outbox.publish([event])
     if target in rules.TERMINAL:
-        finalize(job)
+        try:
+            finalize(job)
+        except (ApiError, PynamoDBException) as exc:
+            # The state change is committed; what is left (copies, registry, settlement) is
+            # repeated by the reconciler until it completes. A read must not fail for it.
+            logger.warning("finalize deferred to the reconciler", extra={"job_id": job.job_id,
+                                                                         "error": type(exc).__name__})
     return True
 
 
@@ -316,19 +445,18 @@ def finalize(job: Job) -> None:
 
 def _settle_budget(job: Job) -> None:
     """Once per job: a succeeded job spends its estimate (Bedrock publishes no actual training
-    price); a failed or cancelled one releases its hold."""
+    price); a failed or cancelled one releases its hold. The hold settles at most once (keyed by
+    the job id); a failure raises, so `finalize` stops and the reconciler tries again -- a
+    settlement is retried, never skipped."""
     if job.budget_period is None or job.budget_settled:
         return
     estimate = (job.estimate or {}).get("estimated_micro_usd") or 0
     actual = estimate if job.status == "succeeded" else 0
-    held = budgets.Reservation(job.team_id, job.budget_period, int(job.budget_reserved_micro or 0))
-    try:
-        with TransactWrite(connection=connection()) as tx:
-            tx.update(job, actions=[Job.budget_settled.set(True)], condition=Job.budget_settled.does_not_exist())
-            budgets.settle_in(tx, held, actual)
-    except TransactWriteError:
-        return   # settled by a concurrent finalize
-    budgets.announce_thresholds(held, actual)
+    held = budgets.Reservation(job.team_id, job.budget_period, int(job.budget_reserved_micro or 0),
+                               job.budget_hold_id)
+    budgets.settle(held, actual)
+    dynamo.call(lambda: job.update(actions=[Job.budget_settled.set(True)]), idempotent=True,
+                what="job settlement flag")
 
 
 def apply_remote(job: Job, remote: dict, *, source: str) -> bool:
@@ -352,8 +480,34 @@ def _next_seqs(job: Job, count: int) -> range:
 
 def _save_event(job_id: str, seq: int, *, event_id: str, created_at: int, level: str, message: str,
                 type_: str, data: dict | None, source: str) -> None:
+    if type_ == "metrics":
+        _note_reward(job_id, data)   # first: a crash in between leaves the event to be copied again
     JobEvent(job_id, f"{seq:012d}", event_id=event_id, created_at=created_at, level=level, message=message,
              type=type_, data=data, source=source).save()
+
+
+_best_noted: dict[str, float] = {}   # per warm process: the best reward already written, per job
+
+
+def _note_reward(job_id: str, data: dict | None) -> None:
+    """Raises the job's best reward (registry's reward summary item) if this metrics event beats
+    it: one conditional write, made only when the value beats what this process last wrote, so a
+    reader gets the best of any history with one GetItem. Idempotent (a max)."""
+    value = registry.reward_of(data)
+    if value is None or value <= _best_noted.get(job_id, float("-inf")):
+        return
+    summary = JobEvent(registry.rewards_key(job_id), registry.REWARDS_BEST)
+    try:
+        dynamo.call(lambda: summary.update(actions=[JobEvent.best_reward.set(value)],
+                                           condition=JobEvent.best_reward.does_not_exist() |
+                                           (JobEvent.best_reward < value)),
+                    idempotent=True, what="job best reward")
+    except UpdateError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+    if len(_best_noted) > 10_000:
+        _best_noted.clear()
+    _best_noted[job_id] = value
 
 
 def record_event(job: Job, message: str, *, source: str, level: str = "info", type_: str = "message",
@@ -390,14 +544,92 @@ def retrieve(team_id: str, job_id: str) -> dict:
     return job_view(refresh_from_bedrock(get_job(team_id, job_id)))
 
 
+# A `metadata` filter cannot know how many jobs it must read to find `limit` matches: each request
+# reads at most METADATA_PAGES pages of METADATA_PAGE_SIZE jobs (1,000 items), then answers with the
+# matches found so far, `has_more` and `rft_next_cursor` to go on from where it stopped.
+METADATA_PAGE_SIZE = 100
+METADATA_PAGES = 10
+MAX_AFTER_BYTES = 1024   # longer than any id: no lookup (DynamoDB keys are at most 1,024-2,048 bytes)
+
+
+def _too_long(after: str) -> bool:
+    return len(after.encode()) > MAX_AFTER_BYTES
+
+
+def _list(view, page: pagination.Page, **extra) -> dict:
+    return {"object": "list", "data": [view(i) for i in page.items], "has_more": page.has_more, **extra,
+            "rft_next_cursor": page.cursor if page.has_more else None}
+
+
+def _empty_list(**extra) -> dict:
+    return {"object": "list", "data": [], "has_more": False, **extra, "rft_next_cursor": None}
+
+
+def _metadata_filter(metadata: dict[str, str]):
+    """A DynamoDB filter narrowing a page to jobs whose stored metadata JSON contains each pair, as
+    JSONAttribute writes it (json.dumps defaults); matches are re-checked exactly in Python."""
+    condition = None
+    for key, value in metadata.items():
+        pair = Path("metadata").contains(json.dumps({key: value})[1:-1])
+        condition = pair if condition is None else condition & pair
+    return condition
+
+
 def list_jobs(team_id: str, limit: int, after: str | None, metadata: dict[str, str] | None = None) -> dict:
-    items = sorted(Job.query(team_id), key=lambda j: (j.created_at, j.job_id), reverse=True)
+    """Newest first, one bounded query on the `by_created` index: `after` is a job id (its
+    created_at, from one GetItem, positions the query) or an rft_next_cursor."""
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, Job, hash_value=team_id, index="by_created")
+    elif after:
+        if _too_long(after):
+            return _empty_list()
+        try:
+            anchor = dynamo.call(lambda: Job.get(team_id, after), idempotent=True, what="job list")
+        except DoesNotExist:
+            return _empty_list()
+        start = pagination.start_key(Job, anchor, "by_created")
     if metadata:
-        items = [j for j in items if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
-    if after:
-        idx = next((i for i, j in enumerate(items) if j.job_id == after), None)
-        items = items[idx + 1:] if idx is not None else []
-    return {"object": "list", "data": [job_view(j) for j in items[:limit]], "has_more": len(items) > limit}
+        page = pagination.query(Job, team_id, index="by_created", limit=limit, start=start,
+                                filter_condition=_metadata_filter(metadata),
+                                keep=lambda j: all((j.metadata or {}).get(k) == v for k, v in metadata.items()),
+                                page_size=METADATA_PAGE_SIZE, max_pages=METADATA_PAGES, what="job list")
+    else:
+        page = pagination.query(Job, team_id, index="by_created", limit=limit, start=start, what="job list")
+    return _list(job_view, page)
+
+
+def add_judge_cost(team_id: str, job_id: str, micro: int) -> None:
+    """The judge calls a training job's grader made (each is on the ledger too), added up on the
+    job once per reward invocation."""
+    dynamo.call(lambda: Job(team_id, job_id).update(actions=[Job.judge_micro.add(micro)],
+                                                    condition=Job.job_id.exists()),
+                idempotent=False, what="job judge cost")
+
+
+def request_stop(team_id: str, job_id: str, code: str, message: str) -> None:
+    """rft-hub decides a job must stop (its budget ran out): the reason goes on the job now,
+    once; the Bedrock cancel is made by the next request or reconciler pass that sees it."""
+    error = {"code": code, "message": message, "param": None}
+    try:
+        dynamo.call(lambda: Job(team_id, job_id).update(
+            actions=[Job.cancel_requested.set(True), Job.error.set(error), Job.updated_at.set(ids.now())],
+            condition=Job.job_id.exists() & Job.error.does_not_exist()), idempotent=True, what="job stop")
+    except UpdateError as exc:
+        if dynamo.is_condition(exc):
+            return            # already stopping (or gone)
+        raise
+    job = get_job(team_id, job_id)
+    record_event(job, f"Stopping the job: {message}", level="error", source="rft-hub", data={"code": code})
+
+
+def enforce_stop(job: Job) -> bool:
+    """Cancels on Bedrock a running job rft-hub asked to stop. True if it sent the cancel."""
+    if not job.cancel_requested or job.status in rules.TERMINAL or not job.bedrock_job_id:
+        return False
+    remote = bedrock.cancel_job(job.bedrock_job_id)
+    apply_remote(job, remote, source="rft-hub")
+    return True
 
 
 def cancel(team_id: str, job_id: str) -> dict:
@@ -453,7 +685,7 @@ def sync_events(job: Job) -> int:
         job.update(actions=[Job.bedrock_event_cursor.set(fresh[-1]["id"])],
                    condition=(Job.bedrock_event_cursor == seen) if seen else Job.bedrock_event_cursor.does_not_exist())
     except UpdateError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
+        if not dynamo.is_condition(exc):
             raise
     return len(fresh)
 
@@ -465,15 +697,35 @@ def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dic
             sync_events(job)
         except ApiError as err:
             logger.warning("event sync failed", extra={"job_id": job_id, "error": err.message})
-    items, seen_ids = [], set()
-    for event in JobEvent.query(job_id, scan_index_forward=False):
-        if event.event_id not in seen_ids:   # two concurrent syncs may both copy an event
-            seen_ids.add(event.event_id)
-            items.append(event)
-    if after:
-        idx = next((i for i, e in enumerate(items) if e.event_id == after), None)
-        items = items[idx + 1:] if idx is not None else []
-    return {"object": "list", "data": [event_view(e) for e in items[:limit]], "has_more": len(items) > limit}
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, JobEvent, hash_value=job_id)
+    elif after:
+        start = _event_start(job_id, after)
+        if start is None:
+            return _empty_list()
+    seen_ids: set[str] = set()
+
+    def first_copy(event: JobEvent) -> bool:
+        # Two concurrent syncs may both copy a Bedrock event: shown once per page (the newest copy).
+        fresh = event.event_id not in seen_ids
+        seen_ids.add(event.event_id)
+        return fresh
+
+    page = pagination.query(JobEvent, job_id, limit=limit, start=start, keep=first_copy, what="job events")
+    return _list(event_view, page)
+
+
+def _event_start(job_id: str, event_id: str) -> dict | None:
+    """Where `after=<event id>` resumes: the event's key, from the keys-only `by_event_id` index
+    (ids are unique per job; a Bedrock id copied twice resumes after its newest copy)."""
+    if _too_long(event_id):
+        return None
+    found = dynamo.call(lambda: [e for e in JobEvent.query(event_id, index_name="by_event_id", limit=10)
+                                 if e.job_id == job_id], idempotent=True, what="job events")
+    if not found:
+        return None
+    return pagination.start_key(JobEvent, max(found, key=lambda e: e.sort_key))
 
 
 def sync_checkpoints(job: Job) -> None:
@@ -493,10 +745,19 @@ def list_checkpoints(team_id: str, job_id: str, limit: int, after: str | None) -
         sync_checkpoints(job)
     except ApiError as err:
         logger.warning("checkpoint sync failed", extra={"job_id": job_id, "error": err.message})
-    items = list(Checkpoint.query(job_id, scan_index_forward=False))
-    if after:
-        idx = next((i for i, c in enumerate(items) if c.checkpoint_id == after), None)
-        items = items[idx + 1:] if idx is not None else []
-    data = [checkpoint_view(c) for c in items[:limit]]
-    return {"object": "list", "data": data, "has_more": len(items) > limit,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, Checkpoint, hash_value=job_id)
+    elif after:
+        # Where `after=<checkpoint id>` resumes: its key, from the keys-only `by_checkpoint_id` index.
+        found = [] if _too_long(after) else dynamo.call(
+            lambda: [c for c in Checkpoint.query(after, index_name="by_checkpoint_id", limit=10)
+                     if c.job_id == job_id], idempotent=True, what="job checkpoints")
+        if not found:
+            return _empty_list(first_id=None, last_id=None)
+        start = pagination.start_key(Checkpoint, max(found, key=lambda c: c.step_key))
+    page = pagination.query(Checkpoint, job_id, limit=limit, start=start, what="job checkpoints")
+    data = [checkpoint_view(c) for c in page.items]
+    return {"object": "list", "data": data, "has_more": page.has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+            "rft_next_cursor": page.cursor if page.has_more else None}

@@ -20,7 +20,7 @@ from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
-from chalicelib.services import jobs, outbox
+from chalicelib.services import jobs, metering, outbox
 from chalicelib.store.models import Job, connection
 
 DETAIL_TYPE = "Model Customization Job State Change"
@@ -96,6 +96,7 @@ class RunReport:
     published: int = 0
     seconds: float = 0.0
     problems: list = field(default_factory=list)
+    money: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -121,8 +122,8 @@ def _reconcile_one(team_id: str, job_id: str, report: RunReport) -> None:
         report.add("changed")
         return
     if job.submit_state == "pending" or (job.submit_state == "submitting" and (job.submit_lease_until or 0) < now):
-        job = jobs.submit(job)           # repairs "record written, never submitted"
-        report.add("submitted", int(job.submit_state == "submitted"))
+        outcome = jobs.prepare(job.team_id, job.job_id)   # repairs "recorded, never prepared or submitted"
+        report.add("submitted", int(outcome == "submitted"))
         return
     if not job.bedrock_job_id:
         return
@@ -137,6 +138,8 @@ def _reconcile_one(team_id: str, job_id: str, report: RunReport) -> None:
             report.add("changed")
         return
     if jobs.apply_remote(job, remote, source="poll"):
+        report.add("changed")
+    if jobs.enforce_stop(job):        # rft-hub asked it to stop (e.g. the budget ran out)
         report.add("changed")
     if jobs.sync_events(job):
         job.update(actions=[Job.last_progress_at.set(now), Job.stalled_at.remove()])
@@ -162,6 +165,20 @@ def _flag_stall(job: Job, now: int, report: RunReport) -> None:
     report.add("stalled")
 
 
+def _money(report: RunReport) -> None:
+    """The ledger's repairs, in this order: dead-lettered entries into the ledger first (so
+    their holds settle at their cost), then expired holds, then the daily totals."""
+    for name, step in (("ledger_dead_letters", metering.drain_dead_letters),
+                       ("expired_holds", metering.release_expired_holds),
+                       ("usage_aggregated", metering.aggregate_all)):
+        try:
+            report.money[name] = step()
+        except Exception as exc:  # noqa: BLE001 - the next run tries again
+            report.add("errors")
+            report.problems.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+            logger.warning("money repair failed", extra={"step": name, "error": type(exc).__name__})
+
+
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
     """One pass over every non-terminal job (a query on the sparse `active` index), within a deadline."""
     started = time.monotonic()
@@ -182,6 +199,7 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
     with ThreadPoolExecutor(max_workers=concurrency or settings().reconcile_concurrency) as pool:
         list(pool.map(work, Job.active.query(jobs.ACTIVE)))
     report.published = outbox.drain()
+    _money(report)
     report.seconds = round(time.monotonic() - started, 3)
     logger.info("reconciled", extra={k: v for k, v in report.view().items() if k != "problems"})
     return report

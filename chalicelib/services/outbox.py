@@ -27,9 +27,10 @@ def bus_name() -> str:
     return os.environ.get("RFT_EVENT_BUS", f"rfthub-{stage}")
 
 
-def stage(detail_type: str, team_id: str, **fields) -> OutboxEvent:
-    """A new, unsaved outbox item; save it in the transaction of the change it describes."""
-    event_id = ids.new_id("evt")
+def stage(detail_type: str, team_id: str, *, event_id: str | None = None, **fields) -> OutboxEvent:
+    """A new, unsaved outbox item; save it in the transaction of the change it describes.
+    A deterministic `event_id` makes an announcement happen once (save it conditionally)."""
+    event_id = event_id or ids.new_id("evt")
     now = ids.now()
     detail = {"schema_version": SCHEMA_VERSION, "event_id": event_id, "occurred_at": now, "team_id": team_id,
               **fields}

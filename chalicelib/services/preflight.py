@@ -7,7 +7,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from chalicelib.domain import datasets
-from chalicelib.domain.graders import Grader, run_text
+from chalicelib.domain.graders import Grader, JudgeRefused, run_text
 from chalicelib.domain.graders.core import LambdaGrader, Result
 from chalicelib.domain.graders.preflight import CRITICAL, PROBES, findings, stats
 from chalicelib.domain.graders.templates import make_sample
@@ -34,8 +34,7 @@ def sample_rows(team_id: str, file_id: str, n: int, seed: int = 0) -> list[dict]
     return chosen
 
 
-def _grade_all(grader: Grader, pairs: list[tuple[str, str, dict]]) -> list[tuple[str, Result]]:
-    deps = graders.deps()
+def _grade_all(grader: Grader, pairs: list[tuple[str, str, dict]], deps) -> list[tuple[str, Result]]:
     if isinstance(grader, LambdaGrader):
         out = []
         for start in range(0, len(pairs), LAMBDA_BATCH):
@@ -48,14 +47,18 @@ def _grade_all(grader: Grader, pairs: list[tuple[str, str, dict]]) -> list[tuple
         return [(probe, r) for (probe, _, _), r in zip(pairs, results)]
 
 
-def run(team_id: str, spec: dict, file_id: str, sample_size: int) -> dict:
-    grader = graders.compile_spec(spec)
+def run(team_id: str, spec: dict, file_id: str, sample_size: int, key_id: str | None = None) -> dict:
+    """Judge calls are the team's (metered, held to its budget); out of budget is the 429."""
+    grader = graders.compile_spec(spec, team_id=team_id)
     rows = sample_rows(team_id, file_id, sample_size)
     pairs = []
     for i, row in enumerate(rows):
         item = {**row, "id": str(row.get("id") or f"row-{i}")}
         pairs += [(probe, make(item), item) for probe, make in PROBES.items()]
-    graded = _grade_all(grader, pairs)
+    try:
+        graded = _grade_all(grader, pairs, graders.deps(team_id, key_id=key_id))
+    except JudgeRefused as refused:
+        raise refused.error from None
     by_probe: dict[str, list[Result]] = {p: [] for p in PROBES}
     for probe, result in graded:
         by_probe[probe].append(result)

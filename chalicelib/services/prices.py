@@ -7,9 +7,11 @@ from decimal import Decimal, InvalidOperation
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib.domain import ids, pricing
+from chalicelib.domain.budget import MAX_PRICE_PER_1M
 from chalicelib.errors import InvalidRequest
 from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import PriceOverride
+from chalicelib.store import dynamo
 
 _cache = TTLCache(60)
 
@@ -29,10 +31,11 @@ def _load(model: str) -> pricing.Price | None:
 
 def price(model: str, base_model: str | None = None) -> pricing.Price | None:
     """The price for calling `model` (a tuned model passes its base model)."""
-    own = _cache.get(model, lambda: _load(model))
+    own = _cache.get(model, lambda: dynamo.call(lambda: _load(model), idempotent=True, what="price read"))
     if own is not None or not base_model or base_model == model:
         return own
-    return _cache.get(base_model, lambda: _load(base_model))
+    return _cache.get(base_model, lambda: dynamo.call(lambda: _load(base_model), idempotent=True,
+                                                      what="price read"))
 
 
 def set_override(model: str, body: dict) -> dict:
@@ -41,12 +44,18 @@ def set_override(model: str, body: dict) -> dict:
         raw = body.get(f"{field}_usd_per_1m", body.get(field))
         if raw is None and field == "cached_input":
             raw = values["input"]
+        param = f"{field}_usd_per_1m"
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float, Decimal)) or len(str(raw)) > 24:
+            raise InvalidRequest(f"'{param}' must be a decimal amount such as \"0.15\".", param=param)
         try:
             value = Decimal(str(raw))
         except (InvalidOperation, ValueError):
-            raise InvalidRequest(f"'{field}_usd_per_1m' must be a decimal amount.", param=f"{field}_usd_per_1m") from None
-        if not value.is_finite() or value < 0:
-            raise InvalidRequest(f"'{field}_usd_per_1m' must be a non-negative amount.", param=f"{field}_usd_per_1m")
+            raise InvalidRequest(f"'{param}' must be a decimal amount.", param=param) from None
+        if not value.is_finite() or value < 0 or value > MAX_PRICE_PER_1M:
+            raise InvalidRequest(f"'{param}' must be between 0 and {MAX_PRICE_PER_1M} USD per 1M tokens.",
+                                 param=param)
+        if value.as_tuple().exponent < -9:
+            raise InvalidRequest(f"'{param}' has more than 9 decimal places.", param=param)
         values[field] = value
     PriceOverride(model, input=str(values["input"]), output=str(values["output"]),
                   cached_input=str(values["cached_input"]), updated_at=ids.now(),

@@ -1,6 +1,7 @@
 """The tuned-model registry and aliases (promote, roll back, audit trail)."""
 from __future__ import annotations
 
+import math
 import re
 
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
@@ -12,6 +13,8 @@ from chalicelib.log import logger
 from chalicelib.services import outbox
 from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel, connection
+from chalicelib.store import dynamo
+from chalicelib.store import pagination
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 # Resolutions are read on every gateway call: cached per warm instance. An alias re-pointed
@@ -38,10 +41,71 @@ def change_view(c: AliasChange) -> dict:
 
 # ---- registration (from a succeeded job) ------------------------------------------------------
 
-def _rewards(job_id: str) -> tuple[float | None, float | None]:
-    means = [(e.data or {}).get("critic_rewards_mean") for e in JobEvent.query(job_id) if e.type == "metrics"]
-    means = [m for m in means if isinstance(m, (int, float))]
-    return (means[-1], max(means)) if means else (None, None)
+# The reward curve is read with bounded work, however long the job's history (issue #12):
+# * best: the job's reward summary item in the job_events table (hash "<job id>#rewards", range
+#   "best", outside the job's own partition), raised by one conditional write per improving metrics
+#   event as events are saved (services/jobs.py `_save_event`); one GetItem to read.
+# * final, and curves: the newest metrics events, read newest first from the job's partition with a
+#   `type = metrics` filter, at most REWARD_WINDOW events evaluated.
+# * jobs whose events predate the summary: best over that same bounded window.
+REWARDS_SUFFIX = "#rewards"
+REWARDS_BEST = "best"
+REWARD_WINDOW = 200
+
+
+def rewards_key(job_id: str) -> str:
+    return f"{job_id}{REWARDS_SUFFIX}"
+
+
+def reward_of(data: dict | None) -> float | None:
+    """A metrics event's reward (`critic_rewards_mean`), if it is a finite number."""
+    value = (data or {}).get("critic_rewards_mean")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _newest_rewards(job_id: str, count: int) -> list[float]:
+    """Rewards of the job's newest `count` metrics events, newest first; evaluates at most
+    REWARD_WINDOW events (fewer when `count` metrics events come sooner)."""
+    page_size = 50
+    page = pagination.query(JobEvent, job_id, limit=count, filter_condition=JobEvent.type == "metrics",
+                            keep=lambda e: reward_of(e.data) is not None, page_size=page_size,
+                            max_pages=max(1, REWARD_WINDOW // page_size), what="reward curve")
+    return [reward_of(e.data) for e in page.items]
+
+
+def _stored_best(job_id: str) -> float | None:
+    try:
+        item = dynamo.call(lambda: JobEvent.get(rewards_key(job_id), REWARDS_BEST), idempotent=True,
+                           what="best reward")
+    except DoesNotExist:
+        return None
+    return float(item.best_reward) if item.best_reward is not None else None
+
+
+def best_reward(job_id: str) -> float | None:
+    best = _stored_best(job_id)
+    if best is None:
+        window = _newest_rewards(job_id, REWARD_WINDOW)
+        best = max(window) if window else None
+    return best
+
+
+def rewards(job_id: str) -> tuple[float | None, float | None]:
+    """(final, best) reward of a job, with bounded reads."""
+    newest = _newest_rewards(job_id, 1)
+    final = newest[0] if newest else None
+    best = best_reward(job_id)
+    if final is not None and (best is None or final > best):
+        best = final
+    return final, best
+
+
+def reward_curve(job_id: str, points: int = 20) -> list[float]:
+    """The newest `points` rewards, oldest first (a sparkline's data), with a bounded read."""
+    return list(reversed(_newest_rewards(job_id, points)))
+
 
 
 def register(job: Job) -> TunedModel | None:
@@ -54,7 +118,7 @@ def register(job: Job) -> TunedModel | None:
         return TunedModel.get(job.team_id, job.fine_tuned_model, consistent_read=True)
     except DoesNotExist:
         pass
-    final, best = _rewards(job.job_id)
+    final, best = rewards(job.job_id)
     checkpoints = [{"id": c.checkpoint_id, "model": c.fine_tuned_model_checkpoint, "step": c.step_number}
                    for c in Checkpoint.query(job.job_id)]
     model = TunedModel(job.team_id, job.fine_tuned_model, base_model=job.model, job_id=job.job_id,
@@ -141,7 +205,8 @@ def list_tuned(team_id: str) -> list[dict]:
 
 
 def resolve_cached(team_id: str, name: str) -> dict | None:
-    return _resolved.get((team_id, name), lambda: resolve(team_id, name))
+    return _resolved.get((team_id, name), lambda: dynamo.call(lambda: resolve(team_id, name), idempotent=True,
+                                                              what="model resolution"))
 
 
 def resolve(team_id: str, name: str) -> dict | None:
@@ -156,7 +221,7 @@ def resolve(team_id: str, name: str) -> dict | None:
         if current and not version:
             return {"kind": "alias", "alias": alias, "model": current.model_id, "base_model": current.base_model,
                     "version": current.version}
-        if current and version.isdigit():
+        if current and version.isdigit() and len(version) <= 9:
             try:
                 change = AliasChange.get(f"{team_id}#{alias}", int(version))
             except DoesNotExist:

@@ -2,7 +2,9 @@
 
 Notifications are decoupled: rft-hub's bus -> an SQS queue -> `deliver` (a queue consumer).
 A state change is committed long before Slack is involved; Slack being down delays
-messages, never job updates. Every event is posted at most once (dedupe on event id).
+messages, never job updates. Every event is posted at most once (dedupe on event id), a
+job's state changes in order (an older one than already posted is dropped), and a post whose
+outcome is unknown is never repeated (see `deliver`).
 """
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ import urllib.parse
 from datetime import timedelta
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
-from slack_sdk.signature import SignatureVerifier
 
-from chalicelib.adapters import aws, secrets, slack as slack_http
+from chalicelib.adapters import aws, slack as slack_http
 from chalicelib.adapters.secrets import get_secret
-from chalicelib.domain import ids, slack_messages as messages
+from chalicelib.domain import ids, jobs as job_rules, slack_messages as messages
 from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
 from chalicelib.log import logger
 from chalicelib.services import budgets, jobs, registry
-from chalicelib.store.models import Job, JobEvent, SlackChannel, SlackConfig, SlackDelivery
+from chalicelib.store import dynamo
+from chalicelib.store.models import Job, JobEvent, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 
 NOTIFY = ("job", "budget", "model")
 LEASE_SECONDS = 60
@@ -102,15 +104,35 @@ def configure(team_id: str, body: dict) -> dict:
 
 
 def _store_webhook(team_id: str, url: str) -> str:
-    """Write-only: the URL is a credential, kept in Secrets Manager (KMS-encrypted), never returned."""
+    """Write-only: the URL is a credential, kept in Secrets Manager (KMS-encrypted), never returned.
+
+    Returns what SlackConfig.webhook_secret_id keeps: "<secret name>#<version id>". Every notifier
+    instance caches webhook URLs by that reference, and a version's value never changes, so a
+    rotation applies to the very next message everywhere (no cache to wait out or invalidate).
+    """
     name = f"rfthub/{_stage()}/slack-webhook/{team_id}"
     sm = aws.secrets()
     try:
-        sm.put_secret_value(SecretId=name, SecretString=url)
+        version = sm.put_secret_value(SecretId=name, SecretString=url)["VersionId"]
     except sm.exceptions.ResourceNotFoundException:
-        sm.create_secret(Name=name, SecretString=url)
-    secrets.clear_cache()
-    return name
+        version = sm.create_secret(Name=name, SecretString=url)["VersionId"]
+    return f"{name}#{version}"
+
+
+_webhooks: dict[str, str] = {}   # "<secret name>#<version id>" -> URL (immutable, so never stale)
+
+
+def _webhook_url(ref: str) -> str:
+    name, _, version = ref.partition("#")   # '#' cannot occur in a secret name
+    if not version:   # stored before versions were recorded: read the current value, uncached
+        return aws.secrets().get_secret_value(SecretId=name)["SecretString"]
+    url = _webhooks.get(ref)
+    if url is None:
+        url = aws.secrets().get_secret_value(SecretId=name, VersionId=version)["SecretString"]
+        if len(_webhooks) >= 1000:
+            _webhooks.clear()
+        _webhooks[ref] = url
+    return url
 
 
 def _mark_health(team_id: str, status: str, error: str | None) -> None:
@@ -119,19 +141,81 @@ def _mark_health(team_id: str, status: str, error: str | None) -> None:
 
 # ---- notifications (queue consumer) -------------------------------------------------------------
 
-def _claim(event_id: str) -> bool:
+def _conditional_failed(exc: UpdateError) -> bool:
+    return dynamo.is_condition(exc)
+
+
+def _claim(event_id: str) -> str:
+    """"claimed" (a lease to post it), "duplicate" (posted, being posted, or settled), or "unknown":
+    an earlier attempt stopped between claiming and recording its outcome, so it may have posted;
+    it is not posted again."""
     now = ids.now()
-    try:
-        SlackDelivery(event_id).update(
+    try:   # not repeated after an unknown outcome (503; the queue retries, and finds the lease if it took)
+        dynamo.call(lambda: SlackDelivery(event_id).update(
             actions=[SlackDelivery.status.set("sending"), SlackDelivery.lease_until.set(now + LEASE_SECONDS),
                      SlackDelivery.attempts.add(1), SlackDelivery.expires_at.set(timedelta(days=14))],
-            condition=SlackDelivery.status.does_not_exist() | (SlackDelivery.status == "failed")
-            | ((SlackDelivery.status == "sending") & (SlackDelivery.lease_until < now)))
+            condition=SlackDelivery.status.does_not_exist() | (SlackDelivery.status == "failed")),
+            idempotent=False, what="slack claim")
+        return "claimed"
+    except UpdateError as exc:
+        if not _conditional_failed(exc):
+            raise
+    try:
+        dynamo.call(lambda: SlackDelivery(event_id).update(
+            actions=[SlackDelivery.status.set("unknown"),
+                     SlackDelivery.last_error.set("an earlier attempt stopped while sending; not re-posted")],
+            condition=(SlackDelivery.status == "sending") & (SlackDelivery.lease_until < now)),
+            idempotent=True, what="slack claim")
+        return "unknown"
+    except UpdateError as exc:
+        if not _conditional_failed(exc):
+            raise
+        return "duplicate"
+
+
+def _settle(event_id: str, status: str, error: str | None = None) -> None:
+    actions = [SlackDelivery.status.set(status)]
+    if error:
+        actions.append(SlackDelivery.last_error.set(error[:200]))
+    dynamo.call(lambda: SlackDelivery(event_id).update(actions=actions), idempotent=True, what="slack delivery")
+
+
+def _order(detail_type: str, detail: dict) -> tuple[str, int, int | None] | None:
+    """(job key, rank, seq) of a job state change; None for events that are not ordered.
+
+    A job's status only moves forward (domain/jobs.py: monotonic, a terminal status is final, one
+    terminal status per job), so the status's place in STATUSES orders a job's state changes. When
+    the producer sends `status_seq` (the new status's position in the job's status_path), it is
+    used as well.
+    """
+    if detail_type != "rft-hub.job.state_changed":
+        return None
+    job_id, status = (detail.get("job") or {}).get("job_id"), detail.get("status")
+    if not isinstance(job_id, str) or not job_id or status not in job_rules.STATUSES:
+        return None
+    seq = detail.get("status_seq")
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else None
+    return f"{detail['team_id']}#{job_id}", job_rules.STATUSES.index(status), seq
+
+
+def _take_turn(job_key: str, rank: int, seq: int | None, event_id: str) -> bool:
+    """One conditional write on the job's cursor: True unless a newer state change of the job was
+    already posted (or is being posted). The same event may take its turn again (a retry)."""
+    cursor = SlackJobCursor
+    newer = cursor.rank < rank
+    if seq is not None:   # the producer's sequence, when both have one; else the status order
+        newer = (cursor.seq.exists() & (cursor.seq < seq)) | (cursor.seq.does_not_exist() & newer)
+    actions = [cursor.rank.set(rank), cursor.event_id.set(event_id), cursor.expires_at.set(timedelta(days=30)),
+               cursor.seq.set(seq) if seq is not None else cursor.seq.remove()]
+    try:
+        dynamo.call(lambda: cursor(job_key).update(
+            actions=actions, condition=cursor.job_key.does_not_exist() | (cursor.event_id == event_id) | newer),
+            idempotent=True, what="slack job order")   # a repeat is the same event taking its turn again
         return True
     except UpdateError as exc:
-        if exc.cause_response_code == "ConditionalCheckFailedException":
-            return False   # already sent, or being sent right now
-        raise
+        if not _conditional_failed(exc):
+            raise
+        return False
 
 
 def _job_message(detail: dict) -> dict:
@@ -165,7 +249,20 @@ def build_message(detail_type: str, detail: dict) -> dict | None:
 
 
 def deliver(body: str, receipt_handle: str | None = None) -> str:
-    """Posts one rft-hub event to its team's webhook. Raises RetryLater to leave it queued."""
+    """Posts one rft-hub event to its team's webhook. Raises RetryLater to leave it queued.
+
+    * At most once per event id (a lease while sending, then a final status).
+    * In order per job: a state change older than one already posted (or being posted) for the
+      same job is dropped as "superseded" (the newer message shows the whole status path).
+    * Unknown outcomes are never re-posted: when the request went out and no answer came back
+      (a timeout), or an attempt died while sending, Slack may already show the message and
+      incoming webhooks cannot dedupe, so a second post would be the duplicate issue #19 saw.
+      The delivery is recorded as "unknown" and the message leaves the queue; a lost
+      notification costs less than a wrong or repeated one, and the job's state stays in rft-hub
+      (`/rft status`, the next state change's message).
+    * Only answers that say the post did not happen (429, 5xx, a connection that never opened) are
+      retried; 3xx and the permanent errors mark the webhook broken and dead-letter the message.
+    """
     try:
         event = json.loads(body)
         detail_type, detail = event["detail-type"], event["detail"]
@@ -174,7 +271,8 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
         logger.warning("unreadable notification dropped")
         return "dropped"
     try:
-        cfg = SlackConfig.get(team_id)
+        # consistent: a rotated webhook applies to the next message
+        cfg = dynamo.call(lambda: SlackConfig.get(team_id, consistent_read=True), idempotent=True, what="slack config")
     except DoesNotExist:
         return "not-configured"
     if not cfg.webhook_secret_id or messages.CATEGORY.get(detail_type) not in (cfg.notify or []):
@@ -182,19 +280,32 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     if (cfg.health or {}).get("status") == "broken":
         return "webhook-broken"
     message = build_message(detail_type, detail)
-    if message is None or not _claim(event_id):
-        return "duplicate" if message else "dropped"
-    result = slack_http.post(get_secret(cfg.webhook_secret_id), message)
+    if message is None:
+        return "dropped"
+    # Everything that can fail comes before the claim (an exception leaves the message queued); after
+    # it there is only the post, which never raises.
+    url = _webhook_url(cfg.webhook_secret_id)
+    order = _order(detail_type, detail)
+    if order and not _take_turn(*order, event_id):
+        return "superseded"
+    claimed = _claim(event_id)
+    if claimed != "claimed":
+        return claimed
+    result = slack_http.post(url, message)
     if result.ok:
-        SlackDelivery(event_id).update(actions=[SlackDelivery.status.set("sent")])
+        _settle(event_id, "sent")
         if (cfg.health or {}).get("status") != "ok":
             _mark_health(team_id, "ok", None)
         return "sent"
-    SlackDelivery(event_id).update(actions=[SlackDelivery.status.set("failed"),
-                                            SlackDelivery.last_error.set(f"{result.status} {result.body}"[:200])])
+    if result.unknown:
+        _settle(event_id, "unknown", f"{result.body}; not re-posted")
+        logger.warning("slack delivery outcome unknown; not re-posted", extra={"event_id": event_id})
+        return "unknown"
+    error = f"{result.status} {result.body}"[:200]
+    _settle(event_id, "failed", error)
     if result.permanent:
-        _mark_health(team_id, "broken", f"{result.status} {result.body}"[:200])
-        _dead_letter(body, f"permanent: {result.status} {result.body}")
+        _mark_health(team_id, "broken", error)
+        _dead_letter(body, f"permanent: {error}")
         return "dead-lettered"
     delay = result.retry_after if result.status == 429 and result.retry_after else None
     _delay(receipt_handle, delay)
@@ -229,10 +340,22 @@ HELP = ["`/rft help` this list", "`/rft jobs` recent jobs", "`/rft status <job>`
 
 
 def verify(raw_body: bytes, headers: dict) -> dict:
+    failed = Unauthorized("Request verification failed.", code="invalid_signature")
+    timestamp, signature = headers.get("x-slack-request-timestamp"), headers.get("x-slack-signature")
+    # Slack sends Unix seconds and "v0=<hex>"; anything else (e.g. "abc", "1e9", 5,000 digits, "") would
+    # make the verifier raise (int(), UTF-8 decoding, compare_digest on non-ASCII) instead of saying no.
+    if not (isinstance(timestamp, str) and re.fullmatch(r"[0-9]{1,12}", timestamp)
+            and isinstance(signature, str) and re.fullmatch(r"v0=[0-9a-f]{64}", signature)):
+        raise failed
     secret = get_secret(settings_secret_id())
-    if not SignatureVerifier(secret).is_valid(raw_body, headers.get("x-slack-request-timestamp"),
-                                              headers.get("x-slack-signature")):
-        raise Unauthorized("Request verification failed.", code="invalid_signature")
+    try:
+        from slack_sdk.signature import SignatureVerifier   # only slash commands pay its import
+
+        valid = SignatureVerifier(secret).is_valid(raw_body, timestamp, signature)
+    except (ValueError, TypeError):   # e.g. a body that is not UTF-8
+        valid = False
+    if not valid:
+        raise failed
     form = urllib.parse.parse_qs(raw_body.decode("utf-8", errors="replace"))
     return {k: v[0] for k, v in form.items()}
 
@@ -252,7 +375,7 @@ def command(form: dict) -> dict:
     if name == "help":
         return messages.ephemeral("rft-hub commands:", HELP)
     if name == "jobs":
-        recent = jobs.list_jobs(team_id, 10, None)["data"]
+        recent = jobs.list_jobs(team_id, 10, None)["data"]   # one query of 11 items, newest first
         lines = [f"`{j['id']}` {j['model']} *{j['status']}* best reward {_best(j['id'])}" for j in recent]
         return messages.ephemeral(f"{len(recent)} most recent jobs:" if recent else "No jobs yet.", lines)
     if name == "status":
@@ -289,9 +412,8 @@ def truncate_word(word: str) -> str:
 
 
 def _best(job_id: str) -> str:
-    rewards = [e.data["critic_rewards_mean"] for e in JobEvent.query(job_id)
-               if e.type == "metrics" and isinstance((e.data or {}).get("critic_rewards_mean"), (int, float))]
-    return f"{max(rewards):.3f}" if rewards else "—"
+    best = registry.best_reward(job_id)   # one GetItem (or a bounded window for older jobs)
+    return f"{best:.3f}" if best is not None else "—"
 
 
 def _job_arg(team_id: str, args: list[str]):

@@ -13,6 +13,7 @@ from chalicelib.config import settings
 from chalicelib.domain import ids, keys
 from chalicelib.errors import Conflict, NotFound, Unauthorized
 from chalicelib.store.models import ApiKey, Team
+from chalicelib.store import dynamo
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def authenticate_team(token: str | None) -> Principal:
     if cached:
         return cached
     try:
-        record = ApiKey.get(key_id, consistent_read=True)
+        record = dynamo.call(lambda: ApiKey.get(key_id, consistent_read=True), idempotent=True, what="key lookup")
     except DoesNotExist:
         raise Unauthorized(_INVALID) from None
     if record.revoked_at is not None or not hmac.compare_digest(record.key_hash, presented_hash):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from pynamodb.attributes import (
-    BooleanAttribute, JSONAttribute, ListAttribute, NumberAttribute, TTLAttribute, UnicodeAttribute,
+    BooleanAttribute, JSONAttribute, ListAttribute, MapAttribute, NumberAttribute, TTLAttribute, UnicodeAttribute,
 )
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.connection import Connection
@@ -23,6 +23,11 @@ class _Base(Model):
     class Meta:
         abstract = True
         billing_mode = "PAY_PER_REQUEST"
+        # No retries inside PynamoDB/botocore: store/dynamo.py retries, knowing which writes are
+        # idempotent (a blindly repeated ADD counts twice). Timeouts fit inside a 29 s request.
+        max_retry_attempts = 0
+        connect_timeout_seconds = settings().dynamodb_connect_timeout_seconds
+        read_timeout_seconds = settings().dynamodb_read_timeout_seconds
 
 
 class Team(_Base):
@@ -57,6 +62,16 @@ class ApiKey(_Base):
     by_team = KeysByTeam()
 
 
+class FilesByCreated(GlobalSecondaryIndex):
+    """A team's files in time order: lists page on it (issue #12)."""
+    class Meta:
+        index_name = "by_created"
+        projection = AllProjection()
+
+    team_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
 class File(_Base):
     """A dataset: content in S3, metadata and validation report here."""
     class Meta(_Base.Meta):
@@ -72,6 +87,7 @@ class File(_Base):
     s3_key = UnicodeAttribute()
     validation = JSONAttribute(default=dict)
     bedrock_files = JSONAttribute(default=dict)   # {grader ref or "": Bedrock file id}
+    by_created = FilesByCreated()
 
 
 class Upload(_Base):
@@ -109,6 +125,16 @@ class JobsByBedrockId(GlobalSecondaryIndex):
     bedrock_job_id = UnicodeAttribute(hash_key=True)
 
 
+class JobsByCreated(GlobalSecondaryIndex):
+    """A team's jobs in time order: `GET /v1/fine_tuning/jobs` pages on it newest first (issue #12)."""
+    class Meta:
+        index_name = "by_created"
+        projection = AllProjection()
+
+    team_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
 class Job(_Base):
     class Meta(_Base.Meta):
         table_name = table_name("jobs")
@@ -133,12 +159,17 @@ class Job(_Base):
     budget_reserved_micro = NumberAttribute(null=True)   # reserved against the team budget at creation
     budget_period = UnicodeAttribute(null=True)
     budget_settled = BooleanAttribute(null=True)
+    budget_hold_id = UnicodeAttribute(null=True)
+    judge_micro = NumberAttribute(null=True)             # judge calls of its grader during training
     request_hash = UnicodeAttribute()       # for Idempotency-Key replays
     # submission to Bedrock: pending -> submitting (leased) -> submitted | rejected
     submit_state = UnicodeAttribute()
     submit_lease_until = NumberAttribute(null=True)
     submit_attempts = NumberAttribute(default=0)
     preflight = JSONAttribute(null=True)
+    preflight_state = UnicodeAttribute(null=True)    # queued -> running (leased) -> done | failed
+    preflight_lease_until = NumberAttribute(null=True)
+    preflight_mode = UnicodeAttribute(null=True)     # block | warn (the request's "preflight")
     grader_ref = UnicodeAttribute(null=True)   # hosted graders: "spec:<hash>", written into every row
     bedrock_job_id = UnicodeAttribute(null=True)
     bedrock_status = UnicodeAttribute(null=True)
@@ -153,6 +184,16 @@ class Job(_Base):
     bedrock_event_cursor = UnicodeAttribute(null=True)   # newest Bedrock event copied   # orders job events as rft-hub recorded them
     active = ActiveJobs()
     by_bedrock_id = JobsByBedrockId()
+    by_created = JobsByCreated()
+
+
+class JobEventsById(GlobalSecondaryIndex):
+    """Where an event id sits in its job's sequence: `after=<event id>` resumes there (issue #12)."""
+    class Meta:
+        index_name = "by_event_id"
+        projection = KeysOnlyProjection()
+
+    event_id = UnicodeAttribute(hash_key=True)
 
 
 class JobEvent(_Base):
@@ -169,6 +210,18 @@ class JobEvent(_Base):
     type = UnicodeAttribute()
     data = JSONAttribute(null=True)
     source = UnicodeAttribute()              # rft-hub | bedrock | event | poll
+    # Only on a job's reward summary item (hash "<job id>#rewards", range "best"; no event fields):
+    best_reward = NumberAttribute(null=True)
+    by_event_id = JobEventsById()
+
+
+class CheckpointsById(GlobalSecondaryIndex):
+    """Where a checkpoint id sits in its job's steps: `after=<checkpoint id>` resumes there (issue #12)."""
+    class Meta:
+        index_name = "by_checkpoint_id"
+        projection = KeysOnlyProjection()
+
+    checkpoint_id = UnicodeAttribute(hash_key=True)
 
 
 class Checkpoint(_Base):
@@ -182,6 +235,7 @@ class Checkpoint(_Base):
     created_at = NumberAttribute()
     fine_tuned_model_checkpoint = UnicodeAttribute()
     metrics = JSONAttribute(default=dict)
+    by_checkpoint_id = CheckpointsById()
 
 
 class TunedModel(_Base):
@@ -287,8 +341,10 @@ class Budget(_Base):
 
 
 class BudgetPeriod(_Base):
-    """One team x one budget period. `committed` = spent + outstanding reservations; every
-    reservation is a conditional ADD on it, so concurrent calls can never pass the limit."""
+    """One team x one budget period. `committed` = spent + open holds. A hold is one entry of
+    `holds` (hold id -> micro-dollars) added in the same conditional UpdateItem that raises
+    `committed`, so a reservation can never pass the limit and is applied at most once; a
+    settlement removes the entry in the update that moves the amount to `spent`."""
     class Meta(_Base.Meta):
         table_name = table_name("budget_periods")
 
@@ -296,11 +352,23 @@ class BudgetPeriod(_Base):
     period = UnicodeAttribute(range_key=True)       # "2026-11"
     committed = NumberAttribute(default=0)
     spent = NumberAttribute(default=0)
+    holds = MapAttribute(default=dict)              # open holds: {hold id: micro}
     alerted = ListAttribute(default=list)           # thresholds already announced this period
 
 
+class PendingUsage(GlobalSecondaryIndex):
+    """Sparse: ledger entries not yet added to the daily totals (the aggregator drains it)."""
+    class Meta:
+        index_name = "pending_usage"
+        projection = AllProjection()
+
+    agg_team = UnicodeAttribute(hash_key=True)
+    sort_key = UnicodeAttribute(range_key=True)
+
+
 class LedgerEntry(_Base):
-    """One metered call (kept for RFT_LEDGER_RETENTION_DAYS, then expired by TTL)."""
+    """One metered call: the record of truth, written once (conditional put on the request id).
+    Kept for RFT_LEDGER_RETENTION_DAYS, then expired by TTL."""
     class Meta(_Base.Meta):
         table_name = table_name("ledger")
 
@@ -322,18 +390,25 @@ class LedgerEntry(_Base):
     stream = BooleanAttribute(default=False)
     created_at = NumberAttribute()
     expires_at = TTLAttribute(null=True)
+    kind = UnicodeAttribute(default="inference")   # inference | grader | abandoned
+    outcome = UnicodeAttribute(default="served")   # served | error | abandoned
+    hold_id = UnicodeAttribute(null=True)
+    job_id = UnicodeAttribute(null=True)           # grader calls made for a training job
+    agg_team = UnicodeAttribute(null=True)         # = team_id until aggregated (sparse index)
+    pending_usage = PendingUsage()
 
 
 class UsageDaily(_Base):
-    """Atomic per team x day x model x key totals (DynamoDB ADD)."""
+    """Per team x day x model x key totals, derived from the ledger by the aggregator."""
     class Meta(_Base.Meta):
         table_name = table_name("usage_daily")
 
     team_id = UnicodeAttribute(hash_key=True)
-    bucket = UnicodeAttribute(range_key=True)       # "<YYYY-MM-DD>#<model>#<key id>"
+    bucket = UnicodeAttribute(range_key=True)       # "<YYYY-MM-DD>#<model>#<key id>#<kind>"
     day = UnicodeAttribute()
     model = UnicodeAttribute()
     key_id = UnicodeAttribute()
+    kind = UnicodeAttribute(null=True)              # inference | grader | abandoned
     requests = NumberAttribute(default=0)
     errors = NumberAttribute(default=0)
     input_tokens = NumberAttribute(default=0)
@@ -411,7 +486,9 @@ ALL_MODELS = (Team, ApiKey, File, Upload, Job, JobEvent, Checkpoint, TunedModel,
 @functools.lru_cache(maxsize=1)
 def connection() -> Connection:
     """One connection per process for transactions (building a botocore client costs ~70 ms)."""
-    return Connection(region=settings().region)
+    return Connection(region=settings().region, max_retry_attempts=0,
+                      connect_timeout_seconds=settings().dynamodb_connect_timeout_seconds,
+                      read_timeout_seconds=settings().dynamodb_read_timeout_seconds)
 
 
 def create_tables() -> None:
@@ -419,3 +496,41 @@ def create_tables() -> None:
     for model in ALL_MODELS:
         if not model.exists():
             model.create_table(wait=True)
+
+
+# ---- Lambda grader registrations and Slack ordering (issue #19) ----------------------------------
+
+class LambdaGraderRegistration(_Base):
+    """A team's reward Lambda, registered by an admin: a team may use only its registered functions."""
+    class Meta(_Base.Meta):
+        table_name = table_name("lambda_graders")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    function_name = UnicodeAttribute(range_key=True)   # in rft-hub's own account and region
+    function_arn = UnicodeAttribute()                  # unqualified
+    created_at = NumberAttribute()
+
+
+class LambdaGraderOwner(_Base):
+    """Which team a registered function belongs to: one team at most (a conditional put)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("lambda_grader_owners")
+
+    function_name = UnicodeAttribute(hash_key=True)
+    team_id = UnicodeAttribute()
+    created_at = NumberAttribute()
+
+
+class SlackJobCursor(_Base):
+    """Per job, the newest state change posted (or being posted) to Slack; older ones are dropped."""
+    class Meta(_Base.Meta):
+        table_name = table_name("slack_job_cursors")
+
+    job_key = UnicodeAttribute(hash_key=True)    # "<team id>#<job id>"
+    rank = NumberAttribute()                      # the status's phase (monotonic along a job's path)
+    seq = NumberAttribute(null=True)              # detail.status_seq when the producer sends it
+    event_id = UnicodeAttribute()
+    expires_at = TTLAttribute(null=True)
+
+
+ALL_MODELS += (LambdaGraderRegistration, LambdaGraderOwner, SlackJobCursor)

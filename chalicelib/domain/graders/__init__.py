@@ -1,4 +1,5 @@
 """Graders: OpenAI-format specs compiled to runnable reward functions (pure)."""
 from chalicelib.domain.graders.core import (  # noqa: F401
-    ERROR_KINDS, Deps, Grader, GraderSpecError, Result, build, run, run_text,
+    ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, Result, build, calls_out, judge_models, run,
+    run_text,
 )

@@ -18,9 +18,11 @@ from chalicelib.domain.graders.contract import check_response, request_rows
 from chalicelib.domain.graders.formula import FormulaError, compile_formula
 from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, make_sample
 
+# Bedrock's LambdaGraderConfig.lambdaArn pattern (botocore), ASCII digits only, used with fullmatch (`$`
+# would let a trailing newline through). Who may use which function: services/lambda_graders.py.
 LAMBDA_ARN = re.compile(
-    r"^arn:(aws[a-zA-Z-]*)?:lambda:[a-z]{2}(-gov)?-[a-z]+-\d{1}:\d{12}:function:[a-zA-Z0-9-_\.]+"
-    r"(:(\$LATEST|[a-zA-Z0-9-_]+))?$")  # Bedrock's LambdaGraderConfig.lambdaArn pattern (botocore)
+    r"arn:(aws[a-zA-Z-]*)?:lambda:[a-z]{2}(-gov)?-[a-z]+-[0-9]:[0-9]{12}:function:[a-zA-Z0-9-_\.]+"
+    r"(:(\$LATEST|[a-zA-Z0-9-_]+))?")
 ERROR_KINDS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_error",
                "model_grader_refusal_error", "model_grader_server_error", "other_error",
                "python_grader_runtime_error", "python_grader_server_error", "sample_parse_error",
@@ -28,6 +30,7 @@ ERROR_KINDS = ("formula_parse_error", "invalid_variable_error", "model_grader_pa
                # rft-hub's own, for Lambda graders
                "lambda_error", "lambda_contract_error", "lambda_timeout")
 MAX_DEPTH = 3
+MAX_SPEC_BYTES = 64 * 1024   # a whole grader spec as compact JSON (UTF-8); checked before anything is stored
 
 
 class GraderSpecError(ValueError):
@@ -36,6 +39,19 @@ class GraderSpecError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+JUDGE_MAX_OUTPUT_TOKENS = 4096      # a judge's reply is a score; more output is only spend
+JUDGE_DEFAULT_OUTPUT_TOKENS = 1024
+
+
+class JudgeRefused(Exception):
+    """A judge call that may not be made (the team's budget is spent): stops the grading instead
+    of scoring the sample 0, so the caller can answer 429 or stop the training job."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -203,7 +219,16 @@ class ScoreModel(Grader):
         if not isinstance(sampling, dict):
             raise GraderSpecError(f"'{path}.sampling_params' must be an object", f"{path}.sampling_params")
         _only(sampling, self.SAMPLING, f"{path}.sampling_params")
-        self.sampling = sampling
+        # Every judge call is held to the team's budget: its output must be bounded.
+        cap = sampling.get("max_completion_tokens", sampling.get("max_completions_tokens"))
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                                or not 1 <= cap <= JUDGE_MAX_OUTPUT_TOKENS):
+            field_ = "max_completion_tokens" if "max_completion_tokens" in sampling else "max_completions_tokens"
+            raise GraderSpecError(f"'{path}.sampling_params.{field_}' must be an integer from 1 to "
+                                  f"{JUDGE_MAX_OUTPUT_TOKENS}", f"{path}.sampling_params.{field_}")
+        self.max_output = cap or JUDGE_DEFAULT_OUTPUT_TOKENS
+        self.sampling = {**{k: v for k, v in sampling.items() if k != "max_completions_tokens"},
+                         "max_completion_tokens": self.max_output}
 
     def grade(self, sample, item, deps):
         messages = [{"role": role, "content": render(item, sample)} for role, render in self.messages]
@@ -211,6 +236,8 @@ class ScoreModel(Grader):
             return Result(0.0, self.name, self.type, {"model_grader_server_error"}, "no judge available")
         try:
             text, tokens = deps.judge(self.model, messages, self.sampling)
+        except JudgeRefused:
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed judge call is a graded error, not a crash
             return Result(0.0, self.name, self.type, {"model_grader_server_error"}, str(exc)[:300], model=self.model)
         value = parse_score(text, self.lo, self.hi)
@@ -230,9 +257,10 @@ class LambdaGrader(Grader):
         ref = _need(spec, "lambda", dict, path)
         _only(ref, {"function"}, f"{path}.lambda")
         self.arn = _need(ref, "function", str, f"{path}.lambda")
-        if not LAMBDA_ARN.match(self.arn) or len(self.arn) > 512:
-            raise GraderSpecError(f"'{path}.lambda.function' must be a Lambda function ARN like "
-                                  "arn:aws:lambda:us-west-2:123456789012:function:my-grader", f"{path}.lambda.function")
+        if not LAMBDA_ARN.fullmatch(self.arn) or len(self.arn) > 512:
+            raise GraderSpecError(f"'{path}.lambda.function' must be exactly a Lambda function ARN like "
+                                  "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-<name> (no spaces or "
+                                  "line breaks)", f"{path}.lambda.function")
 
     def grade(self, sample, item, deps):
         return self.grade_batch([(sample, item)], deps)[0]
@@ -281,8 +309,8 @@ class Multi(Grader):
         tokens = sum(r.token_usage for r in subs.values())
         values = {name: r.reward for name, r in subs.items()}
         try:
-            reward = self.evaluate(values)
-        except Exception as exc:  # noqa: BLE001 - e.g. division by zero in the team's formula
+            reward = self.evaluate(values)   # bounded: milliseconds at most, whatever the values
+        except FormulaError as exc:  # e.g. division by zero in the team's formula
             return Result(0.0, self.name, self.type, errors | {"formula_parse_error"}, str(exc)[:200], values, tokens)
         return Result(reward, self.name, self.type, errors, None, values, tokens)
 
@@ -291,10 +319,22 @@ _TYPES = {"string_check": StringCheck, "text_similarity": TextSimilarity, "score
           "lambda": LambdaGrader}
 
 
+def _check_size(spec: dict, path: str) -> None:
+    try:
+        size = len(json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError):
+        raise GraderSpecError(f"'{path}' must be plain JSON, nested a reasonable depth", path) from None
+    if size > MAX_SPEC_BYTES:
+        raise GraderSpecError(f"'{path}' is {size:,} bytes as JSON; the limit is {MAX_SPEC_BYTES:,} bytes "
+                              "(shorten names, prompts or the number of sub-graders)", path)
+
+
 def build(spec: Any, path: str = "grader", depth: int = 0) -> Grader:
     """Checks a grader spec and compiles it. Raises GraderSpecError naming the field."""
     if not isinstance(spec, dict):
         raise GraderSpecError(f"'{path}' must be an object", path)
+    if depth == 0:
+        _check_size(spec, path)
     kind = spec.get("type")
     if kind == "python":
         raise GraderSpecError("python graders run arbitrary code and are not accepted; package the code as an "
@@ -313,9 +353,11 @@ def build(spec: Any, path: str = "grader", depth: int = 0) -> Grader:
 
 
 def run(grader: Grader, sample: dict, item: dict, deps: Deps) -> Result:
-    """Grades one sample. Never raises; the reward is always a finite number."""
+    """Grades one sample. Never raises (but for JudgeRefused); the reward is always a finite number."""
     try:
         result = grader.grade(sample, item, deps)
+    except JudgeRefused:
+        raise
     except InvalidVariable as exc:
         return Result(0.0, grader.name, grader.type, {"invalid_variable_error"}, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad sample never fails the batch
@@ -326,6 +368,35 @@ def run(grader: Grader, sample: dict, item: dict, deps: Deps) -> Result:
                       result.sub_rewards, result.token_usage)
     result.reward = float(result.reward)
     return result
+
+
+def judge_models(spec: Any, path: str = "grader") -> list[tuple[str, str, int]]:
+    """(model, its param path, output cap) of every score_model judge in a (checked) spec."""
+    if not isinstance(spec, dict):
+        return []
+    if spec.get("type") == "score_model":
+        sampling = spec.get("sampling_params") or {}
+        cap = sampling.get("max_completion_tokens", sampling.get("max_completions_tokens"))
+        return [(spec.get("model"), f"{path}.model", cap or JUDGE_DEFAULT_OUTPUT_TOKENS)]
+    subs = spec.get("graders") if spec.get("type") == "multi" else None
+    if not isinstance(subs, dict):
+        return []
+    if "type" in subs:
+        subs = {subs.get("name") or subs["type"]: subs}
+    return [found for name, sub in subs.items() for found in judge_models(sub, f"{path}.graders.{name}")]
+
+
+def calls_out(spec: Any) -> bool:
+    """Whether grading calls something outside (an LLM judge, a team Lambda): slow and billed,
+    so its preflight runs in the job worker, not on the request path."""
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("type") in ("score_model", "lambda"):
+        return True
+    subs = spec.get("graders") if spec.get("type") == "multi" else None
+    if not isinstance(subs, dict):
+        return False
+    return calls_out(subs) if "type" in subs else any(calls_out(sub) for sub in subs.values())
 
 
 def run_text(grader: Grader, output_text: str, item: dict, deps: Deps) -> tuple[Result, float]:

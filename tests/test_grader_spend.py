@@ -1,0 +1,121 @@
+"""LLM-judge calls are the team's: resolved like the gateway resolves models, metered on the
+ledger, held to the budget, capped in output, and stopped when the budget runs out in training."""
+import json
+import time
+
+import openai
+import pytest
+
+from chalicelib.domain import budget as budget_rules
+from chalicelib.services import budgets
+from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry
+from helpers import wait_for, wait_submitted
+from sample_data import arithmetic_rows, jsonl
+
+JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b", "range": [0, 1],
+         "input": [{"role": "system", "content": "Grade the answer. Reply with JSON {\"score\": x}."},
+                   {"role": "user", "content": "Reference: {{item.reference_answer}}\nAnswer: {{sample.output_text}}"}]}
+ITEM = {"reference_answer": "42"}
+
+
+def team_client(make_team, stack):
+    team_id, key = make_team("judges")
+    return team_id, openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+
+
+def set_budget(api, admin_headers, team_id, usd):
+    r = api.http.put(f"/v1/admin/teams/{team_id}/budget", headers=admin_headers,
+                     body=json.dumps({"limit_usd": usd, "alert_thresholds": []}))
+    assert r.status_code == 200, r.json_body
+    budgets._config.invalidate(team_id)
+
+
+def grader_entries(team_id):
+    return [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "grader"]
+
+
+def test_dry_run_judge_calls_are_metered_and_budgeted(api, admin_headers, make_team, stack, bedrock):
+    team_id, client = team_client(make_team, stack)
+    set_budget(api, admin_headers, team_id, "5")
+    result = client.fine_tuning.alpha.graders.run(grader=JUDGE, model_sample="42", item=ITEM)
+    assert result.reward == 1.0
+    entries = grader_entries(team_id)
+    assert len(entries) == 1 and entries[0].cost_micro > 0 and entries[0].outcome == "served"
+    sent = bedrock.requests[-1]["body"]
+    assert sent["max_tokens"] == 1024                                      # the default output cap is sent
+    period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
+    assert period.spent == entries[0].cost_micro and not budgets.open_holds(period)
+    report = client.get("/usage", cast_to=object)
+    assert report["spend_by_kind"]["grader"] != "0.000000"
+
+    # Out of budget: the dry run is refused with insufficient_quota, not graded 0; nothing is sent.
+    set_budget(api, admin_headers, team_id, "0")
+    before = len(bedrock.requests)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.fine_tuning.alpha.graders.run(grader=JUDGE, model_sample="42", item=ITEM)
+    assert err.value.code == "insufficient_quota" and len(bedrock.requests) == before
+
+
+def test_a_judge_model_must_be_one_the_team_may_call(make_team, stack, client, bedrock):
+    # Another team's tuned model (as the registry records it) is not this team's to call.
+    other_id, other = team_client(make_team, stack)
+    from chalicelib.store.models import TunedModel
+    TunedModel(other_id, "ft:openai.gpt-oss-20b:other:secret", base_model="openai.gpt-oss-20b", job_id="ftjob-o",
+               grader={}, created_at=int(time.time())).save()
+    before = len(bedrock.requests)
+    for call in (client.fine_tuning.alpha.graders.run, client.fine_tuning.alpha.graders.validate):
+        kwargs = {"model_sample": "42", "item": ITEM} if call == client.fine_tuning.alpha.graders.run else {}
+        with pytest.raises(openai.BadRequestError) as err:
+            call(grader={**JUDGE, "model": "ft:openai.gpt-oss-20b:other:secret"}, **kwargs)
+        assert err.value.param == "grader.model"
+        assert "secret" not in str(err.value.body.get("message", "")).replace("ft:openai.gpt-oss-20b:other:secret",
+                                                                          "")
+    assert len(bedrock.requests) == before                                 # never called
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.alpha.graders.validate(
+            grader={**JUDGE, "sampling_params": {"max_completion_tokens": 100000}})
+    assert err.value.param == "grader.sampling_params.max_completion_tokens"
+
+
+def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_out(
+        api, admin_headers, make_team, stack, bedrock):
+    team_id, client = team_client(make_team, stack)
+    set_budget(api, admin_headers, team_id, "100")
+    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune")
+    method = {"type": "reinforcement", "reinforcement": {"grader": JUDGE}}
+    job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id,
+                                         extra_body={"method": method, "preflight": "warn"})
+    judge_estimate = job.model_extra["rft_cost_estimate"]["judge"]
+    assert judge_estimate["calls"] > 0 and judge_estimate["estimated_micro_usd"] > 0
+    done = wait_for(client, job.id, {"succeeded"}, timeout=60)
+    record = Job.get(team_id, done.id)
+    entries = [e for e in grader_entries(team_id) if e.job_id == done.id]
+    assert entries and record.judge_micro == sum(e.cost_micro for e in entries)
+    usage = client.get("/usage", cast_to=object)
+    row = next(t for t in usage["training"] if t["job_id"] == done.id)
+    assert row["judge_spent_usd"] != "0.000000"
+
+    # A second job; once it is held and submitted (Bedrock still validating its files), the budget is
+    # lowered to what is committed plus a few judge calls: training runs out of money.
+    bedrock.clock["validating_seconds"] = 3
+    job2 = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id,
+                                          extra_body={"method": method, "preflight": "warn"})
+    wait_submitted(client, job2.id)           # its preflight (judge calls too) ran in the worker
+    period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
+    few_calls = 3 * max(e.reserved_micro for e in entries)
+    set_budget(api, admin_headers, team_id, str((period.committed + few_calls) / 1_000_000))
+    bedrock.clock.update({"validating_seconds": 0.1, "step_seconds": 1.0, "total_steps": 8})
+    # The reward Lambda flags the job; the reconciler (here: the next read of the job) cancels it.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        from chalicelib.services import lifecycle
+        lifecycle.reconcile()
+        current = client.fine_tuning.jobs.retrieve(job2.id)
+        if current.status in ("cancelled", "succeeded", "failed"):
+            break
+        time.sleep(0.3)
+    assert current.status == "cancelled", (current.status, current.error)
+    assert current.error and current.error.code == "budget_exhausted"
+    period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
+    limit = budgets.config(team_id).limit_micro
+    assert period.spent <= limit
