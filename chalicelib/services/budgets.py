@@ -5,9 +5,11 @@ open holds themselves ({hold id: micro}). Both writes are single UpdateItems -- 
 transaction on this team-wide item, which DynamoDB would cancel under concurrency:
 
 - reserve: `SET holds.<id> = m, ADD committed m` if `committed <= limit - m` and the hold does
-  not exist. So 50 concurrent calls against a budget that covers 10 admit at most 10, and a
-  retry after an unknown outcome (timeout, 5xx) can never apply twice: the condition fails
-  and a consistent read shows the hold is ours.
+  not exist. So 50 concurrent calls against a budget that covers 10 admit at most 10. It is
+  retried only when DynamoDB surely did not apply it (throttle, conflict): after an unknown
+  outcome (timeout, 5xx) the call is answered 503, because a delayed first attempt could land
+  after the call was settled and hold the money again; a hold that lands that way is never
+  followed by a ledger entry, so the reconciler releases it as abandoned.
 - settle: `REMOVE holds.<id>, ADD committed (actual - m), spent actual` if the hold exists.
   Repeating it is a no-op, so settlements are retried, never skipped.
 
@@ -182,7 +184,7 @@ def reserve(team_id: str, micro: int, hold_id: str | None = None) -> Reservation
 
     for _ in range(2):
         try:
-            dynamo.call(attempt, idempotent=True, what="budget reservation")
+            dynamo.call(attempt, idempotent=False, what="budget reservation")
             return Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro)
         except UpdateError as exc:
             if _missing_map(exc):
@@ -210,37 +212,43 @@ def settle(res: Reservation, actual_micro: int) -> bool:
             condition=BudgetPeriod.holds[res.hold_id].exists()), idempotent=True, what="budget settlement")
     except UpdateError as exc:
         if dynamo.is_condition(exc) or _missing_map(exc):
+            # Settled already -- perhaps by this call's own first attempt whose answer was lost:
+            # make sure its threshold crossings were announced all the same.
+            current = period_item(res.team_id, res.period)
+            announce_thresholds(res, int(current.spent or 0), list(current.alerted or []))
             return False
         raise
-    if actual_micro:
-        res.committed_after = int(item.committed or 0)
-        announce_thresholds(res, actual_micro, int(item.spent or 0))
+    res.committed_after = int(item.committed or 0)
+    announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
     return True
 
 
-def announce_thresholds(res: Reservation, actual_micro: int, spent_after: int) -> None:
-    """Once per threshold per period: the outbox event's id is derived from (team, period,
-    threshold) and written only if absent, so racing calls announce it once, with no
-    transaction on the budget item."""
+def announce_thresholds(res: Reservation, spent: int, alerted: list) -> None:
+    """Every threshold that `spent` has reached and that is not yet marked announced, once per
+    period: the outbox event's id is derived from (team, period, threshold) and written only if
+    absent, so racing or repeated calls announce it once, with no transaction on the budget item."""
     cfg = config(res.team_id)
     if cfg is None or not cfg.thresholds:
         return
-    for t in rules.crossed(cfg.thresholds, cfg.limit_micro, spent_after - actual_micro, spent_after, []):
+    for t in rules.crossed(cfg.thresholds, cfg.limit_micro, -1, spent, alerted):
         event = outbox.stage("rft-hub.budget.threshold_crossed", res.team_id, threshold=t, period=res.period,
-                             limit_usd=pricing.usd(cfg.limit_micro), spent_usd=pricing.usd(spent_after),
+                             limit_usd=pricing.usd(cfg.limit_micro), spent_usd=pricing.usd(spent),
                              resets_at=rules.resets_at(res.period),
                              event_id=ids.stable_id("evt", "budget", res.team_id, res.period, str(t)))
         try:
             dynamo.call(lambda: event.save(condition=type(event).event_id.does_not_exist()),
                         idempotent=True, what="threshold event")
+            fresh = True
         except PutError as exc:
-            if dynamo.is_condition(exc):
-                continue   # another call announced it
-            raise
+            if not dynamo.is_condition(exc):
+                raise
+            fresh = False   # announced already (by a racing call, or by one that died before marking it)
         try:
             BudgetPeriod(res.team_id, res.period).update(
-                actions=[BudgetPeriod.alerted.set((BudgetPeriod.alerted | []).append([t]))])
+                actions=[BudgetPeriod.alerted.set((BudgetPeriod.alerted | []).append([t]))],
+                condition=BudgetPeriod.alerted.does_not_exist() | ~BudgetPeriod.alerted.contains(t))
         except UpdateError:
-            pass   # `alerted` is a view for people; the event above is what counts
-        logger.info("budget threshold crossed", extra={"team_id": res.team_id, "threshold": t})
-        outbox.publish([event])
+            pass   # marked already; `alerted` only saves later calls this check
+        if fresh:
+            logger.info("budget threshold crossed", extra={"team_id": res.team_id, "threshold": t})
+            outbox.publish([event])

@@ -1,9 +1,11 @@
 """The inference gateway: OpenAI-compatible calls to base models, tuned models and aliases,
 metered per team and held to the team's budget.
 
-Per call: resolve the model (cached), price it (cached), reserve the worst case (one
-conditional write), forward to Bedrock, then record ledger + daily totals + settlement in one
-transaction. Two DynamoDB round trips on the warm path; no read for auth, prices or models.
+Per call: resolve the model (cached), price it (cached), hold the worst case (one conditional
+write on the team's budget item), forward to Bedrock, write the ledger entry (one conditional
+put), settle the hold at the exact cost (one write). Three DynamoDB round trips on the warm path
+with a budget (one without), no read for auth, prices or models, and no transaction: daily
+totals are derived from the ledger later (services/metering.py).
 """
 from __future__ import annotations
 

@@ -36,11 +36,21 @@ MAX_EVENT_PAGES = 50
 
 # ---- views -----------------------------------------------------------------------------------
 
+def _error_view(error: dict | None) -> dict | None:
+    """A job's error as OpenAI's FineTuningJob has it: `code` and `message` strings, `param` a
+    string or null (an upstream error may lack a code)."""
+    if not error:
+        return None
+    param = error.get("param")
+    return {**error, "code": str(error.get("code") or "error"), "message": str(error.get("message") or ""),
+            "param": param if isinstance(param, str) else None}
+
+
 def job_view(job: Job) -> dict:
     hp = job.method.get("reinforcement", {}).get("hyperparameters") or {}
     return {
         "id": job.job_id, "object": "fine_tuning.job", "created_at": job.created_at,
-        "error": job.error, "fine_tuned_model": job.fine_tuned_model, "finished_at": job.finished_at,
+        "error": _error_view(job.error), "fine_tuned_model": job.fine_tuned_model, "finished_at": job.finished_at,
         "hyperparameters": {k: hp.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
         "model": job.model, "organization_id": job.team_id, "result_files": [],
         "seed": job.seed if job.seed is not None else 0, "status": job.status,
@@ -55,15 +65,20 @@ def job_view(job: Job) -> dict:
 
 
 def event_view(e: JobEvent) -> dict:
+    # `data` is an object in OpenAI's FineTuningJobEvent: events stored before it defaulted to {}
+    # (rft-hub's own, written with data=None) are shown with {}.
     return {"id": e.event_id, "object": "fine_tuning.job.event", "created_at": e.created_at,
-            "level": e.level, "message": e.message, "type": e.type, "data": e.data,
-            "rft_source": e.source}
+            "level": e.level, "message": e.message, "type": e.type or "message",
+            "data": e.data if isinstance(e.data, dict) else {}, "rft_source": e.source}
 
 
 def checkpoint_view(c: Checkpoint) -> dict:
+    # The metrics Bedrock sent, and only those: a checkpoint copied through the SDK's typed object
+    # carries every typed metric it lacks as null, which OpenAI's schema (numbers) does not allow.
+    metrics = {k: v for k, v in (c.metrics or {}).items() if v is not None}
     return {"id": c.checkpoint_id, "object": "fine_tuning.job.checkpoint", "created_at": c.created_at,
             "fine_tuned_model_checkpoint": c.fine_tuned_model_checkpoint, "fine_tuning_job_id": c.job_id,
-            "metrics": c.metrics or {}, "step_number": c.step_number}
+            "metrics": metrics, "step_number": c.step_number}
 
 
 # ---- create ----------------------------------------------------------------------------------
@@ -514,7 +529,7 @@ def record_event(job: Job, message: str, *, source: str, level: str = "info", ty
                  data: dict | None = None) -> None:
     seq = _next_seqs(job, 1)[0]
     _save_event(job.job_id, seq, event_id=ids.new_id("ftevent"), created_at=ids.now(), level=level,
-                message=message, type_=type_, data=data, source=source)
+                message=message, type_=type_, data=data if data is not None else {}, source=source)
 
 
 def get_job(team_id: str, job_id: str) -> Job:

@@ -24,6 +24,34 @@ def request_rows(pairs: list[tuple[dict, dict]]) -> list[dict]:
     return rows
 
 
+# Lambda refuses a synchronous request over 6,291,456 bytes; the JSON list's brackets and commas
+# and a margin for the SDK's framing are kept under it.
+MAX_INVOKE_BYTES = 6_000_000
+
+
+def size_batches(rows: list[dict], max_bytes: int = MAX_INVOKE_BYTES) -> tuple[list[list[int]], list[int]]:
+    """Row indexes grouped so each group's JSON fits one invocation, and the rows too large to
+    send at all (they are graded as errors, never sent to be refused)."""
+    import json
+
+    batches: list[list[int]] = []
+    too_large: list[int] = []
+    current, size = [], 2
+    for i, row in enumerate(rows):
+        n = len(json.dumps(row, separators=(",", ":")).encode()) + 1
+        if n + 2 > max_bytes:
+            too_large.append(i)
+            continue
+        if current and size + n > max_bytes:
+            batches.append(current)
+            current, size = [], 2
+        current.append(i)
+        size += n
+    if current:
+        batches.append(current)
+    return batches, too_large
+
+
 def check_response(rows: list[dict], response: Any) -> tuple[list[float], list[str]]:
     """Scores in input order, or every way the response breaks the contract."""
     problems = []

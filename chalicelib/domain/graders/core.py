@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chalicelib.domain.graders import similarity
-from chalicelib.domain.graders.contract import check_response, request_rows
+from chalicelib.domain.graders.contract import check_response, request_rows, size_batches
 from chalicelib.domain.graders.formula import FormulaError, compile_formula
 from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, make_sample
 
@@ -266,17 +266,29 @@ class LambdaGrader(Grader):
         return self.grade_batch([(sample, item)], deps)[0]
 
     def grade_batch(self, pairs: list[tuple[dict, dict]], deps: Deps) -> list[Result]:
+        """One invocation per group of rows that fits Lambda's 6 MB request limit."""
         rows = request_rows(pairs)
+        out: list[Result | None] = [None] * len(rows)
+        batches, too_large = size_batches(rows)
+        for i in too_large:
+            out[i] = Result(0.0, self.name, self.type, {"lambda_error"},
+                            "the sample is larger than a Lambda invocation takes (6 MB)")
+        for batch in batches:
+            for i, result in zip(batch, self._invoke([rows[i] for i in batch], deps)):
+                out[i] = result
+        return out
+
+    def _invoke(self, rows: list[dict], deps: Deps) -> list[Result]:
         try:
             response = deps.invoke_lambda(self.arn, rows)
         except TimeoutError:
-            return [Result(0.0, self.name, self.type, {"lambda_timeout"}, "the Lambda timed out")] * len(pairs)
+            return [Result(0.0, self.name, self.type, {"lambda_timeout"}, "the Lambda timed out")] * len(rows)
         except Exception as exc:  # noqa: BLE001 - reported as the Lambda's error
-            return [Result(0.0, self.name, self.type, {"lambda_error"}, str(exc)[:300])] * len(pairs)
+            return [Result(0.0, self.name, self.type, {"lambda_error"}, str(exc)[:300])] * len(rows)
         scores, problems = check_response(rows, response)
         if problems:
             detail = "; ".join(problems[:5])
-            return [Result(0.0, self.name, self.type, {"lambda_contract_error"}, detail)] * len(pairs)
+            return [Result(0.0, self.name, self.type, {"lambda_contract_error"}, detail)] * len(rows)
         return [Result(s, self.name, self.type) for s in scores]
 
 
