@@ -186,13 +186,14 @@ def _operations() -> dict:
     return ops
 
 
-def operation(method: str, path: str) -> tuple[str, dict]:
-    """(OpenAI's template, operation) for an rft-hub or OpenAI path, template or concrete."""
+def operation(method: str, path: str, *, concrete: bool = True) -> tuple[str, dict]:
+    """(OpenAI's template, operation) for an rft-hub or OpenAI path, template or (`concrete`)
+    concrete: `/v1/files/file-abc` is `/files/{file_id}`."""
     method, template = method.lower(), _template(path)
     ops = _operations()
     if (method, template) in ops:
         return template, ops[(method, template)]
-    for (m, t), op in ops.items():        # a concrete path: each `{}` is one segment
+    for (m, t), op in ops.items() if concrete else ():        # a concrete path: each `{}` is one segment
         if m == method and re.fullmatch(re.escape(t).replace(r"\{\}", "[^/]+"), template):
             return t, op
     raise KeyError(f"OpenAI's document has no operation {method.upper()} {path}")
@@ -271,25 +272,26 @@ def _refs(node, found: set) -> None:
             found.add(ref.rsplit("/", 1)[1])
 
 
-def trimmed(routes: list[tuple[str, str]]) -> dict:
-    """For rft-hub's (method, path) routes: which of OpenAI's responses each one has
-    (`operations`: "METHOD /v1/path" -> {status: {content type: schema}}), and the component schemas
-    those reference and nothing else (`schemas`), normalised, without documentation, with rft-hub's
-    EXTENSIONS applied. Deterministic (sorted), so a test can compare it with the committed copy."""
+def trimmed(routes: list[tuple[str, str, str]]) -> dict:
+    """For rft-hub's (method, path, content type produced) routes: OpenAI's success answer for each
+    (`operations`: "METHOD /v1/path" -> {"200": {content type: schema}}, in the content types the
+    route produces: a streamed chat completion is also JSON, a file's raw content is neither), and
+    the component schemas those reference and nothing else (`schemas`, plus ErrorResponse),
+    normalised, without documentation, with rft-hub's EXTENSIONS applied. Deterministic (sorted),
+    so a test can compare it with the committed copy."""
     schemas = apply_extensions(document()["components"]["schemas"])
     operations = {}
-    for method, path in sorted(routes):
+    for method, path, produces in sorted(routes):
         try:
-            _, op = operation(method, path)
+            _, op = operation(method, path, concrete=False)   # /v1/models/aliases is no model id
         except KeyError:
             continue
-        answers = {}
-        for status, response in sorted(op["responses"].items()):
-            content = _resolve_response(response).get("content") or {}
-            media = {ct: normalise(m["schema"], strip_docs=True) for ct, m in sorted(content.items()) if "schema" in m}
-            if media:
-                answers[status] = media
-        operations[f"{method.upper()} {path}"] = answers
+        wanted = {"application/json", "text/event-stream"} if produces == "text/event-stream" else {produces}
+        content = _resolve_response(op["responses"].get("200", {})).get("content") or {}
+        media = {ct: normalise(m["schema"], strip_docs=True) for ct, m in sorted(content.items())
+                 if "schema" in m and ct in wanted}
+        if media:
+            operations[f"{method.upper()} {path}"] = {"200": media}
     wanted, todo = set(), set()
     _refs(operations, todo)
     todo.add(ERROR_SCHEMA)
@@ -306,12 +308,14 @@ def trimmed(routes: list[tuple[str, str]]) -> dict:
             "schemas": {name: normalise(schemas[name], strip_docs=True) for name in sorted(wanted)}}
 
 
-def app_routes() -> list[tuple[str, str]]:
-    """rft-hub's OpenAI-shaped routes (the app is imported: call after the environment is set)."""
+def app_routes() -> list[tuple[str, str, str]]:
+    """rft-hub's OpenAI-shaped routes as (method, path, content type produced); the app is imported:
+    call after the environment is set."""
     from app import app
     from chalicelib.api.openapi import OPENAI_TAG
 
-    return sorted((method.lower(), path) for path, methods in app.routes.items() for method in methods
+    return sorted((method.lower(), path, getattr(entry.view_function, "openapi", {}).get("produces", ""))
+                  for path, methods in app.routes.items() for method, entry in methods.items()
                   if OPENAI_TAG.match(path))
 
 

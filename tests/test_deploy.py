@@ -72,7 +72,9 @@ def test_template_declares_every_resource(packaged):
         assert props["TableName"].startswith("rfthub-prod-")
     assert tables["TableLedgerEntry"]["Properties"]["TimeToLiveSpecification"]["Enabled"]
     assert {i["IndexName"] for i in tables["TableJob"]["Properties"]["GlobalSecondaryIndexes"]} == \
-        {"active", "by_bedrock_id"}
+        {"active", "by_bedrock_id", "by_created"}
+    assert {i["IndexName"] for i in tables["TableLedgerEntry"]["Properties"]["GlobalSecondaryIndexes"]} == \
+        {"pending_usage"}
 
     bucket = packaged["Resources"]["DatasetsBucket"]["Properties"]
     assert bucket["PublicAccessBlockConfiguration"]["BlockPublicPolicy"] and bucket["BucketEncryption"]

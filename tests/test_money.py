@@ -251,11 +251,17 @@ def test_training_an_unpriced_model_is_refused_and_overrides_apply(api, admin_he
     assert err.value.code == "model_not_priced"
     admin(api, admin_headers, "put", "/v1/admin/prices/nvidia.nemotron-nano-3-30b",
           {"input_usd_per_1m": "0.5", "output_usd_per_1m": "2"})
-    job = client.fine_tuning.jobs.create(model="nvidia.nemotron-nano-3-30b", training_file=f.id,
-                                         extra_body={"method": method})
-    estimate = job.model_extra["rft_cost_estimate"]
-    assert estimate["priced"] and estimate["rates"]["input_usd_per_1m"] == "0.5"
-    assert estimate["estimated_micro_usd"] > 0
+    try:
+        job = client.fine_tuning.jobs.create(model="nvidia.nemotron-nano-3-30b", training_file=f.id,
+                                             extra_body={"method": method})
+        estimate = job.model_extra["rft_cost_estimate"]
+        assert estimate["priced"] and estimate["rates"]["input_usd_per_1m"] == "0.5"
+        assert estimate["estimated_micro_usd"] > 0
+    finally:   # back to unpriced, as other tests expect
+        admin(api, admin_headers, "delete", "/v1/admin/prices/nvidia.nemotron-nano-3-30b")
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.create(model="nvidia.nemotron-nano-3-30b", training_file=f.id,
+                                       extra_body={"method": method})
 
 
 @pytest.mark.parametrize("body, param", [

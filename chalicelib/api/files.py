@@ -1,6 +1,8 @@
 """OpenAI-compatible datasets: /v1/files and /v1/uploads."""
 from __future__ import annotations
 
+from typing import Any
+
 from chalice import Blueprint, Response
 from pydantic import Field
 
@@ -16,11 +18,21 @@ def _form(req: Request) -> dict[str, multipart.Part]:
     return multipart.parse(req.content_type(), req.raw_body)
 
 
+def _refuse_expires_after() -> None:
+    """rft-hub keeps a fine-tune file until it is deleted; it has no sweep that would delete it at an
+    `expires_at`, so a request for one is refused rather than accepted and ignored (README, Datasets)."""
+    raise InvalidRequest("expires_after is not supported: rft-hub keeps fine-tune files until they are deleted "
+                         "(DELETE /v1/files/{file_id}). Send the request without expires_after.",
+                         param="expires_after", code="unsupported_parameter")
+
+
 @route(bp, "/v1/files", ("POST",), consumes="multipart/form-data")
 def create_file(req: Request):
     form = _form(req)
     if "file" not in form:
         raise InvalidRequest("Missing multipart field 'file'.", param="file")
+    if any(name == "expires_after" or name.startswith("expires_after[") for name in form):
+        _refuse_expires_after()
     purpose = form["purpose"].data.decode(errors="replace") if "purpose" in form else None
     upload = form["file"]
     return files.create_file(req.team_id, upload.filename, purpose, upload.data)
@@ -56,7 +68,7 @@ class CreateUpload(StrictModel):
     filename: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(min_length=1, max_length=100)
     purpose: str
-    expires_after: dict | None = None   # accepted for SDK compatibility; uploads expire after 1 h
+    expires_after: Any = None   # the resulting file's expiry: refused when given (see _refuse_expires_after)
 
 
 class CompleteUpload(StrictModel):
@@ -67,6 +79,8 @@ class CompleteUpload(StrictModel):
 @route(bp, "/v1/uploads", ("POST",), body=CreateUpload)
 def create_upload(req: Request):
     b = req.body
+    if b.expires_after is not None:
+        _refuse_expires_after()
     return files.create_upload(req.team_id, b.filename, b.purpose, b.bytes, b.mime_type)
 
 

@@ -49,6 +49,11 @@ def set_price(req: Request, model: str):
     return prices.set_override(model, req.body)
 
 
+@route(bp, "/v1/admin/prices/{model}", ("DELETE",), auth="admin")
+def delete_price(req: Request, model: str):
+    return prices.delete_override(model)
+
+
 @route(bp, "/v1/admin/prices", auth="admin")
 def list_prices(req: Request):
     return {"object": "list", "data": prices.list_prices()}

@@ -28,11 +28,21 @@ def check_purpose(purpose: str | None) -> None:
 
 
 def file_view(f: File) -> dict:
+    # No `expires_at` (files are kept until deleted: expires_after is refused) and no
+    # `status_details` (deprecated; a file with a bad line is never stored): OpenAI's File object
+    # types both as non-null and neither is required, so they are left out rather than null.
     report = f.validation or {}
     return {"id": f.file_id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
             "filename": f.filename, "purpose": f.purpose, "status": f.status,
-            "status_details": None, "expires_at": None,
             "rft_validation": report}
+
+
+def _file_list(data: list[dict], has_more: bool, cursor: str | None) -> dict:
+    # OpenAI's ListFilesResponse requires `first_id` and `last_id` as strings, also on an empty
+    # page: there they are "" (not null, which the document does not allow).
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else "",
+            "rft_next_cursor": cursor if has_more else None}
 
 
 def _rejected(report: dict) -> InvalidRequest:
@@ -81,8 +91,7 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
                order: str = "desc") -> dict:
     """One bounded query on the `by_created` index, in `order` of creation: `after` is a file id
     (its created_at, from one GetItem, positions the query) or an rft_next_cursor."""
-    empty = {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None,
-             "rft_next_cursor": None}
+    empty = _file_list([], False, None)
     if purpose is not None and purpose != PURPOSE:
         return empty           # every stored file is a fine-tune file (create and uploads check it)
     start = None
@@ -98,10 +107,7 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
         start = pagination.start_key(File, anchor, "by_created")
     page = pagination.query(File, team_id, index="by_created", limit=limit, start=start,
                             newest_first=order != "asc", what="file list")
-    data = [file_view(f) for f in page.items]
-    return {"object": "list", "data": data, "has_more": page.has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-            "rft_next_cursor": page.cursor if page.has_more else None}
+    return _file_list([file_view(f) for f in page.items], page.has_more, page.cursor)
 
 
 def delete_file(team_id: str, file_id: str) -> dict:
@@ -127,9 +133,12 @@ def open_content(record: File) -> Iterator[bytes]:
 # ---- Uploads (large files in parts) ---------------------------------------------------------
 
 def upload_view(u: Upload, file: dict | None = None) -> dict:
-    return {"id": u.upload_id, "object": "upload", "bytes": u.bytes, "created_at": u.created_at,
+    view = {"id": u.upload_id, "object": "upload", "bytes": u.bytes, "created_at": u.created_at,
             "filename": u.filename, "purpose": u.purpose, "status": _upload_status(u),
-            "expires_at": u.expires_at, "file": file}
+            "expires_at": u.expires_at}
+    if file is not None:
+        view["file"] = file   # not required; left out (not null) until the upload has made one
+    return view
 
 
 def _upload_status(u: Upload) -> str:

@@ -18,9 +18,4 @@ def describe(team_id: str, model_id: str) -> dict | None:
     for m in base_models():
         if m["id"] == model_id:
             return m
-    target = registry.resolve(team_id, model_id)
-    if target is None:
-        return None
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": team_id, "rft_kind": target["kind"],
-            "rft_target": target["model"], "rft_base_model": target["base_model"],
-            "rft_version": target.get("version")}
+    return registry.describe(team_id, model_id)

@@ -8,7 +8,7 @@ from pynamodb.exceptions import DoesNotExist
 
 from chalicelib.domain import ids, pricing
 from chalicelib.domain.budget import MAX_PRICE_PER_1M
-from chalicelib.errors import InvalidRequest
+from chalicelib.errors import InvalidRequest, NotFound
 from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import PriceOverride
 from chalicelib.store import dynamo
@@ -62,6 +62,17 @@ def set_override(model: str, body: dict) -> dict:
                   note=str(body.get("note") or "admin override")[:200]).save()
     _cache.invalidate(model)
     return _load(model).view()
+
+
+def delete_override(model: str) -> dict:
+    """Back to the repository's price (or to no price: calls to the model are then refused)."""
+    try:
+        PriceOverride.get(model).delete()
+    except DoesNotExist:
+        raise NotFound(f"No price override for '{model}'.", param="model") from None
+    _cache.invalidate(model)
+    current = _load(model)
+    return current.view() if current else {"model": model, "priced": False}
 
 
 def list_prices() -> list[dict]:

@@ -34,6 +34,45 @@ def alias_view(a: Alias) -> dict:
             "rft_kind": "alias", "rft_target": a.model_id, "rft_base_model": a.base_model, "rft_version": a.version}
 
 
+def _version_view(team_id: str, name: str, c: AliasChange) -> dict:
+    return {"id": name, "object": "model", "created": c.changed_at, "owned_by": team_id, "rft_kind": "alias",
+            "rft_target": c.model_id, "rft_base_model": c.base_model, "rft_version": c.version}
+
+
+def _checkpoint_view(team_id: str, name: str, m: TunedModel, entry: dict) -> dict:
+    created = m.created_at
+    try:   # the checkpoint's own time (its key is "<step:08d>#<id>"); the model's if it is gone
+        created = Checkpoint.get(m.job_id, f"{int(entry.get('step') or 0):08d}#{entry.get('id')}").created_at
+    except (DoesNotExist, TypeError, ValueError):
+        pass
+    return {"id": name, "object": "model", "created": created, "owned_by": team_id, "rft_kind": "checkpoint",
+            "rft_target": name, "rft_base_model": m.base_model, "rft_job_id": m.job_id, "rft_step": entry.get("step")}
+
+
+def describe(team_id: str, name: str) -> dict | None:
+    """The Model object GET /v1/models/{id} answers for a team's alias (`alias@version` too), tuned
+    model or checkpoint: for an alias or tuned model the very object the list shows (its real
+    `created`), None if the name is none of these."""
+    target = resolve(team_id, name)
+    if target is None:
+        return None
+    try:
+        if target["kind"] == "alias":
+            alias, _, version = name.partition("@")
+            if not version:
+                return alias_view(Alias.get(team_id, alias))
+            return _version_view(team_id, name, AliasChange.get(f"{team_id}#{alias}", int(version)))
+        if target["kind"] == "tuned":
+            return tuned_view(TunedModel.get(team_id, name))
+    except DoesNotExist:   # removed since it was resolved
+        return None
+    for m in TunedModel.query(team_id):
+        for entry in m.checkpoints or []:
+            if entry.get("model") == name:
+                return _checkpoint_view(team_id, name, m, entry)
+    return None
+
+
 def change_view(c: AliasChange) -> dict:
     return {"alias": c.team_alias.split("#", 1)[1], "version": c.version, "model": c.model_id,
             "previous_model": c.previous_model_id, "changed_by": c.changed_by, "changed_at": c.changed_at}

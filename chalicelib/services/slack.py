@@ -224,8 +224,7 @@ def _job_message(detail: dict) -> dict:
     try:
         job = Job.get(detail["team_id"], job_id)
         path = list(job.status_path or [])
-        rewards = [e.data["critic_rewards_mean"] for e in JobEvent.query(job_id)
-                   if e.type == "metrics" and isinstance((e.data or {}).get("critic_rewards_mean"), (int, float))]
+        rewards = registry.reward_curve(job_id, 40)      # bounded read, whatever the job's history
         view = budgets.view(detail["team_id"])
         estimate = (job.estimate or {}).get("estimated_usd")
         budget_line = f"~${estimate} (estimate)" if estimate else "unpriced"

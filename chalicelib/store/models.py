@@ -492,10 +492,35 @@ def connection() -> Connection:
 
 
 def create_tables() -> None:
-    """Idempotent: used by the local stack and the tests (deployed tables come from the template)."""
+    """Idempotent: used by the local stack and the tests (deployed tables come from the template).
+    A table kept from an older `make run` gets the indexes added since, one at a time (as
+    DynamoDB allows)."""
     for model in ALL_MODELS:
         if not model.exists():
             model.create_table(wait=True)
+            continue
+        described = model._get_connection().describe_table()
+        have = {i["IndexName"] for i in described.get("GlobalSecondaryIndexes", [])}
+        schema = model._get_schema()
+        for index in schema.get("global_secondary_indexes", []):
+            if index["index_name"] in have:
+                continue
+            _add_index(model.Meta.table_name, schema["attribute_definitions"], index)
+
+
+def _add_index(table: str, definitions: list[dict], index: dict) -> None:
+    import time
+
+    import boto3
+
+    client = boto3.client("dynamodb", region_name=settings().region)
+    client.update_table(TableName=table, AttributeDefinitions=definitions, GlobalSecondaryIndexUpdates=[{"Create": {
+        "IndexName": index["index_name"], "KeySchema": index["key_schema"], "Projection": index["projection"]}}])
+    for _ in range(600):
+        state = client.describe_table(TableName=table)["Table"]
+        if all(i.get("IndexStatus") == "ACTIVE" for i in state.get("GlobalSecondaryIndexes", [])):
+            return
+        time.sleep(0.1)
 
 
 # ---- Lambda grader registrations and Slack ordering (issue #19) ----------------------------------
