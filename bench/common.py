@@ -11,14 +11,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def start_stack(**env):
+def start_stack(fault_layer: bool = True, **env):
     from local.harness import configure_environment
 
     configure_environment(POWERTOOLS_LOG_LEVEL="ERROR", **env)
     import logging
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     from local.harness import ADMIN_KEY, Stack
-    return Stack(), ADMIN_KEY
+    return Stack(fault_layer=fault_layer), ADMIN_KEY
 
 
 def new_team(admin_key: str, name: str = "bench") -> tuple[str, str]:

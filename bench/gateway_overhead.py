@@ -26,7 +26,7 @@ def _timed(fn, n: int) -> list[float]:
 
 
 def run(n: int = N) -> dict:
-    stack, admin_key = start_stack()
+    stack, admin_key = start_stack(fault_layer=False)
     import openai
     from aws_bedrock_token_generator import provide_token
     from chalice.test import Client

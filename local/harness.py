@@ -23,7 +23,9 @@ def configure_environment(**overrides: str) -> None:
 
 
 class Stack:
-    def __init__(self) -> None:
+    def __init__(self, fault_layer: bool = True) -> None:
+        """fault_layer=False: straight to DynamoDB Local (latency benchmarks: the proxy is Python
+        in this same process and would be measured as rft-hub's cost)."""
         from moto.server import ThreadedMotoServer
 
         self.procs = []
@@ -34,10 +36,13 @@ class Stack:
         self.procs.append(servers.start_dynamodb(ports["dynamodb_local"], None))
         # Everything talks to DynamoDB through the fault layer (pass-through until a test configures it).
         from local import ddb_faults
-        self.ddb_faults = ddb_faults.FaultProxy(f"http://127.0.0.1:{ports['dynamodb_local']}")
-        self.ddb_faults_server = servers.ThreadServer(self.ddb_faults)
-        self.ddb_faults_server.server.RequestHandlerClass = ddb_faults.QuietHandler  # before anyone knows the port
-        ports["dynamodb"] = self.ddb_faults_server.port
+        self.ddb_faults = self.ddb_faults_server = None
+        ports["dynamodb"] = ports["dynamodb_local"]
+        if fault_layer:
+            self.ddb_faults = ddb_faults.FaultProxy(f"http://127.0.0.1:{ports['dynamodb_local']}")
+            self.ddb_faults_server = servers.ThreadServer(self.ddb_faults)
+            self.ddb_faults_server.server.RequestHandlerClass = ddb_faults.QuietHandler  # before anyone knows the port
+            ports["dynamodb"] = self.ddb_faults_server.port
         self.ddb_faults_url = f"http://127.0.0.1:{ports['dynamodb']}"
 
         from local import bedrock_server
@@ -88,7 +93,8 @@ class Stack:
 
     def stop(self) -> None:
         self.pump.stop()
-        self.ddb_faults_server.stop()
+        if self.ddb_faults_server:
+            self.ddb_faults_server.stop()
         for proc in self.procs:
             proc.terminate()
         self.moto.stop()

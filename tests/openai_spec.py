@@ -10,7 +10,9 @@ The document says OpenAPI 3.1 but still carries OpenAPI 3.0 idioms; they are nor
 Schema Draft 2020-12 before validating, with the meaning OpenAI's own SDKs give them:
 * `nullable: true` -> the schema also accepts null (beside `type`, on a `$ref`, or as the
   `{"nullable": true}` member of an `allOf`, which makes the whole `allOf` nullable);
-* boolean `exclusiveMinimum`/`exclusiveMaximum` -> the numeric form (`minimum`/`maximum` moved).
+* boolean `exclusiveMinimum`/`exclusiveMaximum` -> the numeric form (`minimum`/`maximum` moved);
+* Draft 2019-09's `$recursiveRef: "#"` in a component -> a `$ref` to that component
+  (`$recursiveAnchor` dropped): 2020-12 has no such keywords and would ignore them.
 
 `EXTENSIONS` are rft-hub's documented additions to OpenAI's API (README, "OpenAI API extensions"):
 a strict check (the default) refuses them; `extensions=True` validates against OpenAI's schemas
@@ -56,10 +58,11 @@ def _nullable_only(schema) -> bool:
         not (set(schema) - {"nullable"} - _DOC_KEYWORDS)
 
 
-def normalise(schema, *, strip_docs: bool = False):
-    """A Draft 2020-12 copy of an OpenAPI 3.0-flavoured schema (see the module docstring)."""
+def normalise(schema, *, strip_docs: bool = False, component: str | None = None):
+    """A Draft 2020-12 copy of an OpenAPI 3.0-flavoured schema (see the module docstring);
+    `component`: the name of the component schema it is (or is inside of)."""
     if isinstance(schema, list):
-        return [normalise(s, strip_docs=strip_docs) for s in schema]
+        return [normalise(s, strip_docs=strip_docs, component=component) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
@@ -67,16 +70,21 @@ def normalise(schema, *, strip_docs: bool = False):
         if strip_docs and (key in _DOC_KEYWORDS or key.startswith("x-")):
             continue
         if key in _ONE and isinstance(value, dict):
-            out[key] = normalise(value, strip_docs=strip_docs)
+            out[key] = normalise(value, strip_docs=strip_docs, component=component)
         elif key in _MANY and isinstance(value, list):
-            out[key] = [normalise(v, strip_docs=strip_docs) for v in value]
+            out[key] = [normalise(v, strip_docs=strip_docs, component=component) for v in value]
         elif key in _MAP and isinstance(value, dict):
-            out[key] = {name: normalise(v, strip_docs=strip_docs) for name, v in value.items()}
+            out[key] = {name: normalise(v, strip_docs=strip_docs, component=component) for name, v in value.items()}
+        elif key == "$recursiveAnchor":
+            continue
+        elif key == "$recursiveRef" and value == "#" and component:
+            out["$ref"] = f"#/components/schemas/{component}"
         else:
             out[key] = copy.deepcopy(value)      # data: enum, default, const, required, discriminator ...
     nullable = out.pop("nullable", None) is True
     if isinstance(out.get("allOf"), list) and any(_nullable_only(m) for m in schema["allOf"]):
-        out["allOf"] = [normalise(m, strip_docs=strip_docs) for m in schema["allOf"] if not _nullable_only(m)]
+        out["allOf"] = [normalise(m, strip_docs=strip_docs, component=component) for m in schema["allOf"]
+                        if not _nullable_only(m)]
         nullable = True
     for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
         if isinstance(out.get(exclusive), bool):
@@ -98,7 +106,8 @@ def normalise(schema, *, strip_docs: bool = False):
 def document() -> dict:
     """OpenAI's document, its component schemas normalised."""
     doc = json.loads(SPEC_PATH.read_text())
-    doc["components"]["schemas"] = {name: normalise(s) for name, s in doc["components"]["schemas"].items()}
+    doc["components"]["schemas"] = {name: normalise(s, component=name)
+                                    for name, s in doc["components"]["schemas"].items()}
     return doc
 
 
@@ -110,12 +119,14 @@ GRADER_LAMBDA = {"type": "object", "required": ["type", "lambda"], "properties":
 GRADER_SAVED = {"type": "object", "required": ["type", "id"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["saved"]}, "id": {"type": "string"}, "version": {"type": "integer"}}}
 
-# name -> (what it adds, the patch). Each is listed in README's "OpenAI API extensions" table.
+# The request-side extensions `apply_extensions` patches in, by their row in README's "OpenAI API
+# extensions" table (a test checks each has one) -> what it adds.
 EXTENSIONS = {
-    "lambda grader": "a grader {\"type\": \"lambda\", \"lambda\": {\"function\": <ARN>}} wherever a grader goes",
+    "`lambda` grader": "a grader {\"type\": \"lambda\", \"lambda\": {\"function\": <ARN>}} where a job's "
+                       "grader goes, and in graders/validate",
     "saved grader": "a job's grader may be {\"type\": \"saved\", \"id\", \"version\"}",
-    "multi graders map": "a multi grader's `graders` may be a map of name -> grader",
-    "batch_size up to 512": "reinforcement `batch_size` 1-512 (OpenAI: 1-256)",
+    "`multi` grader's named map": "a multi grader's `graders` may be a map of name -> grader",
+    "`batch_size` above 256": "reinforcement `batch_size` 1-512 (OpenAI: 1-256)",
 }
 
 
@@ -305,7 +316,7 @@ def trimmed(routes: list[tuple[str, str, str]]) -> dict:
                       "tests/openai_spec.py; regenerate with `.venv/bin/python tests/openai_spec.py`",
             "extensions": sorted(EXTENSIONS),
             "operations": operations,
-            "schemas": {name: normalise(schemas[name], strip_docs=True) for name in sorted(wanted)}}
+            "schemas": {name: normalise(schemas[name], strip_docs=True, component=name) for name in sorted(wanted)}}
 
 
 def app_routes() -> list[tuple[str, str, str]]:

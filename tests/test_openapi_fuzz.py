@@ -22,6 +22,57 @@ def test_document_is_valid_and_lists_every_route(api):
     assert doc == document(app)
 
 
+def test_openai_shaped_routes_answer_with_openais_schemas(api):
+    """The trimmed copy of OpenAI's schemas (chalicelib/data) is what tests/openai_spec.py generates
+    from OpenAI's document now, and every route OpenAI's document has answers with OpenAI's schema in
+    GET /openapi.json: schemathesis' response_schema_conformance checks real schemas, and fails on
+    what issue #13 found."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    import openai_spec
+    from chalicelib.api.openapi import OPENAI_SCHEMAS
+
+    assert OPENAI_SCHEMAS.read_text() == openai_spec.render(openai_spec.trimmed(openai_spec.app_routes())), \
+        "chalicelib/data/openai-schemas.json is stale: run .venv/bin/python tests/openai_spec.py"
+    doc = api.http.get("/openapi.json").json_body
+    expected = {("get", "/v1/files"): "ListFilesResponse", ("get", "/v1/files/{file_id}"): "OpenAIFile",
+                ("post", "/v1/uploads"): "Upload", ("post", "/v1/fine_tuning/jobs"): "FineTuningJob",
+                ("get", "/v1/fine_tuning/jobs/{job_id}/events"): "ListFineTuningJobEventsResponse",
+                ("get", "/v1/models/{model_id}"): "Model", ("post", "/v1/responses"): "Response",
+                ("post", "/v1/chat/completions"): "CreateChatCompletionResponse"}
+    for (method, path), name in expected.items():
+        answer = doc["paths"][path][method]["responses"]
+        assert answer["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert "201" not in answer and answer["404"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"}
+    stream = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert stream["schema"] == {"$ref": "#/components/schemas/CreateChatCompletionStreamResponse"}
+    assert doc["paths"]["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"] == {
+        "application/jsonl": {"schema": {"type": "string"}}}
+    for route in openai_spec.app_routes():   # each route OpenAI's document has carries its schema
+        key = f"{route[0].upper()} {route[1]}"
+        if key in openai_spec.trimmed([route])["operations"]:
+            assert doc["paths"][route[1]][route[0]]["responses"]["200"]["content"] != {
+                "application/json": {"schema": {"type": "object"}}}, key
+
+    registry = Registry().with_resource("urn:rft-hub", Resource.from_contents(doc, default_specification=DRAFT202012))
+
+    def errors(name, body):
+        validator = Draft202012Validator({"$ref": f"urn:rft-hub#/components/schemas/{name}"}, registry=registry)
+        return list(validator.iter_errors(body))
+
+    file = {"id": "file-1", "object": "file", "bytes": 1, "created_at": 1, "filename": "t.jsonl",
+            "purpose": "fine-tune", "status": "processed"}
+    assert not errors("OpenAIFile", file) and errors("OpenAIFile", {**file, "expires_at": None})
+    assert errors("ListFilesResponse", {"object": "list", "data": [], "has_more": False, "first_id": None,
+                                        "last_id": None})
+    assert errors("ErrorResponse", {"error": {"message": "m", "type": "t"}})
+    lam = {"type": "lambda", "lambda": {"function": "arn:aws:lambda:us-west-2:123456789012:function:f"}}
+    assert not errors("ValidateGraderResponse", {"grader": lam})       # rft-hub's documented extension
+
+
 @pytest.fixture(scope="session")
 def fuzz_schema(stack):
     schema = schemathesis.openapi.from_url(f"{stack.base_url}/openapi.json")

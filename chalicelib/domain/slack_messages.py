@@ -2,9 +2,15 @@
 enforce Block Kit's limits on `to_dict()`; long values are truncated first)."""
 from __future__ import annotations
 
-from slack_sdk.models.blocks import (
-    ContextBlock, DividerBlock, HeaderBlock, MarkdownTextObject, PlainTextObject, SectionBlock,
-)
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _b():
+    """slack-sdk's Block Kit models, imported when a message is built (not at every cold start)."""
+    from slack_sdk.models import blocks
+
+    return blocks
 
 HEADER_MAX, FIELD_MAX, SECTION_MAX, FALLBACK_MAX = 150, 2000, 3000, 3000
 SPARK = "▁▂▃▄▅▆▇█"
@@ -28,8 +34,8 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values[-40:])
 
 
-def _fields(pairs: list[tuple[str, str]]) -> SectionBlock:
-    return SectionBlock(fields=[MarkdownTextObject(text=truncate(f"*{k}*\n{v}", FIELD_MAX)) for k, v in pairs[:10]])
+def _fields(pairs: list[tuple[str, str]]):
+    return _b().SectionBlock(fields=[_b().MarkdownTextObject(text=truncate(f"*{k}*\n{v}", FIELD_MAX)) for k, v in pairs[:10]])
 
 
 def _message(text: str, blocks: list) -> dict:
@@ -50,15 +56,15 @@ def job_message(detail: dict, rewards: list[float], status_path: list[str], budg
         pairs.append(("Model", f"`{job['fine_tuned_model']}`"))
     if budget_line:
         pairs.append(("Cost so far", budget_line))
-    blocks = [HeaderBlock(text=PlainTextObject(text=header, emoji=True)), _fields(pairs)]
+    blocks = [_b().HeaderBlock(text=_b().PlainTextObject(text=header, emoji=True)), _fields(pairs)]
     if rewards:
-        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate(
+        blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(
             f"*Reward curve* `{sparkline(rewards)}` ({rewards[0]:.2f} → {rewards[-1]:.2f})", SECTION_MAX))))
     error = job.get("error") or {}
     if status == "failed" and error.get("message"):
-        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate(f"*Failure*\n```{error['message']}```",
+        blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(f"*Failure*\n```{error['message']}```",
                                                                          SECTION_MAX))))
-    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=truncate(
+    blocks.append(_b().ContextBlock(elements=[_b().MarkdownTextObject(text=truncate(
         f"Bedrock job `{job.get('bedrock_job_id') or 'not submitted'}` · source: {detail.get('source', '?')}",
         SECTION_MAX))]))
     text = f"RFT job {job.get('job_id')} ({job.get('model')}) {status}; best reward {best}"
@@ -71,8 +77,8 @@ def stalled_message(detail: dict) -> dict:
     job = detail.get("job") or {}
     minutes = int(detail.get("no_progress_seconds", 0)) // 60
     text = f"RFT job {job.get('job_id')} has made no progress for {minutes} minutes (status {detail.get('status')})."
-    return _message(text, [HeaderBlock(text=PlainTextObject(text=":warning: RFT job stalled", emoji=True)),
-                           SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=":warning: RFT job stalled", emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
 
 
 def model_message(detail_type: str, detail: dict) -> dict:
@@ -84,23 +90,23 @@ def model_message(detail_type: str, detail: dict) -> dict:
         text = (f"Alias `{detail.get('alias')}` now points to `{detail.get('model')}` (version {detail.get('version')}, "
                 f"was {detail.get('previous_model') or 'unset'}; by {detail.get('changed_by')}).")
         title = ":label: Alias changed"
-    return _message(text, [HeaderBlock(text=PlainTextObject(text=title, emoji=True)),
-                           SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=title, emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
 
 
 def budget_message(detail: dict) -> dict:
     pct = int(float(detail.get("threshold", 0)) * 100)
     text = (f"Team budget {pct}% reached: ${detail.get('spent_usd')} of ${detail.get('limit_usd')} spent in "
             f"{detail.get('period')}.")
-    return _message(text, [HeaderBlock(text=PlainTextObject(text=f":moneybag: Budget {pct}% reached", emoji=True)),
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=f":moneybag: Budget {pct}% reached", emoji=True)),
                            _fields([("Spent", f"${detail.get('spent_usd')}"), ("Limit", f"${detail.get('limit_usd')}"),
                                     ("Period", str(detail.get("period"))),
                                     ("Resets", f"<!date^{int(detail.get('resets_at', 0))}^{{date_short}}|next month>")])])
 
 
 def ephemeral(text: str, lines: list[str] | None = None) -> dict:
-    blocks = [SectionBlock(text=MarkdownTextObject(text=truncate(text, SECTION_MAX)))]
+    blocks = [_b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))]
     if lines:
-        blocks.append(DividerBlock())
-        blocks.append(SectionBlock(text=MarkdownTextObject(text=truncate("\n".join(lines), SECTION_MAX))))
+        blocks.append(_b().DividerBlock())
+        blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(text=truncate("\n".join(lines), SECTION_MAX))))
     return {"response_type": "ephemeral", **_message(text, blocks)}
