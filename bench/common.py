@@ -32,6 +32,18 @@ def new_team(admin_key: str, name: str = "bench") -> tuple[str, str]:
     return team["id"], key["key"]
 
 
+def timed(fn, n: int) -> list[float]:
+    """Milliseconds of n sequential calls of fn."""
+    import time
+
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
 def percentiles(values_ms: list[float]) -> dict:
     ordered = sorted(values_ms)
     q = statistics.quantiles(ordered, n=100)

@@ -8,21 +8,11 @@ DynamoDB round trips per call; no DynamoDB read for auth or prices.
 from __future__ import annotations
 
 import json
-import time
 
-from bench.common import ROOT, percentiles, start_stack
+from bench.common import ROOT, percentiles, start_stack, timed
 
 N = 300
 BODY = {"model": "openai.gpt-oss-20b", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8}
-
-
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - started) * 1000)
-    return out
 
 
 def run(n: int = N) -> dict:
@@ -52,11 +42,11 @@ def run(n: int = N) -> dict:
             direct.chat.completions.create(**BODY)
             in_process()
             over_http.chat.completions.create(**BODY)
-        base = _timed(lambda: direct.chat.completions.create(**BODY), n)
+        base = timed(lambda: direct.chat.completions.create(**BODY), n)
         calls.clear()
-        inproc = _timed(in_process, n)
+        inproc = timed(in_process, n)
         ddb_ops = list(calls)
-        http = _timed(lambda: over_http.chat.completions.create(**BODY), n)
+        http = timed(lambda: over_http.chat.completions.create(**BODY), n)
     stack.stop()
     p_base, p_in, p_http = percentiles(base), percentiles(inproc), percentiles(http)
     return {"benchmark": "gateway_overhead", "requests_each": n,

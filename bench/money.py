@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 from bench.common import ROOT, new_team, percentiles, start_stack
+from bench import common
 
 MODEL = "openai.gpt-oss-120b"
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -131,12 +132,7 @@ def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
 
 
 def timed(fn, n: int = LATENCY_N) -> list[float]:
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - started) * 1000)
-    return out
+    return common.timed(fn, n)
 
 
 def warm_path(stack, c, admin_key) -> dict:

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from local import servers
 from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn as example_arn

@@ -177,7 +177,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         if not dynamo.is_condition(exc):
             _release(held)
             if dynamo.response_code(exc) == "ValidationException":
-                raise InvalidRequest(f"The job request is too large to store; "
+                raise InvalidRequest("The job request is too large to store; "
                                      "shorten the grader or metadata.", param="method") from None
             raise
         existing = get_job(team_id, job_id)

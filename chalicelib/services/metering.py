@@ -26,7 +26,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib import deadline
 from chalicelib.adapters import aws
 from chalicelib.domain import budget as budget_rules
-from chalicelib.domain import ids, pricing
+from chalicelib.domain import pricing
 from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.log import logger
 from chalicelib.services import budgets

@@ -23,7 +23,7 @@ from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
 from chalicelib.log import logger
 from chalicelib.services import budgets, jobs, registry
 from chalicelib.store import dynamo
-from chalicelib.store.models import Job, JobEvent, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
+from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 
 NOTIFY = ("job", "budget", "model")
 LEASE_SECONDS = 60
