@@ -8,6 +8,7 @@ The environment is set before the app is imported (table names are read then).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -83,3 +84,29 @@ def client(stack, make_team, bedrock):
 
     _, key = make_team("sdk-team")
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+
+
+class _Unhandled(logging.Handler):
+    """Collects the route wrapper's "unhandled error" records: the promise is never a 500."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        if str(record.msg).startswith("unhandled"):
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_500(request):
+    """Fails any test during which rft-hub answered a 500 (unless the test is about 500s)."""
+    handler = _Unhandled()
+    target = logging.getLogger("rft-hub")     # powertools' Logger(service="rft-hub") logs through it
+    target.addHandler(handler)
+    yield
+    target.removeHandler(handler)
+    if handler.records and not request.node.get_closest_marker("expects_500"):
+        first = handler.records[0]
+        pytest.fail(f"rft-hub answered a 500 during this test: {first.getMessage()} "
+                    f"({getattr(first, 'path', '')}) {first.exc_text or ''}"[:2000])

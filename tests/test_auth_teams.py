@@ -1,6 +1,8 @@
 """Foundation: admin API, team keys, isolation, error envelope."""
 import json
 
+import pytest
+
 from chalicelib.domain import keys
 
 
@@ -105,6 +107,7 @@ def test_health_reports_dependencies(api):
     assert set(r.json_body["dependencies"]) == {"dynamodb", "s3", "bedrock"}
 
 
+@pytest.mark.expects_500
 def test_unexpected_errors_become_a_500_envelope_with_a_request_id():
     """The shared route decorator, on a throwaway app whose view fails unexpectedly."""
     from chalice import Blueprint, Chalice

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 
 import jsonschema
 import openai
@@ -211,6 +212,20 @@ def test_a_lambda_grader_job_is_openais_shape_but_its_grader(client, training, b
     strict_errors_only_at("post", f"/v1/fine_tuning/jobs/{job.id}/cancel", body, *extended)
 
 
+def test_a_failed_job_has_openais_error_shape(client, training, bedrock):
+    bedrock.clock.update({"step_seconds": 5, "total_steps": 50})
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, extra_body={
+        "method": {"type": "reinforcement", "reinforcement": {"grader": EQ}}})
+    bid = wait_submitted(client, job.id).model_extra["rft_bedrock_job_id"]
+    with bedrock.lock:
+        bedrock.jobs[bid]["_force_fail"] = {"message": "Injected training failure."}
+    wait_for(client, job.id, {"failed"})
+    failed, body = checked(client.fine_tuning.jobs.with_raw_response.retrieve, job.id)
+    assert body["error"]["code"] and body["error"]["message"] == "Injected training failure."
+    _, body = checked(client.fine_tuning.jobs.with_raw_response.list_events, job.id, limit=100)
+    assert any(e["level"] == "error" for e in body["data"])
+
+
 # ---- graders ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("grader, extended", [(EQ, False), (FUZZY, False), (JUDGE, False), (MULTI_OPENAI, False),
@@ -332,7 +347,23 @@ def test_the_gateway_passes_bedrocks_answers_through_untouched(client, bedrock, 
     spec.validate("post", "/v1/chat/completions", 200, direct)
     through = json.loads(client.chat.completions.with_raw_response.create(**request).content)
     volatile = re.compile(r'"(id|created)": ?("[^"]*"|\d+)')
-    assert volatile.sub("", json.dumps(through, sort_keys=True)) == volatile.sub("", json.dumps(direct, sort_keys=True))
+
+    def same(a, b):
+        assert volatile.sub("", json.dumps(a, sort_keys=True)) == volatile.sub("", json.dumps(b, sort_keys=True))
+
+    same(through, direct)
+    streamed = {**request, "stream": True, "stream_options": {"include_usage": True}}
+    direct_req = urllib.request.Request(f"http://127.0.0.1:{stack.ports['bedrock']}/v1/chat/completions",
+                                        data=json.dumps(streamed).encode(), method="POST",
+                                        headers={"Authorization": "Bearer bedrock-api-key-local",
+                                                 "Content-Type": "application/json"})
+    with urllib.request.urlopen(direct_req, timeout=30) as resp:
+        direct_chunks = sse(resp.read())
+    raw = client.chat.completions.with_raw_response.create(**streamed)
+    through_chunks = sse(raw.http_response.read())
+    assert len(through_chunks) == len(direct_chunks)
+    for a, b in zip(through_chunks, direct_chunks):
+        same(a, b)
 
 
 def test_responses_match_openais_document(client, bedrock):

@@ -6,24 +6,35 @@ write on the team's budget item), forward to Bedrock, write the ledger entry (on
 put), settle the hold at the exact cost (one write). Three DynamoDB round trips on the warm path
 with a budget (one without), no read for auth, prices or models, and no transaction: daily
 totals are derived from the ledger later (services/metering.py).
+
+One metering path for every call: `_hold` (reserve, before anything reaches Bedrock) and its
+`finish` (ledger, then settle) or `fail`. A plain call runs them around one upstream call
+(`_metered`); a streamed call (`Stream`) takes the hold and opens the upstream before its
+first byte, relays Bedrock's events as they come, and finishes the hold when the upstream
+ends, whatever the caller does meanwhile (a caller that goes away does not stop the reading:
+the usage is in the upstream's last event).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from chalicelib import deadline
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids, pricing
-from chalicelib.errors import ApiError, InvalidRequest, NotFound
+from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from chalicelib.log import logger
 from chalicelib.services import budgets, metering, prices, registry
 from chalicelib.services.teams import Principal
 from chalicelib.store.models import LedgerEntry
 
+# The longest a stream may wait for Bedrock's next event (API Gateway ends a stream idle for 5 minutes).
+STREAM_IDLE_SECONDS = 60.0
 
 
 def upstream_deadline() -> float:
@@ -89,32 +100,6 @@ def _stream_flag(body: dict) -> bool:
     return value
 
 
-def _sse_events(raw: bytes):
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            if data and data != "[DONE]":
-                try:
-                    yield json.loads(data)
-                except ValueError:
-                    continue
-
-
-def _stream_body(raw: bytes, client_wants_usage: bool) -> tuple[bytes, dict | None]:
-    """A complete SSE body for the client, and the usage found (we always ask upstream for it)."""
-    usage, out = None, []
-    for chunk in _sse_events(raw):
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-            if not client_wants_usage:
-                if not chunk.get("choices"):
-                    continue            # the usage-only chunk the client did not ask for
-                chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        out.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
-    out.append("data: [DONE]\n\n")
-    return "".join(out).encode(), usage
-
-
 def _tokens(usage: dict | None, style: str) -> tuple[int, int, int] | None:
     if not isinstance(usage, dict):
         return None
@@ -144,64 +129,300 @@ def priced(team_id: str, model, param: str = "model") -> tuple[Target, pricing.P
     return target, price
 
 
-def _metered(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
-             *, endpoint: str, stream: bool, invoke, kind: str = "inference", job_id: str | None = None):
-    """Holds `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), writes
-    the ledger and settles the hold at the exact cost: the one metering path of every model call
-    rft-hub makes for a team (gateway calls and grader judges alike). Returns (result, entry)."""
+@dataclass
+class _Hold:
+    """One metered call between its reservation and its ledger entry."""
+    reservation: budgets.Reservation
+    entry: LedgerEntry
+    price: pricing.Price
+    worst: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def finish(self, counted: tuple[int, int, int] | None, *, estimated: bool = False,
+               failure: ApiError | None = None) -> LedgerEntry:
+        """Writes the ledger and settles the hold at the call's cost: the reported usage's exact
+        cost; without usage, the reservation (never a call at $0); `estimated` counts (a stream
+        cut short) are charged at most the reservation. `failure`: an upstream error after the
+        answer started (a stream): recorded as an error, with what was generated charged."""
+        entry, worst = self.entry, self.worst
+        entry.latency_ms = int((time.perf_counter() - self.started) * 1000)
+        if failure is not None:
+            entry.status, entry.outcome = failure.status, "error"
+        if counted is None:
+            logger.warning("upstream reported no usage; charging the reservation",
+                           extra={"model": entry.upstream_model})
+            entry.cost_micro = worst
+        else:
+            entry.input_tokens, entry.cached_tokens, entry.output_tokens = counted
+            entry.cost_micro = pricing.cost_of_usage(self.price, *counted)
+            if estimated:
+                entry.cost_micro = min(entry.cost_micro, worst)
+        if entry.cost_micro > worst:
+            logger.warning("call cost more than its hold", extra={"request_id": entry.request_id,
+                                                                  "cost": entry.cost_micro, "reserved": worst})
+        metering.record(self.reservation, entry)       # never raises: DLQ and reconciler behind it
+        return entry
+
+    def fail(self, exc: BaseException) -> None:
+        """Nothing was served: an ApiError goes on the ledger (and releases the hold); anything
+        else releases the hold."""
+        if isinstance(exc, ApiError):
+            self.entry.status, self.entry.outcome = exc.status, "error"
+            self.entry.latency_ms = int((time.perf_counter() - self.started) * 1000)
+            metering.record(self.reservation, self.entry)   # the failure is on the ledger; the hold is released
+        else:
+            budgets.settle(self.reservation, 0)             # never leave the hold
+
+
+def _hold(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
+          *, endpoint: str, stream: bool, kind: str = "inference", job_id: str | None = None) -> _Hold:
+    """Holds `worst` against the team's budget: 429 insufficient_quota (really over) or 503
+    (DynamoDB busy) before anything reaches the upstream or the caller."""
     created_ms = ids.now_ms()
-    # 429 insufficient_quota (really over) or 503 (DynamoDB busy) before any upstream call.
     reservation = budgets.reserve(team_id, worst, budgets.call_hold_id(created_ms))
     entry = LedgerEntry(team_id, metering.sort_key(created_ms, request_id), request_id=request_id,
                         key_id=key_id, model=target.requested, upstream_model=target.upstream,
                         alias=target.alias, endpoint=endpoint, reserved_micro=worst, stream=stream,
                         created_at=created_ms // 1000, status=200, kind=kind, job_id=job_id)
-    started = time.perf_counter()
+    return _Hold(reservation, entry, price, worst)
+
+
+def _metered(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
+             *, endpoint: str, stream: bool, invoke, kind: str = "inference", job_id: str | None = None):
+    """Holds `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), writes
+    the ledger and settles the hold at the exact cost: the metering of every plain model call
+    rft-hub makes for a team (gateway calls and grader judges alike). Returns (result, entry)."""
+    hold = _hold(team_id, key_id, request_id, target, price, worst, endpoint=endpoint, stream=stream, kind=kind,
+                 job_id=job_id)
     try:
         result, counted = invoke()
-    except ApiError as err:
-        entry.status, entry.outcome = err.status, "error"
-        entry.latency_ms = int((time.perf_counter() - started) * 1000)
-        metering.record(reservation, entry)            # the failure is on the ledger; the hold is released
+    except BaseException as exc:
+        hold.fail(exc)
         raise
-    except BaseException:
-        budgets.settle(reservation, 0)                 # nothing was served: never leave the hold
-        raise
-    entry.latency_ms = int((time.perf_counter() - started) * 1000)
-    if counted is None:
-        # Never record a call at $0: without usage we charge what was reserved (the worst case).
-        logger.warning("upstream reported no usage; charging the reservation", extra={"model": target.upstream})
-        entry.cost_micro = worst
-    else:
-        entry.input_tokens, entry.cached_tokens, entry.output_tokens = counted
-        entry.cost_micro = pricing.cost_of_usage(price, *counted)
-    if entry.cost_micro > worst:
-        logger.warning("call cost more than its hold", extra={"request_id": request_id, "cost": entry.cost_micro,
-                                                              "reserved": worst})
-    metering.record(reservation, entry)                # never raises: DLQ and reconciler behind it
-    return result, entry
+    return result, hold.finish(counted)
+
+
+# ---- streamed calls ------------------------------------------------------------------------------
+
+def _event_blocks(lines) -> Iterator[list[str]]:
+    """Server-sent events as the lines of each (a blank line ends an event)."""
+    block: list[str] = []
+    for line in lines:
+        if line == "":
+            if block:
+                yield block
+                block = []
+        else:
+            block.append(line)
+    if block:
+        yield block
+
+
+def _event_data(block: list[str]):
+    text = "\n".join(line[5:].lstrip(" ") for line in block if line.startswith("data:"))
+    if not text or text == "[DONE]":
+        return text or None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _delta_size(style: str, data: dict) -> tuple[int, int]:
+    """(non-empty generated pieces, their characters) in one event: what a stream cut short is
+    charged by."""
+    texts: list[str] = []
+    if style == "chat":
+        for choice in data.get("choices") or []:
+            delta = (choice or {}).get("delta") or {}
+            texts += [delta.get(k) for k in ("content", "refusal", "reasoning_content", "reasoning")]
+            texts += [((call or {}).get("function") or {}).get("arguments") for call in delta.get("tool_calls") or []]
+    elif str(data.get("type", "")).endswith(".delta"):
+        texts.append(data.get("delta"))
+    texts = [t for t in texts if isinstance(t, str) and t]
+    return len(texts), sum(len(t) for t in texts)
+
+
+class Stream:
+    """A streamed call, opened: its worst case held and the upstream's 200 in hand, nothing sent
+    yet. Iterating it yields the caller's server-sent events, each as soon as Bedrock sends it;
+    the iteration ends with the call on the ledger and its hold settled. Usage comes from the
+    upstream's final event (always asked for). If the caller stops iterating (`close()`, a
+    disconnect), the rest of the upstream is still read for its usage. If the upstream breaks
+    off or sends an error, the caller gets an error event (OpenAI's shape) and the call is
+    charged what was generated: the prompt as estimated for the hold plus one output token per
+    non-empty piece received or per 3 characters of them, whichever is more, never more than the
+    hold."""
+
+    status = 200
+    content_type = "text/event-stream"
+
+    def __init__(self, upstream, hold: _Hold, *, style: str, prompt_tokens: int, client_wants_usage: bool,
+                 headers: dict) -> None:
+        self.headers = headers
+        self._upstream, self._hold, self._style = upstream, hold, style
+        self._prompt_tokens, self._client_wants_usage = prompt_tokens, client_wants_usage
+        self._usage, self._pieces, self._chars = None, 0, 0
+        self._ended = False                 # the upstream said it was done (usage or not)
+        self._failure: ApiError | None = None
+        self._sequence = -1                 # the Responses API's last sequence_number
+        self._events = self._relay()
+        self.entry: LedgerEntry | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def read_all(self) -> bytes:
+        """The whole stream as one body (a caller that cannot stream)."""
+        return b"".join(self._events)
+
+    def close(self) -> None:
+        """Stops relaying; the upstream is still read to its end and the call metered."""
+        self._events.close()
+        if self.entry is None:               # never started: nothing has read the upstream yet
+            self._drain()
+            self._finish()
+
+    # ---- one upstream event -------------------------------------------------------------
+    def _account(self, block: list[str]) -> bytes | None:
+        """Takes in one upstream event; returns what the caller gets of it (None: nothing)."""
+        data = _event_data(block)
+        raw = ("\n".join(block) + "\n\n").encode()
+        if data == "[DONE]":
+            self._ended = True
+            return raw
+        if not isinstance(data, dict):
+            return raw
+        pieces, chars = _delta_size(self._style, data)
+        self._pieces += pieces
+        self._chars += chars
+        if isinstance(data.get("sequence_number"), int):
+            self._sequence = data["sequence_number"]
+        if self._style == "chat":
+            if data.get("error"):
+                self._failure = self._upstream_error(data.get("error"))
+                return raw
+            if data.get("usage"):
+                self._usage = data["usage"]
+                if not self._client_wants_usage:
+                    if not data.get("choices"):
+                        return None          # the usage-only chunk the caller did not ask for
+                    return _sse({k: v for k, v in data.items() if k != "usage"})
+            return raw
+        kind = data.get("type")
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self._ended = True
+            self._usage = (data.get("response") or {}).get("usage") or self._usage
+        elif kind == "error":
+            self._failure = self._upstream_error(data)
+        return raw
+
+    @staticmethod
+    def _upstream_error(err) -> ApiError:
+        err = err if isinstance(err, dict) else {}
+        return UpstreamError(f"Amazon Bedrock: {err.get('message') or 'the stream failed'}",
+                             code=err.get("code") if isinstance(err.get("code"), str) else None)
+
+    def _error_event(self, err: ApiError) -> bytes:
+        """An upstream that broke off, as OpenAI reports an error in a stream."""
+        if self._style == "chat":
+            return _sse(err.body())
+        self._sequence += 1
+        body = err.body()["error"]
+        return b"event: error\n" + _sse({"type": "error", "code": body["code"], "message": body["message"],
+                                          "param": body["param"], "sequence_number": self._sequence})
+
+    # ---- the relay ----------------------------------------------------------------------
+    def _lines(self):
+        return self._upstream.iter_lines()
+
+    def _relay(self) -> Iterator[bytes]:
+        lines = self._lines()
+        try:
+            for block in _event_blocks(lines):
+                out = self._account(block)
+                if out:
+                    yield out
+        except GeneratorExit:
+            self._drain(lines)               # the caller went away: read the rest for its usage
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken upstream (reset, idle timeout, bad framing)
+            self._failure = self._failure or UpstreamError(
+                f"Amazon Bedrock's stream broke off ({type(exc).__name__}); the answer is incomplete.")
+            logger.warning("upstream stream broke off", extra={"error": type(exc).__name__,
+                                                               "request_id": self._hold.entry.request_id})
+            yield self._error_event(self._failure)
+        finally:
+            self._finish()
+
+    def _drain(self, lines=None) -> None:
+        try:
+            for block in _event_blocks(lines if lines is not None else self._lines()):
+                self._account(block)
+        except Exception as exc:  # noqa: BLE001 - cut while nobody was listening: charged as cut
+            self._failure = self._failure or UpstreamError(f"Amazon Bedrock's stream broke off ({type(exc).__name__}).")
+
+    def _finish(self) -> None:
+        if self.entry is not None:
+            return
+        try:
+            self._upstream.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+        counted = _tokens(self._usage, self._style) if self._usage else None
+        if counted is None and not (self._ended and self._failure is None):
+            # Cut short (or an error event) without usage: what was generated, by the rule above.
+            output = max(self._pieces, math.ceil(self._chars / 3))
+            self.entry = self._hold.finish((self._prompt_tokens, 0, output), estimated=True, failure=self._failure)
+        else:
+            self.entry = self._hold.finish(counted, failure=self._failure)
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _open_upstream(endpoint: str, body: dict):
+    """POSTs a streamed request; returns the upstream's open response once Bedrock answered
+    200 (429/5xx before that are retried; a final error keeps Bedrock's status and type)."""
+    import httpx2
+
+    # The SDK's stream wrapper is used only for its open response: the events are relayed raw.
+    timeout = httpx2.Timeout(STREAM_IDLE_SECONDS, connect=5.0)
+    stream = bedrock.call(lambda c: c.with_options(timeout=timeout).post(endpoint, body=body, cast_to=object,
+                                                                           stream=True),
+                          what=f"POST {endpoint} (stream)", deadline_s=upstream_deadline(), passthrough=True)
+    return stream.response
 
 
 def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
-          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply:
+          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply | Stream:
+    """One gateway call: a plain one answered whole (Reply), or a streamed one opened (Stream)."""
     target, price = priced(principal.team_id, body.get("model"))
-    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(prompt), max_output, choices)
+    prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
+    worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
+    upstream_body = {**body, "model": target.upstream}
+    if stream:
+        hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
+                     stream=True)
+        try:
+            upstream = _open_upstream(endpoint, upstream_body)
+        except BaseException as exc:
+            hold.fail(exc)
+            raise
+        return Stream(upstream, hold, style=style, prompt_tokens=prompt_tokens,
+                      client_wants_usage=client_wants_usage, headers={"x-rft-upstream-model": target.upstream})
 
     def invoke():
-        status, content_type, raw = bedrock.forward(endpoint, {**body, "model": target.upstream},
-                                                    upstream_deadline())
-        if stream:
-            raw, usage = _stream_body(raw, client_wants_usage)
-            content_type = "text/event-stream"
-        else:
-            try:
-                usage = json.loads(raw).get("usage") if raw else None
-            except (ValueError, AttributeError):
-                usage = None
+        status, content_type, raw = bedrock.forward(endpoint, upstream_body, upstream_deadline())
+        try:
+            usage = json.loads(raw).get("usage") if raw else None
+        except (ValueError, AttributeError):
+            usage = None
         return (status, content_type, raw), _tokens(usage, style)
 
     (status, content_type, raw), entry = _metered(principal.team_id, principal.key_id, request_id, target, price,
-                                                  worst, endpoint=endpoint, stream=stream, invoke=invoke)
+                                                  worst, endpoint=endpoint, stream=False, invoke=invoke)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
     return Reply(status, content_type, raw, headers)
 
@@ -244,7 +465,7 @@ def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
     return call
 
 
-def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply:
+def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply | Stream:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise InvalidRequest("messages must be a non-empty list.", param="messages")
     stream = _stream_flag(body)
@@ -266,16 +487,15 @@ def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply
                  stream=stream, client_wants_usage=wants_usage, choices=choices)
 
 
-def responses(principal: Principal, request_id: str, body: dict) -> Reply:
+def responses(principal: Principal, request_id: str, body: dict) -> Reply | Stream:
     if body.get("input") is None:
         raise InvalidRequest("input is required.", param="input")
-    if _stream_flag(body):
-        raise InvalidRequest("stream is not supported on /v1/responses through rft-hub yet (API Gateway and "
-                             "Lambda cannot stream); call without stream.", param="stream")
+    stream = _stream_flag(body)
     if body.get("background") is True:
         raise InvalidRequest("background responses are not supported.", param="background")
+    # Usage always arrives with the Responses API's final event (response.completed).
     return _call(principal, request_id, body, endpoint="/responses", style="responses",
                  prompt=[body.get("instructions"), body["input"], body.get("tools")],
-                 max_output=_max_output(body, "max_output_tokens"), stream=False, client_wants_usage=False)
+                 max_output=_max_output(body, "max_output_tokens"), stream=stream, client_wants_usage=True)
 
 

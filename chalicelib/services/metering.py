@@ -35,6 +35,7 @@ from chalicelib.store.models import Budget, Job, LedgerEntry, Team, UsageDaily, 
 
 GROUPS = ("day", "model", "key", "kind")
 _COUNTERS = ("requests", "errors", "input_tokens", "cached_tokens", "output_tokens", "cost_micro")
+REPORT_AGGREGATE_BATCHES = 10  # a usage report counts at most this many batches itself
 AGGREGATE_BATCH = 40          # ledger entries per transaction (+ at most as many daily buckets <= 100 items)
 _ENTRY_FIELDS = ("team_id", "sort_key", "request_id", "key_id", "model", "upstream_model", "alias", "endpoint",
                  "input_tokens", "cached_tokens", "output_tokens", "cost_micro", "reserved_micro", "latency_ms",
@@ -194,11 +195,12 @@ def _bucket(entry: LedgerEntry) -> tuple[str, str, str, str]:
     return day, entry.model, entry.key_id or "-", entry.kind or "inference"
 
 
-def aggregate_team(team_id: str) -> int:
+def aggregate_team(team_id: str, max_batches: int | None = None) -> int:
     """Adds the team's not-yet-counted ledger entries to the daily totals, exactly once: each
     transaction marks its entries counted (conditionally) and adds them to their buckets."""
-    counted, lost_races = 0, 0
-    while deadline.remaining() > 1.0 and lost_races < 5:
+    counted, lost_races, batches = 0, 0, 0
+    while deadline.remaining() > 1.0 and lost_races < 5 and (max_batches is None or batches < max_batches):
+        batches += 1
         pending = list(LedgerEntry.pending_usage.query(team_id, limit=AGGREGATE_BATCH))
         if not pending:
             break
@@ -256,7 +258,8 @@ def report(team_ids: list[str], start: str | None, end: str | None, group_by: st
     kinds: dict[str, int] = defaultdict(int)
     for team_id in team_ids:
         try:
-            aggregate_team(team_id)       # fresh totals: count what the aggregator has not yet
+            # Fresh totals: count what the aggregator has not yet (bounded; the schedule does the rest).
+            aggregate_team(team_id, max_batches=REPORT_AGGREGATE_BATCHES)
         except ApiError:
             pass                          # busy: the report shows what was counted so far
         for row in UsageDaily.query(team_id, UsageDaily.bucket.between(f"{start_day}#", f"{end_day}#\uffff")):
