@@ -78,6 +78,12 @@ def jobs_queue() -> str:
     return os.environ.get("RFT_JOBS_QUEUE", f"rfthub-{stage}-jobs")
 
 
+def evals_queue() -> str:
+    """The eval worker's SQS queue (named here for the same reason as jobs_queue)."""
+    stage = os.environ.get("RFT_STAGE", "local")
+    return os.environ.get("RFT_EVALS_QUEUE", f"rfthub-{stage}-evals")
+
+
 def table_name(short: str) -> str:
     """Full DynamoDB table name; read at import time by the PynamoDB models."""
     stage = os.environ.get("RFT_STAGE", "local")

@@ -287,7 +287,15 @@ def policies(stage: str) -> dict[str, dict]:
                        _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
                        sqs(["jobs"], consume, "JobsQueue"), ledger_dlq],
         "hosted_grader": [grader_tables, grader_writes, logs, token, ledger_dlq,
-                          _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "Judge")],
+                          _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "Judge"),
+                          # Every reward goes through it (issue #16): team Lambda graders behind it, the
+                          # rollouts it keeps (S3 + tables) and the training watch's findings (bus).
+                          _statement(["lambda:InvokeFunction"], [TEAM_GRADER_PATTERN], "TeamGraders"),
+                          _statement(["s3:PutObject"], [f"{bucket}/rollouts/*"], "Rollouts"),
+                          tables(["rollout_windows", "rollouts", "watch_findings"],
+                                 ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query",
+                                  "dynamodb:BatchWriteItem"], "TrainingWatch"),
+                          bus],
         "slack_notifier": [ddb_rw, logs, _statement(["secretsmanager:GetSecretValue"], [secrets], "Secrets"),
                            sqs(["slack-notify"], consume, "NotifyQueue"),
                            sqs(["slack-dlq"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "DeadLetters")],

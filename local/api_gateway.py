@@ -17,17 +17,26 @@ does before a request reaches the Lambda, as strictly as AWS.
 `current_request` is kept per thread, as `chalice local` does it (`create_local_server`): the
 server handles requests concurrently. Used by `make run` (`python -m local.api_gateway`) and by
 the tests and benchmarks (local/harness.py, `create_server`).
+
+The data plane's routes (chalicelib/dataplane: POST /v1/chat/completions and /v1/responses)
+go, as deployed, to their own function: here to the data plane's ASGI app, run by uvicorn in
+this process on another loopback port (`serve_dataplane`), behind the same checks. Its answer is
+relayed as it comes -- a stream chunk by chunk -- so callers see one service at one base URL.
+A caller who goes away closes the connection to the data plane, as API Gateway would.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import fnmatch
+import http.client
 import json
 import logging
 import os
 import re
 import sys
+import threading
+import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,6 +53,10 @@ _DRAIN_LIMIT = 64 * 1024 * 1024            # beyond this an oversized body is no
 _METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 _KEYLIKE = re.compile(r"(?i)(rfth_|sk-|bedrock-api-key|%)")
 DOCS_HINT = "Please check the URL for typos, or see GET /openapi.json for rft-hub's routes."
+# Not forwarded to the data plane: hop-by-hop headers, and what Lambda Web Adapter sets itself.
+_NOT_FORWARDED = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection",
+                  "content-length", "x-amzn-request-context", "x-amzn-lambda-context"}
+_NOT_RELAYED = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 
 
 def envelope(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -94,6 +107,10 @@ def lambda_event_bytes(method: str, raw_path: str, route: str, captured: dict, h
 
 class ApiGatewayHandler(ChaliceRequestHandler):
     """Chalice's request handler with API Gateway's limits and rft-hub's answers for unknown URLs."""
+
+    dataplane: tuple[str, int] | None = None      # (host, port) of the data plane's ASGI server
+    dataplane_routes: frozenset = frozenset()
+    _connections = threading.local()              # one keep-alive connection to it per handler thread
 
     def __init__(self, request, client_address, server, app_object, config) -> None:
         self.app_object = app_object
@@ -185,6 +202,9 @@ class ApiGatewayHandler(ChaliceRequestHandler):
                             f"(binary bodies are base64-encoded); a Lambda invocation takes at most "
                             f"{MAX_EVENT_BYTES}.")
             return
+        if self.dataplane and (method, match.route) in self.dataplane_routes:
+            self._relay_to_dataplane(method, headers, body)
+            return
         try:
             response = self.local_gateway.handle_request(method=method, path=self.path, headers=headers, body=body)
         except LocalGatewayException:
@@ -198,6 +218,64 @@ class ApiGatewayHandler(ChaliceRequestHandler):
         response = self._handle_binary(response)
         self._send_http_response(response["statusCode"], out_headers, response["body"])
 
+    # ---- the data plane ----------------------------------------------------------------------
+    def _dataplane_call(self, method: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
+        """Sends the request to the data plane on this thread's keep-alive connection (a fresh
+        one if the data plane closed it while idle, before reading anything)."""
+        for attempt in (1, 2):
+            conn = getattr(self._connections, "conn", None)
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection(*self.dataplane, timeout=900)
+                self._connections.conn = conn
+            try:
+                conn.request(method, self.path, body=body, headers=headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                self._connections.conn = None
+                if not reused or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _relay_to_dataplane(self, method: str, headers: dict[str, str], body: bytes | None) -> None:
+        forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+        # As Lambda Web Adapter passes API Gateway's request context (and its request id) along.
+        forwarded["x-amzn-request-context"] = json.dumps({"requestId": str(uuid.uuid4()), "stage": "api",
+                                                          "requestTimeEpoch": int(time.time() * 1000)})
+        forwarded["Content-Length"] = str(len(body or b""))
+        try:
+            resp = self._dataplane_call(method, forwarded, body or b"")
+        except OSError:
+            self._send_envelope(502, "rft-hub's data plane could not be reached.", "server_error",
+                                "InternalServerErrorException")
+            return
+        self.send_response(resp.status)
+        for name, value in resp.getheaders():
+            if name.lower() not in _NOT_RELAYED:
+                self.send_header(name, value)
+        length = resp.getheader("content-length")
+        if length is not None:
+            data = resp.read()
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while piece := resp.read1(65536):
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            # The caller went away: close the data plane's connection, as API Gateway would.
+            self.close_connection = True
+            conn, self._connections.conn = self._connections.conn, None
+            if conn is not None:
+                conn.close()
+
     # The parent binds these names to its own _generic_handle: rebind them to this one.
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _generic_handle
 
@@ -208,16 +286,40 @@ class _Server(ThreadedHTTPServer):
     allow_reuse_address = True
 
 
-def create_server(app, config, host: str, port: int) -> LocalDevServer:
-    """Like chalice.local.create_local_server (current_request per thread), with ApiGatewayHandler."""
+def serve_dataplane(host: str = "127.0.0.1", port: int = 0):
+    """The data plane's ASGI app under uvicorn, in a daemon thread of this process. Returns
+    (uvicorn server, port)."""
+    import uvicorn
+
+    from chalicelib.dataplane.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="warning",
+                                           access_log=False, lifespan="off", timeout_keep_alive=60))
+    threading.Thread(target=server.run, daemon=True, name="dataplane").start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the data plane did not start")
+        time.sleep(0.01)
+    return server, server.servers[0].sockets[0].getsockname()[1]
+
+
+def create_server(app, config, host: str, port: int, dataplane: tuple[str, int] | None = None) -> LocalDevServer:
+    """Like chalice.local.create_local_server (current_request per thread), with ApiGatewayHandler;
+    the data plane's routes go to `dataplane` (host, port) when given."""
+    from chalicelib.dataplane import ROUTES
+
     if not isinstance(app, LocalChalice):
         CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
         app.__class__ = CustomLocalChalice
-    return LocalDevServer(app, config, host, port, handler_cls=ApiGatewayHandler, server_cls=_Server)
+    handler = type("ApiGatewayHandler", (ApiGatewayHandler,),
+                   {"dataplane": dataplane, "dataplane_routes": frozenset(ROUTES)})
+    return LocalDevServer(app, config, host, port, handler_cls=handler, server_cls=_Server)
 
 
 def main() -> None:
-    """`chalice local --no-autoreload` with ApiGatewayHandler: python -m local.api_gateway --port 8000."""
+    """`chalice local --no-autoreload` with ApiGatewayHandler, and the data plane behind it:
+    python -m local.api_gateway --port 8000."""
     from chalice.cli.factory import CLIFactory
     from chalice.deploy.validate import validate_routes
 
@@ -227,12 +329,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--stage", default="local")
+    parser.add_argument("--dataplane-port", type=int, default=0, help="the data plane's own port (default: any free)")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     # As `chalice local`: the stage's environment variables go into os.environ before the app is imported.
     config = CLIFactory(project_dir=str(ROOT), environ=os.environ).create_config_obj(chalice_stage_name=args.stage)
     validate_routes(config.chalice_app.routes)
-    create_server(config.chalice_app, config, args.host, args.port).serve_forever()
+    _, dataplane_port = serve_dataplane(args.host, args.dataplane_port)
+    create_server(config.chalice_app, config, args.host, args.port, (args.host, dataplane_port)).serve_forever()
 
 
 if __name__ == "__main__":

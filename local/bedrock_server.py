@@ -12,6 +12,20 @@ State changes are also published to EventBridge as native "Model Customization
 Job State Change" events when AWS_ENDPOINT_URL_EVENTS is set.
 
 Control endpoints under /_local/ set the clock and inject failures per test.
+
+The simulated policy is replaceable (the training watch's tests drive it): `POST
+/_local/jobs/{bedrock job id}/policy {"url": ...}` makes each training step POST {"step",
+"total_steps", "prompts": [{"id", "messages", "reference_answer", ...}], "samples_per_prompt": k} to
+that URL and use its {"responses": [[k texts] per prompt]} as the rollouts sent to the grader (k is
+the clock's `samples_per_prompt`, default 4; `samples_per_step // k` prompts a step); `POST
+/_local/models/{model}/policy {"url": ...}` answers chat completions and responses for that model
+from the same kind of URL (one prompt, one response). `{"url": null}` removes a policy.
+
+Streamed answers (chat completions and responses) come event by event like a real endpoint's:
+the first after `stream_ttft_ms`, the next ones `stream_token_ms` apart (`POST /_local/config`).
+`stream_hold: true` stops every stream that starts after it right after its first event, until
+`POST /_local/stream/release`; `stream_error_after: N` ends the next streams with an error event
+after N events, `stream_cut_after: N` drops their connection after N events.
 """
 from __future__ import annotations
 
@@ -22,6 +36,7 @@ import random
 import re
 import threading
 import time
+import urllib.request
 import uuid
 from typing import Any
 
@@ -40,6 +55,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 DEFAULT_CLOCK = {"validating_seconds": 0.3, "queued_seconds": 0.3, "step_seconds": 0.3, "total_steps": 6,
                  "samples_per_step": 8, "checkpoint_every": 3}
+# How streamed answers are paced and broken (POST /_local/config; defaults small, for the tests).
+DEFAULT_STREAM = {"stream_ttft_ms": 5, "stream_token_ms": 1, "stream_hold": False, "stream_error_after": None,
+                  "stream_cut_after": None}
+STREAM_HOLD_LIMIT_SECONDS = 120          # a held stream goes on by itself after this (a forgotten release)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -61,8 +80,13 @@ class State:
         self.clock = dict(DEFAULT_CLOCK)
         self.faults: list[dict] = []
         self.latency_ms = 0
+        self.stream = dict(DEFAULT_STREAM)
+        self.stream_release = threading.Event()
+        self.streams_held = 0            # streams waiting for /_local/stream/release now
         self.requests: list[dict] = []   # what was called, for tests to assert on
         self.published: list[dict] = []
+        self.policies: dict[str, str] = {}         # bedrock job id -> policy URL (training rollouts)
+        self.model_policies: dict[str, str] = {}   # model -> policy URL (chat completions, responses)
 
     def reset(self) -> None:
         with self.lock:
@@ -112,12 +136,79 @@ def create_app(state: State | None = None) -> Flask:
                 state.latency_ms = int(body["latency_ms"])
             if "faults" in body:
                 state.faults = [dict(f) for f in body["faults"]]
-        return jsonify({"clock": state.clock, "faults": state.faults, "latency_ms": state.latency_ms})
+            for name in DEFAULT_STREAM:
+                if name in body:
+                    state.stream[name] = body[name]
+            if body.get("stream_hold"):
+                state.stream_release = threading.Event()   # streams from now on wait for the next release
+        return jsonify({"clock": state.clock, "faults": state.faults, "latency_ms": state.latency_ms,
+                        **state.stream, "streams_held": state.streams_held})
+
+    @app.post("/_local/stream/release")
+    def release_streams():
+        with state.lock:
+            state.stream["stream_hold"] = False
+            state.stream_release.set()
+        return jsonify({"released": True})
 
     @app.get("/_local/requests")
     def recorded():
         with state.lock:
             return jsonify({"requests": state.requests, "published": state.published})
+
+    @app.post("/_local/jobs/<job_id>/policy")
+    def set_job_policy(job_id):
+        url = _policy_url(request.get_json(silent=True))
+        if isinstance(url, Response):
+            return url
+        with state.lock:
+            if job_id not in state.jobs:
+                return _error(404, f"No such job: {job_id}")
+            if url:
+                state.policies[job_id] = url
+            else:
+                state.policies.pop(job_id, None)
+        return jsonify({"job_id": job_id, "url": url})
+
+    @app.post("/_local/models/<path:model>/policy")
+    def set_model_policy(model):
+        url = _policy_url(request.get_json(silent=True))
+        if isinstance(url, Response):
+            return url
+        with state.lock:
+            if url:
+                state.model_policies[model] = url
+            else:
+                state.model_policies.pop(model, None)
+        return jsonify({"model": model, "url": url})
+
+    @app.before_request
+    def model_policy():
+        """A model with a policy answers chat completions and responses from it (see `_generate`)."""
+        _POLICY.text = None
+        if request.method != "POST" or request.path not in ("/v1/chat/completions", "/v1/responses"):
+            return None
+        body = request.get_json(silent=True)
+        with state.lock:
+            url = state.model_policies.get(body.get("model")) if isinstance(body, dict) else None
+        if not url:
+            return None
+        if request.path == "/v1/chat/completions":
+            messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        else:
+            given = body.get("input")
+            messages = [{"role": "user", "content": given}] if isinstance(given, str) else \
+                [m for m in given or [] if isinstance(m, dict)] if isinstance(given, list) else []
+            if isinstance(body.get("instructions"), str):
+                messages = [{"role": "system", "content": body["instructions"]}] + messages
+        try:
+            answer = _call_policy(url, {"step": None, "total_steps": None, "model": body.get("model"),
+                                        "prompts": [{"id": "inference", "messages": messages}],
+                                        "samples_per_prompt": 1}, 1, 1)
+        except Exception as exc:  # noqa: BLE001 - the policy is the model: its failure is a 500
+            return _error(500, f"The model's policy failed: {exc}", "server_error")
+        _POLICY.text = answer[0][0]
+        return None
 
     @app.post("/_local/jobs/<job_id>/fail")
     def force_fail(job_id):
@@ -276,7 +367,7 @@ def create_app(state: State | None = None) -> Flask:
             return _error(400, bad.message, param=bad.param)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return Response(_sse_chat(answer, include_usage), mimetype="text/event-stream")
+            return Response(_paced(state, _sse_chat(answer, include_usage), "chat"), mimetype="text/event-stream")
         return jsonify(answer)
 
     @app.post("/v1/responses")
@@ -286,9 +377,12 @@ def create_app(state: State | None = None) -> Flask:
         if problem:
             return problem
         try:
-            return jsonify(_response(body))
+            answer = _response(body)
         except BadRequest as bad:
             return _error(400, bad.message, param=bad.param)
+        if body.get("stream"):
+            return Response(_paced(state, _sse_response(answer), "responses"), mimetype="text/event-stream")
+        return jsonify(answer)
 
     threading.Thread(target=_ticker, args=(state,), daemon=True, name="local-bedrock-clock").start()
     return app
@@ -345,8 +439,14 @@ def _judge_reply(prompt: str) -> str | None:
     return json.dumps({"score": round(ratio, 3)})
 
 
+_POLICY = threading.local()     # this request's answer from the model's policy, if it has one
+
+
 def _generate(prompt: str, model: str, max_tokens: int | None) -> tuple[str, dict, bool]:
     """(text, usage, cut short by max_tokens) of one plain completion."""
+    chosen = getattr(_POLICY, "text", None)
+    if chosen is not None:         # POST /_local/models/{model}/policy
+        return chosen, _usage(prompt, len(_pieces(chosen))), False
     judged = _judge_reply(prompt)
     if judged is not None:
         return judged, _usage(prompt, 8), False
@@ -578,6 +678,84 @@ def _sse_chat(answer: dict, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
+def _sse_response(answer: dict):
+    """The same response as the Responses API streams it: response.created and .in_progress,
+    then per output item its added / delta / done events, then response.completed (or
+    .incomplete) carrying the whole response with its usage."""
+    seq = -1
+
+    def event(kind: str, **fields) -> str:
+        nonlocal seq
+        seq += 1
+        return f"event: {kind}\ndata: " + json.dumps({"type": kind, **fields, "sequence_number": seq}) + "\n\n"
+
+    started = {**answer, "status": "in_progress", "output": [], "usage": None, "completed_at": None,
+               "incomplete_details": None}
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    for i, item in enumerate(answer["output"]):
+        if item["type"] == "message":
+            yield event("response.output_item.added", output_index=i,
+                        item={**item, "status": "in_progress", "content": []})
+            for c, part in enumerate(item["content"]):
+                ids = {"item_id": item["id"], "output_index": i, "content_index": c}
+                scored = part.get("logprobs") or []
+                yield event("response.content_part.added", **ids, part={**part, "text": "", "logprobs": []})
+                for k, piece in enumerate(_pieces(part["text"])):
+                    yield event("response.output_text.delta", **ids, delta=piece, logprobs=scored[k:k + 1])
+                yield event("response.output_text.done", **ids, text=part["text"], logprobs=scored)
+                yield event("response.content_part.done", **ids, part=part)
+        elif item["type"] == "function_call":
+            yield event("response.output_item.added", output_index=i,
+                        item={**item, "status": "in_progress", "arguments": ""})
+            for piece in _pieces(item["arguments"]):
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=piece)
+            yield event("response.function_call_arguments.done", item_id=item["id"], name=item["name"],
+                        output_index=i, arguments=item["arguments"])
+        else:
+            yield event("response.output_item.added", output_index=i, item=item)
+        yield event("response.output_item.done", output_index=i, item=item)
+    final = "response.completed" if answer["status"] == "completed" else "response.incomplete"
+    yield event(final, response=answer)
+
+
+class StreamCut(Exception):
+    """Raised inside a streamed body: the server drops the connection mid-answer."""
+
+
+def _paced(state: State, events, style: str):
+    """Streams `events` as a real endpoint does: spaced in time, held, failed or cut as configured
+    (the settings in force when the stream starts)."""
+    with state.lock:
+        settings = dict(state.stream)
+        release = state.stream_release
+    sequence = -1
+    for count, chunk in enumerate(events):
+        time.sleep((settings["stream_ttft_ms"] if count == 0 else settings["stream_token_ms"]) / 1000)
+        if count and count == settings["stream_cut_after"]:
+            raise StreamCut(f"stream cut after {count} events (stream_cut_after)")
+        if count and count == settings["stream_error_after"]:
+            if style == "chat":
+                yield "data: " + json.dumps({"error": {"message": "Injected stream failure.", "type": "server_error",
+                                                       "param": None, "code": "internal_error"}}) + "\n\n"
+            else:
+                yield "event: error\ndata: " + json.dumps({"type": "error", "code": "internal_error",
+                                                           "message": "Injected stream failure.", "param": None,
+                                                           "sequence_number": sequence + 1}) + "\n\n"
+            return
+        found = re.search(r'"sequence_number": (\d+)', chunk)
+        sequence = int(found.group(1)) if found else sequence
+        yield chunk
+        if count == 0 and settings["stream_hold"]:
+            with state.lock:
+                state.streams_held += 1
+            try:
+                release.wait(STREAM_HOLD_LIMIT_SECONDS)
+            finally:
+                with state.lock:
+                    state.streams_held -= 1
+
+
 def _response_tools(body: dict) -> tuple[list[dict], dict | None]:
     """(the tools as a response echoes them, the function the model must call or None)."""
     tools = body.get("tools") or []
@@ -783,15 +961,20 @@ def _train_step(state: State, job: dict, clock: dict) -> None:
     total = int(clock["total_steps"])
     rng = random.Random(f"{job['id']}:{step}")
     rows = _rows(state, job["training_file"])
-    quality = 0.15 + 0.8 * step / total  # the policy improves as it trains
-    samples = []
-    for i in range(int(clock["samples_per_step"])):
-        row = rows[rng.randrange(len(rows))]
-        answer = _reference_text(row.get("reference_answer")) if rng.random() < quality else "I am not sure."
-        sample = {k: v for k, v in row.items() if k not in ("messages", "id")}
-        sample.update({"id": f"{job['id']}-s{step}-{i}",
-                       "messages": row["messages"] + [{"role": "assistant", "content": answer}]})
-        samples.append(sample)
+    with state.lock:
+        policy = state.policies.get(job["id"])
+    if policy:
+        samples = _policy_samples(job, clock, step, total, rng, rows, policy)
+    else:
+        quality = 0.15 + 0.8 * step / total  # the policy improves as it trains
+        samples = []
+        for i in range(int(clock["samples_per_step"])):
+            row = rows[rng.randrange(len(rows))]
+            answer = _reference_text(row.get("reference_answer")) if rng.random() < quality else "I am not sure."
+            sample = {k: v for k, v in row.items() if k not in ("messages", "id")}
+            sample.update({"id": f"{job['id']}-s{step}-{i}",
+                           "messages": row["messages"] + [{"role": "assistant", "content": answer}]})
+            samples.append(sample)
     arn = job["method"]["reinforcement"]["grader"]["lambda"]["function"]
     scores, problem = _invoke_grader(state, arn, samples)
     if problem:
@@ -823,6 +1006,50 @@ def _train_step(state: State, job: dict, clock: dict) -> None:
         if step >= total:
             job["fine_tuned_model"] = f"{job['model']}:ft:{job['id'][6:18]}"
             _set_status(state, job, "succeeded")
+
+
+def _policy_url(body: Any):
+    """The `url` of a policy request (None removes the policy), or the 400 answer."""
+    url = body.get("url") if isinstance(body, dict) else None
+    if url is None or (isinstance(url, str) and url.startswith(("http://127.0.0.1:", "http://localhost:",
+                                                                "http://[::1]:"))):
+        return url
+    return _error(400, "url must be an http:// URL on this machine (127.0.0.1, localhost or [::1]), or null.",
+                  param="url")
+
+
+def _call_policy(url: str, payload: dict, prompts: int, k: int) -> list[list[str]]:
+    """POSTs to a policy URL; its {"responses": [[k texts] per prompt]}, checked."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        answer = json.loads(resp.read() or b"null")
+    responses = answer.get("responses") if isinstance(answer, dict) else None
+    if not (isinstance(responses, list) and len(responses) == prompts and all(
+            isinstance(r, list) and len(r) == k and all(isinstance(t, str) for t in r) for r in responses)):
+        raise ValueError(f"the policy must answer {{\"responses\": [[{k} texts] x {prompts} prompts]}}")
+    return responses
+
+
+def _policy_samples(job: dict, clock: dict, step: int, total: int, rng: random.Random, rows: list[dict],
+                    url: str) -> list[dict]:
+    """One step's rollouts from a replaceable policy: `samples_per_step // k` distinct prompts, k
+    samples each. Bedrock "adds a unique id" per rollout (UNCONFIRMED which form): here each gets
+    a suffixed id; the row's own fields (rft_prompt among them) go with it, as on Bedrock."""
+    k = max(1, int(clock.get("samples_per_prompt", 4)))
+    picked = rng.sample(range(len(rows)), min(len(rows), max(1, int(clock["samples_per_step"]) // k)))
+    prompts = [{**{key: v for key, v in rows[r].items() if not key.startswith("rft_")},
+                "id": str(rows[r].get("id") or f"row-{r}")} for r in picked]
+    responses = _call_policy(url, {"step": step, "total_steps": total, "prompts": prompts,
+                                   "samples_per_prompt": k}, len(prompts), k)
+    samples = []
+    for j, (r, texts) in enumerate(zip(picked, responses)):
+        for m, text in enumerate(texts):
+            sample = {key: v for key, v in rows[r].items() if key not in ("messages", "id")}
+            sample.update({"id": f"{job['id']}-s{step}-p{j}-{m}",
+                           "messages": rows[r]["messages"] + [{"role": "assistant", "content": text}]})
+            samples.append(sample)
+    return samples
 
 
 def _invoke_grader(state: State, arn: str, samples: list[dict]) -> tuple[list[float], str | None]:

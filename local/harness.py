@@ -73,16 +73,19 @@ class Stack:
 
     def _serve_app(self) -> int:
         """rft-hub behind the local API Gateway (local/api_gateway.py: Chalice's local server with
-        API Gateway's payload limits, 404/405 in the OpenAI envelope, a listen backlog of 256)."""
+        API Gateway's payload limits, 404/405 in the OpenAI envelope, a listen backlog of 256), and
+        the data plane's ASGI app (uvicorn, another loopback port) behind it for the inference
+        routes, streamed through: one base URL."""
         from chalice.config import Config
 
         from app import app
-        from local.api_gateway import create_server
+        from local.api_gateway import create_server, serve_dataplane
 
         port = servers.free_port()
         config = Config.create(chalice_stage="local", app_name="rft-hub", chalice_app=app, project_dir=str(ROOT),
                                config_from_disk=json.loads((ROOT / ".chalice" / "config.json").read_text()))
-        server = create_server(app, config, host="127.0.0.1", port=port)
+        self.dataplane, self.dataplane_port = serve_dataplane("127.0.0.1", 0)
+        server = create_server(app, config, host="127.0.0.1", port=port, dataplane=("127.0.0.1", self.dataplane_port))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.wait_for_port(port)
         return port

@@ -319,3 +319,23 @@ def test_an_upstream_that_cannot_finish_in_time_is_a_504_and_releases_the_hold(a
     assert not budgets.open_holds(period) and period.committed == period.spent == 0
     entries = ledger(team_id)
     assert len(entries) == 1 and entries[0].outcome == "error" and entries[0].status == 504
+
+
+def test_a_stalled_dynamodb_is_a_503_and_a_late_landing_hold_is_released(api, admin_headers, make_team, stack,
+                                                                           bedrock, ddb_faults):
+    team_id, client, limit, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)   # warm caches
+    upstream_before = len(bedrock.requests)
+    # Every write now stalls past the client's 3 s read timeout, then lands anyway.
+    ddb_faults.configure(write_delay_ms=4500)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)
+    assert err.value.status_code == 503 and err.value.code == "service_unavailable"   # not insufficient_quota
+    assert len(bedrock.requests) == upstream_before                  # an unknown hold is never used
+    ddb_faults.reset()                                               # the stalled reservation lands now
+    time.sleep(0.5)
+    report = repair(team_id)
+    assert report["abandoned"] <= 1                                  # it landed (or not): released either way
+    period = period_of_now(team_id)
+    assert not budgets.open_holds(period) and period.committed == period.spent
+    assert len([e for e in ledger(team_id) if e.outcome == "served"]) == 1

@@ -19,8 +19,10 @@ _lock = threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def _client(service: str):
-    cfg = Config(retries={"mode": "standard", "max_attempts": 4},
-                 connect_timeout=3, read_timeout=30, max_pool_connections=32)
+    # Two attempts of at most 2 s to connect and 8 s to answer: a stalled S3, SQS or Secrets
+    # Manager costs a request at most ~20 s, inside API Gateway's 29 s.
+    cfg = Config(retries={"mode": "standard", "total_max_attempts": 2},
+                 connect_timeout=2, read_timeout=8, max_pool_connections=32)
     # boto3.client is not thread-safe while it builds the client; the reconciler uses threads.
     with _lock:
         return boto3.session.Session().client(service, region_name=settings().region, config=cfg)

@@ -27,10 +27,20 @@ class SaveGrader(StrictModel):
     grader: Any
 
 
+class SampleBase(StrictModel):
+    """Optional base-model sampling in a preflight: k responses per sampled prompt (metered)."""
+    model: str | None = Field(default=None, min_length=1, max_length=256)   # default: the first RFT model
+    k: int = Field(default=4, ge=2, le=16)
+    max_usd: str = Field(default="1.00", min_length=1, max_length=20)
+    prompts: int | None = Field(default=None, ge=1, le=50)                  # default: min(rows, 8)
+    max_tokens: int = Field(default=512, ge=1, le=4096)
+
+
 class Preflight(StrictModel):
     grader: Any
     file_id: str = Field(min_length=1, max_length=200)
     sample_size: int = Field(default=20, ge=1, le=200)
+    sample_base: SampleBase | None = None
 
 
 @route(bp, "/v1/fine_tuning/alpha/graders/validate", ("POST",), body=ValidateGrader)
@@ -62,5 +72,6 @@ def get_grader(req: Request, grader_id: str):
 
 @route(bp, "/v1/graders/preflight", ("POST",), body=Preflight)
 def preflight_grader(req: Request):
+    base = req.body.sample_base.model_dump() if req.body.sample_base is not None else None
     return preflight.run(req.team_id, req.body.grader, req.body.file_id, req.body.sample_size,
-                         req.principal.key_id)
+                         req.principal.key_id, sample_base=base)

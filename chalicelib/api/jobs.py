@@ -60,3 +60,25 @@ def list_job_events(req: Request, job_id: str):
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/checkpoints", query={"limit": "integer", "after": "string"})
 def list_job_checkpoints(req: Request, job_id: str):
     return jobs.list_checkpoints(req.team_id, job_id, query_int(req, "limit", 10, 1, 100), req.query.get("after"))
+
+
+# ---- the training watch (rft-hub extras) ---------------------------------------------------------
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/rollouts",
+       query={"window": "integer", "order": "string", "limit": "integer", "after": "string"})
+def list_job_rollouts(req: Request, job_id: str):
+    """A window's kept rollouts (full text), by reward or in a fixed random order, paged."""
+    from chalicelib.services import rollouts
+
+    window = query_int(req, "window", 0, 1, 10**8) if req.query.get("window") not in (None, "") else None
+    order = req.query.get("order") or "reward_desc"
+    return rollouts.list_rollouts(req.team_id, job_id, window, order, query_int(req, "limit", 20, 1, 100),
+                                  req.query.get("after"))
+
+
+@route(bp, "/v1/fine_tuning/jobs/{job_id}/watch", query={"limit": "integer", "after": "string"})
+def get_job_watch(req: Request, job_id: str):
+    """The training watch: per-window series (paged, oldest first) and its findings."""
+    from chalicelib.services import watch
+
+    return watch.view(req.team_id, job_id, query_int(req, "limit", 50, 1, 200), req.query.get("after"))

@@ -29,6 +29,14 @@ class _Strict(pydantic.BaseModel):
 class Reinforcement(_Strict):
     grader: dict[str, Any]
     hyperparameters: dict[str, Any] | None = None
+    # rft-hub extra, never sent to Bedrock: a second grader (typically a score_model judge with
+    # another rubric) that the training watch runs on a sample of rollouts (README: Training watch).
+    audit_grader: dict[str, Any] | None = None
+
+
+class Watch(_Strict):
+    """rft-hub extra on the create request: what a critical finding of the training watch does."""
+    on_critical: Literal["alert", "cancel"] = "alert"
 
 
 class Method(_Strict):
@@ -49,6 +57,7 @@ class CreateJob(_Strict):
     hyperparameters: dict | None = None     # deprecated top-level form: refused with a pointer
     integrations: list | None = None        # not supported: refused
     preflight: Literal["block", "warn"] = "block"   # rft-hub extra (grader preflight)
+    watch: Watch | None = None                       # rft-hub extra (training watch)
 
 
 def check_create(req: CreateJob, allowed_models: tuple[str, ...]) -> dict:

@@ -18,7 +18,8 @@ STATUS_EMOJI = {"validating_files": ":hourglass_flowing_sand:", "queued": ":inbo
                 "succeeded": ":white_check_mark:", "failed": ":x:", "cancelled": ":no_entry_sign:"}
 # Which notification category each event belongs to (teams choose with `notify`).
 CATEGORY = {"rft-hub.job.state_changed": "job", "rft-hub.job.stalled": "job", "rft-hub.model.registered": "model",
-            "rft-hub.alias.changed": "model", "rft-hub.budget.threshold_crossed": "budget"}
+            "rft-hub.alias.changed": "model", "rft-hub.budget.threshold_crossed": "budget",
+            "rft-hub.job.watch_finding": "job"}
 
 
 def truncate(text: str, limit: int) -> str:
@@ -79,6 +80,26 @@ def stalled_message(detail: dict) -> dict:
     text = f"RFT job {job.get('job_id')} has made no progress for {minutes} minutes (status {detail.get('status')})."
     return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=":warning: RFT job stalled", emoji=True)),
                            _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+
+
+def watch_finding_message(detail: dict) -> dict:
+    """A training-watch finding: what it saw, in which windows, and what rft-hub did about it."""
+    job = detail.get("job") or {}
+    critical = detail.get("severity") == "critical"
+    cancel = detail.get("action") == "cancel"
+    title = truncate(f"{':rotating_light:' if critical else ':eyes:'} Training watch: {detail.get('title')}", HEADER_MAX)
+    action = "rft-hub is cancelling the job." if cancel else "The job keeps training; look at the rollouts."
+    examples = ", ".join(f"`{e.get('id')}` ({e.get('reward')})" for e in (detail.get("examples") or [])[:3]) or "—"
+    pairs = [("Job", f"`{job.get('job_id')}`"), ("Severity", str(detail.get("severity"))),
+             ("Finding", f"`{detail.get('code')}`"), ("Windows", ", ".join(str(w) for w in detail.get("windows") or [])
+                                                      or "—"),
+             ("Action", action), ("Example rollouts", examples)]
+    text = (f"RFT job {job.get('job_id')}: training watch {detail.get('severity')} finding {detail.get('code')}: "
+            f"{detail.get('message')} {action}")
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=title, emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(str(detail.get("message")),
+                                                                                        SECTION_MAX))),
+                           _fields(pairs)])
 
 
 def model_message(detail_type: str, detail: dict) -> dict:

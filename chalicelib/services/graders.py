@@ -167,7 +167,12 @@ def hosted_grader_arn() -> str:
 
 
 def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None]:
-    """(spec, Lambda ARN for Bedrock, grader ref or None) for a job's grader."""
+    """(spec, Lambda ARN for Bedrock, grader ref) for a job's grader.
+
+    Every reward goes through rft-hub: Bedrock is always given the hosted grader, and every row
+    references the spec (stored by hash). A team's own Lambda grader (type `lambda`) is such a
+    spec too: it names the team's function, which the hosted grader invokes with Bedrock's
+    contract (services/hosted_grader.py), so the rollouts are recorded and watched."""
     if isinstance(grader, dict) and grader.get("type") == "saved":
         extra = set(grader) - {"type", "id", "version"}
         if extra or not isinstance(grader.get("id"), str):
@@ -179,7 +184,5 @@ def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None
         spec = get(team_id, grader["id"], version)["grader"]
     else:
         spec = grader
-    compiled = compile_spec(spec, PARAM, team_id)
-    if compiled.type == "lambda":
-        return spec, compiled.arn, None
+    compile_spec(spec, PARAM, team_id)
     return spec, hosted_grader_arn(), store_spec(spec)

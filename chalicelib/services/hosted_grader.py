@@ -1,4 +1,6 @@
-"""rft-hub's hosted reward Lambda: runs declarative graders under Bedrock's reward contract.
+"""rft-hub's hosted reward Lambda: every reward of every job goes through it (Bedrock is always
+given this function). It runs declarative graders under Bedrock's reward contract, and a team's
+own Lambda grader behind the same contract; then it records the rollouts and runs the watch.
 
 One bad sample never fails the batch: it scores 0 with an error metric. Each sample has its
 own time limit, counted from when it starts; the judge calls inside it are bounded by what is
@@ -6,26 +8,48 @@ left of the invocation, so no grading outlives it. Judge calls are the job's tea
 the ledger with the job id and held to the team's budget. When the budget is spent, the sample
 gets an error metric and the job is stopped with that reason (never silently trained on 0s).
 Specs are cached per warm container (they are immutable, keyed by hash).
+
+A team's Lambda grader (a spec of type `lambda`) gets the rows exactly as Bedrock sent them,
+without rft-hub's own fields (`rft_grader_ref`, `rft_job`, `rft_prompt`), in invocations under
+Lambda's 6 MB request limit, and each answer is checked with the reward contract; its scores and
+metrics are returned unchanged. A contract violation, a function error or a timeout scores the
+invocation's samples 0 with `error.lambda_contract_error` / `error.lambda_error` /
+`error.lambda_timeout` (counted by the watch: "grader_errors").
+
+When a job names an audit grader (`method.reinforcement.audit_grader`), a few random samples of
+each invocation are also scored by it (AUDIT_PER_INVOCATION; its judge calls metered to the job
+like every judge), alongside the grading; the audit never delays the scores by more than
+AUDIT_GRACE_S after the grading is done.
 """
 from __future__ import annotations
 
 import contextvars
+import random
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, Callable
 
 from chalicelib import deadline
+from chalicelib.adapters import lambdas
 from chalicelib.domain.graders import Deps, Grader, JudgeRefused, Result, build, run
+from chalicelib.domain.graders.contract import check_response, size_batches
+from chalicelib.domain.graders.core import LambdaGrader
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.log import logger
 from chalicelib.services import graders
 
 SAMPLE_TIME_LIMIT_S = 60.0
+LAMBDA_TIME_LIMIT_S = lambdas.LAMBDA_TIMEOUT_S + 5.0   # one invocation of a team's Lambda
 BATCH_MARGIN_MS = 3_000       # kept to return the scores after the last sample
 WORKERS = 16                  # judge calls are I/O: graded in parallel, bounded
 JOB_FIELD = "rft_job"         # "<team id>/<job id>", written into every training row with REF_FIELD
+PROMPT_FIELD = "rft_prompt"   # the row's id or line, written into every row: groups a prompt's samples
+OWN_FIELDS = frozenset({graders.REF_FIELD, JOB_FIELD, PROMPT_FIELD})
+AUDIT_PER_INVOCATION = 8      # samples per job and invocation scored by its audit grader
+AUDIT_GRACE_S = 5.0           # the longest the scores wait for audits once the grading is done
+RECORD_MIN_S = 0.5            # less time left than this after grading: the rollouts are not recorded
 _cache: dict[str, Grader] = {}
 _lock = threading.Lock()
 
@@ -94,12 +118,13 @@ def job_of(sample: dict) -> tuple[str, str] | None:
     return (team_id, job_id) if team_id and job_id else None
 
 
-def grade_one(sample: Any, spent: dict | None = None, refused: set | None = None) -> dict:
+def grade_one(sample: Any, spent: dict | None = None, refused: set | None = None,
+              grader: Grader | None = None) -> dict:
     sample_id = str(sample.get("id")) if isinstance(sample, dict) else "unknown"
     if not isinstance(sample, dict):
         return _failed(sample_id, "sample_parse_error", "sample is not an object")
     try:
-        grader = _grader(sample.get(graders.REF_FIELD))
+        grader = grader or _grader(sample.get(graders.REF_FIELD))
     except Exception:  # noqa: BLE001
         return _failed(sample_id, "other_error", f"no grader for {graders.REF_FIELD}={sample.get(graders.REF_FIELD)!r}")
     owner = job_of(sample)
@@ -117,55 +142,241 @@ def grade_one(sample: Any, spent: dict | None = None, refused: set | None = None
         return _failed(sample_id, "budget_exhausted", str(exc)[:300])
 
 
+# ---- a team's own Lambda grader, behind rft-hub -------------------------------------------------
+
+def team_rows(samples: list[dict]) -> list[dict]:
+    """The rows a team's Lambda gets: as Bedrock sent them, without rft-hub's own fields."""
+    return [{k: v for k, v in s.items() if k not in OWN_FIELDS} for s in samples]
+
+
+def lambda_batches(rows: list[dict]) -> tuple[list[list[int]], list[int]]:
+    """Row indexes grouped into invocations: each fits Lambda's 6 MB request limit and holds every
+    id at most once (whether Bedrock repeats a row's id across its k rollouts is UNCONFIRMED: a
+    repeated id goes to another invocation, so each answer is matched to its row by id), and the
+    rows too large to send at all."""
+    rounds: list[list[int]] = []
+    seen: list[set] = []
+    for i, row in enumerate(rows):
+        for members, ids_ in zip(rounds, seen):
+            if row["id"] not in ids_:
+                members.append(i)
+                ids_.add(row["id"])
+                break
+        else:
+            rounds.append([i])
+            seen.append({row["id"]})
+    batches, too_large = [], []
+    for members in rounds:
+        groups, large = size_batches([rows[i] for i in members])
+        batches += [[members[j] for j in group] for group in groups]
+        too_large += [members[j] for j in large]
+    return batches, too_large
+
+
+def invoke_team_lambda(grader: LambdaGrader, rows: list[dict], deps: Deps) -> list[dict]:
+    """One invocation of the team's Lambda: its answers (checked), or every row scored 0 with the
+    error. Each answer keeps the team's score and metrics exactly."""
+    def failed(kind: str, detail: str) -> list[dict]:
+        return [_failed(r["id"], kind, detail) for r in rows]
+    try:
+        response = deps.invoke_lambda(grader.arn, rows)
+    except TimeoutError as exc:
+        return failed("lambda_timeout", str(exc)[:300] or "the Lambda timed out")
+    except Exception as exc:  # noqa: BLE001 - reported as the Lambda's error
+        return failed("lambda_error", str(exc)[:300])
+    scores, problems = check_response(rows, response)
+    if problems:
+        return failed("lambda_contract_error", "; ".join(problems[:5])[:1000])
+    by_id = {item["id"]: item for item in response}
+    return [{"id": r["id"], "aggregate_reward_score": score, "metrics_list": by_id[r["id"]].get("metrics_list", [])}
+            for r, score in zip(rows, scores)]
+
+
+def _resolve(sample: Any) -> Grader | None:
+    if not isinstance(sample, dict):
+        return None
+    try:
+        return _grader(sample.get(graders.REF_FIELD))
+    except Exception:  # noqa: BLE001 - graded (as an error) by grade_one
+        return None
+
+
+# ---- one invocation ---------------------------------------------------------------------------
+
+class _Task:
+    def __init__(self, kind: str, indexes: list[int], limit: float, fn: Callable[[], Any]) -> None:
+        self.kind, self.indexes, self.limit, self.fn = kind, indexes, limit, fn
+
+
+def _plan(samples: list, spent: dict, refused: set) -> list[_Task]:
+    tasks: list[_Task] = []
+    by_lambda: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        grader = _resolve(sample)
+        if isinstance(grader, LambdaGrader) and isinstance(sample.get("id"), str):
+            by_lambda[sample[graders.REF_FIELD]].append(i)
+        else:
+            tasks.append(_Task("sample", [i], SAMPLE_TIME_LIMIT_S,
+                               lambda s=sample, g=grader: [grade_one(s, spent, refused, g)]))
+    deps = Deps(invoke_lambda=lambdas.invoke)
+    for ref, indexes in by_lambda.items():
+        grader = _grader(ref)
+        rows = team_rows([samples[i] for i in indexes])
+        batches, too_large = lambda_batches(rows)
+        for j in too_large:
+            tasks.append(_Task("sample", [indexes[j]], SAMPLE_TIME_LIMIT_S, lambda r=rows[j]: [_failed(
+                r["id"], "lambda_error", "the sample is larger than a Lambda invocation takes (6 MB)")]))
+        for batch in batches:
+            chunk = [rows[j] for j in batch]
+            tasks.append(_Task("lambda", [indexes[j] for j in batch], LAMBDA_TIME_LIMIT_S,
+                               lambda g=grader, c=chunk: invoke_team_lambda(g, c, deps)))
+    return tasks
+
+
+def _plan_audits(samples: list, spent: dict) -> list[_Task]:
+    """A few random samples per job with an audit grader, scored by it (metered to the job)."""
+    from chalicelib.services import rollouts
+
+    by_job: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        owner = job_of(sample) if isinstance(sample, dict) else None
+        if owner is not None:
+            by_job[owner].append(i)
+    tasks = []
+    for owner, indexes in by_job.items():
+        try:
+            cfg = rollouts.config(*owner)
+            audit = _grader(cfg.audit_ref) if cfg is not None and cfg.audit_ref else None
+        except Exception:  # noqa: BLE001 - the grading must not depend on the watch
+            logger.warning("audit grader unavailable", extra={"job_id": owner[1]})
+            continue
+        if audit is None:
+            continue
+        deps = graders.deps(owner[0], job_id=owner[1], spent=spent.setdefault(owner, []))
+        for i in random.sample(indexes, min(AUDIT_PER_INVOCATION, len(indexes))):
+            def audit_one(sample=samples[i], grader=audit, deps=deps):
+                response, item = split(sample)
+                try:
+                    result = run(grader, make_sample(response), item, deps)
+                except JudgeRefused:
+                    return [None]          # the budget is spent: no audit (the grading decides the stop)
+                return [None if result.errors else result.reward]
+            tasks.append(_Task("audit", [i], SAMPLE_TIME_LIMIT_S, audit_one))
+    return tasks
+
+
+def _run(tasks: list[_Task], started: float, usable: float) -> tuple[list, dict[int, float]]:
+    """Runs the tasks in parallel within `usable` seconds; (futures, task index -> start time)."""
+    began: dict[int, float] = {}
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+
+    def work(t: int, task: _Task):
+        began[t] = time.monotonic()
+        return task.fn()
+
+    # Each worker runs in a copy of this context: its judge calls see the invocation's deadline.
+    futures = [pool.submit(contextvars.copy_context().run, work, t, task) for t, task in enumerate(tasks)]
+    graded_at = None
+    try:
+        while True:
+            now = time.monotonic()
+
+            def live(kind_is_audit: bool) -> list:
+                # Still worth waiting for: not done, and not past its own limit (counted from its start).
+                return [f for t, f in enumerate(futures) if (tasks[t].kind == "audit") == kind_is_audit
+                        and not f.done() and (t not in began or now - began[t] <= tasks[t].limit)]
+            grading, audits = live(False), live(True)
+            if not grading:
+                graded_at = graded_at or now
+                if not audits or now - graded_at >= AUDIT_GRACE_S:
+                    break
+            if now - started >= usable:
+                break
+            limits = [began[t] + tasks[t].limit for t, f in enumerate(futures) if not f.done() and t in began]
+            if graded_at is not None:
+                limits.append(graded_at + AUDIT_GRACE_S)
+            wait(grading + audits, timeout=max(0.01, min([started + usable] + limits) - now),
+                 return_when="FIRST_COMPLETED")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return futures, began
+
+
 def handle(event: Any, context: Any = None) -> list[dict]:
     samples = _samples(event)
     started = time.monotonic()
     usable = deadline.budget_from_context(context, cap=900.0) if context is not None else SAMPLE_TIME_LIMIT_S
+    ends = started + usable                            # the invocation's real end, less the deadline margin
     usable = max(1.0, usable - BATCH_MARGIN_MS / 1000)
     spent: dict = defaultdict(list)
     refused: set = set()
-    began: dict[int, float] = {}
     with deadline.running(usable):
-        pool = ThreadPoolExecutor(max_workers=WORKERS)
-
-        def work(i: int, sample: Any) -> dict:
-            began[i] = time.monotonic()
-            return grade_one(sample, spent, refused)
-
-        # Each worker runs in a copy of this context: its judge calls see the invocation's deadline.
-        futures = [pool.submit(contextvars.copy_context().run, work, i, s) for i, s in enumerate(samples)]
+        tasks = _plan(samples, spent, refused)
         try:
-            while True:
-                now = time.monotonic()
-                # Still worth waiting for: not done, and not past its own limit (counted from its start).
-                live = [f for i, f in enumerate(futures)
-                        if not f.done() and (i not in began or now - began[i] <= SAMPLE_TIME_LIMIT_S)]
-                if not live or now - started >= usable:
-                    break
-                limits = [began[i] + SAMPLE_TIME_LIMIT_S for i, f in enumerate(futures)
-                          if not f.done() and i in began]
-                wait(live, timeout=max(0.01, min([started + usable] + limits) - now), return_when="FIRST_COMPLETED")
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-    out = []
-    for i, (sample, future) in enumerate(zip(samples, futures)):
-        sample_id = str(sample.get("id")) if isinstance(sample, dict) else "unknown"
-        if future.done() and not future.cancelled():
-            try:
-                out.append(future.result())
-            except Exception:  # noqa: BLE001 - grade_one never raises; this is belt and braces
-                out.append(_failed(sample_id, "other_error", "grading failed"))
-        elif i in began:
-            out.append(_failed(sample_id, "unresponsive_reward_error", "sample exceeded its time limit"))
-        else:
-            out.append(_failed(sample_id, "unresponsive_reward_error", "the invocation ran out of time before "
-                                                                        "this sample started"))
+            tasks += _plan_audits(samples, spent)
+        except Exception:  # noqa: BLE001 - the scores never depend on the watch
+            logger.exception("audit planning failed")
+        futures, began = _run(tasks, started, usable)
+    out: list[dict | None] = [None] * len(samples)
+    audits: dict[int, float | None] = {}
+    for t, (task, future) in enumerate(zip(tasks, futures)):
+        ok = future.done() and not future.cancelled() and future.exception() is None
+        if task.kind == "audit":
+            audits[task.indexes[0]] = future.result()[0] if ok else None
+            continue
+        results = future.result() if ok else None
+        for k, i in enumerate(task.indexes):
+            sample = samples[i]
+            sample_id = str(sample.get("id")) if isinstance(sample, dict) else "unknown"
+            if results is not None:
+                out[i] = results[k]
+            elif future.done() and not future.cancelled():  # grade_one never raises: belt and braces
+                out[i] = _failed(sample_id, "other_error", "grading failed")
+            elif task.kind == "lambda":
+                out[i] = _failed(sample_id, "lambda_timeout", "the team's Lambda did not answer in time")
+            elif t in began:
+                out[i] = _failed(sample_id, "unresponsive_reward_error", "sample exceeded its time limit")
+            else:
+                out[i] = _failed(sample_id, "unresponsive_reward_error", "the invocation ran out of time before "
+                                                                         "this sample started")
     try:
         _account(spent, refused)
     except Exception:  # noqa: BLE001 - the scores must reach Bedrock; each judge call is on the ledger anyway
         logger.exception("judge accounting failed", extra={"jobs": [f"{t}/{j}" for t, j in spent]})
+    left = ends - time.monotonic() - 1.0
+    if left >= RECORD_MIN_S:
+        with deadline.running(left):
+            _watch(samples, out, audits)
     logger.info("graded batch", extra={"samples": len(samples), "seconds": round(time.monotonic() - started, 3)})
     return out
+
+
+def _watch(samples: list, out: list[dict], audits: dict[int, float | None]) -> None:
+    """Records the rollouts and runs the training watch; never fails the invocation."""
+    graded = []
+    try:
+        from chalicelib.domain import watch as rules
+        from chalicelib.services import rollouts, watch
+
+        for i, (sample, answer) in enumerate(zip(samples, out)):
+            owner = job_of(sample) if isinstance(sample, dict) else None
+            if owner is None:
+                continue
+            response, item = split(sample)
+            users = [m for m in item.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+            graded.append(rollouts.Graded(i, owner, rules.Sample.of(
+                str(sample.get("id")), rules.prompt_key(sample, item.get("messages")), answer["aggregate_reward_score"],
+                response, rules.error_kinds(answer.get("metrics_list")), audits.get(i)),
+                response, _text(users[-1].get("content")) if users else "", item.get("reference_answer")))
+        if not graded:
+            return
+        for (team_id, job_id), cfg, window in rollouts.record(graded):
+            try:
+                watch.check(team_id, job_id, cfg, window)
+            except Exception:  # noqa: BLE001 - the next invocation checks again
+                logger.exception("training watch failed", extra={"job_id": job_id})
+    except Exception:  # noqa: BLE001 - the scores must reach Bedrock
+        logger.exception("rollout recording failed", extra={"samples": len(graded)})
 
 
 def _account(spent: dict, refused: set) -> None:

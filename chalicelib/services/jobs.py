@@ -24,7 +24,7 @@ from chalicelib.domain.graders import calls_out, judge_models
 from chalicelib.services.graders import PARAM
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
-from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry
+from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry, watch
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
@@ -132,6 +132,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
     """Returns (HTTP status, job)."""
     hyperparameters = rules.check_create(req, settings().rft_models)
     spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader)
+    audit_ref = watch.audit_ref(team_id, req.method.reinforcement.audit_grader)   # training watch (extra)
     training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
     if req.validation_file:
         _training_file(team_id, req.validation_file, "validation_file", enforce_rows=False)
@@ -188,6 +189,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         if existing.submit_state == "pending":
             _enqueue(existing)        # harmless if the first message is still queued: the worker is idempotent
         return 200, job_view(existing)
+    watch.configure(team_id, job_id, req.watch.model_dump() if req.watch else None, audit_ref)
     record_event(job, f"Job created by rft-hub; estimated cost "
                       f"{job.estimate.get('estimated_usd') or 'unpriced'} USD.", source="rft-hub")
     if checked:
@@ -301,12 +303,13 @@ def _acquire_lease(job: Job) -> bool:
 
 
 def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id: str) -> str:
-    """Uploads a dataset to Bedrock's Files API: once per file for Lambda graders (later jobs
-    reuse the id), once per job for hosted graders.
+    """Uploads a dataset to Bedrock's Files API, once per job (every grader is hosted; a job
+    recorded before that, without a grader ref, reuses the file's plain upload).
 
-    For hosted graders every row carries `rft_grader_ref` and `rft_job` (extra fields reach the
-    reward Lambda), so the Lambda knows which grader applies and whose budget its judge calls
-    are held to.
+    Every row carries `rft_grader_ref`, `rft_job` and `rft_prompt` (extra fields reach the reward
+    Lambda), so the hosted grader knows which grader applies, whose budget its judge calls are held
+    to, and which prompt a rollout answers (the row's `id`, else its line: the training watch groups
+    a prompt's samples by it, whatever ids Bedrock gives the rollouts).
     """
     record = files.get_file(team_id, file_id)
     key = f"{grader_ref}#{job_id}" if grader_ref else ""
@@ -315,11 +318,13 @@ def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id:
     # Lambda's /tmp holds files far larger than its memory; stream S3 -> disk -> Bedrock.
     with tempfile.TemporaryFile() as tmp:
         if grader_ref:
-            for line in iter_lines(files.open_content(record)):
+            for number, line in enumerate(iter_lines(files.open_content(record)), start=1):
                 if line.strip():
                     row = json.loads(line)
                     row[graders.REF_FIELD] = grader_ref
                     row[hosted_grader.JOB_FIELD] = f"{team_id}/{job_id}"
+                    own = row.get("id")
+                    row[hosted_grader.PROMPT_FIELD] = own if isinstance(own, str) and own else f"line-{number}"
                     tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
         else:
             for chunk in files.open_content(record):

@@ -240,6 +240,8 @@ def build_message(detail_type: str, detail: dict) -> dict | None:
         return _job_message(detail)
     if detail_type == "rft-hub.job.stalled":
         return messages.stalled_message(detail)
+    if detail_type == "rft-hub.job.watch_finding":
+        return messages.watch_finding_message(detail)
     if detail_type in ("rft-hub.model.registered", "rft-hub.alias.changed"):
         return messages.model_message(detail_type, detail)
     if detail_type == "rft-hub.budget.threshold_crossed":

@@ -26,6 +26,7 @@ from botocore.exceptions import (ConnectionClosedError, ConnectTimeoutError, End
 from pynamodb.exceptions import PynamoDBException
 
 from chalicelib import deadline
+from chalicelib.config import settings
 from chalicelib.errors import ServiceUnavailable
 from chalicelib.log import logger
 
@@ -111,7 +112,8 @@ def call(op: Callable[[], T], *, idempotent: bool, what: str, max_attempts: int 
                 logger.warning("dynamodb outcome unknown; not repeated", extra={"op": what})
                 raise busy_error(what) from None
             pause = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2 ** attempt))
-            if attempt >= max_attempts or deadline.remaining() <= pause:
+            # Another attempt only if it can finish (a stalled DynamoDB takes the whole read timeout).
+            if attempt >= max_attempts or deadline.remaining() <= pause + settings().dynamodb_read_timeout_seconds:
                 logger.warning("dynamodb busy; giving up", extra={"op": what, "attempts": attempt,
                                                                   "code": response_code(exc)})
                 raise busy_error(what) from None

@@ -559,3 +559,222 @@ class SlackJobCursor(_Base):
 
 
 ALL_MODELS += (LambdaGraderRegistration, LambdaGraderOwner, SlackJobCursor)
+
+
+# ---- evals and promotion gates (issue #17) --------------------------------------------------------
+
+class EvalsByCreated(GlobalSecondaryIndex):
+    """A team's evals in time order: `GET /v1/evals` pages on it."""
+    class Meta:
+        index_name = "by_created"
+        projection = AllProjection()
+
+    team_id = UnicodeAttribute(hash_key=True)
+    created_at = NumberAttribute(range_key=True)
+
+
+class EvalDefinition(_Base):
+    """An eval (OpenAI's Evals API): an item schema and testing criteria, run on models later."""
+    class Meta(_Base.Meta):
+        table_name = table_name("evals")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    eval_id = UnicodeAttribute(range_key=True)
+    name = UnicodeAttribute()
+    data_source_config = JSONAttribute()          # as sent (type custom: item_schema, include_sample_schema)
+    testing_criteria = JSONAttribute()            # as sent, each with its name filled in
+    metadata = JSONAttribute(null=True)
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    by_created = EvalsByCreated()
+
+
+class EvalRunRecord(_Base):
+    """One run of an eval on one model (or on given outputs). Run ids sort by creation time."""
+    class Meta(_Base.Meta):
+        table_name = table_name("eval_runs")
+
+    eval_id = UnicodeAttribute(hash_key=True)
+    run_id = UnicodeAttribute(range_key=True)     # "evalrun_<created ms, hex><random>"
+    team_id = UnicodeAttribute()
+    name = UnicodeAttribute()
+    status = UnicodeAttribute()                   # queued | in_progress | completed | failed | canceled
+    model = UnicodeAttribute()                    # as requested (alias, tuned, checkpoint, base); "" for jsonl
+    upstream_model = UnicodeAttribute(null=True)  # what the request resolved to when the run was created
+    base_model = UnicodeAttribute(null=True)
+    alias = UnicodeAttribute(null=True)
+    data_source = JSONAttribute()
+    metadata = JSONAttribute(null=True)
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    started_at = NumberAttribute(null=True)
+    finished_at = NumberAttribute(null=True)
+    error = JSONAttribute(null=True)              # {"code", "message"}
+    summary = JSONAttribute(default=dict)         # result counts, per criterion, per model usage, cost
+    max_micro = NumberAttribute(null=True)        # the run's cost cap
+    key_id = UnicodeAttribute(null=True)          # the key that started it (its calls are metered under it)
+    job_id = UnicodeAttribute(null=True)          # started for this fine-tuning job (rft_eval)
+    role = UnicodeAttribute(null=True)            # for a job's runs: base | tuned | checkpoint
+    lease_token = UnicodeAttribute(null=True)     # the worker running it now
+    lease_until = NumberAttribute(null=True)
+    enqueued_at = NumberAttribute(null=True)
+    attempts = NumberAttribute(default=0)
+
+
+class EvalOutputItem(_Base):
+    """One item's result in a run, stored once (conditional put): a resumed run skips it."""
+    class Meta(_Base.Meta):
+        table_name = table_name("eval_output_items")
+
+    run_id = UnicodeAttribute(hash_key=True)
+    item_index = NumberAttribute(range_key=True)  # the item's position in the data source (datasource_item_id)
+    eval_id = UnicodeAttribute()
+    status = UnicodeAttribute()                   # pass | fail
+    errored = BooleanAttribute(default=False)
+    datasource_item = JSONAttribute()
+    sample = JSONAttribute()
+    results = JSONAttribute()
+    usage = JSONAttribute(default=dict)           # {model: [calls, prompt, completion, cached]}
+    cost_micro = NumberAttribute(default=0)
+    created_at = NumberAttribute()
+
+
+class JobEvalLink(_Base):
+    """A fine-tuning job's `rft_eval`: the eval to run on its base and tuned models when it succeeds."""
+    class Meta(_Base.Meta):
+        table_name = table_name("eval_job_links")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    job_id = UnicodeAttribute(range_key=True)
+    eval_id = UnicodeAttribute()
+    options = JSONAttribute(default=dict)         # file_id, input_messages, sampling_params, max_items
+    run_ids = JSONAttribute(null=True)            # {run id: role}, once started
+    enqueued = BooleanAttribute(default=False)
+    reported = BooleanAttribute(default=False)    # the comparison was posted to the job's events
+    created_at = NumberAttribute()
+
+
+class AliasGate(_Base):
+    """An alias's promotion gate (range "gate") and, per alias version, the evidence of the move
+    (range "v<version:09d>": the run that justified it, the comparison, an admin's override)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("alias_gates")
+
+    team_alias = UnicodeAttribute(hash_key=True)   # "<team_id>#<alias>"
+    entry = UnicodeAttribute(range_key=True)       # "gate" | "v<version:09d>"
+    gate = JSONAttribute(null=True)                # {eval_id, criteria: {name: min}, no_worse_than_current}
+    evidence = JSONAttribute(null=True)            # {eval_id, run_id, baseline_run_id, comparison, override_reason}
+    updated_at = NumberAttribute()
+    updated_by = UnicodeAttribute(null=True)
+
+
+ALL_MODELS += (EvalDefinition, EvalRunRecord, EvalOutputItem, JobEvalLink, AliasGate)
+
+
+# ---- the training watch (issue #16) ---------------------------------------------------------------
+
+class RolloutWindow(_Base):
+    """A job's rollouts by window (consecutive reward invocations): additive statistics, ADDed by
+    each invocation of the hosted grader (domain/watch.py STATS; no read before the write). The
+    job's watch settings and invocation counter live under "<team>#<job>#summary", window 0."""
+    class Meta(_Base.Meta):
+        table_name = table_name("rollout_windows")
+
+    job_key = UnicodeAttribute(hash_key=True)       # "<team_id>#<job_id>" (or "...#summary")
+    window = NumberAttribute(range_key=True)        # 1, 2, ... (0: the summary item)
+    invocations = NumberAttribute(default=0)        # the summary's counter; a window's invocation count
+    first_at = NumberAttribute(null=True)           # ms of the window's first and last invocation
+    last_at = NumberAttribute(null=True)
+    samples = NumberAttribute(null=True)
+    reward_sum = NumberAttribute(null=True)
+    reward_sq = NumberAttribute(null=True)
+    errors = NumberAttribute(null=True)
+    timeouts = NumberAttribute(null=True)
+    length_sum = NumberAttribute(null=True)
+    groups = NumberAttribute(null=True)
+    flat_groups = NumberAttribute(null=True)
+    same_text_groups = NumberAttribute(null=True)
+    varied_groups = NumberAttribute(null=True)
+    sxy = NumberAttribute(null=True)
+    sxx = NumberAttribute(null=True)
+    syy = NumberAttribute(null=True)
+    degenerate = NumberAttribute(null=True)
+    degenerate_reward = NumberAttribute(null=True)
+    duplicates = NumberAttribute(null=True)
+    duplicate_reward = NumberAttribute(null=True)
+    audit_n = NumberAttribute(null=True)
+    audit_reward = NumberAttribute(null=True)
+    audit_score = NumberAttribute(null=True)
+    on_critical = UnicodeAttribute(null=True)       # summary: alert | cancel
+    audit_ref = UnicodeAttribute(null=True)         # summary: the audit grader's spec ref
+    per_window = NumberAttribute(null=True)         # summary: invocations per window
+
+
+class RolloutsByReward(GlobalSecondaryIndex):
+    """A window's kept rollouts by reward (reward_desc / reward_asc pages)."""
+    class Meta:
+        index_name = "by_reward"
+        projection = AllProjection()
+
+    window_key = UnicodeAttribute(hash_key=True)
+    reward_key = UnicodeAttribute(range_key=True)
+
+
+class RolloutsByRandom(GlobalSecondaryIndex):
+    """A window's kept rollouts in a fixed pseudo-random order (order=random pages)."""
+    class Meta:
+        index_name = "by_random"
+        projection = AllProjection()
+
+    window_key = UnicodeAttribute(hash_key=True)
+    random_key = UnicodeAttribute(range_key=True)
+
+
+class Rollout(_Base):
+    """A rollout whose full text was kept (the best, the worst and a few at random per invocation);
+    the text itself is in S3 (rollouts/<team>/<job>/<invocation>.jsonl.gz, line `line`)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("rollouts")
+
+    window_key = UnicodeAttribute(hash_key=True)    # "<team_id>#<job_id>#<window:08d>"
+    rollout_id = UnicodeAttribute(range_key=True)   # "<invocation>.<index:05d>"
+    reward_key = UnicodeAttribute()                 # "<sortable reward>#<rollout id>"
+    random_key = UnicodeAttribute()                 # "<hash>#<rollout id>"
+    window = NumberAttribute()
+    invocation = UnicodeAttribute()
+    sample_id = UnicodeAttribute()
+    prompt_key = UnicodeAttribute()
+    reward = NumberAttribute()
+    errors = ListAttribute(default=list)
+    response_length = NumberAttribute()
+    fingerprint = UnicodeAttribute()
+    degenerate = BooleanAttribute(default=False)
+    audit_score = NumberAttribute(null=True)
+    kept = UnicodeAttribute()                       # top | bottom | random
+    s3_key = UnicodeAttribute()
+    line = NumberAttribute()
+    created_at = NumberAttribute()
+    expires_at = TTLAttribute(null=True)
+    by_reward = RolloutsByReward()
+    by_random = RolloutsByRandom()
+
+
+class WatchFinding(_Base):
+    """A finding of a job's training watch, recorded once per code and severity (conditional put)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("watch_findings")
+
+    job_key = UnicodeAttribute(hash_key=True)       # "<team_id>#<job_id>"
+    finding_key = UnicodeAttribute(range_key=True)  # "<code>#<severity>"
+    code = UnicodeAttribute()
+    severity = UnicodeAttribute()
+    title = UnicodeAttribute()
+    message = UnicodeAttribute()
+    evidence = JSONAttribute(default=dict)
+    window = NumberAttribute()
+    action = UnicodeAttribute()                     # alert | cancel
+    event_id = UnicodeAttribute()
+    created_at = NumberAttribute()
+
+
+ALL_MODELS += (RolloutWindow, Rollout, WatchFinding)

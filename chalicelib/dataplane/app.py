@@ -1,0 +1,177 @@
+"""The data plane's ASGI app: POST /v1/chat/completions and POST /v1/responses, streamed.
+
+A request is handled in two steps. First, in a worker thread, exactly what a Chalice route does
+(api/http.py: the team key, the JSON body rules, the OpenAI error envelope, a deadline) and the
+gateway call itself (services/gateway.py): a plain call comes back answered; a streamed call
+comes back opened -- its worst case held against the budget and Bedrock's 200 in hand -- or as
+an error (a 429 insufficient_quota, a 404, Bedrock's own error ...) before any byte is sent.
+Second, a streamed call is relayed: one thread reads Bedrock's events and hands each to the
+event loop, which sends it on at once. The call is metered when the upstream ends, and the
+response ends only after that, so the function is never frozen with a hold open; a caller who
+goes away stops the sending, never the reading (the usage is in the upstream's last event).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+import time
+import uuid
+
+from pynamodb.exceptions import PynamoDBException
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from chalicelib import deadline
+from chalicelib.api import http
+from chalicelib.dataplane import READY_PATH, ROUTES
+from chalicelib.errors import ApiError, InternalError
+from chalicelib.log import logger
+from chalicelib.services import gateway
+from chalicelib.store import dynamo
+
+# A streamed integration may run 15 minutes (API Gateway's and Lambda's limit); the function's
+# own remaining time, when Lambda Web Adapter passes it, is used instead.
+STREAM_SECONDS = 900.0
+SERVICES = {"/v1/chat/completions": gateway.chat_completions, "/v1/responses": gateway.responses}
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    """API Gateway's request id (Lambda Web Adapter passes the request context as a header),
+    when it is one; a fresh one otherwise."""
+    try:
+        rid = str(json.loads(headers.get("x-amzn-request-context") or "{}").get("requestId") or "")
+        return str(uuid.UUID(rid))
+    except (ValueError, AttributeError, TypeError):
+        return str(uuid.uuid4())
+
+
+def _seconds(headers: dict[str, str]) -> float:
+    """What this invocation may use: the Lambda deadline Lambda Web Adapter passes along
+    (`x-amzn-lambda-context`), within a stream's 15 minutes."""
+    class _Context:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def get_remaining_time_in_millis(self) -> float:
+            return self.ms
+
+    try:
+        at_ms = float(json.loads(headers.get("x-amzn-lambda-context") or "{}")["deadline"])
+        context = _Context(at_ms - time.time() * 1000)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        context = None
+    return deadline.budget_from_context(context, cap=STREAM_SECONDS)
+
+
+def _envelope(response) -> Response:
+    """A Chalice Response (api/http.py builds every error answer) as a Starlette one."""
+    return Response(response.body, status_code=response.status_code, headers=response.headers)
+
+
+def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, seconds: float):
+    """Worker thread: auth, body, the gateway call. Returns a Starlette Response (answered or
+    refused) or an opened gateway.Stream."""
+    try:
+        principal = http._authenticate("team", headers)
+        body = http.parse_json_body(raw, None)
+        with deadline.running(seconds):
+            result = SERVICES[path](principal, request_id, body)
+        if isinstance(result, gateway.Stream):
+            return result
+        return Response(result.body, status_code=result.status, media_type=result.content_type,
+                        headers={**result.headers, "x-request-id": request_id})
+    except ApiError as err:
+        return _envelope(http.error_response(err, request_id))
+    except PynamoDBException as exc:       # as the Chalice routes answer it (api/http.py)
+        if dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN):
+            logger.warning("dynamodb busy", extra={"path": path, "code": dynamo.response_code(exc)})
+            return _envelope(http.error_response(dynamo.busy_error(path), request_id))
+        logger.exception("unhandled dynamodb error", extra={"path": path})
+    except Exception:  # noqa: BLE001 - an unexpected error is a 500 with a request id and one log line
+        logger.exception("unhandled error", extra={"path": path})
+    return _envelope(http.error_response(InternalError(
+        f"The server had an error while processing your request (request id {request_id})."), request_id))
+
+
+class StreamedCall(Response):
+    """Sends a gateway.Stream's events as they come. A thread iterates the stream (reading
+    Bedrock, metering at the end); the event loop only forwards. The response completes when
+    the stream is metered, even if the caller has gone (sending to a closed connection is a no-op)."""
+
+    def __init__(self, stream: gateway.Stream, request_id: str, seconds: float) -> None:
+        # No body and so no Content-Length (as starlette's StreamingResponse): the answer is chunked.
+        self.status_code, self.media_type, self.background = stream.status, stream.content_type, None
+        self.init_headers({**stream.headers, "x-request-id": request_id, "cache-control": "no-cache"})
+        self.stream, self.request_id, self.seconds = stream, request_id, seconds
+
+    def _pump(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        def hand(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:            # the loop is gone (server stopping): keep reading, to meter
+                pass
+        try:
+            with deadline.running(self.seconds):
+                for chunk in self.stream:
+                    hand(chunk)
+        except BaseException:  # noqa: BLE001 - the stream meters itself; this is a bug if it happens
+            logger.exception("stream relay failed", extra={"request_id": self.request_id})
+        finally:
+            hand(None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._pump, loop, queue), daemon=True,
+                         name=f"stream-{self.request_id[:8]}").start()
+        sending = True
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        except OSError:
+            sending = False
+        while (chunk := await queue.get()) is not None:
+            if sending:
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:             # the caller went away: the relay goes on, unsent
+                    sending = False
+        if sending:
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass
+
+
+async def _serve(request: Request) -> Response:
+    started = time.perf_counter()
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    request_id = _request_id(headers)
+    seconds = _seconds(headers)
+    raw = await request.body()
+    outcome = await run_in_threadpool(_handle, request.url.path, headers, raw, request_id, seconds)
+    streamed = isinstance(outcome, gateway.Stream)
+    logger.info("request", extra={"method": request.method, "path": request.url.path, "request_id": request_id,
+                                  "status": outcome.status if streamed else outcome.status_code, "stream": streamed,
+                                  "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+    if streamed:
+        return StreamedCall(outcome, request_id, seconds - (time.perf_counter() - started))
+    return outcome
+
+
+async def _ready(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def create_app() -> Starlette:
+    routes = [Route(path, _serve, methods=[method]) for method, path in ROUTES]
+    routes.append(Route(READY_PATH, _ready, methods=["GET"]))
+    return Starlette(routes=routes)
+
+
+app = create_app()
