@@ -22,13 +22,23 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 	@mkdir -p .local && touch $@
 
+# Chromium for the console's browser tests (tests/test_console.py), from Debian's packages: Playwright
+# drives /usr/bin/chromium (never `playwright install`). If it cannot be installed, those tests fail
+# saying so; RFT_SKIP_BROWSER=1 skips them (and this step) explicitly.
+.local/.chromium:
+	@if [ "$$RFT_SKIP_BROWSER" != 1 ] && ! command -v chromium >/dev/null; then \
+	  echo "installing Chromium for the console's browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "could not install chromium: tests/test_console.py will fail (RFT_SKIP_BROWSER=1 skips it)"; fi
+	@if command -v chromium >/dev/null; then mkdir -p .local && touch $@; fi
+
 setup: $(STAMP) .local/.java
 	$(BIN)/python -c "from local.servers import ensure_dynamodb_local; ensure_dynamodb_local()"
 
 run: setup
 	$(BIN)/python -m local.run
 
-test: setup
+test: setup .local/.chromium
 	$(BIN)/python -m pytest -q tests
 
 # Deployable artefacts for STAGE=dev|prod, without AWS credentials: build/STAGE/sam.json + deployment.zip.

@@ -5,9 +5,10 @@ import json
 from chalice import Chalice, Rate
 
 from chalicelib import deadline
-from chalicelib.config import jobs_queue
+from chalicelib.config import evals_queue, jobs_queue
 
-from chalicelib.api import admin, files, gateway, graders, health, jobs, models, openapi, slack, usage
+from chalicelib.api import (admin, console, evals, files, gateway, graders, health, jobs, models, openapi,
+                            slack, usage)
 from chalicelib.services import hosted_grader, lifecycle
 from chalicelib.services import slack as slack_service
 
@@ -16,7 +17,7 @@ app = Chalice(app_name="rft-hub")
 app.api.binary_types.append("multipart/form-data")
 
 for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp,
-                  slack.bp, openapi.bp):
+                  evals.bp, slack.bp, console.bp, openapi.bp):
     app.register_blueprint(blueprint)
 
 
@@ -50,6 +51,18 @@ def job_worker(event):
         body = json.loads(record.body)
         with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):
             jobs_service.prepare(body["team_id"], body["job_id"])
+
+
+# Eval runs (issue #17): each message names a run (or a deleted eval's or run's purge). A run is
+# leased, resumable (stored items are skipped) and continued by a fresh message when time runs
+# short; a raise leaves the message queued. At most 5 runs at once (4 items each in flight).
+@app.on_sqs_message(queue=evals_queue(), batch_size=1, name="eval_worker", maximum_concurrency=5)
+def eval_worker(event):
+    from chalicelib.services import evals as evals_service
+
+    for record in event:
+        with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):
+            evals_service.handle_message(json.loads(record.body))
 
 
 # Bedrock's reward Lambda for declarative graders: a bare list of samples in, scores out.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 # Base models teams may fine-tune (Bedrock open-weight RFT, see shared docs §3.1).
 DEFAULT_RFT_MODELS = ("openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b")
+# Amazon Nova models trained through Bedrock's native API (shared docs §4).
+DEFAULT_NOVA_MODELS = ("amazon.nova-2-lite-v1:0:256k",)
 
 
 def _csv(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -41,6 +43,12 @@ class Settings:
     reconcile_concurrency: int
     dynamodb_connect_timeout_seconds: float
     dynamodb_read_timeout_seconds: float
+    # Amazon Nova (native API): the models, and the service role Bedrock assumes for a job
+    # (reads the training data, writes the output prefix, invokes the grader Lambdas).
+    nova_models: tuple[str, ...] = DEFAULT_NOVA_MODELS
+    bedrock_service_role_arn: str | None = None
+    # One Mantle project per team, selected with the OpenAI-Project header (UNCONFIRMED by AWS).
+    mantle_projects: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,6 +77,9 @@ def settings() -> Settings:
         # A stalled DynamoDB must cost a request seconds, not minutes (API Gateway gives up at 29 s).
         dynamodb_connect_timeout_seconds=float(os.environ.get("RFT_DYNAMODB_CONNECT_TIMEOUT", "1")),
         dynamodb_read_timeout_seconds=float(os.environ.get("RFT_DYNAMODB_READ_TIMEOUT", "3")),
+        nova_models=_csv("RFT_NOVA_MODELS", DEFAULT_NOVA_MODELS),
+        bedrock_service_role_arn=os.environ.get("RFT_BEDROCK_SERVICE_ROLE_ARN") or None,
+        mantle_projects=os.environ.get("RFT_MANTLE_PROJECTS", "").lower() in ("1", "true", "yes", "on"),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = "rft-hub"
 FUNCTIONS = ("api_handler", "on_bedrock_job_event", "reconcile_jobs", "hosted_grader", "slack_notifier",
-             "slack_commands", "job_worker")
+             "slack_commands", "job_worker", "eval_worker")
 # Team grader Lambdas rft-hub may invoke for dry runs and preflight: only functions named like
 # this (an explicit allowlist, not every function in the account).
 TEAM_GRADER_PATTERN = "arn:aws:lambda:*:*:function:rft-grader-*"
@@ -41,18 +41,26 @@ def _models():
     return models.ALL_MODELS
 
 
+def _console_models():
+    """The console's sign-out table (declared beside its service, chalicelib/services/console_sessions.py)."""
+    _models()
+    from chalicelib.services import console_sessions
+    return (console_sessions.ConsoleSessionRevocation,)
+
+
 def _attr_type(attr) -> str:
     from pynamodb.attributes import NumberAttribute
     return "N" if isinstance(attr, NumberAttribute) else "S"
 
 
-def table_resources(stage: str) -> dict:
-    """One AWS::DynamoDB::Table per PynamoDB model: on-demand, PITR, SSE, TTL, GSIs."""
+def table_resources(stage: str, models=None) -> dict:
+    """One AWS::DynamoDB::Table per PynamoDB model (ALL_MODELS unless `models`): on-demand, PITR, SSE,
+    TTL, GSIs."""
     from pynamodb.attributes import TTLAttribute
     from pynamodb.indexes import GlobalSecondaryIndex
 
     out = {}
-    for model in _models():
+    for model in _models() if models is None else models:
         attrs = model.get_attributes()
         hash_key = next(n for n, a in attrs.items() if a.is_hash_key)
         range_key = next((n for n, a in attrs.items() if a.is_range_key), None)
@@ -169,6 +177,7 @@ def queue(name: str, visibility: int, dlq_ref: str | None = None) -> dict:
 def resources(stage: str) -> dict:
     bus = f"rfthub-{stage}"
     res = table_resources(stage)
+    res.update(table_resources(stage, _console_models()))
     res.update({
         "DatasetsBucket": {"Type": "AWS::S3::Bucket", "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain",
                            "Properties": {
@@ -183,6 +192,8 @@ def resources(stage: str) -> dict:
                 {"Id": "abandoned-multipart", "Status": "Enabled",
                  "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
                 {"Id": "abandoned-upload-parts", "Status": "Enabled", "Prefix": "uploads/", "ExpirationInDays": 2},
+                # Sampled rollout texts live as long as their DynamoDB index entries (90 days).
+                {"Id": "rollouts", "Status": "Enabled", "Prefix": "rollouts/", "ExpirationInDays": 90},
                 {"Id": "old-versions", "Status": "Enabled", "NoncurrentVersionExpiration": {"NoncurrentDays": 30}}]}}},
         "EventBus": {"Type": "AWS::Events::EventBus", "Properties": {"Name": bus}},
         "SlackDeadLetterQueue": queue(f"rfthub-{stage}-slack-dlq", 60),
@@ -193,6 +204,9 @@ def resources(stage: str) -> dict:
         # redelivered only after an attempt has surely ended.
         "JobsDeadLetterQueue": queue(f"rfthub-{stage}-jobs-dlq", 60),
         "JobsQueue": queue(f"rfthub-{stage}-jobs", 960, "JobsDeadLetterQueue"),
+        # The eval worker's queue (runs, and purges of deleted evals and runs): as the job worker's.
+        "EvalsDeadLetterQueue": queue(f"rfthub-{stage}-evals-dlq", 60),
+        "EvalsQueue": queue(f"rfthub-{stage}-evals", 960, "EvalsDeadLetterQueue"),
         # Ledger entries DynamoDB refused after the call was served; the reconciler drains it.
         "LedgerDeadLetterQueue": {**queue(f"rfthub-{stage}-ledger-dlq", 60),
                                   "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"},
@@ -213,11 +227,18 @@ def resources(stage: str) -> dict:
             "Name": f"rfthub/{stage}/slack-signing-secret",
             "Description": "Slack app signing secret: put the real value after deploying",
             "GenerateSecretString": {"PasswordLength": 32, "ExcludePunctuation": True}}},
+        # Signs the console's session cookies (HMAC); rotating it signs every console user out.
+        "ConsoleSessionSecret": {"Type": "AWS::SecretsManager::Secret", "Properties": {
+            "Name": f"rfthub/{stage}/console-session",
+            "Description": "rft-hub console: HMAC key for session cookies",
+            "GenerateSecretString": {"PasswordLength": 64, "ExcludePunctuation": True}}},
     })
+    res["BedrockServiceRole"] = bedrock_service_role(stage)
     # Functions: the hosted grader's ARN and the datasets bucket name reach the API at run time.
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
-           "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}
-    for logical in ("APIHandler", "ReconcileJobs", "JobWorker"):
+           "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
+           "RFT_BEDROCK_SERVICE_ROLE_ARN": {"Fn::GetAtt": ["BedrockServiceRole", "Arn"]}}
+    for logical in ("APIHandler", "ReconcileJobs", "JobWorker", "EvalWorker"):
         res[logical] = {"Properties": {"Environment": {"Variables": env}}}
     res["HostedGrader"] = {"Properties": {"Environment": {"Variables": {"RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}}}}
     # Deep-merged by `chalice package` into its AWS::Serverless::Api (logical id RestAPI).
@@ -225,8 +246,157 @@ def resources(stage: str) -> dict:
     return res
 
 
+# ---- the data plane: the inference routes, streamed (issue #14) -----------------------------------
+# Its own function (chalicelib/dataplane: an ASGI app under uvicorn) from the same deployment.zip,
+# run by AWS Lambda Web Adapter in response-stream mode; API Gateway invokes it with
+# InvokeWithResponseStream for POST /v1/chat/completions and /v1/responses (responseTransferMode
+# STREAM); every other route stays on the Chalice API handler. The adapter's layer is published
+# per region by AWS (account 753240598075; AWS China regions use another account): the parameter
+# names one explicitly, empty means the published x86_64 layer in the stack's region.
+WEB_ADAPTER_LAYER = "arn:${AWS::Partition}:lambda:${AWS::Region}:753240598075:layer:LambdaAdapterLayerX86:30"
+DATAPLANE_HANDLER = "chalicelib/dataplane/run.sh"   # the adapter's startup command
+DATAPLANE_PORT = "8080"
+STREAM_TIMEOUT_SECONDS = 900                       # a streamed integration and the function: 15 minutes
+
+
+def _stage_environment(stage: str) -> dict:
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    return {**config.get("environment_variables", {}), **config["stages"][stage].get("environment_variables", {})}
+
+
+def dataplane_policy(stage: str) -> list[dict]:
+    """What the data plane does: authenticate team keys, resolve and price models (reads), hold,
+    ledger and settle (budget periods, ledger, threshold events), call Bedrock."""
+    table = f"arn:aws:dynamodb:*:*:table/rfthub-{stage}-"
+    writes = [f"{table}{name}" for name in ("budget_periods", "ledger", "outbox")]
+    return [
+        _statement(["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:DescribeTable"],
+                   [f"{table}*", f"{table}*/index/*"], "Reads"),
+        _statement(["dynamodb:PutItem", "dynamodb:UpdateItem"], writes, "Metering"),
+        _statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                   [f"arn:aws:logs:*:*:log-group:/aws/lambda/{APP}-{stage}-*"], "Logs"),
+        _statement(["bedrock:CallWithBearerToken"], ["*"], "BedrockToken"),
+        _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "BedrockMantle"),
+        _statement(["events:PutEvents"], [f"arn:aws:events:*:*:event-bus/rfthub-{stage}"], "OwnBus"),
+        _statement(["sqs:SendMessage", "sqs:GetQueueUrl"], [f"arn:aws:sqs:*:*:rfthub-{stage}-ledger-dlq"],
+                   "LedgerDeadLetters"),
+        # The auth rules of api/http.py accept the console's session cookie (CSRF-checked) here too.
+        _statement(["secretsmanager:GetSecretValue"],
+                   [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/console-session-*"], "ConsoleSessions"),
+        *nova_statements(stage, submit=False, jobs=False, deployments=False, infer=True),   # Nova: Converse
+    ]
+
+
+def add_dataplane(template: dict, stage: str) -> None:
+    """The data plane's function, role, layer parameter, permission and streamed integrations,
+    merged into the template chalice package writes (RestAPI's definition is deep-merged)."""
+    from chalicelib.dataplane import READY_PATH, ROUTES
+
+    template["Parameters"] = {"LambdaWebAdapterLayerArn": {
+        "Type": "String", "Default": "",
+        "Description": "ARN of the AWS Lambda Web Adapter layer (x86_64) for the data plane; empty: AWS's "
+                       "published LambdaAdapterLayerX86 version 30 in this region"}}
+    template["Conditions"] = {"PublishedWebAdapterLayer": {"Fn::Equals": [{"Ref": "LambdaWebAdapterLayerArn"}, ""]}}
+    env = {**_stage_environment(stage),
+           "RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
+           "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
+           "AWS_LAMBDA_EXEC_WRAPPER": "/opt/bootstrap", "AWS_LWA_INVOKE_MODE": "response_stream",
+           "AWS_LWA_PORT": DATAPLANE_PORT, "AWS_LWA_READINESS_CHECK_PATH": READY_PATH}
+    res = template["Resources"]
+    res["DataPlaneRole"] = {"Type": "AWS::IAM::Role", "Properties": {
+        "AssumeRolePolicyDocument": {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]},
+        "Policies": [{"PolicyName": "DataPlanePolicy",
+                      "PolicyDocument": {"Version": "2012-10-17", "Statement": dataplane_policy(stage)}}]}}
+    res["DataPlane"] = {"Type": "AWS::Serverless::Function", "Properties": {
+        "Runtime": f"python{sys.version_info.major}.{sys.version_info.minor}",   # as chalice picks it
+        "Handler": DATAPLANE_HANDLER, "CodeUri": "./deployment.zip", "Architectures": ["x86_64"],
+        "Timeout": STREAM_TIMEOUT_SECONDS, "MemorySize": 1024,
+        "Layers": [{"Fn::If": ["PublishedWebAdapterLayer", {"Fn::Sub": WEB_ADAPTER_LAYER},
+                               {"Ref": "LambdaWebAdapterLayerArn"}]}],
+        "Environment": {"Variables": env}, "Role": {"Fn::GetAtt": ["DataPlaneRole", "Arn"]},
+        "Tags": {"rft-hub": f"data-plane:{stage}"}}}
+    res["DataPlaneInvokePermission"] = {"Type": "AWS::Lambda::Permission", "Properties": {
+        "FunctionName": {"Ref": "DataPlane"}, "Action": "lambda:InvokeFunction",   # covers InvokeWithResponseStream
+        "Principal": "apigateway.amazonaws.com",
+        "SourceArn": {"Fn::Sub": ["arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:${RestAPIId}/*",
+                                  {"RestAPIId": {"Ref": "RestAPI"}}]}}}
+    paths = res.setdefault("RestAPI", {}).setdefault("Properties", {}).setdefault("DefinitionBody", {}) \
+        .setdefault("paths", {})
+    for method, path in ROUTES:
+        paths.setdefault(path, {})[method.lower()] = {"x-amazon-apigateway-integration": {
+            "type": "aws_proxy", "httpMethod": "POST", "responseTransferMode": "STREAM",
+            "timeoutInMillis": STREAM_TIMEOUT_SECONDS * 1000,
+            "uri": {"Fn::Sub": "arn:${AWS::Partition}:apigateway:${AWS::Region}:lambda:path/2021-11-15/functions/"
+                               "${DataPlane.Arn}/response-streaming-invocations"}}}
+    template.setdefault("Outputs", {})["DataPlaneArn"] = {"Value": {"Fn::GetAtt": ["DataPlane", "Arn"]}}
+
+
 def _statement(actions: list[str], resources: list[str], sid: str) -> dict:
     return {"Sid": sid, "Effect": "Allow", "Action": sorted(set(actions)), "Resource": resources}
+
+
+# ---- Amazon Nova through Bedrock's native API (issue #15) ----------------------------------------
+# The service role Bedrock assumes for a Nova RFT job (shared docs §4.5), least privilege: read the
+# training data rft-hub writes under nova/<team>/<job>/, write the job's output prefix
+# (nova/<team>/<job>/output/), invoke the grader Lambdas (rft-hub always gives Bedrock its hosted
+# grader; team graders, rft-grader-*, run behind it).
+NOVA_PREFIX = "nova"
+NOVA_JOB_RESOURCES = ["arn:aws:bedrock:*:*:model-customization-job/*", "arn:aws:bedrock:*::foundation-model/amazon.nova-*",
+                      "arn:aws:bedrock:*:*:custom-model/*"]
+NOVA_DEPLOYMENTS = ["arn:aws:bedrock:*:*:custom-model-deployment/*", "arn:aws:bedrock:*:*:custom-model/*"]
+NOVA_INFERENCE = ["arn:aws:bedrock:*:*:custom-model-deployment/*", "arn:aws:bedrock:*::foundation-model/amazon.nova-*",
+                  "arn:aws:bedrock:*:*:inference-profile/*amazon.nova-*"]
+
+
+def bedrock_service_role(stage: str) -> dict:
+    bucket = "arn:${AWS::Partition}:s3:::${DatasetsBucket}"
+    grader = "arn:${AWS::Partition}:lambda:${AWS::Region}:${AWS::AccountId}:function:"
+    statements = [
+        {"Sid": "TrainingData", "Effect": "Allow", "Action": ["s3:GetObject"],
+         "Resource": [{"Fn::Sub": f"{bucket}/{NOVA_PREFIX}/*/train.jsonl"},
+                      {"Fn::Sub": f"{bucket}/{NOVA_PREFIX}/*/validation.jsonl"}]},
+        {"Sid": "Output", "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"],
+         "Resource": [{"Fn::Sub": f"{bucket}/{NOVA_PREFIX}/*/output/*"}]},
+        {"Sid": "List", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [{"Fn::Sub": bucket}],
+         "Condition": {"StringLike": {"s3:prefix": [f"{NOVA_PREFIX}/*"]}}},
+        {"Sid": "Graders", "Effect": "Allow", "Action": ["lambda:InvokeFunction"],
+         "Resource": [{"Fn::GetAtt": ["HostedGrader", "Arn"]}, {"Fn::Sub": f"{grader}rft-grader-*"}]},
+    ]
+    return {"Type": "AWS::IAM::Role", "Properties": {
+        "Description": f"rft-hub {stage}: assumed by Amazon Bedrock for Amazon Nova RFT jobs",
+        "AssumeRolePolicyDocument": {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "bedrock.amazonaws.com"}, "Action": "sts:AssumeRole",
+            "Condition": {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}}]},
+        "Policies": [{"PolicyName": "NovaRft", "PolicyDocument": {"Version": "2012-10-17", "Statement": statements}}]}}
+
+
+def nova_statements(stage: str, *, submit: bool, jobs: bool, deployments: bool, infer: bool) -> list[dict]:
+    """What a function needs of Bedrock's native API for Nova: submit (create the job, pass the
+    service role, write its data), follow jobs (read their state and metrics, stop them), manage
+    deployments, call Converse."""
+    bucket = f"arn:aws:s3:::rfthub-{stage}-datasets-*"
+    out = []
+    if submit:
+        out += [_statement(["bedrock:CreateModelCustomizationJob", "bedrock:TagResource"], NOVA_JOB_RESOURCES,
+                           "NovaSubmit"),
+                {"Sid": "NovaPassRole", "Effect": "Allow", "Action": "iam:PassRole",
+                 "Resource": ["arn:aws:iam::*:role/*BedrockServiceRole*"],
+                 "Condition": {"StringEquals": {"iam:PassedToService": "bedrock.amazonaws.com"}}},
+                _statement(["s3:PutObject"], [f"{bucket}/{NOVA_PREFIX}/*"], "NovaData")]
+    if jobs:
+        out += [_statement(["bedrock:GetModelCustomizationJob", "bedrock:StopModelCustomizationJob"],
+                           ["arn:aws:bedrock:*:*:model-customization-job/*"], "NovaJobs"),
+                _statement(["s3:GetObject"], [f"{bucket}/{NOVA_PREFIX}/*/output/*"], "NovaMetrics"),
+                _statement(["s3:ListBucket"], [bucket], "NovaMetricsList")]
+    if deployments:
+        out.append(_statement(["bedrock:CreateCustomModelDeployment", "bedrock:GetCustomModelDeployment",
+                               "bedrock:DeleteCustomModelDeployment", "bedrock:TagResource"], NOVA_DEPLOYMENTS,
+                              "NovaDeployments"))
+    if infer:
+        out.append(_statement(["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"], NOVA_INFERENCE,
+                              "NovaConverse"))
+    return out
 
 
 def policies(stage: str) -> dict[str, dict]:
@@ -262,30 +432,42 @@ def policies(stage: str) -> dict[str, dict]:
 
     consume = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility",
                "sqs:GetQueueUrl"]
-    return {
+    # Eval runs are queued by the API and, when a job that named an eval succeeds, by whichever
+    # function finalizes the job (a refused send leaves it to the reconciler's next finalize).
+    evals_send = sqs(["evals"], send, "EvalsQueue")
+    out = {
         "api_handler": [ddb_rw, logs, token, bus,
                         _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
                         _statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                                    [f"{bucket}/files/*", f"{bucket}/uploads/*"], "Datasets"),
+                        _statement(["s3:GetObject"], [f"{bucket}/rollouts/*"], "Rollouts"),
                         _statement(["s3:ListBucket"], [bucket], "DatasetsList"),
                         _statement(["secretsmanager:GetSecretValue"], [secrets], "Secrets"),
                         _statement(["secretsmanager:CreateSecret", "secretsmanager:PutSecretValue"],
                                    [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/slack-webhook/*"], "Webhooks"),
                         _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
                         sqs(["slack-commands"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "SlackCommands"),
-                        sqs(["jobs"], send, "JobsQueue"), ledger_dlq],
-        "on_bedrock_job_event": [ddb_rw, logs, token, bus, _statement(MANTLE_READ, ["*"], "BedrockMantle")],
+                        sqs(["jobs"], send, "JobsQueue"), evals_send, ledger_dlq],
+        "on_bedrock_job_event": [ddb_rw, logs, token, bus, _statement(MANTLE_READ, ["*"], "BedrockMantle"),
+                                 evals_send],
         "reconcile_jobs": [ddb_rw, logs, token, bus,
                            _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
                            _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
                            _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
-                           sqs(["ledger-dlq"], consume, "LedgerDeadLetters")],
+                           sqs(["ledger-dlq"], consume, "LedgerDeadLetters"), evals_send],
         # Preflight (judges, team Lambdas), dataset preparation and submission of new jobs.
         "job_worker": [ddb_rw, logs, token, bus,
                        _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
                        _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
                        _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
-                       sqs(["jobs"], consume, "JobsQueue"), ledger_dlq],
+                       sqs(["jobs"], consume, "JobsQueue"), evals_send, ledger_dlq],
+        # Eval runs: samples models and runs judges through the gateway's metering, reads datasets,
+        # invokes team Lambda graders, and queues its own continuation.
+        "eval_worker": [ddb_rw, logs, token, bus,
+                        _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "BedrockMantle"),
+                        _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
+                        _statement(["lambda:InvokeFunction"], [TEAM_GRADER_PATTERN], "TeamGraders"),
+                        sqs(["evals"], consume + ["sqs:SendMessage"], "EvalsQueue"), ledger_dlq],
         "hosted_grader": [grader_tables, grader_writes, logs, token, ledger_dlq,
                           _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "Judge"),
                           # Every reward goes through it (issue #16): team Lambda graders behind it, the
@@ -302,6 +484,22 @@ def policies(stage: str) -> dict[str, dict]:
         "slack_commands": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
                            sqs(["slack-commands"], consume, "CommandsQueue")],
     }
+    for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
+        out[function] += nova_statements(stage, **needs)
+    return out
+
+
+# Who calls what of Bedrock's native API: the worker and the reconciler submit; whoever reads,
+# finishes or cancels a job follows it; finishing a job and moving aliases manage deployments;
+# the gateway (and evals through it) calls Converse.
+NOVA_NEEDS = {
+    "api_handler": {"submit": False, "jobs": True, "deployments": True, "infer": True},
+    "on_bedrock_job_event": {"submit": False, "jobs": True, "deployments": True, "infer": False},
+    "reconcile_jobs": {"submit": True, "jobs": True, "deployments": True, "infer": False},
+    "job_worker": {"submit": True, "jobs": True, "deployments": False, "infer": False},
+    "slack_commands": {"submit": False, "jobs": True, "deployments": False, "infer": False},
+    "eval_worker": {"submit": False, "jobs": False, "deployments": False, "infer": True},
+}
 
 
 # ---- the deployment package -------------------------------------------------------------------------
@@ -309,7 +507,8 @@ def policies(stage: str) -> dict[str, dict]:
 # ~400 services rft-hub never calls are 15 MB of the zip. Kept: the services the code creates
 # clients for (chalicelib/adapters/aws.py; dynamodb through PynamoDB) and sts for credential
 # providers. tests/test_deploy.py imports the app from the slimmed zip and creates each client.
-BOTOCORE_SERVICES = ("dynamodb", "events", "lambda", "s3", "secretsmanager", "sqs", "sts")
+BOTOCORE_SERVICES = ("bedrock", "bedrock-runtime", "dynamodb", "events", "lambda", "s3", "secretsmanager", "sqs",
+                     "sts")
 MAX_PACKAGE_BYTES = 20_000_000         # 20 MB zipped (issue #12)
 
 
@@ -329,6 +528,8 @@ def slim_package(path: Path) -> dict:
             if _dropped(info.filename):
                 dropped += 1
                 continue
+            if info.filename == DATAPLANE_HANDLER:       # Lambda Web Adapter executes it
+                info.external_attr = (0o100755 << 16) | (info.external_attr & 0xFFFF)
             dst.writestr(info, src.read(info), compress_type=info.compress_type)
     tmp.replace(path)
     return {"zip_bytes_before": before, "zip_bytes": path.stat().st_size, "files_dropped": dropped}
@@ -341,7 +542,9 @@ def write(stage: str) -> None:
         (chalice_dir / f"policy-{stage}-{function}.json").write_text(json.dumps(doc, indent=2) + "\n")
     build = ROOT / "build"
     build.mkdir(exist_ok=True)
-    (build / f"resources-{stage}.json").write_text(json.dumps({"Resources": resources(stage)}, indent=2) + "\n")
+    template = {"Resources": resources(stage)}
+    add_dataplane(template, stage)
+    (build / f"resources-{stage}.json").write_text(json.dumps(template, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,11 @@ class ApiGatewayHandler(ChaliceRequestHandler):
         self.app_object = app_object
         super().__init__(request, client_address, server, app_object=app_object, config=config)
 
+    # API Gateway answers without Nagle's delay; the stdlib server writes headers and body in two
+    # sends, which with Nagle and delayed ACKs costs ~40 ms an answer on loopback (and holds back
+    # each small stream chunk).
+    disable_nagle_algorithm = True
+
     def __getattr__(self, name: str):
         # Any other method token (PROPFIND, TRACE, ...) is answered like an unsupported method,
         # not with http.server's HTML 501 page.

@@ -8,8 +8,10 @@ validating_files -> queued -> running -> succeeded on a configurable clock; each
 training step samples responses, scores them by invoking the job's grader Lambda
 with the reward contract (bare list in, list out) through the Lambda Invoke API
 (AWS_ENDPOINT_URL_LAMBDA), and emits a `metrics` event from those real scores.
-State changes are also published to EventBridge as native "Model Customization
-Job State Change" events when AWS_ENDPOINT_URL_EVENTS is set.
+AWS documents no EventBridge event for these OpenAI-compatible jobs, so by default none is
+published; `POST /_local/config {"mantle_events": true}` publishes their state changes as native
+"Model Customization Job State Change" events (when AWS_ENDPOINT_URL_EVENTS is set). Bedrock's
+native API (Nova jobs, deployments, Converse) is local/bedrock_native.py, on the same port.
 
 Control endpoints under /_local/ set the clock and inject failures per test.
 
@@ -42,6 +44,8 @@ from typing import Any
 
 import boto3
 from flask import Flask, Response, jsonify, request
+
+from local import bedrock_native
 
 RFT_MODELS = ["openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b"]
 INFERENCE_MODELS = RFT_MODELS + ["openai.gpt-oss-120b"]
@@ -87,6 +91,11 @@ class State:
         self.published: list[dict] = []
         self.policies: dict[str, str] = {}         # bedrock job id -> policy URL (training rollouts)
         self.model_policies: dict[str, str] = {}   # model -> policy URL (chat completions, responses)
+        # AWS documents no state-change events for OpenAI-compatible jobs: none unless a test asks.
+        self.mantle_events = False
+        # Projects (`OpenAI-Project`): each account has "default"; files and jobs belong to one.
+        self.projects: dict[str, dict] = {"default": _project_record("default", "Default project")}
+        self.owners: dict[str, str] = {}     # file or job id -> project id
 
     def reset(self) -> None:
         with self.lock:
@@ -98,6 +107,7 @@ def create_app(state: State | None = None) -> Flask:
                            os.environ.get("AWS_DEFAULT_REGION", "us-west-2"))
     app = Flask("local-bedrock")
     app.config["state"] = state
+    app.register_blueprint(bedrock_native.create_blueprint(state))   # the native API (SigV4): before the gate
 
     @app.before_request
     def gate():
@@ -132,6 +142,8 @@ def create_app(state: State | None = None) -> Flask:
         body = request.get_json(force=True)
         with state.lock:
             state.clock.update(body.get("clock", {}))
+            if "mantle_events" in body:
+                state.mantle_events = bool(body["mantle_events"])
             if "latency_ms" in body:
                 state.latency_ms = int(body["latency_ms"])
             if "faults" in body:
@@ -384,6 +396,7 @@ def create_app(state: State | None = None) -> Flask:
             return Response(_paced(state, _sse_response(answer), "responses"), mimetype="text/event-stream")
         return jsonify(answer)
 
+    _add_projects(app, state)   # per-project files, jobs and models (after the gate: authenticated first)
     threading.Thread(target=_ticker, args=(state,), daemon=True, name="local-bedrock-clock").start()
     return app
 
@@ -875,7 +888,7 @@ def _set_status(state: State, job: dict, status: str, error: dict | None = None)
 
 def _publish(state: State, job: dict) -> None:
     native = STATE_TO_NATIVE.get(job["status"])
-    if not native:
+    if not native or not state.mantle_events:   # /_local/config {"mantle_events": true} turns them on
         return
     arn = f"arn:aws:bedrock:{state.region}:{state.account}:model-customization-job/{job['id']}"
     detail = {"version": "0.0", "jobName": job["id"], "jobArn": arn, "outputModelName": job.get("fine_tuned_model"),
@@ -1083,6 +1096,135 @@ def _invoke_grader(state: State, arn: str, samples: list[dict]) -> tuple[list[fl
     return scores, None
 
 
+# ---- projects (issue #15): per-application isolation on the Mantle endpoint ----------------------
+# `GET`/`POST /v1/organization/projects`, `GET`/`POST .../{id}`, `POST .../{id}/archive` (shared docs
+# §1.5). A request's project is its `OpenAI-Project` header (UNCONFIRMED on AWS: a third-party
+# repository sends it; AWS documents projects as IAM resources), "default" without one. Files and
+# jobs belong to the project that created them, a tuned model or checkpoint to its job's; another
+# project gets a 404 for them, as if they did not exist, and lists show each project its own.
+
+def _project_record(project_id: str, name: str, tags: dict | None = None) -> dict:
+    return {"id": project_id, "object": "organization.project", "name": name, "created_at": int(time.time()),
+            "archived_at": None, "status": "active", "tags": dict(tags or {})}
+
+
+def _add_projects(app: Flask, state: State) -> None:
+    from flask import g
+
+    def current() -> str:
+        return request.headers.get("OpenAI-Project") or "default"
+
+    def owner_of_model(model: Any) -> str | None:
+        for job in state.jobs.values():
+            checkpoints = {c["fine_tuned_model_checkpoint"] for c in state.checkpoints.get(job["id"], [])}
+            if model == job.get("fine_tuned_model") or model in checkpoints:
+                return state.owners.get(job["id"], "default")
+        return None
+
+    @app.before_request
+    def project_scope():
+        path = request.path
+        if path.startswith("/_local/") or not path.startswith("/v1/"):
+            return None
+        project = current()
+        with state.lock:
+            known = state.projects.get(project)
+            if known is None or known["status"] != "active":
+                return _error(404, f"No active project {project!r}.", code="project_not_found")
+            g.project = project
+            mine = lambda rid: state.owners.get(rid, "default") == project   # noqa: E731
+            parts = path.split("/")
+            if path.startswith("/v1/files/") and len(parts) >= 4 and parts[3] in state.files and not mine(parts[3]):
+                return _error(404, f"No such file: {parts[3]}")
+            if path.startswith("/v1/fine_tuning/jobs/") and len(parts) >= 5 and parts[4] in state.jobs \
+                    and not mine(parts[4]):
+                return _error(404, f"No such job: {parts[4]}")
+            body = request.get_json(silent=True) if request.method == "POST" else None
+            if path == "/v1/fine_tuning/jobs" and isinstance(body, dict):
+                for field in ("training_file", "validation_file"):
+                    if body.get(field) in state.files and not mine(body[field]):
+                        return _error(400, f"{field.replace('_', ' ').capitalize()} {body[field]!r} not found.",
+                                      param=field)
+            if path in ("/v1/chat/completions", "/v1/responses") and isinstance(body, dict):
+                owner = owner_of_model(body.get("model"))
+                if owner is not None and owner != project:
+                    return _error(404, f"The model `{body.get('model')}` does not exist or you do not have access "
+                                       "to it.", code="model_not_found", param="model")
+        return None
+
+    @app.after_request
+    def project_records(response: Response) -> Response:
+        project = getattr(g, "project", None)
+        if project is None or response.status_code != 200 or response.mimetype != "application/json":
+            return response
+        path = request.path
+        if request.method == "POST" and path in ("/v1/files", "/v1/fine_tuning/jobs"):
+            created = response.get_json(silent=True) or {}
+            with state.lock:
+                if created.get("id"):
+                    state.owners[created["id"]] = project
+        elif request.method == "GET" and path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models"):
+            listed = response.get_json(silent=True) or {}
+            with state.lock:
+                keep = [item for item in listed.get("data", [])
+                        if (state.owners.get(item["id"], "default") if path != "/v1/models"
+                            else (owner_of_model(item["id"]) or project)) == project]
+            response.set_data(json.dumps({**listed, "data": keep}))
+        return response
+
+    @app.post("/v1/organization/projects")
+    def create_project():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"].strip():
+            return _error(400, "'name' is required.", param="name")
+        tags = body.get("tags") or {}
+        if not isinstance(tags, dict) or set(body) - {"name", "tags"}:
+            return _error(400, "Only 'name' and 'tags' may be given.", param=sorted(set(body) - {"name"})[0])
+        record = _project_record("proj_" + uuid.uuid4().hex[:24], body["name"].strip(), tags)
+        with state.lock:
+            state.projects[record["id"]] = record
+        return jsonify(record)
+
+    @app.get("/v1/organization/projects")
+    def list_projects():
+        with state.lock:
+            data = [p for p in state.projects.values() if request.args.get("include_archived") == "true"
+                    or p["status"] == "active"]
+        return jsonify({"object": "list", "data": data, "has_more": False})
+
+    @app.get("/v1/organization/projects/<project_id>")
+    def get_project(project_id):
+        with state.lock:
+            record = state.projects.get(project_id)
+        return jsonify(record) if record else _error(404, f"No such project: {project_id}", code="project_not_found")
+
+    @app.post("/v1/organization/projects/<project_id>")
+    def update_project(project_id):
+        body = request.get_json(silent=True) or {}
+        with state.lock:
+            record = state.projects.get(project_id)
+            if record is None:
+                return _error(404, f"No such project: {project_id}", code="project_not_found")
+            if isinstance(body.get("name"), str) and body["name"].strip():
+                record["name"] = body["name"].strip()
+            if isinstance(body.get("tags"), dict):
+                record["tags"] = dict(body["tags"])
+            record["tags"].update(body.get("add_tags") or {})
+            for key in body.get("remove_tag_keys") or []:
+                record["tags"].pop(key, None)
+            return jsonify(record)
+
+    @app.post("/v1/organization/projects/<project_id>/archive")
+    def archive_project(project_id):
+        with state.lock:
+            record = state.projects.get(project_id)
+            if record is None or project_id == "default":
+                return _error(404 if record is None else 400, f"Project {project_id} cannot be archived.",
+                              code="project_not_found" if record is None else None)
+            record.update(status="archived", archived_at=record["archived_at"] or int(time.time()))
+            return jsonify(record)
+
+
 def save(state: State, directory: str) -> None:
     """Snapshot for `make run` restarts (jobs, events, checkpoints; file bytes on disk)."""
     from pathlib import Path
@@ -1095,7 +1237,8 @@ def save(state: State, directory: str) -> None:
             if not path.exists():
                 path.write_bytes(data)
         jobs = {k: {kk: vv for kk, vv in j.items() if kk not in ("_t0", "_phase_at")} for k, j in state.jobs.items()}
-        snapshot = {"files": state.files, "jobs": jobs, "events": state.events, "checkpoints": state.checkpoints}
+        snapshot = {"files": state.files, "jobs": jobs, "events": state.events, "checkpoints": state.checkpoints,
+                    "projects": state.projects, "owners": state.owners}
     tmp = root / "state.json.tmp"
     tmp.write_text(json.dumps(snapshot))
     tmp.replace(root / "state.json")
@@ -1115,6 +1258,8 @@ def load(state: State, directory: str) -> None:
         for job in snapshot["jobs"].values():
             job["_t0"] = job["_phase_at"] = time.monotonic()
         state.jobs, state.events, state.checkpoints = snapshot["jobs"], snapshot["events"], snapshot["checkpoints"]
+        state.projects = snapshot.get("projects") or state.projects
+        state.owners = snapshot.get("owners") or {}
 
 
 def main() -> None:

@@ -22,6 +22,23 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     from chalicelib.services import slack
     _secret(s.admin_key_secret_id, admin_key)
     _secret(slack.settings_secret_id(), slack_signing_secret)
+    _console_sessions()
+
+
+def _console_sessions() -> None:
+    """The console's session-signing secret (a new random one unless it exists: moto keeps nothing,
+    so a restarted `make run` signs everyone out) and its sign-out table, as the template declares them."""
+    import secrets
+
+    from chalicelib.services import console_sessions
+
+    sm = boto3.client("secretsmanager", region_name=settings().region)
+    try:
+        sm.describe_secret(SecretId=console_sessions.secret_id())
+    except sm.exceptions.ResourceNotFoundException:
+        _secret(console_sessions.secret_id(), secrets.token_urlsafe(48))
+    if not console_sessions.ConsoleSessionRevocation.exists():
+        console_sessions.ConsoleSessionRevocation.create_table(wait=True)
 
 
 def _secret(name: str, value: str) -> None:
@@ -55,14 +72,15 @@ def _slack_queues() -> None:
 
 def _ledger_queue() -> None:
     """Where a served call's ledger entry waits when DynamoDB refuses it (the reconciler drains it),
-    and the job worker's queue."""
+    and the job worker's and the eval worker's queues."""
     from chalicelib.services import metering
 
-    from chalicelib.config import jobs_queue
+    from chalicelib.config import evals_queue, jobs_queue
 
     sqs = boto3.client("sqs", region_name=settings().region)
     sqs.create_queue(QueueName=metering.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})
     sqs.create_queue(QueueName=jobs_queue(), Attributes={"VisibilityTimeout": "960"})
+    sqs.create_queue(QueueName=evals_queue(), Attributes={"VisibilityTimeout": "960"})   # the eval worker's
 
 
 def _event_bus() -> None:

@@ -64,11 +64,11 @@ class Stack:
         self.slack = servers.ThreadServer(self.slack_app)
         self.api_port = self._serve_app()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
-        # The job worker's queue, drained as Lambda's SQS trigger would (make run's pump drives all
+        # The job and eval workers' queues, drained as Lambda's SQS trigger would (make run's pump drives all
         # handlers; here the other queues and schedules are driven by the tests that need them).
         from app import app
         from local.event_pump import Pump
-        self.pump = Pump(app, schedule_seconds=3600, only={"job_worker"})
+        self.pump = Pump(app, schedule_seconds=3600, only={"job_worker", "eval_worker"})
         self.pump.start()
 
     def _serve_app(self) -> int:

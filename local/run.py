@@ -131,7 +131,8 @@ def main() -> int:
                  "services": {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}}
         STACK_JSON.write_text(json.dumps(stack, indent=2))
         os.chmod(STACK_JSON, 0o600)
-        print(f"\nrft-hub is up at {base_url}\n  demo team: {team_id}\n  demo key:  {demo_key}\n"
+        print(f"\nrft-hub is up at {base_url}\n  console:   {base_url}/console (sign in with the demo key)\n"
+              f"  demo team: {team_id}\n  demo key:  {demo_key}\n"
               f"  admin key: in {STACK_JSON}\n  Slack messages: http://127.0.0.1:{ports['slack']}/messages "
               f"(and {LOCAL / 'slack.log'})\n  try: OPENAI_BASE_URL={base_url}/v1 OPENAI_API_KEY=<demo key> "
               f"python examples/quickstart.py\nCtrl-C stops everything.", flush=True)

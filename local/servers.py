@@ -58,6 +58,11 @@ def base_env(ports: dict[str, int]) -> dict[str, str]:
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto, "AWS_ENDPOINT_URL_KMS": moto,
         "AWS_ENDPOINT_URL_LAMBDA": f"http://127.0.0.1:{ports['lambda']}",
         "AWS_ENDPOINT_URL_BEDROCK_MANTLE": f"http://127.0.0.1:{ports['bedrock']}",
+        # Bedrock's native API (Nova: customization jobs, deployments, Converse) on the same server.
+        "AWS_ENDPOINT_URL_BEDROCK": f"http://127.0.0.1:{ports['bedrock']}",
+        "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": f"http://127.0.0.1:{ports['bedrock']}",
+        # The service role Bedrock assumes for Nova jobs (deploy/template.py creates it on AWS).
+        "RFT_BEDROCK_SERVICE_ROLE_ARN": f"arn:aws:iam::{ACCOUNT}:role/rfthub-local-bedrock-rft",
         "LOCAL_ACCOUNT_ID": ACCOUNT,
     }
 

@@ -258,9 +258,11 @@ def _preflight(api, client, grader, file_id, n=10):
 
 
 def test_preflight_passes_a_sound_grader(api, client, dataset):
-    contains_answer = {**EQ, "operation": "ilike"}   # the answer anywhere in the response, any case
+    # "Contains the answer" pays a shotgun of candidate answers as much as the answer: critical.
+    contains_answer = {**EQ, "operation": "ilike"}
     report = _preflight(api, client, contains_answer, dataset.id)
-    assert report["passed"] and report["findings"] == [], report["findings"]
+    assert not report["passed"] and "rewards_shotgun" in {f["code"] for f in report["findings"]
+                                                          if f["severity"] == "critical"}
     assert report["probes"]["reference"]["mean"] == 1.0 and report["probes"]["empty"]["mean"] == 0.0
     strict = _preflight(api, client, EQ, dataset.id)            # exact match: sound, but strict about format
     assert strict["passed"] and {f["code"] for f in strict["findings"]} == {"padding_not_rewarded",

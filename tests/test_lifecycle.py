@@ -269,3 +269,33 @@ def test_local_event_pump_delivers_eventbridge_events_to_the_handler(stack):
         assert job.status == "running" and not pump.errors
     finally:
         pump.stop()
+
+
+def test_mantle_jobs_emit_no_events_unless_the_local_bedrock_is_told_to(api, client, bedrock, stack):
+    """AWS documents no state-change event for OpenAI-compatible jobs, so the local Bedrock publishes
+    none by default (tests/test_nova.py: such a job converges through the reconciler alone). With
+    /_local/config {"mantle_events": true} it publishes them, and they drive the job (the event path)."""
+    from app import app
+    from helpers import http
+    from local.event_pump import Pump
+
+    config = f"http://127.0.0.1:{stack.bedrock.port}/_local/config"
+    assert http("POST", config, body={"mantle_events": True})[0] == 200
+    pump = Pump(app, schedule_seconds=3600, only={"on_bedrock_job_event"})
+    pump.start()
+    try:
+        created = start_job(client)
+        deadline = time.monotonic() + 30
+        while True:           # the job record itself: a retrieve would poll Bedrock first
+            job = Job.get(created.organization_id, created.id, consistent_read=True)
+            if job.status == "succeeded" and job.active_shard is None:
+                break
+            assert time.monotonic() < deadline, job.status
+            time.sleep(0.1)
+        assert [p for p in bedrock.published if job.bedrock_job_id in p["Detail"]]
+        finished = [e for e in client.fine_tuning.jobs.list_events(job.job_id, limit=100).data
+                    if e.message.endswith("-> succeeded.")]
+        assert finished[0].model_extra["rft_source"] == "event"
+    finally:
+        pump.stop()
+        http("POST", config, body={"mantle_events": False})

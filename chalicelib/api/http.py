@@ -33,7 +33,7 @@ from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
 from chalicelib.store import dynamo
 from pynamodb.exceptions import PynamoDBException
-from chalicelib.services import teams
+from chalicelib.services import console_sessions, teams
 from chalicelib.services.teams import Principal
 
 ANY_CONTENT = ["*/*"]
@@ -145,10 +145,14 @@ def _request_id(current) -> str:
     return context.get("requestId") or str(uuid.uuid4())
 
 
-def _authenticate(auth: str | None, headers: dict[str, str]) -> Principal | None:
+def _authenticate(auth: str | None, headers: dict[str, str], method: str | None = None) -> Principal | None:
     if auth is None:
         return None
     token = bearer_token(headers.get("authorization"))
+    if "authorization" not in headers:   # the console's session cookie (issue #18); CSRF-checked unless GET
+        principal = console_sessions.authenticate(headers, auth, method)
+        if principal is not None:
+            return principal
     if token is None:
         raise Unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
     if auth == "admin":
@@ -183,7 +187,7 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                 req = Request(principal=None, headers=headers,
                               query=dict(current.query_params or {}), raw_body=raw,
                               request_id=request_id)
-                req.principal = _authenticate(auth, headers)
+                req.principal = _authenticate(auth, headers, current.method)
                 team_id = req.principal.team_id if req.principal else None
                 check_path_params(path_params)
                 if body is not None or json_body:

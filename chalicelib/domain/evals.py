@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -351,7 +352,7 @@ def check_input_messages(raw: Any) -> dict:
             if not isinstance(msg, dict) or msg.get("role") not in ROLES or set(msg) - {"role", "content", "type"}:
                 raise EvalRuleError(f"'{mparam}' must be a message with a role ({', '.join(ROLES)}) and content.", mparam)
             text = _content_text(msg.get("content"), f"{mparam}.content")
-            if "{{" in text and "sample." in text:
+            if re.search(r"\{\{\s*sample\.", text):
                 raise EvalRuleError(f"'{mparam}.content': the sample does not exist yet when the input is built; use "
                                     "{{item.<field>}} only.", f"{mparam}.content")
             try:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from chalicelib.domain import pricing
+from chalicelib.domain import nova, pricing
 from chalicelib.errors import InvalidRequest
 
 # ---- the create request ----------------------------------------------------------------------
@@ -58,6 +58,7 @@ class CreateJob(_Strict):
     integrations: list | None = None        # not supported: refused
     preflight: Literal["block", "warn"] = "block"   # rft-hub extra (grader preflight)
     watch: Watch | None = None                       # rft-hub extra (training watch)
+    rft_eval: dict[str, Any] | None = None           # rft-hub extra: eval to run on success (services/evals.py)
 
 
 def check_create(req: CreateJob, allowed_models: tuple[str, ...]) -> dict:
@@ -79,7 +80,11 @@ def check_create(req: CreateJob, allowed_models: tuple[str, ...]) -> dict:
                              f"fine-tuning); got '{req.method.type}'.", param="method.type")
     if req.method.reinforcement is None:
         raise InvalidRequest("method.reinforcement is required.", param="method.reinforcement")
-    return check_hyperparameters(req.method.reinforcement.hyperparameters or {})
+    hp = req.method.reinforcement.hyperparameters or {}
+    if nova.is_nova(req.model):     # Bedrock's native API: its own names and ranges (domain/nova.py)
+        return nova.check_hyperparameters(hp)
+    nova.refuse_nova_only(hp)
+    return check_hyperparameters(hp)
 
 
 def check_hyperparameters(hp: dict) -> dict:
@@ -105,8 +110,11 @@ def check_hyperparameters(hp: dict) -> dict:
     return out
 
 
-def bedrock_method(lambda_arn: str, hyperparameters: dict) -> dict:
-    """The method exactly as Bedrock documents it (sent via extra_body)."""
+def bedrock_method(lambda_arn: str, hyperparameters: dict, model: str | None = None) -> dict:
+    """The method exactly as Bedrock documents it (sent via extra_body); for Amazon Nova, what
+    CreateModelCustomizationJob takes (customizationType, customizationConfig.rftConfig)."""
+    if nova.is_nova(model):
+        return nova.bedrock_method(lambda_arn, hyperparameters)
     return {"type": "reinforcement", "reinforcement": {
         "grader": {"type": "lambda", "lambda": {"function": lambda_arn}},
         "hyperparameters": hyperparameters}}
@@ -158,20 +166,21 @@ JUDGE_TEMPLATE_TOKENS = 200   # a judge prompt's own text around the rollout, pe
 
 
 def estimate_cost(price: pricing.Price | None, rows: int, prompt_tokens: int, n_epochs: int | None,
-                  judges: list[tuple[pricing.Price, int]] = ()) -> dict:
+                  judges: list[tuple[pricing.Price, int]] = (), samples_per_prompt: int | None = None) -> dict:
     """Rollout tokens at `price` (the effective price: admin override or the repository's), and
     the expected cost of the grader's LLM judges (one call per rollout per judge, at the judge's
     price, its full output cap). Judge calls are held and metered one by one as they happen, so
     only the rollouts are held for the job."""
     epochs = n_epochs or DEFAULT_EPOCHS
-    rollouts = rows * epochs * SAMPLES_PER_PROMPT
+    samples = samples_per_prompt or SAMPLES_PER_PROMPT     # a Nova job may set it (trainingSamplePerPrompt)
+    rollouts = rows * epochs * samples
     avg_prompt = prompt_tokens // rows if rows else 0
     input_tokens = rollouts * avg_prompt
     output_tokens = rollouts * RESPONSE_TOKENS
     estimate = {
         "formula": "rows x n_epochs x samples_per_prompt x (avg_prompt_tokens x input_rate + "
                    "response_tokens x output_rate)",
-        "rows": rows, "n_epochs": epochs, "samples_per_prompt": SAMPLES_PER_PROMPT,
+        "rows": rows, "n_epochs": epochs, "samples_per_prompt": samples,
         "avg_prompt_tokens": avg_prompt, "response_tokens": RESPONSE_TOKENS,
         "input_tokens": input_tokens, "output_tokens": output_tokens,
         "note": "Rollout tokens priced at the base model's on-demand rates: a lower bound, since Bedrock "

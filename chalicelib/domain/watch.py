@@ -32,7 +32,8 @@ Thresholds and why (sources: shared/docs/peers.md section E, bedrock-rft.md sect
   becoming 12 is not verbosity).
 * templating -- >= 30% of samples identical (after case and whitespace) to a response to another
   prompt in the same invocation, up >= 20 points from the baseline; critical when those samples
-  are rewarded at least as well as the rest (Foundry's red flag "template answers").
+  are rewarded at least as well as the rest (Foundry's red flag "template answers"). Only responses
+  of 20 characters or more count: a number or a letter repeats across prompts naturally.
 * degenerate text -- >= 25% of samples repetitive (>= 30 words, under half of their word
   trigrams distinct) where the baseline had <= 10%; critical when rewarded at least as well as
   the rest (the grader pays for repetition).
@@ -80,6 +81,7 @@ LENGTH_CORR = 0.5
 LENGTH_REWARD_RISE = 0.05
 MIN_VARIED_GROUPS = 6
 TEMPLATING_SHARE, TEMPLATING_GROWTH = 0.30, 0.20
+TEMPLATE_MIN_CHARS = 20     # shorter identical answers (a number, a letter) repeat across prompts naturally
 DEGENERATE_SHARE, DEGENERATE_BASELINE_MAX = 0.25, 0.10
 COLLAPSE_SHARE, COLLAPSE_BASELINE_MAX, COLLAPSE_RISE_MAX = 0.80, 0.50, 0.05
 ERROR_WARN, ERROR_CRITICAL, MIN_ERRORS = 0.05, 0.20, 3
@@ -93,7 +95,7 @@ THRESHOLDS = {
                        "reward_rise": LENGTH_REWARD_RISE, "min_groups": MIN_VARIED_GROUPS,
                        "length_floor_chars": LENGTH_FLOOR},
     "length_growth": {"length_ratio": LENGTH_RATIO_ALONE},
-    "templating": {"share": TEMPLATING_SHARE, "growth": TEMPLATING_GROWTH},
+    "templating": {"share": TEMPLATING_SHARE, "growth": TEMPLATING_GROWTH, "min_chars": TEMPLATE_MIN_CHARS},
     "degenerate_text": {"share": DEGENERATE_SHARE, "baseline_max": DEGENERATE_BASELINE_MAX},
     "collapse": {"same_text_group_share": COLLAPSE_SHARE, "baseline_max": COLLAPSE_BASELINE_MAX,
                  "reward_rise_max": COLLAPSE_RISE_MAX},
@@ -196,7 +198,7 @@ def invocation_stats(samples: list[Sample]) -> dict:
         if x.degenerate:
             s["degenerate"] += 1
             s["degenerate_reward"] += x.reward
-        if len(prompts_of[x.fingerprint]) > 1:
+        if len(prompts_of[x.fingerprint]) > 1 and x.length >= TEMPLATE_MIN_CHARS:
             s["duplicates"] += 1
             s["duplicate_reward"] += x.reward
         if x.audit is not None:

@@ -29,7 +29,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from chalicelib.log import logger
-from chalicelib.services import budgets, metering, prices, registry
+from chalicelib.services import budgets, metering, nova, prices, registry
 from chalicelib.services.teams import Principal
 from chalicelib.store.models import LedgerEntry
 
@@ -231,14 +231,17 @@ def _event_data(block: list[str]):
 def _delta_size(style: str, data: dict) -> tuple[int, int]:
     """(non-empty generated pieces, their characters) in one event: what a stream cut short is
     charged by."""
-    texts: list[str] = []
-    if style == "chat":
-        for choice in data.get("choices") or []:
-            delta = (choice or {}).get("delta") or {}
-            texts += [delta.get(k) for k in ("content", "refusal", "reasoning_content", "reasoning")]
-            texts += [((call or {}).get("function") or {}).get("arguments") for call in delta.get("tool_calls") or []]
-    elif str(data.get("type", "")).endswith(".delta"):
-        texts.append(data.get("delta"))
+    texts: list = []
+    try:
+        if style == "chat":
+            for choice in data.get("choices") or []:
+                delta = choice.get("delta") or {}
+                texts += [delta.get(k) for k in ("content", "refusal", "reasoning_content", "reasoning")]
+                texts += [(call.get("function") or {}).get("arguments") for call in delta.get("tool_calls") or []]
+        elif str(data.get("type", "")).endswith(".delta"):
+            texts.append(data.get("delta"))
+    except (AttributeError, TypeError):      # an odd event counts for what was read of it
+        pass
     texts = [t for t in texts if isinstance(t, str) and t]
     return len(texts), sum(len(t) for t in texts)
 
@@ -402,11 +405,14 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
     upstream_body = {**body, "model": target.upstream}
+    # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (services/nova.py).
+    converse = nova.converse_call(principal.team_id, target, endpoint, upstream_body)
     if stream:
         hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
                      stream=True)
         try:
-            upstream = _open_upstream(endpoint, upstream_body)
+            upstream = converse.open_stream(upstream_deadline()) if converse else _open_upstream(endpoint,
+                                                                                                  upstream_body)
         except BaseException as exc:
             hold.fail(exc)
             raise
@@ -414,7 +420,8 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
                       client_wants_usage=client_wants_usage, headers={"x-rft-upstream-model": target.upstream})
 
     def invoke():
-        status, content_type, raw = bedrock.forward(endpoint, upstream_body, upstream_deadline())
+        status, content_type, raw = converse.call(upstream_deadline()) if converse else \
+            bedrock.forward(endpoint, upstream_body, upstream_deadline())
         try:
             usage = json.loads(raw).get("usage") if raw else None
         except (ValueError, AttributeError):

@@ -25,6 +25,7 @@ from chalicelib.services.graders import PARAM
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry, watch
+from chalicelib.services import nova
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
@@ -130,7 +131,7 @@ def _judge_prices(team_id: str, spec: dict) -> list:
 
 def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None) -> tuple[int, dict]:
     """Returns (HTTP status, job)."""
-    hyperparameters = rules.check_create(req, settings().rft_models)
+    hyperparameters = rules.check_create(req, settings().rft_models + settings().nova_models)
     spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader)
     audit_ref = watch.audit_ref(team_id, req.method.reinforcement.audit_grader)   # training watch (extra)
     training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
@@ -143,6 +144,8 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         existing = Job.get(team_id, job_id, consistent_read=True)   # a replay: no second preflight
     except DoesNotExist:
         existing = None
+    if existing is None and req.rft_eval is not None:   # the eval to run when it succeeds (services/evals.py)
+        _evals().attach_to_job(team_id, job_id, req.rft_eval)
     price = prices.price(req.model)
     if price is None:
         # Unpriced means refused, for training as for inference: a $0 hold is no budget at all.
@@ -158,10 +161,11 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
     job = Job(team_id, job_id, status="validating_files", model=req.model, training_file=req.training_file,
               validation_file=req.validation_file, method=req.method.model_dump(mode="json", by_alias=True,
                                                                                 exclude_none=True),
-              bedrock_method=rules.bedrock_method(lambda_arn, hyperparameters), suffix=req.suffix,
+              bedrock_method=rules.bedrock_method(lambda_arn, hyperparameters, req.model), suffix=req.suffix,
               metadata=req.metadata, seed=req.seed, created_at=now, updated_at=now,
               estimate=rules.estimate_cost(price, report.get("rows", 0), report.get("estimated_tokens", 0),
-                                           hyperparameters.get("n_epochs"), judges=_judge_prices(team_id, spec)),
+                                           hyperparameters.get("n_epochs"), judges=_judge_prices(team_id, spec),
+                                           samples_per_prompt=hyperparameters.get("samples_per_prompt")),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
               status_path=["validating_files"], grader_ref=grader_ref, preflight=checked,
               preflight_state="queued" if deferred else "done", preflight_mode=req.preflight)
@@ -352,11 +356,14 @@ def submit(job: Job) -> Job:
     if not _acquire_lease(job):
         return get_job(job.team_id, job.job_id)
     try:
-        training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref, job.job_id)
-        validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref, job.job_id) \
-            if job.validation_file else None
-        remote = _adopt_orphan(job, training_id) or bedrock.create_job(
-            model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
+        if nova.handles(job.model):     # Amazon Nova: Bedrock's native API (services/nova.py)
+            remote = nova.create_job(job)
+        else:
+            training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref, job.job_id)
+            validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref, job.job_id) \
+                if job.validation_file else None
+            remote = _adopt_orphan(job, training_id) or bedrock.create_job(
+                model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
     except bedrock.BedrockRejected as err:
         _fail_submission(job, err)
         return job
@@ -374,7 +381,7 @@ def submit(job: Job) -> Job:
     record_event(job, f"Submitted to Amazon Bedrock as {remote['id']}.", source="rft-hub")
     apply_remote(job, remote, source="bedrock")
     if job.cancel_requested and job.status not in rules.TERMINAL:
-        bedrock.cancel_job(remote["id"])
+        upstream(job).cancel_job(remote["id"])
     return job
 
 
@@ -459,8 +466,18 @@ def finalize(job: Job) -> None:
         return
     if job.status == "succeeded" and registry.register(job) is None:
         return
+    if job.status == "succeeded" and nova.handles(job.model):
+        nova.on_succeeded(job)        # its custom model's on-demand deployment (repeated until it is asked for)
     _settle_budget(job)
+    if job.status == "succeeded":
+        _evals().start_for_job(job)   # the request's rft_eval, if any; raises to be repeated when not queued
     job.update(actions=[Job.active_shard.remove()])
+
+
+def _evals():
+    from chalicelib.services import evals   # evals imports this module
+
+    return evals
 
 
 def _settle_budget(job: Job) -> None:
@@ -537,6 +554,12 @@ def record_event(job: Job, message: str, *, source: str, level: str = "info", ty
                 message=message, type_=type_, data=data if data is not None else {}, source=source)
 
 
+def upstream(job: Job):
+    """The job's Bedrock API, picked by its model: the OpenAI-compatible Mantle endpoint
+    (adapters/bedrock) or, for Amazon Nova, the native API (services/nova, same functions)."""
+    return nova if nova.handles(job.model) else bedrock
+
+
 def get_job(team_id: str, job_id: str) -> Job:
     try:
         return Job.get(team_id, job_id, consistent_read=True)
@@ -551,7 +574,7 @@ def refresh_from_bedrock(job: Job, *, force: bool = False) -> Job:
     if not force and ids.now() - (job.updated_at or 0) < settings().job_poll_min_seconds:
         return job
     try:
-        remote = bedrock.retrieve_job(job.bedrock_job_id)
+        remote = upstream(job).retrieve_job(job.bedrock_job_id)
     except ApiError as err:  # reads degrade gracefully: show the last known state
         logger.warning("bedrock poll failed", extra={"job_id": job.job_id, "error": err.message})
         return job
@@ -647,7 +670,7 @@ def enforce_stop(job: Job) -> bool:
     """Cancels on Bedrock a running job rft-hub asked to stop. True if it sent the cancel."""
     if not job.cancel_requested or job.status in rules.TERMINAL or not job.bedrock_job_id:
         return False
-    remote = bedrock.cancel_job(job.bedrock_job_id)
+    remote = upstream(job).cancel_job(job.bedrock_job_id)
     apply_remote(job, remote, source="rft-hub")
     return True
 
@@ -661,7 +684,7 @@ def cancel(team_id: str, job_id: str) -> dict:
                        param="fine_tuning_job_id", code="job_finished")
     job.update(actions=[Job.cancel_requested.set(True), Job.updated_at.set(ids.now())])
     if job.bedrock_job_id:
-        remote = bedrock.cancel_job(job.bedrock_job_id)
+        remote = upstream(job).cancel_job(job.bedrock_job_id)
         apply_remote(job, remote, source="bedrock")
     elif job.submit_state == "pending":
         # Never reached Bedrock: cancelling is purely ours. Block a later submission first.
@@ -684,7 +707,7 @@ def sync_events(job: Job) -> int:
     fresh: list[dict] = []
     after = None
     for _ in range(MAX_EVENT_PAGES):   # newest first, page by page, back to the last one copied
-        page = bedrock.list_events(job.bedrock_job_id, limit=100, after=after)
+        page = upstream(job).list_events(job.bedrock_job_id, limit=100, after=after)
         ids_ = [e["id"] for e in page]
         if seen in ids_:
             fresh.extend(page[:ids_.index(seen)])
@@ -751,7 +774,7 @@ def _event_start(job_id: str, event_id: str) -> dict | None:
 def sync_checkpoints(job: Job) -> None:
     if not job.bedrock_job_id or job.status in ("validating_files", "queued"):
         return
-    for ck in bedrock.list_checkpoints(job.bedrock_job_id):
+    for ck in upstream(job).list_checkpoints(job.bedrock_job_id):
         step = int(ck.get("step_number") or 0)
         Checkpoint(job.job_id, f"{step:08d}#{ck['id']}", checkpoint_id=ck["id"], step_number=step,
                    created_at=int(ck.get("created_at") or ids.now()),

@@ -1,8 +1,9 @@
 """Job state from Bedrock: EventBridge events and the polling reconciler.
 
 Both end in `jobs.apply_status`, the one transition function: idempotent, monotonic,
-recorded with its source. Events are best effort (and UNCONFIRMED for OpenAI-compatible
-jobs), so the reconciler is what guarantees convergence; events only make it faster.
+recorded with its source. Events are best effort: native (Amazon Nova) jobs emit them; AWS
+documents none for OpenAI-compatible (Mantle) jobs, which converge through the reconciler
+alone. The reconciler is what guarantees convergence; events only make it faster.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
@@ -30,8 +30,9 @@ MISSING_AFTER_SECONDS = 600
 # ---- inbound EventBridge events -----------------------------------------------------------------
 
 def _job_for(detail: dict) -> Job | None:
-    # Mantle jobs are addressed by id; native ARNs end in the id (or "<base model>/<id>").
-    candidates = [detail.get("jobName"), (detail.get("jobArn") or "").rsplit("/", 1)[-1]]
+    # Mantle jobs are addressed by id; native ARNs end in the id (or "<base model>/<id>");
+    # rft-hub records a native (Nova) job by its whole ARN.
+    candidates = [detail.get("jobArn"), detail.get("jobName"), (detail.get("jobArn") or "").rsplit("/", 1)[-1]]
     for bedrock_id in filter(None, candidates):
         for hit in Job.by_bedrock_id.query(bedrock_id, limit=1):
             return Job.get(hit.team_id, hit.job_id, consistent_read=True)
@@ -60,7 +61,7 @@ def handle_bedrock_event(event: dict, account_id: str | None) -> str:
         if observed == "succeeded":
             # The event does not carry the OpenAI-compatible fine_tuned_model: ask Bedrock.
             try:
-                remote = bedrock.retrieve_job(job.bedrock_job_id)
+                remote = jobs.upstream(job).retrieve_job(job.bedrock_job_id)
             except ApiError as err:
                 logger.warning("enrichment failed; the reconciler will finish", extra={"job_id": job.job_id,
                                                                                       "error": err.message})
@@ -97,6 +98,7 @@ class RunReport:
     seconds: float = 0.0
     problems: list = field(default_factory=list)
     money: dict = field(default_factory=dict)
+    deployments: dict = field(default_factory=dict)      # Amazon Nova custom-model deployments
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -128,7 +130,7 @@ def _reconcile_one(team_id: str, job_id: str, report: RunReport) -> None:
     if not job.bedrock_job_id:
         return
     try:
-        remote = bedrock.retrieve_job(job.bedrock_job_id)
+        remote = jobs.upstream(job).retrieve_job(job.bedrock_job_id)
     except NotFound:
         # Bedrock no longer knows the job. Right after creation that can be lag; later it is final.
         if now - job.created_at > MISSING_AFTER_SECONDS:
@@ -179,6 +181,17 @@ def _money(report: RunReport) -> None:
             logger.warning("money repair failed", extra={"step": name, "error": type(exc).__name__})
 
 
+def _deployments(report: RunReport) -> None:
+    """Amazon Nova custom-model deployments: Creating -> Active | Failed, and what Bedrock refused."""
+    from chalicelib.services import nova
+
+    try:
+        report.deployments = nova.reconcile()
+    except Exception as exc:  # noqa: BLE001 - the next run tries again
+        report.add("errors")
+        report.problems.append(f"nova deployments: {type(exc).__name__}: {exc}"[:300])
+
+
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
     """One pass over every non-terminal job (a query on the sparse `active` index), within a deadline."""
     started = time.monotonic()
@@ -200,6 +213,7 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
         list(pool.map(work, Job.active.query(jobs.ACTIVE)))
     report.published = outbox.drain()
     _money(report)
+    _deployments(report)
     report.seconds = round(time.monotonic() - started, 3)
     logger.info("reconciled", extra={k: v for k, v in report.view().items() if k != "problems"})
     return report

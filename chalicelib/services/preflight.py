@@ -66,6 +66,7 @@ def run(team_id: str, spec: dict, file_id: str, sample_size: int, key_id: str | 
         sample_base: dict | None = None) -> dict:
     """Judge calls are the team's (metered, held to its budget); out of budget is the 429."""
     grader = graders.compile_spec(spec, team_id=team_id)
+    base_plan = _base_plan(team_id, sample_base) if sample_base is not None else None   # checked before any call
     rows = sample_rows(team_id, file_id, sample_size)
     items = [{**row, "id": str(row.get("id") or f"row-{i}")} for i, row in enumerate(rows)]
     pairs = []
@@ -90,8 +91,8 @@ def run(team_id: str, spec: dict, file_id: str, sample_size: int, key_id: str | 
     report = {"object": "grader.preflight", "grader": {"name": grader.name, "type": grader.type},
               "file_id": file_id, "sample_size": sample_size, "rows_used": len(rows), "probes": probe_stats,
               "findings": found}
-    if sample_base is not None:
-        report["base"] = _sample_base(team_id, key_id, grader, items, sample_base, deps,
+    if base_plan is not None:
+        report["base"] = _sample_base(team_id, key_id, grader, items, base_plan, deps,
                                       probe_stats["reference"]["mean"])
         found += base_findings(report["base"])
     report["passed"] = not any(f["severity"] == CRITICAL for f in found)
@@ -106,6 +107,19 @@ def _text(reply_body: bytes) -> str:
     return message.get("content") or "" if isinstance(message, dict) else ""
 
 
+def _base_plan(team_id: str, options: dict) -> dict:
+    """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
+    from chalicelib.services import gateway
+
+    model = options.get("model") or settings().rft_models[0]
+    try:
+        cap = budget_rules.to_micro(options.get("max_usd") or "1.00", maximum_micro=10_000 * 1_000_000)
+    except ValueError as exc:
+        raise InvalidRequest(f"{BASE_PARAM}.max_usd {exc}.", param=f"{BASE_PARAM}.max_usd") from None
+    _, price = gateway.priced(team_id, model, f"{BASE_PARAM}.model")
+    return {**options, "model": model, "cap": cap, "price": price}
+
+
 def _sample_base(team_id: str, key_id: str | None, grader: Grader, items: list[dict], options: dict, deps,
                  reference_mean: float | None) -> dict:
     """k base-model responses per sampled prompt, graded: the reward floor, the share of prompts whose
@@ -116,14 +130,9 @@ def _sample_base(team_id: str, key_id: str | None, grader: Grader, items: list[d
     from chalicelib.services import gateway
     from chalicelib.services.teams import Principal
 
-    model = options.get("model") or settings().rft_models[0]
+    model, cap, price = options["model"], options["cap"], options["price"]
     k = int(options.get("k") or 4)
     max_tokens = int(options.get("max_tokens") or 512)
-    try:
-        cap = budget_rules.to_micro(options.get("max_usd") or "1.00", maximum_micro=10_000 * 1_000_000)
-    except ValueError as exc:
-        raise InvalidRequest(f"{BASE_PARAM}.max_usd {exc}.", param=f"{BASE_PARAM}.max_usd") from None
-    _, price = gateway.priced(team_id, model, f"{BASE_PARAM}.model")
     prompts = items[: int(options.get("prompts") or min(len(items), 8))]
     principal = Principal(team_id, key_id)
     lock = threading.Lock()

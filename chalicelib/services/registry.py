@@ -12,7 +12,7 @@ from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import outbox
 from chalicelib.services.cache import TTLCache
-from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, JobEvent, TunedModel, connection
+from chalicelib.store.models import Alias, AliasChange, AliasGate, Checkpoint, Job, JobEvent, TunedModel, connection
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 
@@ -194,10 +194,33 @@ def _owned_target(team_id: str, model_id: str) -> str:
     raise NotFound(f"No tuned model or checkpoint '{model_id}' in this team.", param="model")
 
 
-def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, only_if_new: bool = False) -> dict:
+KEEP_GATE = object()   # point_alias(gate=KEEP_GATE): the alias's gate stays as it is
+
+
+def _alias_answer(record: Alias, gate: dict | None, evidence: dict | None) -> dict:
+    out = {**alias_view(record), "rft_gate": gate}
+    if evidence:
+        out["rft_evidence"] = evidence
+    return out
+
+
+def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, only_if_new: bool = False,
+                gate=KEEP_GATE, override_reason: str | None = None, admin: bool = False) -> dict:
+    """Points an alias at a team's tuned model or checkpoint (a new version in its history).
+
+    Promotion gates (services/evals.py): an alias may carry a gate (`gate`: set it; None: remove
+    it). Moving a gated alias needs a completed run of the gate's eval on the target that passes
+    the gate, else a 409 `gate_failed` naming what failed; the admin may override with a reason.
+    Changing or removing an existing gate is the admin's too. The move's evidence (the run, the
+    comparison, or the override) is written with the change in one transaction, shown in the
+    alias history and sent with the `rft-hub.alias.changed` event."""
+    from chalicelib.services import evals   # evals -> gateway -> registry
+
     if not ALIAS_RE.match(alias or ""):
         raise InvalidRequest("alias must be 1-64 lowercase letters, digits or '-', starting with a letter "
                              "or digit.", param="alias")
+    if override_reason is not None and not admin:
+        raise evals.Forbidden("Only the admin key may override an alias's gate.", param="override_reason")
     base = _owned_target(team_id, model_id)
     now = ids.now()
     try:
@@ -206,32 +229,79 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
         current = None
     if current and only_if_new:
         raise Conflict(f"Alias '{alias}' already exists.", param="alias")
-    if current and current.model_id == model_id:
-        return alias_view(current)   # idempotent re-point
-    version = (current.version if current else 0) + 1
-    record = Alias(team_id, alias, model_id=model_id, base_model=base, version=version, updated_at=now)
-    change = AliasChange(f"{team_id}#{alias}", version, model_id=model_id, base_model=base,
-                         previous_model_id=current.model_id if current else None, changed_by=changed_by,
-                         changed_at=now)
-    event = outbox.stage("rft-hub.alias.changed", team_id, alias=alias, model=model_id, version=version,
-                         previous_model=change.previous_model_id, changed_by=changed_by)
-    condition = (Alias.version == current.version) if current else Alias.alias.does_not_exist()
+    gate_item = evals.load_gate(team_id, alias)
+    existing = gate_item.gate if gate_item else None
+    wanted = existing
+    if gate is not KEEP_GATE:
+        wanted = evals.check_gate(team_id, gate) if gate is not None else None
+        if existing is not None and wanted != existing and not admin:
+            raise evals.Forbidden(f"Alias '{alias}' is gated; only the admin key may change or remove its gate.",
+                                  param="gate")
+    gate_changed = wanted != existing
+    moving = current is None or current.model_id != model_id
+    if not moving and not gate_changed:
+        return _alias_answer(current, existing, None)   # idempotent re-point
+    evidence = None
+    if moving and current is not None and existing is not None:
+        if override_reason:
+            evidence = {"eval_id": existing["eval_id"], "override_reason": override_reason, "gate": existing}
+        else:
+            evidence = {**evals.gate_evidence(team_id, alias, existing, model_id, current.model_id), "gate": existing}
+    key = evals.gate_key(team_id, alias)
+    gate_unchanged = (AliasGate.updated_at == gate_item.updated_at) if gate_item else AliasGate.entry.does_not_exist()
+    record = current
+    event = None
     try:
         with TransactWrite(connection=connection()) as tx:
-            tx.save(record, condition=condition)
-            tx.save(change, condition=AliasChange.version.does_not_exist())
-            tx.save(event)
+            if moving:
+                version = (current.version if current else 0) + 1
+                record = Alias(team_id, alias, model_id=model_id, base_model=base, version=version, updated_at=now)
+                change = AliasChange(f"{team_id}#{alias}", version, model_id=model_id, base_model=base,
+                                     previous_model_id=current.model_id if current else None, changed_by=changed_by,
+                                     changed_at=now)
+                extra = {k: evidence.get(k) for k in ("eval_id", "eval_run_id", "baseline_run_id", "comparison",
+                                                      "override_reason")} if evidence else {}
+                event = outbox.stage("rft-hub.alias.changed", team_id, alias=alias, model=model_id, version=version,
+                                     previous_model=change.previous_model_id, changed_by=changed_by, **extra)
+                tx.save(record, condition=(Alias.version == current.version) if current else
+                        Alias.alias.does_not_exist())
+                tx.save(change, condition=AliasChange.version.does_not_exist())
+                tx.save(event)
+                if evidence:
+                    tx.save(AliasGate(key, f"v{version:09d}", evidence=evidence, updated_at=now, updated_by=changed_by),
+                            condition=AliasGate.entry.does_not_exist())
+            else:
+                tx.condition_check(Alias, team_id, alias, condition=Alias.version == current.version)
+            if gate_changed and wanted is None:
+                tx.delete(gate_item, condition=gate_unchanged)
+            elif gate_changed:
+                tx.save(AliasGate(key, "gate", gate=wanted, updated_at=now, updated_by=changed_by),
+                        condition=gate_unchanged)
+            else:       # the gate this move was checked against is still the alias's gate
+                tx.condition_check(AliasGate, key, "gate", condition=gate_unchanged)
     except TransactWriteError:
         raise Conflict(f"Alias '{alias}' changed concurrently; retry.", param="alias") from None
-    outbox.publish([event])
+    if event is not None:
+        outbox.publish([event])
     _resolved.invalidate((team_id, alias))
-    return alias_view(record)
+    if event is not None:   # Amazon Nova: deployments follow the aliases (services/nova.py)
+        _deployments_follow(team_id, record, current)
+    return _alias_answer(record, wanted, evidence)
 
 
 def alias_history(team_id: str, alias: str) -> dict:
+    from chalicelib.services import evals
+
     changes = [change_view(c) for c in AliasChange.query(f"{team_id}#{alias}", scan_index_forward=False)]
     if not changes:
         raise NotFound(f"No alias '{alias}'.", param="alias")
+    # What justified each move: the gate's eval run and comparison, or the admin's override.
+    evidence = evals.move_evidence(team_id, alias, [c["version"] for c in changes])
+    for change in changes:
+        found = evidence.get(change["version"])
+        if found:
+            change.update({k: found.get(k) for k in ("eval_id", "eval_run_id", "baseline_run_id", "comparison",
+                                                     "override_reason")})
     return {"object": "list", "data": changes}
 
 
@@ -276,3 +346,35 @@ def resolve(team_id: str, name: str) -> dict | None:
         if any(c.get("model") == name for c in m.checkpoints or []):
             return {"kind": "checkpoint", "alias": None, "model": name, "base_model": m.base_model}
     return None
+
+
+# ---- Amazon Nova deployments and retiring a model (issue #15) -------------------------------------
+
+def _deployments_follow(team_id: str, record: Alias, previous: Alias | None) -> None:
+    """The alias's new model is deployed if it has no deployment; the model it left loses its
+    deployment if no alias points at it any more. Only Nova models have deployments."""
+    from chalicelib.services import nova
+
+    if nova.handles(record.base_model) or (previous is not None and nova.handles(previous.base_model)):
+        nova.on_alias_moved(team_id, record.model_id, previous.model_id if previous else None)
+
+
+def retire(team_id: str, model_id: str) -> dict:
+    """Retires a team's tuned model: no longer listed or callable by its id (its alias history
+    keeps it). Refused (409 `model_in_use`) while an alias points at it; an Amazon Nova model's
+    deployment is deleted. The answer is OpenAI's model deletion object."""
+    from chalicelib.services import nova
+
+    try:
+        model = TunedModel.get(team_id, model_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No tuned model '{model_id}' in this team.", param="model", code="model_not_found") from None
+    pointing = sorted(a.alias for a in Alias.query(team_id) if a.model_id == model_id)
+    if pointing:
+        raise Conflict(f"Alias(es) {', '.join(pointing)} point at '{model_id}'; point them elsewhere first.",
+                       param="model", code="model_in_use")
+    if nova.handles(model.base_model):
+        nova.release_deployment(team_id, model_id, reason="The model was retired.")
+    model.delete()
+    _resolved.invalidate((team_id, model_id))
+    return {"id": model_id, "object": "model", "deleted": True}

@@ -778,3 +778,44 @@ class WatchFinding(_Base):
 
 
 ALL_MODELS += (RolloutWindow, Rollout, WatchFinding)
+
+
+# ---- Amazon Nova custom models and their deployments (issue #15) ----------------------------------
+
+class NovaPending(GlobalSecondaryIndex):
+    """Sparse: Nova models whose deployment the reconciler must watch or finish (created, being
+    created, being deleted); the reconciler queries it instead of scanning."""
+    class Meta:
+        index_name = "pending"
+        projection = KeysOnlyProjection()
+
+    pending_shard = UnicodeAttribute(hash_key=True)
+    team_model = UnicodeAttribute(range_key=True)
+
+
+class NovaModel(_Base):
+    """A Nova custom model a native job produced (registered in `models` like any tuned model) and
+    its on-demand deployment, which Converse needs as the modelId."""
+    class Meta(_Base.Meta):
+        table_name = table_name("nova_models")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    model_id = UnicodeAttribute(range_key=True)         # rft-hub's id: "<base>:ft:<custom model id>"
+    team_model = UnicodeAttribute()                     # "<team_id>#<model_id>" (the pending index's range)
+    job_id = UnicodeAttribute()
+    base_model = UnicodeAttribute()
+    custom_model_arn = UnicodeAttribute()
+    # requested (to be created) -> Creating -> Active | Failed; Deleting -> Deleted
+    deployment_status = UnicodeAttribute(null=True)
+    deployment_arn = UnicodeAttribute(null=True)
+    deployment_name = UnicodeAttribute(null=True)
+    generation = NumberAttribute(default=0)             # deployments created so far (names and tokens)
+    failure_message = UnicodeAttribute(null=True)
+    announced = UnicodeAttribute(null=True)             # "<arn>#<status>" last put on rft-hub's bus
+    pending_shard = UnicodeAttribute(null=True)         # "pending" while the reconciler must look at it
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    pending = NovaPending()
+
+
+ALL_MODELS += (NovaModel,)

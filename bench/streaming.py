@@ -1,0 +1,225 @@
+"""Streaming (issue #14): time to first token and total time of a streamed answer, and the added
+latency of a short plain call, straight to the upstream, through LiteLLM's proxy and through
+rft-hub (metering on, the team under a budget), in one run on this machine.
+
+The upstream is the local Bedrock in its own process, streaming like a real endpoint
+(`stream_ttft_ms=150, stream_token_ms=25`; plain answers at once). LiteLLM's proxy
+(`litellm[proxy]`, pinned below) runs from its own virtual environment, `.local/litellm-venv`,
+which this script creates from PyPI the first time (LiteLLM needs openai<3, rft-hub pins 3.x);
+`LITELLM_LOCAL_MODEL_COST_MAP=True` keeps it off the network. rft-hub runs as `make run` runs it,
+in its own process: the local API Gateway with the data plane behind it (uvicorn), against
+DynamoDB Local (no fault layer), the team under a budget (so three DynamoDB writes a call).
+Every client is the openai SDK in this process asking for usage in the stream (`include_usage`,
+which rft-hub always asks the upstream for), so all three read the same upstream events. Paths
+are interleaved call by call, and "added" is taken per round (this path's call minus the direct
+call made just before it), then its percentiles: the machine's own noise mostly cancels out.
+
+Targets: added time to first token, rft-hub <= LiteLLM (p50 and p95); added latency of a short
+plain call, rft-hub <= 0.5x LiteLLM's; total time of a streamed answer within 5% of direct.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import ROOT, percentiles, start_stack
+
+LITELLM = "litellm[proxy]==1.101.6"      # the newest release whose requirements resolve here (certifi)
+VENV = ROOT / ".local" / "litellm-venv"
+MODEL = "openai.gpt-oss-20b"
+STREAMED = {"model": MODEL, "max_tokens": 64, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Please count slowly from one to twenty: one two three four "
+                                                     "five six seven eight nine ten eleven twelve"}]}
+SHORT = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Say hi."}]}
+UPSTREAM = {"stream_ttft_ms": 150, "stream_token_ms": 25}
+N_STREAMS = 40
+N_SHORT = 200
+
+
+def ensure_litellm() -> Path:
+    python = VENV / "bin" / "python"
+    stamp = VENV / f".installed-{LITELLM}"
+    if not stamp.exists():
+        print(f"creating {VENV} with {LITELLM} (once; a few minutes)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", LITELLM],
+                       check=True)
+        stamp.touch()
+    return python
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_http(url: str, seconds: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def start_upstream(env: dict) -> tuple[subprocess.Popen, int]:
+    from local import servers
+
+    port = servers.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "local.bedrock_server", "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    servers.wait_for_port(port, 60, proc)
+    _post(f"http://127.0.0.1:{port}/_local/config", UPSTREAM)
+    return proc, port
+
+
+def start_litellm(python: Path, upstream_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:
+    from local import servers
+
+    port = servers.free_port()
+    config = workdir / "litellm.yaml"
+    config.write_text(json.dumps({   # YAML is a superset of JSON
+        "model_list": [{"model_name": MODEL, "litellm_params": {
+            "model": f"openai/{MODEL}", "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+            "api_key": "bedrock-api-key-bench"}}],
+        "litellm_settings": {"telemetry": False}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OPENAI_", "RFT_"))}
+    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "NO_PROXY": "*",
+                "LITELLM_LOG": "ERROR"})
+    log = open(workdir / "litellm.log", "w")
+    proc = subprocess.Popen([str(python.parent / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+                             "--port", str(port), "--num_workers", "1"], cwd=workdir, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, proc)
+    return proc, port
+
+
+def start_rft_hub(env: dict) -> tuple[subprocess.Popen, int]:
+    from local import servers
+
+    port = servers.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "local.api_gateway", "--stage", "local", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    servers.wait_for_port(port, 60, proc)
+    return proc, port
+
+
+def streamed(client) -> tuple[float, float]:
+    """(ms to the first content token, ms to the end of the stream) of one streamed answer."""
+    started = time.perf_counter()
+    first = None
+    text = []
+    for chunk in client.chat.completions.create(**STREAMED, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
+    assert first is not None and "twelve" in "".join(text), text
+    return (first - started) * 1000, (end - started) * 1000
+
+
+def short(client) -> float:
+    started = time.perf_counter()
+    reply = client.chat.completions.create(**SHORT)
+    assert reply.choices[0].message.content
+    return (time.perf_counter() - started) * 1000
+
+
+def run(n_streams: int = N_STREAMS, n_short: int = N_SHORT) -> dict:
+    python = ensure_litellm()
+    stack, admin_key = start_stack(fault_layer=False)
+    import openai
+    from chalice.test import Client
+
+    from app import app
+    from bench.common import new_team
+
+    procs = []
+    workdir = Path(tempfile.mkdtemp(prefix="rft-bench-streaming-"))
+    try:
+        upstream, upstream_port = start_upstream(dict(os.environ))
+        procs.append(upstream)
+        os.environ["AWS_ENDPOINT_URL_BEDROCK_MANTLE"] = f"http://127.0.0.1:{upstream_port}"   # for rft-hub
+        litellm, litellm_port = start_litellm(python, upstream_port, workdir)
+        procs.append(litellm)
+        hub, hub_port = start_rft_hub(dict(os.environ))
+        procs.append(hub)
+
+        team_id, key = new_team(admin_key, "bench-streaming")
+        headers = {"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"}
+        with Client(app, stage_name="local", project_dir=str(ROOT)) as c:
+            r = c.http.put(f"/v1/admin/teams/{team_id}/budget", headers=headers,
+                           body=json.dumps({"limit_usd": "100000", "period": "monthly", "alert_thresholds": []}))
+            assert r.status_code == 200, r.body
+        clients = {
+            "direct": openai.OpenAI(base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="bedrock-api-key-bench",
+                                    max_retries=0),
+            "litellm": openai.OpenAI(base_url=f"http://127.0.0.1:{litellm_port}/v1", api_key="sk-bench",
+                                     max_retries=0),
+            "rft_hub": openai.OpenAI(base_url=f"http://127.0.0.1:{hub_port}/v1", api_key=key, max_retries=0),
+        }
+        for _ in range(5):                      # warm: connections, caches, imports
+            for client in clients.values():
+                streamed(client)
+                short(client)
+        ttft = {name: [] for name in clients}
+        total = {name: [] for name in clients}
+        plain = {name: [] for name in clients}
+        for _ in range(n_streams):
+            for name, client in clients.items():
+                first, end = streamed(client)
+                ttft[name].append(first)
+                total[name].append(end)
+        for _ in range(n_short):
+            for name, client in clients.items():
+                plain[name].append(short(client))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stack.stop()
+
+    def added(figures: dict, name: str) -> dict:
+        paired = percentiles([mine - base for mine, base in zip(figures[name], figures["direct"])])
+        return {k: paired[k] for k in ("p50", "p95")}
+
+    p = {kind: {name: percentiles(values) for name, values in figures.items()}
+         for kind, figures in (("ttft_ms", ttft), ("stream_total_ms", total), ("short_call_ms", plain))}
+    added_ttft = {name: added(ttft, name) for name in ("litellm", "rft_hub")}
+    added_short = {name: added(plain, name) for name in ("litellm", "rft_hub")}
+    total_ratio = {name: round(statistics.median(mine / base for mine, base in zip(total[name], total["direct"])), 4)
+                   for name in ("litellm", "rft_hub")}
+    return {
+        "benchmark": "streaming", "upstream": UPSTREAM, "streams_each": n_streams, "short_calls_each": n_short,
+        "litellm": LITELLM, **p,
+        "added_ttft_ms": added_ttft, "added_short_call_ms": added_short, "stream_total_vs_direct_median_ratio": total_ratio,
+        "targets": {
+            "added_ttft_rft_hub_at_most_litellm": all(added_ttft["rft_hub"][k] <= added_ttft["litellm"][k]
+                                                      for k in ("p50", "p95")),
+            "added_short_call_rft_hub_at_most_half_litellm": all(
+                added_short["rft_hub"][k] <= 0.5 * added_short["litellm"][k] for k in ("p50", "p95")),
+            "stream_total_rft_hub_within_5pct_of_direct": total_ratio["rft_hub"] <= 1.05,
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

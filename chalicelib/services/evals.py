@@ -1,0 +1,1191 @@
+"""Evals as a service (OpenAI's Evals API): evals, runs on base, tuned and checkpoint models (or
+on given outputs), per-item results, comparisons, promotion gates on aliases, and the eval a
+fine-tuning job names (`rft_eval`).
+
+Runs execute in the eval worker (an SQS-triggered function, `eval_worker`): a message names a
+run; the worker takes the run's lease, reads its rows, and for each row not yet stored samples
+the model through the gateway's metering (`gateway._metered`: held to the team's budget, on the
+ledger as kind `inference`, request id `<run id>.<item index>`), grades it with the eval's
+testing criteria (judges metered as kind `grader`, `<run id>.<index>.j<n>`), and stores the
+item's result once (a conditional put, in a transaction that also checks the run still
+exists). A crash leaves the lease to expire; the redelivered message (or a read of the run, or
+the worker's own continuation message when its time runs short) resumes the run, which skips
+every stored item: completed items are never billed twice. At most CONCURRENCY items of a run are
+in flight, and the function's SQS trigger runs at most MAX_RUNS runs at once.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import itertools
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
+
+from pynamodb.exceptions import DeleteError, DoesNotExist, PutError, PynamoDBException, TransactWriteError, UpdateError
+from pynamodb.transactions import TransactWrite
+
+from chalicelib import deadline
+from chalicelib.adapters import aws, bedrock, lambdas
+from chalicelib.config import evals_queue
+from chalicelib.domain import budget as budget_rules
+from chalicelib.domain import evals as rules
+from chalicelib.domain import ids, pricing
+from chalicelib.domain.datasets import iter_lines, parse_json
+from chalicelib.domain.graders import Deps, JudgeRefused, judge_models
+from chalicelib.domain.graders import run as run_grader
+from chalicelib.domain.graders.templates import InvalidVariable, make_sample
+from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from chalicelib.log import logger
+from chalicelib.services import budgets, files, graders, outbox, prices
+from chalicelib.store import dynamo, pagination
+from chalicelib.store.models import (AliasGate, EvalDefinition, EvalOutputItem, EvalRunRecord, Job, JobEvalLink,
+                                     TunedModel, connection)
+
+CONCURRENCY = 4                 # items of one run in flight at once
+MAX_RUNS = 5                    # runs at once: the eval_worker's SQS trigger (maximum_concurrency)
+MAX_ATTEMPTS = 5                # leases taken on one run before it is failed
+CONTINUE_MARGIN_S = 60.0        # an invocation with less time left hands the rest to a fresh one
+PROGRESS_EVERY_S = 2.0          # how often a running run's counts are saved
+CHECK_EVERY_S = 1.0             # how often the worker re-reads the run (cancelled? deleted?)
+REQUEUE_AFTER_S = 120           # a queued run not picked up this long is queued again when read
+MAX_TEXT_CHARS = 16_000         # per stored input/output text (an item is at most 400 KB in DynamoDB)
+MAX_STORED_JSON = 350_000
+NO_ERROR = {"code": "", "message": ""}   # OpenAI's document requires the error object; empty = none
+RUN_PREFIX = "evalrun_"
+ITEM_PREFIX = "outputitem_"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "permission_denied"
+    should_retry = False
+
+
+def _invalid(exc: rules.EvalRuleError, prefix: str = "") -> InvalidRequest:
+    param = exc.param
+    if prefix and param:
+        param = f"{prefix}.{param}"
+    return InvalidRequest(exc.message, param=param)
+
+
+def _rules(fn, *args, prefix: str = ""):
+    try:
+        return fn(*args)
+    except rules.EvalRuleError as exc:
+        raise _invalid(exc, prefix) from None
+
+
+# ---- ids ----------------------------------------------------------------------------------------
+
+def new_eval_id() -> str:
+    return "eval_" + secrets.token_hex(16)
+
+
+def new_run_id(created_ms: int | None = None, seed: str | None = None) -> str:
+    """`evalrun_<created ms, 12 hex><20 hex>`: runs sort by creation; a seed makes it deterministic."""
+    tail = hashlib.sha256(seed.encode()).hexdigest()[:20] if seed else secrets.token_hex(10)
+    return f"{RUN_PREFIX}{(created_ms or ids.now_ms()):012x}{tail}"
+
+
+def output_item_id(run_id: str, index: int) -> str:
+    return f"{ITEM_PREFIX}{run_id[len(RUN_PREFIX):]}_{index}"
+
+
+def _item_index(run_id: str, item_id: str) -> int | None:
+    prefix = f"{ITEM_PREFIX}{run_id[len(RUN_PREFIX):]}_"
+    tail = item_id[len(prefix):] if item_id.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() and len(tail) <= 9 else None
+
+
+# ---- views --------------------------------------------------------------------------------------
+
+def eval_view(e: EvalDefinition) -> dict:
+    return {"object": "eval", "id": e.eval_id, "name": e.name, "created_at": e.created_at,
+            "data_source_config": rules.config_view(e.data_source_config), "testing_criteria": e.testing_criteria,
+            "metadata": e.metadata or {}}
+
+
+def report_path(eval_id: str, run_id: str) -> str:
+    """rft-hub's own view of a run (the console, which is not built yet: the URL may 404 until it is)."""
+    return f"/console/evals/{eval_id}/runs/{run_id}"
+
+
+def run_view(r: EvalRunRecord, base_url: str = "") -> dict:
+    s = r.summary or {}
+    return {"object": "eval.run", "id": r.run_id, "eval_id": r.eval_id, "status": r.status, "model": r.model,
+            "name": r.name, "created_at": r.created_at, "report_url": base_url + report_path(r.eval_id, r.run_id),
+            "result_counts": s.get("result_counts") or {"total": 0, "errored": 0, "failed": 0, "passed": 0},
+            "per_model_usage": s.get("per_model_usage") or [],
+            "per_testing_criteria_results": s.get("per_testing_criteria_results") or [],
+            "data_source": r.data_source, "metadata": r.metadata or {}, "error": r.error or dict(NO_ERROR),
+            # rft-hub extras
+            "rft_upstream_model": r.upstream_model, "rft_cost_usd": pricing.usd(int(s.get("cost_micro") or 0)),
+            "rft_max_usd": pricing.usd(r.max_micro) if r.max_micro is not None else None,
+            "rft_job_id": r.job_id, "rft_role": r.role, "rft_started_at": r.started_at,
+            "rft_finished_at": r.finished_at}
+
+
+def item_view(i: EvalOutputItem) -> dict:
+    return {"object": "eval.run.output_item", "id": output_item_id(i.run_id, int(i.item_index)), "run_id": i.run_id,
+            "eval_id": i.eval_id, "created_at": i.created_at, "status": i.status,
+            "datasource_item_id": int(i.item_index), "datasource_item": i.datasource_item, "results": i.results,
+            "sample": i.sample, "rft_cost_usd": pricing.usd(int(i.cost_micro or 0))}
+
+
+def _list(data: list[dict], page: pagination.Page) -> dict:
+    # OpenAI's list objects require first_id and last_id as strings: "" on an empty page.
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else "",
+            "last_id": data[-1]["id"] if data else "", "has_more": page.has_more,
+            "rft_next_cursor": page.cursor if page.has_more else None}
+
+
+def _empty() -> dict:
+    return {"object": "list", "data": [], "first_id": "", "last_id": "", "has_more": False, "rft_next_cursor": None}
+
+
+def _order(order: str | None) -> bool:
+    """newest_first for OpenAI's `order` (asc by default on the Evals API)."""
+    if order in (None, "", "asc"):
+        return False
+    if order == "desc":
+        return True
+    raise InvalidRequest("order must be 'asc' or 'desc'.", param="order")
+
+
+# ---- evals ----------------------------------------------------------------------------------------
+
+def _compile(team_id: str, criteria: list[rules.Criterion]) -> list:
+    return [graders.compile_spec(c.spec, f"testing_criteria[{i}]", team_id) for i, c in enumerate(criteria)]
+
+
+def create_eval(team_id: str, body: rules.CreateEval) -> dict:
+    _rules(rules.check_metadata, body.metadata)
+    cfg = _rules(rules.check_data_source_config, body.data_source_config)
+    criteria = _rules(rules.check_criteria, body.testing_criteria)
+    _compile(team_id, criteria)
+    stored = [c.stored for c in criteria]
+    if len(json.dumps(stored)) + len(json.dumps(cfg)) > 300_000:
+        raise InvalidRequest("The testing criteria and item schema are larger than 300 KB together.",
+                             param="testing_criteria")
+    now = ids.now()
+    record = EvalDefinition(team_id, new_eval_id(), name=body.name or "", data_source_config=cfg,
+                            testing_criteria=stored, metadata=body.metadata, created_at=now, updated_at=now)
+    dynamo.call(lambda: record.save(condition=EvalDefinition.eval_id.does_not_exist()), idempotent=True,
+                what="eval create")
+    return eval_view(record)
+
+
+def get_eval(team_id: str, eval_id: str, param: str = "eval_id") -> EvalDefinition:
+    try:
+        return dynamo.call(lambda: EvalDefinition.get(team_id, eval_id, consistent_read=True), idempotent=True,
+                           what="eval read")
+    except DoesNotExist:
+        raise NotFound(f"No eval with id '{eval_id}'.", param=param) from None
+
+
+def retrieve_eval(team_id: str, eval_id: str) -> dict:
+    return eval_view(get_eval(team_id, eval_id))
+
+
+def update_eval(team_id: str, eval_id: str, body: rules.UpdateEval) -> dict:
+    _rules(rules.check_metadata, body.metadata)
+    record = get_eval(team_id, eval_id)
+    actions = [EvalDefinition.updated_at.set(ids.now())]
+    if body.name is not None:
+        actions.append(EvalDefinition.name.set(body.name))
+    if "metadata" in body.model_fields_set:
+        actions.append(EvalDefinition.metadata.set(body.metadata) if body.metadata is not None
+                       else EvalDefinition.metadata.remove())
+    try:
+        dynamo.call(lambda: record.update(actions=actions, condition=EvalDefinition.eval_id.exists()),
+                    idempotent=True, what="eval update")
+    except UpdateError as exc:
+        if dynamo.is_condition(exc):
+            raise NotFound(f"No eval with id '{eval_id}'.", param="eval_id") from None
+        raise
+    return eval_view(record)
+
+
+def list_evals(team_id: str, limit: int, after: str | None, order: str | None, order_by: str | None) -> dict:
+    if order_by not in (None, "", "created_at"):
+        raise InvalidRequest("order_by=updated_at is not supported; evals are listed by created_at.",
+                             param="order_by")
+    newest_first = _order(order)
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, EvalDefinition, hash_value=team_id, index="by_created")
+    elif after:
+        if len(after.encode()) > 1024:
+            return _empty()
+        try:
+            anchor = dynamo.call(lambda: EvalDefinition.get(team_id, after), idempotent=True, what="eval list")
+        except DoesNotExist:
+            return _empty()
+        start = pagination.start_key(EvalDefinition, anchor, "by_created")
+    page = pagination.query(EvalDefinition, team_id, index="by_created", limit=limit, start=start,
+                            newest_first=newest_first, what="eval list")
+    return _list([eval_view(e) for e in page.items], page)
+
+
+def delete_eval(team_id: str, eval_id: str) -> dict:
+    record = get_eval(team_id, eval_id)
+    try:
+        dynamo.call(lambda: record.delete(condition=EvalDefinition.eval_id.exists()), idempotent=True,
+                    what="eval delete")
+    except DeleteError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+    # Its runs (a running one stops at its next item: the run is gone) and their items, off the request path.
+    if not _send({"purge_eval": eval_id, "team_id": team_id}):
+        logger.warning("eval purge not queued; its runs stay unreachable until purged", extra={"eval_id": eval_id})
+    return {"object": "eval.deleted", "deleted": True, "eval_id": eval_id}
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+def _rows(team_id: str, ds: rules.DataSource, param: str = "data_source.source") -> list[tuple[int, dict, dict | None]]:
+    """(index, item, sample) of every row of the run's source, at most MAX_ITEMS."""
+    if ds.source["type"] == "file_content":
+        return [(i, *rules.split_row(row)) for i, row in enumerate(ds.source["content"])]
+    try:
+        record = files.get_file(team_id, ds.source["id"])
+    except NotFound:
+        raise NotFound(f"No such file: '{ds.source['id']}'.", param=f"{param}.id") from None
+    rows = int((record.validation or {}).get("rows") or 0)
+    if rows > rules.MAX_ITEMS:
+        raise InvalidRequest(f"File '{ds.source['id']}' has {rows:,} rows; a run takes at most {rules.MAX_ITEMS:,}.",
+                             param=f"{param}.id")
+    out = []
+    for line in iter_lines(files.open_content(record)):
+        if not line.strip():
+            continue
+        if len(out) >= rules.MAX_ITEMS:
+            raise InvalidRequest(f"A run takes at most {rules.MAX_ITEMS:,} items.", param=f"{param}.id")
+        try:
+            item, sample = rules.split_row(parse_json(line))
+        except (ValueError, rules.EvalRuleError):
+            raise InvalidRequest(f"File '{ds.source['id']}' line {len(out) + 1} is not a JSON object.",
+                                 param=f"{param}.id") from None
+        out.append((len(out), item, sample))
+    if not out:
+        raise InvalidRequest(f"File '{ds.source['id']}' has no rows.", param=f"{param}.id")
+    return out
+
+
+def _check_rows(ev: EvalDefinition, ds: rules.DataSource, rows: list) -> None:
+    """The rows against the eval's item schema (and, for jsonl, that each carries its output)."""
+    schema = ev.data_source_config.get("item_schema")
+    where = "content[{i}]" if ds.source["type"] == "file_content" else "line {n}"
+    for index, item, sample in rows:
+        label = where.format(i=index, n=index + 1)
+        problems = rules.schema_errors(schema, item)
+        if problems:
+            raise InvalidRequest(f"data_source.source {label} does not match the eval's item_schema: "
+                                 f"{'; '.join(problems[:3])}.", param="data_source.source")
+        if ds.type == "jsonl" and rules.sample_text(sample) is None:
+            raise InvalidRequest(f"data_source.source {label} has no sample output (jsonl runs grade given outputs).",
+                                 param="data_source.source")
+
+
+def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | None, *, job_id: str | None = None,
+               role: str | None = None, run_id: str | None = None) -> tuple[int, dict]:
+    ev = get_eval(team_id, eval_id)
+    _rules(rules.check_metadata, body.metadata)
+    ds = _rules(rules.check_data_source, body.data_source)
+    cap = _rules(rules.cap_micro, body)
+    criteria = _rules(rules.criteria_from_stored, ev.testing_criteria)
+    _compile(team_id, criteria)          # judges still callable, Lambda graders still registered
+    rows = _rows(team_id, ds)
+    _check_rows(ev, ds, rows)
+    upstream = base = alias = None
+    if ds.type == "completions":
+        from chalicelib.services import gateway
+
+        try:
+            target, _ = gateway.priced(team_id, ds.model, "data_source.model")
+        except NotFound as err:
+            raise InvalidRequest(err.message, param="data_source.model", code="model_not_found") from None
+        upstream, base, alias = target.upstream, target.base_model, target.alias
+    now = ids.now()
+    record = EvalRunRecord(eval_id, run_id or new_run_id(), team_id=team_id, status="queued",
+                           name=body.name or (ds.model if ds.type == "completions" else "jsonl"),
+                           model=ds.model or "", upstream_model=upstream, base_model=base, alias=alias,
+                           data_source=rules.data_source_view(ds), metadata=body.metadata, created_at=now,
+                           updated_at=now, summary=rules.Tally([c.name for c in criteria]).summary(), max_micro=cap,
+                           key_id=key_id, job_id=job_id, role=role)
+    try:
+        dynamo.call(lambda: record.save(condition=EvalRunRecord.run_id.does_not_exist()), idempotent=True,
+                    what="eval run create")
+    except PutError as exc:
+        if not dynamo.is_condition(exc) or job_id is None:
+            raise
+        record = _run(eval_id, record.run_id)       # a job's run, created by an earlier finalize
+    if record.status == "queued":
+        enqueue(record)
+    return 201, run_view(record)
+
+
+def _run(eval_id: str, run_id: str) -> EvalRunRecord | None:
+    if not isinstance(run_id, str) or not run_id.startswith(RUN_PREFIX) or len(run_id) > 64:
+        return None
+    try:
+        return dynamo.call(lambda: EvalRunRecord.get(eval_id, run_id, consistent_read=True), idempotent=True,
+                           what="eval run read")
+    except DoesNotExist:
+        return None
+
+
+def get_run(team_id: str, eval_id: str, run_id: str, param: str = "run_id") -> EvalRunRecord:
+    get_eval(team_id, eval_id)
+    record = _run(eval_id, run_id)
+    if record is None or record.team_id != team_id:
+        raise NotFound(f"No run '{run_id}' in eval '{eval_id}'.", param=param)
+    return record
+
+
+def retrieve_run(team_id: str, eval_id: str, run_id: str, base_url: str = "") -> dict:
+    record = get_run(team_id, eval_id, run_id)
+    _repair(record)
+    return run_view(record, base_url)
+
+
+def _repair(record: EvalRunRecord) -> None:
+    """Reads repair what a lost message would leave: a queued run no worker took, or a run whose
+    worker died (its lease ran out) is queued again, at most once per REQUEUE_AFTER_S."""
+    now = ids.now()
+    stale = record.status == "queued" and now - (record.enqueued_at or record.created_at) > REQUEUE_AFTER_S or \
+        record.status == "in_progress" and (record.lease_until or 0) < now and \
+        now - (record.enqueued_at or 0) > REQUEUE_AFTER_S
+    if stale:
+        enqueue(record)
+
+
+def list_runs(team_id: str, eval_id: str, limit: int, after: str | None, order: str | None,
+              status: str | None) -> dict:
+    get_eval(team_id, eval_id)
+    if status not in (None, "") and status not in rules.STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(rules.STATUSES)}.", param="status")
+    newest_first = _order(order)
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, EvalRunRecord, hash_value=eval_id)
+    elif after:
+        anchor = _run(eval_id, after)
+        if anchor is None:
+            return _empty()
+        start = pagination.start_key(EvalRunRecord, anchor)
+    if status:
+        page = pagination.query(EvalRunRecord, eval_id, limit=limit, start=start, newest_first=newest_first,
+                                filter_condition=EvalRunRecord.status == status, page_size=100, what="eval runs")
+    else:
+        page = pagination.query(EvalRunRecord, eval_id, limit=limit, start=start, newest_first=newest_first,
+                                what="eval runs")
+    return _list([run_view(r) for r in page.items], page)
+
+
+def cancel_run(team_id: str, eval_id: str, run_id: str, base_url: str = "") -> dict:
+    record = get_run(team_id, eval_id, run_id)
+    if record.status == "canceled":
+        return run_view(record, base_url)
+    if record.status in rules.TERMINAL:
+        raise Conflict(f"Run '{run_id}' already {record.status}; only a queued or running run can be canceled.",
+                       param="run_id", code="run_finished")
+    now = ids.now()
+    try:
+        dynamo.call(lambda: record.update(
+            actions=[EvalRunRecord.status.set("canceled"), EvalRunRecord.finished_at.set(now),
+                     EvalRunRecord.updated_at.set(now)],
+            condition=EvalRunRecord.status.is_in("queued", "in_progress")), idempotent=True, what="eval run cancel")
+    except UpdateError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+        record = get_run(team_id, eval_id, run_id)
+        if record.status != "canceled":
+            raise Conflict(f"Run '{run_id}' already {record.status}.", param="run_id", code="run_finished") from None
+    # A running worker sees it before its next item and stops; what is in flight is still stored.
+    return run_view(record, base_url)
+
+
+def delete_run(team_id: str, eval_id: str, run_id: str) -> dict:
+    record = get_run(team_id, eval_id, run_id)
+    try:
+        dynamo.call(lambda: record.delete(condition=EvalRunRecord.run_id.exists()), idempotent=True,
+                    what="eval run delete")
+    except DeleteError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+    if not _send({"purge_run": run_id, "eval_id": eval_id, "team_id": team_id}):
+        logger.warning("run purge not queued; its items stay unreachable", extra={"run_id": run_id})
+    return {"object": "eval.run.deleted", "deleted": True, "run_id": run_id}
+
+
+def list_items(team_id: str, eval_id: str, run_id: str, limit: int, after: str | None, order: str | None,
+               status: str | None) -> dict:
+    get_run(team_id, eval_id, run_id)
+    if status not in (None, "", "pass", "fail"):
+        raise InvalidRequest("status must be 'pass' or 'fail'.", param="status")
+    newest_first = _order(order)
+    start = None
+    if pagination.is_cursor(after):
+        start = pagination.decode_cursor(after, EvalOutputItem, hash_value=run_id)
+    elif after:
+        index = _item_index(run_id, after)
+        if index is None:
+            return _empty()
+        start = {"run_id": {"S": run_id}, "item_index": {"N": str(index)}}
+    if status:
+        page = pagination.query(EvalOutputItem, run_id, limit=limit, start=start, newest_first=newest_first,
+                                filter_condition=EvalOutputItem.status == status, page_size=100,
+                                what="eval output items")
+    else:
+        page = pagination.query(EvalOutputItem, run_id, limit=limit, start=start, newest_first=newest_first,
+                                what="eval output items")
+    return _list([item_view(i) for i in page.items], page)
+
+
+def retrieve_item(team_id: str, eval_id: str, run_id: str, item_id: str) -> dict:
+    get_run(team_id, eval_id, run_id)
+    index = _item_index(run_id, item_id)
+    try:
+        if index is None:
+            raise DoesNotExist()
+        return item_view(dynamo.call(lambda: EvalOutputItem.get(run_id, index), idempotent=True,
+                                     what="eval output item"))
+    except DoesNotExist:
+        raise NotFound(f"No output item '{item_id}' in run '{run_id}'.", param="output_item_id") from None
+
+
+def _stored(run_id: str) -> list[EvalOutputItem]:
+    return dynamo.call(lambda: list(EvalOutputItem.query(run_id, consistent_read=True)), idempotent=True,
+                       what="eval output items")
+
+
+# ---- comparison ---------------------------------------------------------------------------------
+
+def _brief(r: EvalRunRecord) -> dict:
+    s = r.summary or {}
+    return {"id": r.run_id, "status": r.status, "model": r.model, "rft_upstream_model": r.upstream_model,
+            "result_counts": s.get("result_counts"), "rft_cost_usd": pricing.usd(int(s.get("cost_micro") or 0))}
+
+
+def _scores(run_id: str) -> dict[int, dict]:
+    out = {}
+    for item in _stored(run_id):
+        output = (item.sample or {}).get("output") or []
+        text = output[-1].get("content") if output and isinstance(output[-1], dict) else None
+        out[int(item.item_index)] = {"status": item.status, "output_text": (text or "")[:500],
+                                     "scores": {r.get("name"): r.get("score") for r in item.results or []}}
+    return out
+
+
+def compare(team_id: str, eval_id: str, runs: str | None, limit: int) -> dict:
+    wanted = [r.strip() for r in (runs or "").split(",") if r.strip()]
+    if len(wanted) != 2 or wanted[0] == wanted[1]:
+        raise InvalidRequest("runs must name two runs of this eval: runs=<run id>,<run id>.", param="runs")
+    a, b = (get_run(team_id, eval_id, r, param="runs") for r in wanted)
+    return {"object": "eval.comparison", "eval_id": eval_id, "runs": [_brief(a), _brief(b)],
+            "per_testing_criteria": rules.compare_summaries(a.summary, b.summary),
+            "items": rules.disagreements(_scores(a.run_id), _scores(b.run_id), limit),
+            "rft_same_data_source": (a.data_source or {}).get("source") == (b.data_source or {}).get("source")}
+
+
+# ---- the queue ----------------------------------------------------------------------------------
+
+_queue_url: dict[str, str] = {}
+
+
+def _send(body: dict, delay: int = 0) -> bool:
+    try:
+        sqs = aws.sqs()
+        name = evals_queue()
+        if name not in _queue_url:
+            _queue_url[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        sqs.send_message(QueueUrl=_queue_url[name], MessageBody=json.dumps(body), DelaySeconds=delay)
+        return True
+    except Exception as exc:  # noqa: BLE001 - callers decide (reads repair a lost message)
+        logger.warning("eval worker message not sent", extra={"error": type(exc).__name__})
+        return False
+
+
+def enqueue(record: EvalRunRecord, delay: int = 0) -> bool:
+    sent = _send({"team_id": record.team_id, "eval_id": record.eval_id, "run_id": record.run_id}, delay)
+    if sent:
+        try:
+            dynamo.call(lambda: record.update(actions=[EvalRunRecord.enqueued_at.set(ids.now())],
+                                              condition=EvalRunRecord.run_id.exists()),
+                        idempotent=True, what="eval run enqueued")
+        except (UpdateError, ApiError):
+            pass     # only a hint for read repair
+    return sent
+
+
+def handle_message(body: dict) -> str:
+    """The eval worker's step for one message; safe to repeat."""
+    if "purge_eval" in body:
+        return purge_eval(body["team_id"], body["purge_eval"])
+    if "purge_run" in body:
+        return purge_run(body["eval_id"], body["purge_run"])
+    return execute(body["team_id"], body["eval_id"], body["run_id"])
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+class StopRun(Exception):
+    """Why a run stops before its last item: `status` (canceled | failed | None to leave the
+    status as it is: cancelled by request, deleted, taken over, continued)."""
+
+    def __init__(self, status: str | None, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Worker:
+    def __init__(self, run: EvalRunRecord, ev: EvalDefinition, token: str, criteria: list, compiled: list,
+                 ds: rules.DataSource, tally: rules.Tally):
+        from chalicelib.services import gateway
+
+        self.gateway = gateway
+        self.run, self.ev, self.token, self.ds, self.tally = run, ev, token, ds, tally
+        self.criteria, self.compiled = criteria, compiled
+        self.team_id, self.run_id = run.team_id, run.run_id
+        self.key_id = run.key_id or "eval"
+        self.lock = threading.Lock()
+        self.committed = tally.cost_micro              # spent so far plus the worst case of what is in flight
+        self.checked_at = 0.0
+        self.saved_at = time.monotonic()
+        self.target = self.price = None
+        self.render = None
+        if ds.type == "completions":
+            self.target = gateway.Target(run.model, run.upstream_model, run.base_model, run.alias)
+            self.price = prices.price(run.upstream_model, run.base_model)
+            if self.price is None:
+                raise StopRun("failed", "model_not_priced", f"Model '{run.model}' has no price, so its calls cannot "
+                                                            "be metered.")
+            self.render = rules.input_renderer(ds.input_messages)
+        self.judges = []
+        for i, c in enumerate(criteria):
+            for model, param, cap in judge_models(c.spec, f"testing_criteria[{i}]"):
+                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap))
+
+    # -- money -----------------------------------------------------------------------------------
+    def worst(self, item: dict, sample: dict | None) -> int:
+        """The most one item can cost: its generation at the output cap and every judge call."""
+        item_tokens = budget_rules.prompt_tokens_estimate(item)
+        out_tokens = self.ds.max_completion_tokens if self.ds.type == "completions" else \
+            budget_rules.prompt_tokens_estimate(rules.sample_text(sample) or "")
+        total = 0
+        if self.ds.type == "completions":
+            total += budget_rules.worst_case_micro(self.price, item_tokens, out_tokens)
+        for price, cap in self.judges:
+            total += budget_rules.worst_case_micro(price, item_tokens + out_tokens + 200, cap)
+        return total
+
+    # -- one item --------------------------------------------------------------------------------
+    def generate(self, index: int, messages: list[dict]) -> tuple[str, str, dict, int]:
+        s = self.ds.sampling
+        body: dict[str, Any] = {"model": self.target.upstream, "messages": messages,
+                                "max_tokens": self.ds.max_completion_tokens}
+        for name in ("temperature", "top_p", "seed", "reasoning_effort", "response_format", "tools"):
+            if s.get(name) is not None:
+                body[name] = s[name]
+        worst = budget_rules.worst_case_micro(self.price, budget_rules.prompt_tokens_estimate(
+            [messages, s.get("tools")]), self.ds.max_completion_tokens)
+
+        def invoke():
+            _, _, raw = bedrock.forward("/chat/completions", body, self.gateway.upstream_deadline())
+            data = json.loads(raw)
+            return data, self.gateway._tokens(data.get("usage"), "chat")
+
+        data, entry = self.gateway._metered(self.team_id, self.key_id, f"{self.run_id}.{index}", self.target,
+                                            self.price, worst, endpoint="/chat/completions", stream=False,
+                                            invoke=invoke, kind="inference")
+        choice = (data.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        text = message.get("content")
+        if text is None and message.get("tool_calls"):
+            text = json.dumps(message["tool_calls"])
+        return text or "", choice.get("finish_reason") or "", data.get("usage") or {}, entry.cost_micro
+
+    def judge_for(self, index: int, usage: dict, costs: list):
+        """A judge for the graders: the gateway's metering path (kind `grader`), with request ids
+        tied to the run and item, and each call's usage counted per model."""
+        numbers = itertools.count()
+        gateway = self.gateway
+
+        def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
+            target, price = gateway.priced(self.team_id, model, "grader.model")
+            worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
+                                                  sampling.get("max_completion_tokens"))
+
+            def invoke():
+                text, used = bedrock.judge(target.upstream, messages, sampling, gateway.upstream_deadline())
+                return (text, used or {}), gateway._tokens(used, "chat")
+
+            try:
+                (text, used), entry = gateway._metered(self.team_id, self.key_id, f"{self.run_id}.{index}.j{next(numbers)}",
+                                                       target, price, worst, endpoint="/chat/completions", stream=False,
+                                                       invoke=invoke, kind="grader")
+            except budgets.OverBudget as err:
+                raise JudgeRefused(err) from None
+            costs.append(entry.cost_micro)
+            _count(usage, model, used)
+            return text, int(used.get("total_tokens") or 0)
+        return call
+
+    def process(self, index: int, item: dict, sample: dict | None, worst: int) -> None:
+        try:
+            self._process(index, item, sample)
+        finally:
+            with self.lock:
+                self.committed -= worst
+
+    def _process(self, index: int, item: dict, sample: dict | None) -> None:
+        usage: dict = {}
+        costs: list[int] = []
+        error = None
+        messages: list[dict] = []
+        text, finish, model, used = None, "", self.run.model, {}
+        problems = rules.schema_errors(self.ev.data_source_config.get("item_schema"), item)
+        if problems:      # checked when the run was created: only a file changed since would get here
+            error = {"code": "invalid_item", "message": "; ".join(problems[:3])}
+        if self.ds.type == "completions" and error is None:
+            try:
+                messages = self.render(item)
+            except InvalidVariable as exc:
+                error = {"code": "invalid_variable_error", "message": str(exc)[:500]}
+            if error is None:
+                try:
+                    text, finish, used, cost = self.generate(index, messages)
+                    costs.append(cost)
+                    _count(usage, self.run.upstream_model, used)
+                except budgets.OverBudget as err:
+                    raise StopRun("canceled", "budget_exhausted", f"The team's budget cannot pay for more calls: "
+                                                                  f"{err.message}") from None
+                except ApiError as err:            # the failed call is on the ledger too
+                    error = {"code": str(err.code or "upstream_error"), "message": err.message[:500]}
+        elif self.ds.type == "jsonl":
+            text = rules.sample_text(sample)
+            model = str((sample or {}).get("model") or "")
+            finish = "stop"
+            used = (sample or {}).get("usage") if isinstance((sample or {}).get("usage"), dict) else {}
+            messages = (sample or {}).get("input") if isinstance((sample or {}).get("input"), list) else []
+        results = []
+        if error is None:
+            graded = make_sample(text or "")
+            deps = Deps(judge=self.judge_for(index, usage, costs), invoke_lambda=lambdas.invoke)
+            for criterion, grader in zip(self.criteria, self.compiled):
+                try:
+                    r = run_grader(grader, graded, item, deps)
+                except JudgeRefused as refused:
+                    raise StopRun("canceled", "budget_exhausted", "The team's budget cannot pay for more judge "
+                                                                  f"calls: {refused}") from None
+                result = {"name": criterion.name, "type": criterion.type, "score": r.reward,
+                          "passed": not r.errors and r.reward >= criterion.threshold,
+                          "rft_pass_threshold": criterion.threshold}
+                if r.errors:
+                    result["rft_errors"] = sorted(r.errors)
+                    result["rft_details"] = (r.details or "")[:500]
+                if r.sub_rewards:
+                    result["rft_sub_scores"] = r.sub_rewards
+                results.append(result)
+        errored = error is not None or any("rft_errors" in r for r in results)
+        status = "pass" if error is None and results and all(r["passed"] for r in results) else "fail"
+        s = {**rules.SAMPLING_DEFAULTS, **self.ds.sampling} if self.ds.type == "completions" else rules.SAMPLING_DEFAULTS
+        view = {"input": [{"role": str(m.get("role")), "content": _clip(m.get("content"))} for m in messages
+                          if isinstance(m, dict)],
+                "output": [{"role": "assistant", "content": _clip(text)}] if text is not None else [],
+                "finish_reason": finish, "model": model,
+                "usage": {"total_tokens": int(used.get("total_tokens") or 0),
+                          "completion_tokens": int(used.get("completion_tokens") or 0),
+                          "prompt_tokens": int(used.get("prompt_tokens") or 0),
+                          "cached_tokens": int((used.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)},
+                "error": error or dict(NO_ERROR), "temperature": float(s.get("temperature", 1.0)),
+                "max_completion_tokens": self.ds.max_completion_tokens if self.ds.type == "completions" else 0,
+                "top_p": float(s.get("top_p", 1.0)), "seed": int(s.get("seed", 42))}
+        record = EvalOutputItem(self.run_id, index, eval_id=self.run.eval_id, status=status, errored=errored,
+                                datasource_item=_fit(item), sample=view, results=results, usage=usage,
+                                cost_micro=sum(costs), created_at=ids.now())
+        stored = self.store(record)
+        with self.lock:
+            self.tally.add(stored.status, bool(stored.errored), stored.results or [], stored.usage or {},
+                           int(stored.cost_micro or 0))
+            self.committed += int(stored.cost_micro or 0)
+
+    def store(self, record: EvalOutputItem) -> EvalOutputItem:
+        """Once per item: a conditional put, with a check that the run still exists. An item an
+        earlier attempt stored is kept as it was (this attempt's result is dropped)."""
+        def put():
+            with TransactWrite(connection=connection()) as tx:
+                tx.condition_check(EvalRunRecord, self.run.eval_id, self.run_id,
+                                   condition=EvalRunRecord.run_id.exists())
+                tx.save(record, condition=EvalOutputItem.item_index.does_not_exist())
+        try:
+            dynamo.call(put, idempotent=True, what="eval output item")
+            return record
+        except TransactWriteError as exc:
+            reasons = dynamo.reasons(exc)
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                raise StopRun(None, "deleted", "The run was deleted.") from None
+            if dynamo.is_condition(exc):
+                return EvalOutputItem.get(self.run_id, record.item_index, consistent_read=True)
+            raise
+
+    # -- control ---------------------------------------------------------------------------------
+    def check(self) -> StopRun | None:
+        """Re-reads the run now and then: cancelled, deleted or taken over stops it; so does a
+        deadline too close to finish another item (the rest goes to a fresh invocation)."""
+        if deadline.remaining() < CONTINUE_MARGIN_S:
+            return StopRun(None, "continue", "The invocation's time is nearly up; continuing in another.")
+        now = time.monotonic()
+        if now - self.checked_at < CHECK_EVERY_S:
+            return None
+        self.checked_at = now
+        fresh = _run(self.run.eval_id, self.run_id)
+        if fresh is None:
+            return StopRun(None, "deleted", "The run was deleted.")
+        if fresh.lease_token != self.token:
+            return StopRun(None, "taken_over", "Another worker took the run over.")
+        if fresh.status != "in_progress":
+            return StopRun(None, "canceled", "The run was canceled.")
+        return None
+
+    def save_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.saved_at < PROGRESS_EVERY_S:
+            return
+        self.saved_at = now
+        with self.lock:
+            summary = self.tally.summary()
+        try:
+            dynamo.call(lambda: self.run.update(actions=[EvalRunRecord.summary.set(summary),
+                                                         EvalRunRecord.updated_at.set(ids.now())],
+                                                condition=EvalRunRecord.lease_token == self.token),
+                        idempotent=True, what="eval run progress")
+        except UpdateError as exc:
+            if not dynamo.is_condition(exc):
+                raise
+
+
+def _count(usage: dict, model: str | None, used: dict | None) -> None:
+    used = used or {}
+    have = usage.setdefault(model or "", [0, 0, 0, 0])
+    have[0] += 1
+    have[1] += int(used.get("prompt_tokens") or 0)
+    have[2] += int(used.get("completion_tokens") or 0)
+    have[3] += int((used.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def _clip(text: Any) -> str:
+    text = text if isinstance(text, str) else json.dumps(text) if text is not None else ""
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + " [truncated by rft-hub]"
+
+
+def _fit(item: dict) -> dict:
+    return item if len(json.dumps(item)) <= MAX_STORED_JSON // 2 else {"rft_truncated": True}
+
+
+def _lease(run: EvalRunRecord, token: str) -> bool:
+    now = ids.now()
+    actions = [EvalRunRecord.status.set("in_progress"), EvalRunRecord.lease_token.set(token),
+               EvalRunRecord.lease_until.set(now + int(deadline.remaining()) + 30), EvalRunRecord.attempts.add(1),
+               EvalRunRecord.updated_at.set(now)]
+    if not run.started_at:
+        actions.append(EvalRunRecord.started_at.set(now))
+    condition = (EvalRunRecord.status == "queued") | ((EvalRunRecord.status == "in_progress") & (
+        EvalRunRecord.lease_until.does_not_exist() | (EvalRunRecord.lease_until < now)))
+    try:
+        dynamo.call(lambda: run.update(actions=actions, condition=condition), idempotent=False, what="eval run lease")
+        return True
+    except UpdateError as exc:
+        if dynamo.is_condition(exc):
+            return False
+        raise
+
+
+def _release(run: EvalRunRecord, token: str, continued: bool = False) -> None:
+    """Ends this worker's lease now; a continuation does not count as an attempt."""
+    actions = [EvalRunRecord.lease_until.set(0)] + ([EvalRunRecord.attempts.add(-1)] if continued else [])
+    try:
+        # Conditional on the lease being held: a repeat after an unknown outcome changes nothing.
+        dynamo.call(lambda: run.update(actions=actions, condition=(EvalRunRecord.lease_token == token) &
+                                       (EvalRunRecord.lease_until > 0)),
+                    idempotent=True, what="eval run release")
+    except (UpdateError, ApiError):
+        pass      # the lease runs out by itself
+
+
+def execute(team_id: str, eval_id: str, run_id: str) -> str:
+    """Runs (or resumes) one run. Safe to repeat: the lease admits one worker, stored items are skipped."""
+    run = _run(eval_id, run_id)
+    if run is None or run.team_id != team_id:
+        return "gone"
+    if run.status in rules.TERMINAL:
+        return run.status
+    try:
+        ev = EvalDefinition.get(team_id, eval_id, consistent_read=True)
+    except DoesNotExist:
+        return "gone"                         # the eval was deleted: its purge removes the run
+    token = secrets.token_hex(8)
+    if not _lease(run, token):
+        return "running elsewhere"
+    run.refresh(consistent_read=True)
+    if (run.attempts or 0) > MAX_ATTEMPTS:
+        _finish(run, token, "failed", {"code": "too_many_attempts", "message": f"The run was started {MAX_ATTEMPTS} "
+                                       "times without finishing."}, None)
+        return "failed"
+    try:
+        return _execute(run, ev, token)
+    except StopRun as stop:                       # before any item: a setup problem
+        _finish(run, token, stop.status or "failed", {"code": stop.code, "message": stop.message}, None)
+        return stop.status or "failed"
+    except Exception:
+        _release(run, token)                      # a redelivery (or a read) resumes it without waiting for the lease
+        raise
+
+
+def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
+    try:
+        criteria = rules.criteria_from_stored(ev.testing_criteria)
+        compiled = _compile(run.team_id, criteria)
+        ds = rules.data_source_from_stored(run.data_source)
+        rows = _rows(run.team_id, ds)
+    except (ApiError, rules.EvalRuleError) as err:
+        raise StopRun("failed", getattr(err, "code", None) or "invalid_run", err.message) from None
+    tally = rules.Tally([c.name for c in criteria])
+    done = set()
+    for item in _stored(run.run_id):
+        done.add(int(item.item_index))
+        tally.add(item.status, bool(item.errored), item.results or [], item.usage or {}, int(item.cost_micro or 0))
+    try:
+        worker = _Worker(run, ev, token, criteria, compiled, ds, tally)
+    except ApiError as err:             # a judge the team may no longer call
+        raise StopRun("failed", err.code or "invalid_run", err.message) from None
+    pending = iter([row for row in rows if row[0] not in done])
+    stop: StopRun | None = None
+    with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+        inflight: set = set()
+        while True:
+            stop = stop or worker.check()
+            while stop is None and len(inflight) < CONCURRENCY:
+                row = next(pending, None)
+                if row is None:
+                    break
+                worst = worker.worst(row[1], row[2])
+                with worker.lock:
+                    if run.max_micro is not None and worker.committed + worst > run.max_micro:
+                        stop = StopRun("canceled", "cost_cap_reached",
+                                       f"The run's cost cap of ${pricing.usd(run.max_micro)} was reached: the next item "
+                                       f"could cost up to ${pricing.usd(worst)} and "
+                                       f"${pricing.usd(worker.committed)} is spent or committed.")
+                        break
+                    worker.committed += worst
+                # Each item runs in a copy of this context: its calls see the invocation's deadline.
+                inflight.add(pool.submit(contextvars.copy_context().run, worker.process, *row, worst))
+            if not inflight:
+                break
+            finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    future.result()
+                except StopRun as raised:
+                    stop = stop or raised
+            worker.save_progress()
+    summary = tally.summary()
+    if stop is not None and stop.code == "continue":
+        worker.save_progress(force=True)
+        _release(run, token, continued=True)
+        enqueue(run)
+        return "continued"
+    if stop is not None and stop.status is None:
+        if stop.code == "canceled":
+            _finish(run, token, None, None, summary)
+        return stop.code
+    status = stop.status if stop is not None else "completed"
+    error = {"code": stop.code, "message": stop.message} if stop is not None else None
+    _finish(run, token, status, error, summary)
+    return status
+
+
+def _finish(run: EvalRunRecord, token: str, status: str | None, error: dict | None, summary: dict | None) -> None:
+    """The run's last write: its counts, and its final status with the outbound event in the same
+    transaction. `status` None: the status was set elsewhere (cancelled): only the counts."""
+    now = ids.now()
+    actions = [EvalRunRecord.updated_at.set(now), EvalRunRecord.lease_token.remove(),
+               EvalRunRecord.lease_until.remove()]
+    if summary is not None:
+        actions.append(EvalRunRecord.summary.set(summary))
+    if status is None:
+        try:
+            dynamo.call(lambda: run.update(actions=actions, condition=EvalRunRecord.lease_token == token),
+                        idempotent=True, what="eval run counts")
+        except UpdateError as exc:
+            if not dynamo.is_condition(exc):
+                raise
+        _after(run)
+        return
+    actions += [EvalRunRecord.status.set(status), EvalRunRecord.finished_at.set(now)]
+    if error:
+        actions.append(EvalRunRecord.error.set(error))
+    final = summary or run.summary or {}
+    event = outbox.stage("rft-hub.eval.run_finished", run.team_id, eval_id=run.eval_id, run_id=run.run_id,
+                         status=status, model=run.model, upstream_model=run.upstream_model, job_id=run.job_id,
+                         role=run.role, error=error, result_counts=final.get("result_counts"),
+                         mean_scores=rules.means(final), cost_usd=pricing.usd(int(final.get("cost_micro") or 0)),
+                         report_path=report_path(run.eval_id, run.run_id))
+
+    def write():
+        with TransactWrite(connection=connection()) as tx:
+            tx.update(run, actions=actions, condition=(EvalRunRecord.lease_token == token) &
+                      (EvalRunRecord.status == "in_progress"))
+            tx.save(event)
+    try:
+        dynamo.call(write, idempotent=True, what="eval run finish")
+    except TransactWriteError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+        return _finish(run, token, None, None, summary)     # cancelled meanwhile: keep that, save the counts
+    outbox.publish([event])
+    _after(run)
+
+
+def _after(run: EvalRunRecord) -> None:
+    if run.job_id:
+        try:
+            report_job(run.team_id, run.job_id)
+        except (ApiError, PynamoDBException) as exc:
+            logger.warning("job eval report deferred", extra={"job_id": run.job_id, "error": type(exc).__name__})
+
+
+def purge_run(eval_id: str, run_id: str) -> str:
+    """Deletes a deleted run's items (the run record is already gone)."""
+    if _run(eval_id, run_id) is not None:
+        return "exists"
+    keys = [EvalOutputItem(run_id, int(i.item_index)) for i in _stored(run_id)]
+    with EvalOutputItem.batch_write() as batch:
+        for key in keys:
+            batch.delete(key)
+    return f"purged {len(keys)}"
+
+
+def purge_eval(team_id: str, eval_id: str) -> str:
+    try:
+        EvalDefinition.get(team_id, eval_id, consistent_read=True)
+        return "exists"
+    except DoesNotExist:
+        pass
+    count = 0
+    for run in list(EvalRunRecord.query(eval_id, consistent_read=True)):
+        if run.team_id != team_id:
+            continue
+        run.delete()
+        purge_run(eval_id, run.run_id)
+        count += 1
+    return f"purged {count} runs"
+
+
+# ---- promotion gates ----------------------------------------------------------------------------
+
+def gate_key(team_id: str, alias: str) -> str:
+    return f"{team_id}#{alias}"
+
+
+def load_gate(team_id: str, alias: str) -> AliasGate | None:
+    try:
+        return dynamo.call(lambda: AliasGate.get(gate_key(team_id, alias), "gate", consistent_read=True),
+                           idempotent=True, what="alias gate")
+    except DoesNotExist:
+        return None
+
+
+def check_gate(team_id: str, raw: Any) -> dict:
+    """A gate as sent on POST /v1/models/aliases, checked against its eval's testing criteria."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("eval_id"), str):
+        raise InvalidRequest("gate must be {\"eval_id\", \"criteria\": {<criterion>: <min score>}, "
+                             "\"no_worse_than_current\": true|false}.", param="gate.eval_id")
+    try:
+        ev = get_eval(team_id, raw["eval_id"], param="gate.eval_id")
+    except NotFound as err:
+        raise InvalidRequest(err.message, param="gate.eval_id") from None
+    return _rules(rules.check_gate, raw, [c["name"] for c in ev.testing_criteria])
+
+
+def newest_completed(eval_id: str, model: str) -> EvalRunRecord | None:
+    """The newest completed run of the eval that sampled `model` (resolved when it was created)."""
+    page = pagination.query(EvalRunRecord, eval_id, limit=1, newest_first=True,
+                            filter_condition=(EvalRunRecord.status == "completed") &
+                            (EvalRunRecord.upstream_model == model), page_size=100, max_pages=10,
+                            what="gate runs")
+    return page.items[0] if page.items else None
+
+
+def gate_evidence(team_id: str, alias: str, gate: dict, target: str, current: str | None) -> dict:
+    """The run that lets `alias` move from `current` to `target` under `gate`, and the comparison;
+    a 409 naming every reason when there is none."""
+    def refuse(reasons: list[str]) -> Conflict:
+        return Conflict(f"Alias '{alias}' is gated by eval '{gate['eval_id']}' and cannot move to '{target}': "
+                        + "; ".join(reasons) + ". An admin may override with \"override_reason\".",
+                        param="model", code="gate_failed")
+    try:
+        get_eval(team_id, gate["eval_id"])
+    except NotFound:
+        raise refuse([f"the gate's eval '{gate['eval_id']}' no longer exists"]) from None
+    run = newest_completed(gate["eval_id"], target)
+    if run is None:
+        raise refuse([f"no completed run of the eval on '{target}' (create one with data_source.model = "
+                      f"'{target}')"])
+    baseline = None
+    if gate["no_worse_than_current"] and current:
+        baseline = newest_completed(gate["eval_id"], current)
+        if baseline is None:
+            raise refuse([f"no_worse_than_current needs a completed run of the eval on the current model '{current}'"])
+    failures, comparison = rules.gate_failures(gate, run.summary, baseline.summary if baseline else None)
+    if failures:
+        raise refuse([f"run {run.run_id}: {f}" for f in failures])
+    return {"eval_id": gate["eval_id"], "eval_run_id": run.run_id,
+            "baseline_run_id": baseline.run_id if baseline else None, "comparison": comparison}
+
+
+def move_evidence(team_id: str, alias: str, versions: list[int]) -> dict[int, dict]:
+    """What justified each version of an alias (the alias history shows it)."""
+    if not versions:
+        return {}
+    keys = [(gate_key(team_id, alias), f"v{v:09d}") for v in versions]
+    found = dynamo.call(lambda: list(AliasGate.batch_get(keys)), idempotent=True, what="alias evidence")
+    return {int(e.entry[1:]): dict(e.evidence or {}) for e in found}
+
+
+# ---- the eval a fine-tuning job names (rft_eval) -------------------------------------------------
+
+JOB_EVAL_KEYS = {"eval_id", "file_id", "input_messages", "sampling_params", "rft_max_usd"}
+
+
+def attach_to_job(team_id: str, job_id: str, spec: dict | None) -> None:
+    """Job creation: checks the job's `rft_eval` and keeps it for when the job succeeds."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or not isinstance(spec.get("eval_id"), str):
+        raise InvalidRequest("rft_eval must be {\"eval_id\": <eval id>} (optionally file_id, input_messages, "
+                             "sampling_params, rft_max_usd).", param="rft_eval.eval_id")
+    extra = sorted(set(spec) - JOB_EVAL_KEYS)
+    if extra:
+        raise InvalidRequest(f"Unknown field 'rft_eval.{extra[0]}'.", param=f"rft_eval.{extra[0]}")
+    try:
+        get_eval(team_id, spec["eval_id"])
+    except NotFound as err:
+        raise InvalidRequest(err.message, param="rft_eval.eval_id") from None
+    _rules(rules.check_input_messages, spec.get("input_messages"), prefix="rft_eval")
+    _rules(rules.check_sampling, spec.get("sampling_params"), prefix="rft_eval")
+    if spec.get("file_id") is not None:
+        try:
+            files.get_file(team_id, spec["file_id"])
+        except NotFound as err:
+            raise InvalidRequest(err.message, param="rft_eval.file_id") from None
+    if spec.get("rft_max_usd") is not None:
+        _rules(rules.cap_micro, rules.CreateRun(data_source={}, rft_max_usd=spec["rft_max_usd"]), prefix="rft_eval")
+    link = JobEvalLink(team_id, job_id, eval_id=spec["eval_id"], options=spec, created_at=ids.now())
+    dynamo.call(link.save, idempotent=True, what="job eval")
+
+
+def start_for_job(job: Job) -> None:
+    """A succeeded job's `rft_eval`: one run on the base model, the tuned model and each checkpoint.
+    Idempotent (deterministic run ids); raises ServiceUnavailable when a run could not be queued,
+    so the job's finalize is repeated by the reconciler."""
+    from chalicelib.services import jobs
+
+    try:
+        link = dynamo.call(lambda: JobEvalLink.get(job.team_id, job.job_id, consistent_read=True), idempotent=True,
+                           what="job eval")
+    except DoesNotExist:
+        return
+    if link.enqueued:
+        return
+    try:
+        get_eval(job.team_id, link.eval_id)
+    except NotFound:
+        jobs.record_event(job, f"Eval '{link.eval_id}' was deleted; it was not run on the tuned model.",
+                          level="warn", source="rft-hub")
+        link.update(actions=[JobEvalLink.enqueued.set(True), JobEvalLink.reported.set(True)])
+        return
+    targets = [("base", job.model), ("tuned", job.fine_tuned_model)]
+    try:
+        tuned = TunedModel.get(job.team_id, job.fine_tuned_model, consistent_read=True)
+        targets += [("checkpoint", c["model"]) for c in tuned.checkpoints or []
+                    if c.get("model") and c["model"] != job.fine_tuned_model]
+    except DoesNotExist:
+        pass
+    options = link.options or {}
+    source = {"type": "file_id", "id": options.get("file_id") or job.validation_file or job.training_file}
+    created_ms = int(job.finished_at or ids.now()) * 1000
+    run_ids, problems, unsent = dict(link.run_ids or {}), [], False
+    for role, model in targets:
+        data_source = {"type": "completions", "model": model, "source": source,
+                       "input_messages": options.get("input_messages") or rules.DEFAULT_INPUT}
+        if options.get("sampling_params"):
+            data_source["sampling_params"] = options["sampling_params"]
+        body = rules.CreateRun(name=f"{role}: {model}", metadata={"rft_job_id": job.job_id, "rft_role": role},
+                               data_source=data_source, rft_max_usd=options.get("rft_max_usd"))
+        run_id = new_run_id(created_ms, f"{job.team_id}/{job.job_id}/{model}")
+        try:
+            _, view = create_run(job.team_id, link.eval_id, body, None, job_id=job.job_id, role=role, run_id=run_id)
+            run_ids[view["id"]] = role
+            record = _run(link.eval_id, view["id"])
+            unsent = unsent or (record is not None and record.status == "queued" and not record.enqueued_at)
+        except ApiError as err:
+            problems.append(f"{role} model {model}: {err.message}")
+    link.update(actions=[JobEvalLink.run_ids.set(run_ids), JobEvalLink.enqueued.set(not unsent)])
+    if unsent:
+        raise ServiceUnavailable("The eval worker's queue could not be reached; the job's eval runs wait.")
+    message = f"Eval '{link.eval_id}' started on " + ", ".join(f"{role} ({rid})" for rid, role in run_ids.items())
+    if problems:
+        message += ". Not run: " + "; ".join(problems)
+    jobs.record_event(job, message + ".", source="rft-hub", data={"eval_id": link.eval_id, "runs": run_ids})
+
+
+def report_job(team_id: str, job_id: str) -> None:
+    """When every run a job started has finished: the comparison (base vs tuned, and each checkpoint),
+    once, as a job event and an outbound event."""
+    from chalicelib.services import jobs
+
+    try:
+        link = JobEvalLink.get(team_id, job_id, consistent_read=True)
+    except DoesNotExist:
+        return
+    if link.reported or not link.run_ids:
+        return
+    runs = {rid: _run(link.eval_id, rid) for rid in link.run_ids}
+    if any(r is not None and r.status not in rules.TERMINAL for r in runs.values()):
+        return
+    base = next((r for r in runs.values() if r is not None and r.role == "base"), None)
+    rows = []
+    for rid, r in runs.items():
+        if r is None:
+            continue
+        rows.append({"run_id": rid, "role": r.role, "model": r.model, "status": r.status,
+                     "mean_scores": rules.means(r.summary), "pass_rates": rules.pass_rates(r.summary),
+                     "vs_base": rules.compare_summaries(base.summary, r.summary) if base is not None and r is not base
+                     else None})
+    comparison = {"eval_id": link.eval_id, "runs": rows}
+    lines = []
+    for row in rows:
+        scores = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in row["mean_scores"].items())
+        lines.append(f"{row['role']} {row['model']} ({row['status']}): {scores}")
+    event = outbox.stage("rft-hub.eval.compared", team_id, job_id=job_id, **comparison)
+    try:   # once: the flag and the outbound event in one transaction
+        with TransactWrite(connection=connection()) as tx:
+            tx.update(link, actions=[JobEvalLink.reported.set(True)], condition=JobEvalLink.reported == False)  # noqa: E712
+            tx.save(event)
+    except TransactWriteError as exc:
+        if dynamo.is_condition(exc):
+            return                  # reported by a concurrent finish
+        raise
+    outbox.publish([event])
+    try:
+        job = Job.get(team_id, job_id, consistent_read=True)
+        jobs.record_event(job, f"Eval '{link.eval_id}' comparison: " + " | ".join(lines), source="rft-hub",
+                          data=comparison)
+    except DoesNotExist:
+        pass
