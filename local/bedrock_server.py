@@ -702,8 +702,9 @@ def _sse_response(answer: dict):
         seq += 1
         return f"event: {kind}\ndata: " + json.dumps({"type": kind, **fields, "sequence_number": seq}) + "\n\n"
 
-    started = {**answer, "status": "in_progress", "output": [], "usage": None, "completed_at": None,
-               "incomplete_details": None}
+    # In progress: no output yet and no usage (OpenAI's document has no null usage).
+    started = {**{k: v for k, v in answer.items() if k != "usage"}, "status": "in_progress", "output": [],
+               "completed_at": None, "incomplete_details": None}
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
     for i, item in enumerate(answer["output"]):

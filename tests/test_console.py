@@ -264,6 +264,7 @@ class Console:
         self.page.set_default_timeout(20_000)
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if "Content Security Policy" in m.text else None)
 
     def sign_in(self, key: str, path: str = "/console"):
         self.page.goto(self.base + path)

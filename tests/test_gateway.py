@@ -191,3 +191,21 @@ def test_threshold_crossings_are_announced_once_per_period(api, admin_headers, m
             if body["detail-type"] == "rft-hub.budget.threshold_crossed" and body["detail"]["team_id"] == team_id:
                 seen.append(body["detail"]["threshold"])
     assert sorted(seen) == [0.5, 0.8]
+
+
+def test_a_tuned_model_is_retired_with_the_sdk_unless_an_alias_points_at_it(client):
+    from chalicelib.store.models import Alias, TunedModel
+    team_id = client.get("/me", cast_to=object)["team"]["id"]
+    now = int(time.time())
+    for model_id in ("openai.gpt-oss-20b:ft:old", "openai.gpt-oss-20b:ft:live"):
+        TunedModel(team_id, model_id, base_model="openai.gpt-oss-20b", job_id="ftjob-x", grader={},
+                   created_at=now).save()
+    Alias(team_id, "live", model_id="openai.gpt-oss-20b:ft:live", base_model="openai.gpt-oss-20b", version=1,
+          updated_at=now).save()
+    deleted = client.models.delete("openai.gpt-oss-20b:ft:old")
+    assert deleted.deleted and deleted.id == "openai.gpt-oss-20b:ft:old"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("openai.gpt-oss-20b:ft:old")
+    with pytest.raises(openai.ConflictError) as err:
+        client.models.delete("openai.gpt-oss-20b:ft:live")
+    assert "live" in err.value.message

@@ -20,7 +20,6 @@ from chalicelib.domain import nova as rules
 from chalicelib.errors import InvalidRequest
 from helpers import http, register_graders, start_job, wait_submitted
 from local.example_graders import arn as example_arn
-from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows, jsonl
 
 NOVA = "amazon.nova-2-lite-v1:0:256k"

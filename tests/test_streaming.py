@@ -119,6 +119,24 @@ def test_a_responses_stream_sends_response_created_before_the_upstream_finishes(
     assert deltas == rest[-1].response.output_text and rest[-1].response.usage.output_tokens > 0
 
 
+@pytest.mark.parametrize("options", [{}, {"max_output_tokens": 2},
+                                     {"tools": [{"type": "function", "name": "weather", "parameters": {
+                                         "type": "object", "properties": {"city": {"type": "string"}}}}],
+                                      "tool_choice": "required"}], ids=["text", "incomplete", "tool-call"])
+def test_every_responses_event_matches_openais_document(client, bedrock, options):
+    import openai_spec as spec
+
+    raw = client.responses.with_raw_response.create(model=MODEL, input="tell me", stream=True, **options)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[5:]) for line in raw.http_response.read().decode().splitlines()
+              if line.startswith("data:")]
+    for event in events:
+        spec.validate("post", "/v1/responses", 200, event, "text/event-stream")
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == ("response.incomplete" if options.get("max_output_tokens") else "response.completed")
+    assert events[-1]["response"]["usage"]["output_tokens"] > 0
+
+
 # ---- money --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])

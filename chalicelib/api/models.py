@@ -37,6 +37,12 @@ def retrieve_model(req: Request, model_id: str):
     return found
 
 
+@route(bp, "/v1/models/{model_id}", ("DELETE",))
+def delete_model(req: Request, model_id: str):
+    """Retires a tuned model (OpenAI's `client.models.delete`); refused while an alias points at it."""
+    return registry.retire(req.team_id, model_id)
+
+
 @route(bp, "/v1/models/aliases", ("POST",), body=PointAlias, auth="any")
 def point_alias(req: Request):
     """Point an alias at a model (gated aliases need a passing eval run, or the admin's override)."""

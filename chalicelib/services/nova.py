@@ -361,7 +361,10 @@ def reconcile() -> dict:
 
 def _watch(record: NovaModel) -> str | None:
     """Polls a Creating deployment; records and announces Active or Failed. Returns which."""
-    found = native.get_deployment(record.deployment_arn)
+    try:
+        found = native.get_deployment(record.deployment_arn)
+    except NotFound:      # gone (deleted outside rft-hub): as good as failed; an alias move redeploys it
+        found = {"status": "Failed", "failureMessage": "Amazon Bedrock no longer knows this deployment."}
     status = found.get("status")
     if status not in ("Active", "Failed"):
         return None

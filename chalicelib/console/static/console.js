@@ -423,6 +423,7 @@
     var msg = h("p", {"class": "msg", role: "status"});
     var actions = h("div", {"class": "row"});
     if (ACTIVE.indexOf(job.status) >= 0) {
+      actions.appendChild(h("button", {"class": "btn secondary", type: "button", id: "refresh-job", onclick: render}, "Refresh"));
       actions.appendChild(h("button", {"class": "btn danger", type: "button", id: "cancel-job", onclick: function (e) {
         if (!window.confirm("Cancel job " + job.id + "? Bedrock stops it; the budget hold is released.")) return;
         e.target.disabled = true;
