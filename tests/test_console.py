@@ -131,7 +131,7 @@ def test_sign_in_exchanges_a_key_for_a_signed_short_lived_cookie(world):
     assert body["principal"] == "team" and body["team_id"] == world["team_a"] and body["csrf_token"]
     assert body["key_id"] == key.split("_")[1]
     token = _cookie_of(r)
-    assert key not in token and key.split("_")[2] not in token and key not in r.text   # the key is not handed back
+    assert key not in token and key.split("_", 2)[2] not in token and key not in r.text   # the key is not handed back
     # The cookie alone authenticates the API (reads), as its team only.
     me = _get(base, "/v1/me", token)
     assert me.status_code == 200 and me.json()["team"]["id"] == world["team_a"]
@@ -294,7 +294,7 @@ def test_a_team_sees_its_jobs_curve_rollouts_models_evals_and_spend(world, brows
     cookie = next(k for k in c.context.cookies() if k["name"] == COOKIE)
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     stored = page.evaluate("JSON.stringify([document.cookie, Object.entries(localStorage), Object.entries(sessionStorage)])")
-    assert world["key_a"].split("_")[2] not in stored and COOKIE not in stored
+    assert world["key_a"].split("_", 2)[2] not in stored and COOKIE not in stored
 
     # Jobs: the team's job with its status, model, grader, best reward and costs.
     row = page.wait_for_selector(f"#jobs-table tr[data-job='{job.id}']")

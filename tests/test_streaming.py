@@ -299,3 +299,38 @@ def test_litellm_as_a_client_streams_from_rft_hub(alias):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["text"].endswith("rivers") and out["chunks"] > 3
+
+
+# ---- deployed: the data plane's function and its streamed integrations --------------------------
+
+def test_the_template_streams_the_two_routes_from_the_data_plane_function():
+    """What `make package` merges (tests/test_deploy.py packages and lints the whole template)."""
+    from chalicelib.dataplane import READY_PATH, ROUTES
+    from deploy import template
+
+    merged = {"Resources": template.resources("prod")}
+    template.add_dataplane(merged, "prod")
+    res = merged["Resources"]
+    fn = res["DataPlane"]["Properties"]
+    assert fn["Handler"] == "chalicelib/dataplane/run.sh" and fn["Timeout"] == 900
+    env = fn["Environment"]["Variables"]
+    assert env["AWS_LWA_INVOKE_MODE"] == "response_stream" and env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
+    assert env["AWS_LWA_READINESS_CHECK_PATH"] == READY_PATH and env["RFT_TABLE_PREFIX"] == "rfthub-prod-"
+    assert merged["Parameters"]["LambdaWebAdapterLayerArn"]["Default"] == ""
+    assert fn["Layers"][0]["Fn::If"][2] == {"Ref": "LambdaWebAdapterLayerArn"}
+    assert fn["Role"] == {"Fn::GetAtt": ["DataPlaneRole", "Arn"]}
+    paths = res["RestAPI"]["Properties"]["DefinitionBody"]["paths"]
+    assert {(m.upper(), p) for p, methods in paths.items() for m in methods} == set(ROUTES)
+    for method, path in ROUTES:
+        integration = paths[path][method.lower()]["x-amazon-apigateway-integration"]
+        assert integration["responseTransferMode"] == "STREAM" and integration["type"] == "aws_proxy"
+        assert "/2021-11-15/functions/${DataPlane.Arn}/response-streaming-invocations" in integration["uri"]["Fn::Sub"]
+    assert res["DataPlaneInvokePermission"]["Properties"]["FunctionName"] == {"Ref": "DataPlane"}
+    statements = {st["Sid"]: st for st in
+                  res["DataPlaneRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]}
+    for statement in statements.values():
+        assert not (any(a.endswith(":*") for a in statement["Action"]) and "*" in statement["Resource"])
+    # It writes only what metering writes: holds, the ledger and threshold events.
+    writes = [st for st in statements.values() if {"dynamodb:PutItem", "dynamodb:UpdateItem"} & set(st["Action"])]
+    assert [st["Sid"] for st in writes] == ["Metering"]
+    assert sorted(r.rsplit("-", 1)[-1] for r in writes[0]["Resource"]) == ["budget_periods", "ledger", "outbox"]

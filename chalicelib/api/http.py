@@ -68,6 +68,19 @@ def json_response(status: int, body: Any, request_id: str, headers: dict | None 
                     status_code=status, headers=out_headers)
 
 
+def error_for(exc: Exception, path: str, request_id: str) -> ApiError:
+    """The one mapping of a failure to its answer, for the control plane (Chalice) and the data
+    plane (streaming) alike: an ApiError as it is; DynamoDB throttled or unreachable is a 503;
+    anything else is a 500 with a request id and one log line, never a stack trace."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PynamoDBException) and dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN):
+        logger.warning("dynamodb busy", extra={"path": path, "code": dynamo.response_code(exc)})
+        return dynamo.busy_error(path)
+    logger.exception("unhandled error", extra={"path": path}, exc_info=exc)
+    return InternalError(f"The server had an error while processing your request (request id {request_id}).")
+
+
 def error_response(err: ApiError, request_id: str) -> Response:
     return json_response(err.status, err.body(), request_id, err.headers)
 
@@ -202,22 +215,8 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                     response = json_response(result[0], result[1], request_id)
                 else:
                     response = json_response(200, result, request_id)
-            except ApiError as err:
-                response = error_response(err, request_id)
-            except PynamoDBException as exc:
-                if dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN):   # throttled or unreachable: 503
-                    logger.warning("dynamodb busy", extra={"path": current.path, "code": dynamo.response_code(exc)})
-                    response = error_response(dynamo.busy_error(current.path), request_id)
-                else:
-                    logger.exception("unhandled dynamodb error", extra={"path": current.path})
-                    response = error_response(InternalError(
-                        f"The server had an error while processing your request (request id {request_id})."),
-                        request_id)
-            except Exception:  # noqa: BLE001 - the one place unexpected errors are turned into a 500
-                logger.exception("unhandled error", extra={"path": current.path})
-                response = error_response(InternalError(
-                    f"The server had an error while processing your request (request id {request_id})."),
-                    request_id)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes the envelope
+                response = error_response(error_for(exc, current.path, request_id), request_id)
             status = response.status_code
             logger.info("request", extra={
                 "method": current.method, "path": current.path, "status": status, "team_id": team_id,

@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 
-from pynamodb.exceptions import PynamoDBException
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -29,10 +28,8 @@ from starlette.routing import Route
 from chalicelib import deadline
 from chalicelib.api import http
 from chalicelib.dataplane import READY_PATH, ROUTES
-from chalicelib.errors import ApiError, InternalError
 from chalicelib.log import logger
 from chalicelib.services import gateway
-from chalicelib.store import dynamo
 
 # A streamed integration may run 15 minutes (API Gateway's and Lambda's limit); the function's
 # own remaining time, when Lambda Web Adapter passes it, is used instead.
@@ -85,17 +82,8 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
             return result
         return Response(result.body, status_code=result.status, media_type=result.content_type,
                         headers={**result.headers, "x-request-id": request_id})
-    except ApiError as err:
-        return _envelope(http.error_response(err, request_id))
-    except PynamoDBException as exc:       # as the Chalice routes answer it (api/http.py)
-        if dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN):
-            logger.warning("dynamodb busy", extra={"path": path, "code": dynamo.response_code(exc)})
-            return _envelope(http.error_response(dynamo.busy_error(path), request_id))
-        logger.exception("unhandled dynamodb error", extra={"path": path})
-    except Exception:  # noqa: BLE001 - an unexpected error is a 500 with a request id and one log line
-        logger.exception("unhandled error", extra={"path": path})
-    return _envelope(http.error_response(InternalError(
-        f"The server had an error while processing your request (request id {request_id})."), request_id))
+    except Exception as exc:  # noqa: BLE001 - mapped as the Chalice routes map it (api/http.py)
+        return _envelope(http.error_response(http.error_for(exc, path, request_id), request_id))
 
 
 class StreamedCall(Response):
