@@ -41,13 +41,6 @@ def _models():
     return models.ALL_MODELS
 
 
-def _console_models():
-    """The console's sign-out table (declared beside its service, chalicelib/services/console_sessions.py)."""
-    _models()
-    from chalicelib.services import console_sessions
-    return (console_sessions.ConsoleSessionRevocation,)
-
-
 def _attr_type(attr) -> str:
     from pynamodb.attributes import NumberAttribute
     return "N" if isinstance(attr, NumberAttribute) else "S"
@@ -177,7 +170,6 @@ def queue(name: str, visibility: int, dlq_ref: str | None = None) -> dict:
 def resources(stage: str) -> dict:
     bus = f"rfthub-{stage}"
     res = table_resources(stage)
-    res.update(table_resources(stage, _console_models()))
     res.update({
         "DatasetsBucket": {"Type": "AWS::S3::Bucket", "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain",
                            "Properties": {

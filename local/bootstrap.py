@@ -27,7 +27,7 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
 
 def _console_sessions() -> None:
     """The console's session-signing secret (a new random one unless it exists: moto keeps nothing,
-    so a restarted `make run` signs everyone out) and its sign-out table, as the template declares them."""
+    so a restarted `make run` signs everyone out), as the template declares it."""
     import secrets
 
     from chalicelib.services import console_sessions
@@ -37,8 +37,6 @@ def _console_sessions() -> None:
         sm.describe_secret(SecretId=console_sessions.secret_id())
     except sm.exceptions.ResourceNotFoundException:
         _secret(console_sessions.secret_id(), secrets.token_urlsafe(48))
-    if not console_sessions.ConsoleSessionRevocation.exists():
-        console_sessions.ConsoleSessionRevocation.create_table(wait=True)
 
 
 def _secret(name: str, value: str) -> None:

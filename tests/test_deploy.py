@@ -83,7 +83,7 @@ def test_template_declares_every_resource(packaged):
     queues = _of_type(packaged, "AWS::SQS::Queue")
     assert queues["SlackNotifyQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"] == 5
     assert _of_type(packaged, "AWS::Events::EventBus")["EventBus"]["Properties"]["Name"] == "rfthub-prod"
-    assert len(_of_type(packaged, "AWS::SecretsManager::Secret")) == 2
+    assert len(_of_type(packaged, "AWS::SecretsManager::Secret")) == 3     # admin key, Slack, console sessions
 
     events = {name: e for f in _of_type(packaged, "AWS::Serverless::Function").values()
               for name, e in f["Properties"].get("Events", {}).items()}

@@ -31,17 +31,16 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from pynamodb.attributes import NumberAttribute, TTLAttribute, UnicodeAttribute
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib.adapters.secrets import get_secret
-from chalicelib.config import settings, table_name
+from chalicelib.config import settings
 from chalicelib.domain import keys
 from chalicelib.errors import ApiError, Unauthorized
 from chalicelib.services import teams
 from chalicelib.services.teams import Principal
 from chalicelib.store import dynamo
-from chalicelib.store.models import ApiKey, _Base
+from chalicelib.store.models import ApiKey, ConsoleSessionRevocation
 
 COOKIE = "rfth_console"
 CSRF_HEADER = "x-csrf-token"
@@ -56,16 +55,6 @@ def secret_id() -> str:
 
 def session_seconds() -> int:
     return int(os.environ.get("RFT_CONSOLE_SESSION_SECONDS", str(8 * 3600)))
-
-
-class ConsoleSessionRevocation(_Base):
-    """A signed-out session, kept until the session would have expired anyway (TTL)."""
-    class Meta(_Base.Meta):
-        table_name = table_name("console_sessions")
-
-    session_id = UnicodeAttribute(hash_key=True)
-    revoked_at = NumberAttribute()
-    expires_at = TTLAttribute()
 
 
 class Forbidden(ApiError):

@@ -819,3 +819,16 @@ class NovaModel(_Base):
 
 
 ALL_MODELS += (NovaModel,)
+
+
+class ConsoleSessionRevocation(_Base):
+    """A signed-out console session, kept until the session would have expired anyway (TTL)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("console_sessions")
+
+    session_id = UnicodeAttribute(hash_key=True)
+    revoked_at = NumberAttribute()
+    expires_at = TTLAttribute()
+
+
+ALL_MODELS += (ConsoleSessionRevocation,)
