@@ -61,10 +61,6 @@ def base_env(ports: dict[str, int]) -> dict[str, str]:
         # Bedrock's native API (Nova: customization jobs, deployments, Converse) on the same server.
         "AWS_ENDPOINT_URL_BEDROCK": f"http://127.0.0.1:{ports['bedrock']}",
         "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": f"http://127.0.0.1:{ports['bedrock']}",
-        # The service role Bedrock assumes for Nova jobs (deploy/template.py creates it on AWS).
-        "RFT_BEDROCK_SERVICE_ROLE_ARN": f"arn:aws:iam::{ACCOUNT}:role/rfthub-local-bedrock-rft",
-        # One Mantle project per team (OpenAI-Project header, UNCONFIRMED on AWS): on locally.
-        "RFT_MANTLE_PROJECTS": "true",
         "LOCAL_ACCOUNT_ID": ACCOUNT,
     }
 
