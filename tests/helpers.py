@@ -82,3 +82,21 @@ def wait_submitted(client, job_id, timeout=30):
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.model_extra['rft_submission']}"
         time.sleep(0.1)
+
+
+def drain_notifications(api):
+    """Feeds everything on the Slack notification queue to the real handler (what the pump does)."""
+    import boto3
+
+    from chalicelib.services import slack
+
+    sqs = boto3.client("sqs", region_name="us-west-2")
+    url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
+    while True:
+        msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60).get("Messages", [])
+        if not msgs:
+            return
+        for m in msgs:
+            event = api.events.generate_sqs_event(message_bodies=[m["Body"]], queue_name=slack.notify_queue())
+            api.lambda_.invoke("slack_notifier", event)
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])

@@ -2,7 +2,7 @@
 import openai
 import pytest
 
-from helpers import GRADER, register_graders, rft, wait_for, wait_submitted
+from helpers import register_graders, rft, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
 

@@ -11,7 +11,7 @@ from chalicelib.domain import slack_messages as messages
 from chalicelib.services import outbox, slack
 from chalicelib.store.models import SlackConfig
 from local.harness import SLACK_SIGNING_SECRET
-from helpers import http, start_job, wait_for
+from helpers import http, start_job, wait_for, drain_notifications
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_delivery_dedupes_retries_and_dead_letters(api, admin_headers, make_team
     assert slack.deliver(body) == "duplicate"                    # a duplicated event never posts twice
     assert len(sent_to(sink, team_id)) == 1
 
-    _drain_notifications(api)                                    # an empty queue, to find our message
+    drain_notifications(api)                                    # an empty queue, to find our message
     sqs = boto3.client("sqs", region_name="us-west-2")
     url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
     throttled = _event(team_id)
@@ -118,20 +118,6 @@ def test_delivery_dedupes_retries_and_dead_letters(api, admin_headers, make_team
     assert slack.deliver(_event(team_id)) == "sent"
 
 
-def _drain_notifications(api):
-    """Feeds everything on the notification queue to the real handler (what the pump does)."""
-    sqs = boto3.client("sqs", region_name="us-west-2")
-    url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
-    while True:
-        msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60).get("Messages", [])
-        if not msgs:
-            return
-        for m in msgs:
-            event = api.events.generate_sqs_event(message_bodies=[m["Body"]], queue_name=slack.notify_queue())
-            api.lambda_.invoke("slack_notifier", event)
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-
-
 def test_a_job_produces_messages_for_each_state_change_and_a_final_sparkline(api, admin_headers, make_team, stack,
                                                                               bedrock, sink):
     import openai
@@ -140,8 +126,8 @@ def test_a_job_produces_messages_for_each_state_change_and_a_final_sparkline(api
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
     job = start_job(client, suffix="slacky")
     wait_for(client, job.id, {"succeeded"})
-    _drain_notifications(api)
-    _drain_notifications(api)      # a second pass (e.g. redelivery) posts nothing new
+    drain_notifications(api)
+    drain_notifications(api)      # a second pass (e.g. redelivery) posts nothing new
     posted = sent_to(sink, team_id)
     texts = [m["text"] for m in posted]
     state_changes = [m for m in posted if m["blocks"][0]["text"]["text"].startswith((":runner:", ":white_check_mark:",
@@ -166,7 +152,7 @@ def test_budget_crossings_post_once_per_threshold(api, admin_headers, make_team,
             c.chat.completions.create(model="openai.gpt-oss-20b", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
         except openai.RateLimitError:
             break
-    _drain_notifications(api)
+    drain_notifications(api)
     posted = [m["blocks"][0]["text"]["text"] for m in sent_to(sink, team_id)]
     assert sorted(posted) == [":moneybag: Budget 50% reached", ":moneybag: Budget 80% reached"]
 

@@ -7,7 +7,6 @@ import random
 import time
 import uuid
 
-import boto3
 import openai
 import pytest
 from flask import Flask, jsonify, request
@@ -15,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chalicelib.domain import watch as rules
-from chalicelib.services import slack
-from helpers import http, register_graders, wait_for, wait_submitted
+from helpers import drain_notifications, http, register_graders, wait_for, wait_submitted
 from local import servers
 from local.example_graders import arn
 from sample_data import arithmetic_rows, jsonl
@@ -236,20 +234,6 @@ def configure_slack(api, admin_headers, stack, team_id, hook):
             "channel_ids": [f"C{team_id[-8:].upper()}"], "notify": ["job"]}
     r = api.http.put(f"/v1/admin/teams/{team_id}/slack", headers=admin_headers, body=json.dumps(body))
     assert r.status_code == 200, r.json_body
-
-
-def drain_notifications(api):
-    """Feeds everything on the notification queue to the real handler (what the pump does)."""
-    sqs = boto3.client("sqs", region_name="us-west-2")
-    url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
-    while True:
-        msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60).get("Messages", [])
-        if not msgs:
-            return
-        for m in msgs:
-            event = api.events.generate_sqs_event(message_bodies=[m["Body"]], queue_name=slack.notify_queue())
-            api.lambda_.invoke("slack_notifier", event)
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
 
 
 def run_with_policy(stack, bedrock, client, grader, answer, total_steps, on_critical="cancel"):

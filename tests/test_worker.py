@@ -4,7 +4,6 @@ Job creation answers at once; the worker (an SQS consumer, drained here as Lambd
 preflights graders that call out, prepares the dataset and submits. The hosted grader grades
 in parallel with a deadline per sample; Lambda grader batches stay under 6 MB."""
 import json
-import time
 import types
 
 import pytest

@@ -152,12 +152,8 @@ def _over_budget(micro: int, cfg: Budget, period: str) -> OverBudget:
 
 def _ensure_period(team_id: str, period: str) -> None:
     """Creates the period item with an empty holds map (a nested SET needs the map to exist)."""
-    try:
-        dynamo.call(lambda: BudgetPeriod(team_id, period, committed=0, spent=0, holds={}, alerted=[]).save(
-            condition=BudgetPeriod.period.does_not_exist()), idempotent=True, what="budget period create")
-    except PutError as exc:
-        if not dynamo.is_condition(exc):
-            raise
+    dynamo.put_once(BudgetPeriod(team_id, period, committed=0, spent=0, holds={}, alerted=[]), BudgetPeriod.period,
+                    "budget period create")
 
 
 def _missing_map(exc: UpdateError) -> bool:

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 
-from pynamodb.exceptions import PutError, PynamoDBException, TransactWriteError
+from pynamodb.exceptions import PynamoDBException, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib import deadline
@@ -60,12 +60,7 @@ def _put(entry: LedgerEntry) -> None:
     """Idempotent: the entry is written once; a repeat finds it there and is a success."""
     entry.expires_at = timedelta(days=retention_days())
     entry.agg_team = entry.team_id
-    try:
-        dynamo.call(lambda: entry.save(condition=LedgerEntry.sort_key.does_not_exist()), idempotent=True,
-                    what="ledger write")
-    except PutError as exc:
-        if not dynamo.is_condition(exc):
-            raise
+    dynamo.put_once(entry, LedgerEntry.sort_key, "ledger write")
 
 
 def _entry_json(entry: LedgerEntry) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, PutError
+from pynamodb.exceptions import DoesNotExist
 
 from chalicelib.adapters import aws
 from chalicelib.config import settings
@@ -72,12 +72,7 @@ def configure(team_id: str, job_id: str, on_critical: str, audit_ref: str | None
     """Written once when the job is created (a replay finds it there)."""
     item = RolloutWindow(summary_key(team_id, job_id), 0, on_critical=on_critical, audit_ref=audit_ref,
                          per_window=default_per_window(), invocations=0)
-    try:
-        dynamo.call(lambda: item.save(condition=RolloutWindow.job_key.does_not_exist()), idempotent=True,
-                    what="watch settings")
-    except PutError as exc:
-        if not dynamo.is_condition(exc):
-            raise
+    dynamo.put_once(item, RolloutWindow.job_key, "watch settings")
 
 
 def config(team_id: str, job_id: str) -> rules.Config | None:

@@ -122,3 +122,17 @@ def call(op: Callable[[], T], *, idempotent: bool, what: str, max_attempts: int 
 
 def is_condition(exc: BaseException) -> bool:
     return classify(exc) == CONDITION
+
+
+def put_once(item, key_attribute, what: str) -> bool:
+    """Writes `item` only if its key is new; retried as an idempotent write. True if this call
+    wrote it, False if it was there already (a repeat, a replay, a racing writer)."""
+    from pynamodb.exceptions import PutError
+
+    try:
+        call(lambda: item.save(condition=key_attribute.does_not_exist()), idempotent=True, what=what)
+        return True
+    except PutError as exc:
+        if is_condition(exc):
+            return False
+        raise
