@@ -319,3 +319,14 @@ def test_bad_signatures_stale_timestamps_and_tampered_replays_are_401(api, admin
     assert r.status_code == 401 and r.json_body["error"]["message"] == "Request verification failed."
     r = api.http.post("/slack/commands", headers={"Content-Type": "application/x-www-form-urlencoded"}, body=raw)
     assert r.status_code == 401
+
+
+def test_a_gated_alias_move_shows_its_evidence_in_slack():
+    from chalicelib.domain import slack_messages as messages
+    detail = {"alias": "support", "model": "ft:b", "version": 3, "previous_model": "ft:a", "changed_by": "key:k1",
+              "eval_id": "eval-1", "eval_run_id": "evalrun-9",
+              "comparison": {"exact": {"score": 0.91, "min_score": 0.8, "current_score": 0.85, "delta": 0.06}}}
+    text = messages.model_message("rft-hub.alias.changed", detail)["text"]
+    assert "evalrun-9" in text and "exact: 0.910 (gate ≥ 0.8), current model 0.850" in text
+    overridden = messages.model_message("rft-hub.alias.changed", {**detail, "override_reason": "hotfix"})["text"]
+    assert "overridden by the admin: hotfix" in overridden

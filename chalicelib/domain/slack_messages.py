@@ -102,6 +102,28 @@ def watch_finding_message(detail: dict) -> dict:
                            _fields(pairs)])
 
 
+def _score(value) -> str:
+    return "no score" if not isinstance(value, (int, float)) else f"{value:.3f}"
+
+
+def _move_evidence(detail: dict) -> str:
+    """What justified a gated move: the eval run and, per criterion, its score against the gate
+    and the current model; or the admin's override reason."""
+    if detail.get("override_reason"):
+        return f"\nGate overridden by the admin: {detail['override_reason']}"
+    if not detail.get("eval_run_id"):
+        return ""
+    lines = [f"\nEval `{detail.get('eval_id')}`, run `{detail['eval_run_id']}`:"]
+    for name, entry in sorted((detail.get("comparison") or {}).items()):
+        line = f"• {name}: {_score(entry.get('score'))}"
+        if "min_score" in entry:
+            line += f" (gate ≥ {entry['min_score']:g})"
+        if "current_score" in entry:
+            line += f", current model {_score(entry.get('current_score'))}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def model_message(detail_type: str, detail: dict) -> dict:
     if detail_type == "rft-hub.model.registered":
         text = (f"New tuned model `{detail.get('model')}` from job `{detail.get('job_id')}` "
@@ -110,6 +132,7 @@ def model_message(detail_type: str, detail: dict) -> dict:
     else:
         text = (f"Alias `{detail.get('alias')}` now points to `{detail.get('model')}` (version {detail.get('version')}, "
                 f"was {detail.get('previous_model') or 'unset'}; by {detail.get('changed_by')}).")
+        text += _move_evidence(detail)
         title = ":label: Alias changed"
     return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=title, emoji=True)),
                            _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
