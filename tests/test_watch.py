@@ -268,7 +268,9 @@ def test_a_policy_drifting_into_a_hack_is_caught_announced_and_cancelled(api, ad
     register_graders(client, name)
     configure_slack(api, admin_headers, stack, team_id, f"T/B/{team_id}")
     grader = {"type": "lambda", "name": "verbose", "lambda": {"function": arn(name)}}
-    job, bedrock_id, policy = run_with_policy(stack, bedrock, client, grader, hacking, total_steps=14)
+    # Long enough (40 steps) that the finding (window 3-4) is acted on before training could end,
+    # however slow a loaded machine makes the reconciler's pass.
+    job, bedrock_id, policy = run_with_policy(stack, bedrock, client, grader, hacking, total_steps=40)
     try:
         # The hosted grader records the stop on the job; the reconciler cancels it on Bedrock.
         deadline = time.monotonic() + 90
@@ -283,7 +285,7 @@ def test_a_policy_drifting_into_a_hack_is_caught_announced_and_cancelled(api, ad
     assert current.status == "cancelled", (current.status, current.error)
     assert current.error.code == "reward_hacking_suspected" and "training watch" in current.error.message
     assert bedrock.jobs[bedrock_id]["status"] == "cancelled"
-    assert max(policy.calls) < 14                            # stopped well before the end
+    assert max(policy.calls) < 40                            # stopped before the end
     # Bedrock was given rft-hub's hosted grader; the team's Lambda ran behind it.
     assert bedrock.jobs[bedrock_id]["method"]["reinforcement"]["grader"]["lambda"]["function"].endswith(
         "rft-hub-local-hosted_grader")
