@@ -15,16 +15,11 @@ from typing import Any
 
 from chalicelib.config import settings
 from chalicelib.errors import ApiError, GatewayTimeout, NotFound, RateLimited, UpstreamError
+from chalicelib.adapters.bedrock import BedrockRejected   # the class jobs.submit treats as a rejection
 
 _lock = threading.Lock()
 # The runtime waits for the model: a read timeout per call, rounded to whole seconds (a few clients).
 STREAM_READ_TIMEOUT = 60
-
-
-class BedrockRejected(ApiError):
-    """Bedrock refused the request as invalid (a ValidationException and the like)."""
-    status = 400
-    code = "bedrock_rejected"
 
 
 class ModelNotReady(ApiError):
