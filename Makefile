@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAGE ?= dev
 
-.PHONY: setup run test bench package clean
+.PHONY: setup run test bench package clean litellm
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,12 @@ setup: $(STAMP) .local/.java
 run: setup
 	$(BIN)/python -m local.run
 
-test: setup .local/.chromium
+# LiteLLM in its own virtual environment (it needs openai<3; rft-hub pins 3.x): the streaming tests
+# use it as a client, the benchmark as the baseline proxy. Pinned in bench/streaming.py; once per machine.
+litellm: $(STAMP)
+	$(BIN)/python -c "from bench.streaming import ensure_litellm; ensure_litellm()"
+
+test: setup .local/.chromium litellm
 	$(BIN)/python -m pytest -q tests
 
 # Deployable artefacts for STAGE=dev|prod, without AWS credentials: build/STAGE/sam.json + deployment.zip.
@@ -51,7 +56,7 @@ package: $(STAMP)
 	$(BIN)/cfn-lint build/$(STAGE)/sam.json
 	@echo "packaged: build/$(STAGE)/sam.json"
 
-bench: setup
+bench: setup litellm
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -115,7 +115,8 @@ def create_app(state: State | None = None) -> Flask:
             return None
         with state.lock:
             state.requests.append({"method": request.method, "path": request.path,
-                                   "body": request.get_json(silent=True) if request.is_json else None})
+                                   "body": request.get_json(silent=True) if request.is_json else None,
+                                   "project": request.headers.get("OpenAI-Project")})
             fault = next((f for f in state.faults if f["count"] > 0 and request.path.startswith(f.get("path", "/"))
                           and f.get("method", request.method) == request.method), None)
             if fault:
@@ -1188,10 +1189,25 @@ def _add_projects(app: Flask, state: State) -> None:
 
     @app.get("/v1/organization/projects")
     def list_projects():
+        # Paged as OpenAI pages projects: `limit` (default 20, at most 100) and `after` an id.
+        try:
+            limit = int(request.args.get("limit", 20))
+        except ValueError:
+            return _error(400, "'limit' must be an integer.", param="limit")
+        if not 1 <= limit <= 100:
+            return _error(400, "'limit' must be from 1 to 100.", param="limit")
         with state.lock:
             data = [p for p in state.projects.values() if request.args.get("include_archived") == "true"
                     or p["status"] == "active"]
-        return jsonify({"object": "list", "data": data, "has_more": False})
+        after = request.args.get("after")
+        if after:
+            at = next((i for i, p in enumerate(data) if p["id"] == after), None)
+            if at is None:
+                return _error(400, f"No such project: {after}", param="after")
+            data = data[at + 1:]
+        return jsonify({"object": "list", "data": data[:limit], "has_more": len(data) > limit,
+                        "first_id": data[0]["id"] if data else None,
+                        "last_id": data[:limit][-1]["id"] if data else None})
 
     @app.get("/v1/organization/projects/<project_id>")
     def get_project(project_id):

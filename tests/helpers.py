@@ -100,3 +100,21 @@ def drain_notifications(api):
             event = api.events.generate_sqs_event(message_bodies=[m["Body"]], queue_name=slack.notify_queue())
             api.lambda_.invoke("slack_notifier", event)
             sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
+def settled(team_id, calls=0, timeout=20.0):
+    """The team's ledger and budget period once the ledger holds `calls` entries and no hold is
+    open: a plain call's hold is settled just after its answer is sent, a stream's when its
+    upstream ends (which can be after the caller has gone)."""
+    from chalicelib.domain import budget as budget_rules
+    from chalicelib.services import budgets
+    from chalicelib.store.models import LedgerEntry
+
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = list(LedgerEntry.query(team_id, consistent_read=True))
+        item = budgets.period_item(team_id, budget_rules.period_of(time.time()))
+        if len(entries) >= calls and not budgets.open_holds(item):
+            return entries, item
+        assert time.monotonic() < deadline, f"{len(entries)} ledger entries, holds {budgets.open_holds(item)}"
+        time.sleep(0.05)

@@ -11,8 +11,8 @@ import pytest
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.services import outbox
-from chalicelib.store.models import BudgetPeriod, LedgerEntry
-from helpers import start_job, wait_for
+from chalicelib.store.models import BudgetPeriod
+from helpers import settled, start_job, wait_for
 
 
 def tuned_alias(api, client, bedrock, model="openai.gpt-oss-20b", suffix="helpdesk"):
@@ -152,8 +152,7 @@ def test_budget_holds_exactly_under_concurrency(api, admin_headers, make_team, s
     admitted = outcomes.count("ok")
     assert admitted >= 10 and set(outcomes) <= {"ok", "insufficient_quota"} and len(outcomes) == 50
 
-    period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()))
-    ledger = list(LedgerEntry.query(team_id))
+    ledger, period = settled(team_id, admitted)
     assert period.spent <= limit and period.committed == period.spent       # nothing left reserved
     assert len(ledger) == admitted and sum(e.cost_micro for e in ledger) == period.spent
     upstream = len([r for r in bedrock.requests if r["path"] == "/v1/chat/completions"]) - upstream_before

@@ -119,3 +119,25 @@ def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_
     period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
     limit = budgets.config(team_id).limit_micro
     assert period.spent <= limit
+
+
+def test_a_nova_judge_is_called_through_converse_and_metered(make_team, stack, bedrock):
+    """A score_model grader whose judge is an Amazon Nova model: Nova has no OpenAI-compatible
+    chat, so the judge goes through the gateway's Converse translation, metered as a grader
+    call; a sampling parameter Converse has no equivalent for is a 400 naming it."""
+    team_id, client = team_client(make_team, stack)
+    nova_judge = {**JUDGE, "model": "amazon.nova-2-lite-v1:0"}
+    before, native_before = len(bedrock.requests), len(bedrock.native.requests)
+    result = client.fine_tuning.alpha.graders.run(grader=nova_judge, model_sample="42", item=ITEM)
+    assert result.reward == 1.0
+    sent = bedrock.native.requests[native_before:]
+    assert [r["path"] for r in sent] == ["/model/amazon.nova-2-lite-v1:0/converse"], sent
+    assert not [r for r in bedrock.requests[before:] if r["path"].endswith("/chat/completions")]
+    assert sent[0]["body"]["inferenceConfig"]["maxTokens"] == 1024
+    entries = grader_entries(team_id)
+    assert len(entries) == 1 and entries[0].upstream_model == "amazon.nova-2-lite-v1:0"
+    assert entries[0].cost_micro > 0 and entries[0].input_tokens > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.alpha.graders.run(grader={**nova_judge, "sampling_params": {"seed": 7}},
+                                             model_sample="42", item=ITEM)
+    assert err.value.body["param"] == "grader.sampling_params.seed" and "Converse" in err.value.message

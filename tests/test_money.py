@@ -21,7 +21,7 @@ from chalicelib.domain import pricing
 from chalicelib.services import budgets, lifecycle, metering
 from chalicelib.store import dynamo
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry, UsageDaily
-from helpers import wait_for
+from helpers import settled, wait_for
 
 MODEL = "openai.gpt-oss-120b"
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -140,7 +140,7 @@ def test_a_busy_budget_is_a_503_not_insufficient_quota(api, admin_headers, make_
     assert err.value.response.headers["retry-after"] and err.value.response.headers["x-should-retry"] == "true"
     assert len(bedrock.requests) == upstream_before                          # nothing reached Bedrock
     ddb_faults.reset()
-    period = period_of_now(team_id)
+    _, period = settled(team_id)          # the warm call's hold is settled just after its answer
     assert period.committed == period.spent and not budgets.open_holds(period)
 
 
@@ -237,7 +237,7 @@ def test_the_hold_covers_the_largest_output_limit_and_bad_stream_releases_nothin
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, extra_body={"stream": 1})
     assert err.value.param == "stream" and len(bedrock.requests) == upstream_before
-    period = period_of_now(team_id)
+    _, period = settled(team_id)
     assert not budgets.open_holds(period) and period.committed == period.spent
 
 

@@ -486,3 +486,42 @@ def test_mantle_projects_isolate_files_jobs_and_models(stack, bedrock):
     with pytest.raises(openai.NotFoundError) as err:
         b.files.list()
     assert err.value.body["code"] == "project_not_found"
+
+
+def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedrock, admin_headers):
+    """rft-hub's side of projects (RFT_MANTLE_PROJECTS, on in the local stage): a team gets its own
+    project when it is created, and every Mantle call made for it (files, the job, its polling and
+    events, inference on its tuned model, a judge) carries that project; another team's project
+    cannot see any of it."""
+    from helpers import wait_for
+    from chalicelib.services import teams
+
+    (team_a, key_a), (team_b, _) = make_team("proj-a"), make_team("proj-b")
+    tagged = {p["tags"].get("rft-hub-team"): p["id"] for p in bedrock.projects.values()}
+    project_a, project_b = tagged[team_a], tagged[team_b]
+    assert project_a != project_b
+    assert teams.mantle_project(team_a) == project_a          # recorded on the team, not made twice
+    listed = api.http.get("/v1/admin/teams", headers=admin_headers).json_body
+    assert {t["id"]: t["mantle_project"] for t in listed["data"]}[team_b] == project_b
+
+    a = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key_a, max_retries=0)
+    first = len(bedrock.requests)
+    created = start_job(a)
+    done = wait_for(a, created.id, {"succeeded", "failed"}, timeout=60)
+    assert done.status == "succeeded", done.error
+    reply = a.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "2+2"}])
+    assert reply.choices
+    mantle = [r for r in bedrock.requests[first:] if r["path"].startswith("/v1/")
+              and not r["path"].startswith("/v1/organization/")]
+    assert {r["path"] for r in mantle} >= {"/v1/files", "/v1/fine_tuning/jobs", "/v1/chat/completions"}
+    assert {r["project"] for r in mantle} == {project_a}, {(r["path"], r["project"]) for r in mantle}
+    bedrock_job = bedrock.jobs[done.model_extra["rft_bedrock_job_id"]]
+    assert bedrock.owners[bedrock_job["id"]] == project_a
+
+    # Straight at Bedrock, team b's project sees none of team a's job, file or model.
+    b_direct = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.bedrock.port}/v1", api_key="bedrock-api-key-local",
+                             project=project_b, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        b_direct.fine_tuning.jobs.retrieve(bedrock_job["id"])
+    with pytest.raises(openai.NotFoundError):
+        b_direct.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])

@@ -330,3 +330,33 @@ def test_a_gated_alias_move_shows_its_evidence_in_slack():
     assert "evalrun-9" in text and "exact: 0.910 (gate ≥ 0.8), current model 0.850" in text
     overridden = messages.model_message("rft-hub.alias.changed", {**detail, "override_reason": "hotfix"})["text"]
     assert "overridden by the admin: hotfix" in overridden
+
+
+def test_deployment_and_eval_events_reach_slack(api, admin_headers, make_team, stack, sink):
+    """A Nova model's deployment (ready, failed, deleted) and eval results are posted like the
+    other events: by category (`model`, `eval`), one message each; a deployment still being made
+    is not said."""
+    team_id, _ = make_team("deploy-evals")
+    configure(api, admin_headers, stack, team_id, f"T/D/{team_id}", notify=["model", "eval"])
+    arn = "arn:aws:bedrock:us-east-1:123456789012:custom-model-deployment/abc123"
+    deployment = dict(deployment_arn=arn, custom_model_arn="arn:aws:bedrock:us-east-1:123456789012:custom-model/x")
+    assert slack.deliver(_event(team_id, "rft-hub.model.deployment_changed", status="Creating", **deployment)) \
+        == "dropped"
+    for status in ("Active", "Failed", "Deleted"):
+        extra = {"failure_message": "Quota exceeded for on-demand deployments."} if status == "Failed" else {}
+        assert slack.deliver(_event(team_id, "rft-hub.model.deployment_changed", status=status, **deployment,
+                                    **extra)) == "sent"
+    run = dict(eval_id="eval_1", run_id="evalrun_1", status="completed", mean_scores={"exact": 0.75},
+               result_counts={"total": 4, "passed": 3, "failed": 1, "errored": 0}, cost_usd="0.000120")
+    assert slack.deliver(_event(team_id, "rft-hub.eval.run_finished", **run)) == "sent"
+    rows = [{"role": "base", "model": "openai.gpt-oss-20b", "status": "completed", "mean_scores": {"exact": 0.25}},
+            {"role": "tuned", "model": "m1", "status": "completed", "mean_scores": {"exact": 0.75}}]
+    assert slack.deliver(_event(team_id, "rft-hub.eval.compared", eval_id="eval_1", runs=rows)) == "sent"
+    posted = sent_to(sink, f"T/D/{team_id}")
+    headers = [m["blocks"][0]["text"]["text"] for m in posted]
+    assert headers == [":rocket: Model deployed", ":x: Model deployment failed", ":wastebasket: Model deployment deleted",
+                       ":bar_chart: Eval run completed", ":bar_chart: Job evaluated"]
+    assert "Quota exceeded" in posted[1]["text"] and arn in json.dumps(posted[0]["blocks"])
+    assert "exact 0.750" in posted[3]["text"] and "base `openai.gpt-oss-20b` (completed): exact 0.250" in posted[4]["text"]
+    configure(api, admin_headers, stack, team_id, f"T/D/{team_id}", notify=["job"])
+    assert slack.deliver(_event(team_id, "rft-hub.eval.run_finished", **{**run, "run_id": "evalrun_2"})) == "not-wanted"

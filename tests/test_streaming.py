@@ -18,7 +18,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.services import budgets
 from chalicelib.store.models import LedgerEntry
-from helpers import http, start_job, wait_for
+from helpers import http, settled, start_job, wait_for
 from local.bedrock_server import DEFAULT_STREAM
 from local.harness import ADMIN_KEY
 
@@ -54,19 +54,6 @@ def team_with_budget(client, limit_usd="100"):
 
 def period(team_id):
     return budgets.period_item(team_id, budget_rules.period_of(time.time()))
-
-
-def settled(team_id, calls, timeout=20.0):
-    """The team's ledger once it holds `calls` entries and no hold is open (the data plane meters
-    a stream when the upstream ends, which can be after the caller has gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = list(LedgerEntry.query(team_id, consistent_read=True))
-        item = period(team_id)
-        if len(entries) >= calls and not budgets.open_holds(item):
-            return entries, item
-        assert time.monotonic() < deadline, f"{len(entries)} ledger entries, holds {budgets.open_holds(item)}"
-        time.sleep(0.1)
 
 
 def first_within(iterator, seconds=20.0):
@@ -288,10 +275,10 @@ print(json.dumps({"text": "".join(parts), "chunks": len(parts)}))
 """
 
 
-@pytest.mark.skipif(not LITELLM_PYTHON.exists(),
-                    reason="LiteLLM needs openai<3 (rft-hub pins openai 3.54.0), so it lives in its own virtual "
-                           "environment, .local/litellm-venv, which `make bench` (bench/streaming.py) creates")
 def test_litellm_as_a_client_streams_from_rft_hub(alias):
+    # LiteLLM needs openai<3 (rft-hub pins 3.x), so it lives in its own virtual environment, which
+    # `make test` (and `make bench`) create: `make litellm`.
+    assert LITELLM_PYTHON.exists(), "no .local/litellm-venv: run `make litellm` (make test does)"
     c, name = alias
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AWS_ENDPOINT_URL"))}
     result = subprocess.run([str(LITELLM_PYTHON), "-c", LITELLM_CLIENT, str(c.base_url), c.api_key, name],

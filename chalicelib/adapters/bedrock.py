@@ -7,6 +7,9 @@ Endpoint: AWS_ENDPOINT_URL_BEDROCK_MANTLE when set (local stack), otherwise
 https://bedrock-mantle.<region>.api.aws, the documented host; `/v1` is appended.
 Auth: a short-term `bedrock-api-key-...` bearer token from aws-bedrock-token-generator,
 cached and re-minted before expiry and on a 401/403.
+Projects (issue #15): every team-scoped call takes `project`, sent as `OpenAI-Project` (the SDK's
+`project=`). That this header selects the project on AWS is UNCONFIRMED, so callers pass None
+unless RFT_MANTLE_PROJECTS is on (services/teams.mantle_project), and None means Bedrock's default.
 """
 from __future__ import annotations
 
@@ -43,14 +46,16 @@ def base_url() -> str:
 
 
 class _Session:
-    """One SDK client per process, rebuilt whenever the token is re-minted."""
+    """One SDK client per process, rebuilt whenever the token is re-minted, and one copy of it
+    per project (sharing its connection pool), bounded by the number of teams."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._client: openai.OpenAI | None = None
+        self._projects: dict[str, openai.OpenAI] = {}
         self._minted_at = 0.0
 
-    def client(self, force_new_token: bool = False) -> openai.OpenAI:
+    def client(self, force_new_token: bool = False, project: str | None = None) -> openai.OpenAI:
         import openai
         from aws_bedrock_token_generator import provide_token
 
@@ -61,8 +66,16 @@ class _Session:
                 # max_retries=0: retries are ours (deadline-bound, logged, mapped).
                 self._client = openai.OpenAI(base_url=base_url(), api_key=token, max_retries=0,
                                              timeout=openai.Timeout(60.0, connect=5.0))
+                self._projects = {}
                 self._minted_at = time.time()
-            return self._client
+            if project is None:
+                return self._client
+            scoped = self._projects.get(project)
+            if scoped is None:
+                if len(self._projects) >= 1024:
+                    self._projects.clear()
+                scoped = self._projects[project] = self._client.with_options(project=project)
+            return scoped
 
 
 _session = _Session()
@@ -84,10 +97,11 @@ class UpstreamStatus(ApiError):
 
 
 def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | None = None,
-         passthrough: bool = False) -> T:
+         passthrough: bool = False, project: str | None = None) -> T:
     """Runs `op(client)` with retries on throttling, 5xx and connection errors.
 
-    passthrough: a final upstream error keeps Bedrock's status and type (for the gateway)."""
+    passthrough: a final upstream error keeps Bedrock's status and type (for the gateway).
+    project: the Mantle project the call belongs to (None: Bedrock's default)."""
     import openai
 
     deadline = time.monotonic() + (deadline_s or settings().bedrock_retry_deadline_seconds)
@@ -96,7 +110,7 @@ def call(op: Callable[[openai.OpenAI], T], *, what: str, deadline_s: float | Non
     while True:
         attempt += 1
         left = deadline - time.monotonic()
-        client = _session.client()
+        client = _session.client(project=project)
         if left < 60.0:   # each attempt's timeout fits in what is left of the caller's time
             client = client.with_options(timeout=openai.Timeout(max(0.5, left), connect=min(5.0, max(0.5, left))))
         try:
@@ -158,16 +172,16 @@ def _dump(obj: Any) -> dict:
     return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
 
 
-def upload_file(fileobj, filename: str) -> dict:
+def upload_file(fileobj, filename: str, project: str | None = None) -> dict:
     def op(c: openai.OpenAI):
         fileobj.seek(0)
         return c.files.create(file=(filename, fileobj, "application/jsonl"), purpose="fine-tune")
     # No blind retry beyond the deadline: an upload is idempotent for us (we record the id once).
-    return _dump(call(op, what="files.create"))
+    return _dump(call(op, what="files.create", project=project))
 
 
 def create_job(*, model: str, training_file: str, validation_file: str | None,
-               method: dict) -> dict:
+               method: dict, project: str | None = None) -> dict:
     kwargs: dict[str, Any] = {"model": model, "training_file": training_file,
                               # The SDK's typed grader union has no "lambda": send the method raw.
                               "extra_body": {"method": method}}
@@ -176,64 +190,97 @@ def create_job(*, model: str, training_file: str, validation_file: str | None,
         kwargs["validation_file"] = validation_file
     # Never sent: `suffix` (Bedrock rejects it), `seed` and `metadata` (undocumented on Mantle).
     return _dump(call(lambda c: c.fine_tuning.jobs.create(**kwargs), what="fine_tuning.jobs.create",
-                      deadline_s=min(8.0, settings().bedrock_retry_deadline_seconds)))
+                      deadline_s=min(8.0, settings().bedrock_retry_deadline_seconds), project=project))
 
 
-def retrieve_job(bedrock_job_id: str) -> dict:
-    return _dump(call(lambda c: c.fine_tuning.jobs.retrieve(bedrock_job_id), what="fine_tuning.jobs.retrieve"))
+def retrieve_job(bedrock_job_id: str, project: str | None = None) -> dict:
+    return _dump(call(lambda c: c.fine_tuning.jobs.retrieve(bedrock_job_id), what="fine_tuning.jobs.retrieve",
+                      project=project))
 
 
-def cancel_job(bedrock_job_id: str) -> dict:
-    return _dump(call(lambda c: c.fine_tuning.jobs.cancel(bedrock_job_id), what="fine_tuning.jobs.cancel"))
+def cancel_job(bedrock_job_id: str, project: str | None = None) -> dict:
+    return _dump(call(lambda c: c.fine_tuning.jobs.cancel(bedrock_job_id), what="fine_tuning.jobs.cancel",
+                      project=project))
 
 
-def list_jobs(limit: int = 100, after: str | None = None) -> list[dict]:
+def list_jobs(limit: int = 100, after: str | None = None, project: str | None = None) -> list[dict]:
     def op(c: openai.OpenAI):
         kw = {"limit": limit}
         if after:
             kw["after"] = after
         return c.fine_tuning.jobs.list(**kw)
-    page = call(op, what="fine_tuning.jobs.list")
+    page = call(op, what="fine_tuning.jobs.list", project=project)
     return [_dump(j) for j in page.data]
 
 
-def list_events(bedrock_job_id: str, limit: int = 100, after: str | None = None) -> list[dict]:
+def list_events(bedrock_job_id: str, limit: int = 100, after: str | None = None,
+                project: str | None = None) -> list[dict]:
     """One page, newest first, as the OpenAI API returns them; `after` pages to older events."""
     kwargs = {"limit": limit, **({"after": after} if after else {})}
     page = call(lambda c: c.fine_tuning.jobs.list_events(bedrock_job_id, **kwargs),
-                what="fine_tuning.jobs.list_events")
+                what="fine_tuning.jobs.list_events", project=project)
     return [_dump(e) for e in page.data]
 
 
-def list_checkpoints(bedrock_job_id: str, limit: int = 100) -> list[dict]:
+def list_checkpoints(bedrock_job_id: str, limit: int = 100, project: str | None = None) -> list[dict]:
     page = call(lambda c: c.fine_tuning.jobs.checkpoints.list(bedrock_job_id, limit=limit),
-                what="fine_tuning.jobs.checkpoints.list")
+                what="fine_tuning.jobs.checkpoints.list", project=project)
     return [_dump(c) for c in page.data]
+
+
+class ProjectJobs:
+    """The job operations of one project, for code that holds a job (`jobs.upstream`): the same
+    names as services/nova's, so a job's Bedrock API is picked once."""
+
+    def __init__(self, project: str | None) -> None:
+        self.project = project
+
+    def retrieve_job(self, bedrock_job_id: str) -> dict:
+        return retrieve_job(bedrock_job_id, project=self.project)
+
+    def cancel_job(self, bedrock_job_id: str) -> dict:
+        return cancel_job(bedrock_job_id, project=self.project)
+
+    def list_events(self, bedrock_job_id: str, limit: int = 100, after: str | None = None) -> list[dict]:
+        return list_events(bedrock_job_id, limit, after, project=self.project)
+
+    def list_checkpoints(self, bedrock_job_id: str, limit: int = 100) -> list[dict]:
+        return list_checkpoints(bedrock_job_id, limit, project=self.project)
+
+
+def find_or_create_project(name: str, tags: dict[str, str]) -> str:
+    """The id of the active project carrying `tags`, created if there is none: a retry after an
+    answer that was lost finds the project the first attempt made instead of making another."""
+    def find(c: openai.OpenAI) -> str | None:
+        after = None
+        while True:
+            page = c.get("/organization/projects", cast_to=object,
+                         options={"params": {"limit": 100, **({"after": after} if after else {})}})
+            for project in page.get("data") or []:
+                if project.get("status", "active") == "active" and \
+                        all((project.get("tags") or {}).get(k) == v for k, v in tags.items()):
+                    return project["id"]
+            if not page.get("has_more") or not page.get("data"):
+                return None
+            after = page["data"][-1]["id"]
+
+    found = call(find, what="organization.projects.list")
+    if found:
+        return found
+    created = call(lambda c: c.post("/organization/projects", body={"name": name, "tags": tags}, cast_to=object),
+                   what="organization.projects.create")
+    return created["id"]
 
 
 def ping() -> None:
     call(lambda c: c.with_options(timeout=3.0).models.list(), what="models.list", deadline_s=1.0)
 
 
-def judge(model: str, messages: list[dict], sampling: dict, deadline_s: float = 30.0) -> tuple[str, dict | None]:
-    """One LLM-judge call (score_model graders): (reply text, the usage Bedrock reported, as a dict)."""
-    kwargs: dict[str, Any] = {"model": model, "messages": messages}
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
-                         ("max_completions_tokens", "max_tokens"), ("max_completion_tokens", "max_tokens"),
-                         ("reasoning_effort", "reasoning_effort")):
-        if sampling.get(ours) is not None:
-            kwargs[theirs] = sampling[ours]
-    reply = call(lambda c: c.chat.completions.create(**kwargs), what="chat.completions.create (judge)",
-                 deadline_s=deadline_s)
-    text = (reply.choices[0].message.content or "") if reply.choices else ""
-    return text, (reply.usage.model_dump() if reply.usage else None)
-
-
-def forward(path: str, body: dict, deadline_s: float) -> tuple[int, str, bytes]:
+def forward(path: str, body: dict, deadline_s: float, project: str | None = None) -> tuple[int, str, bytes]:
     """POSTs an OpenAI-compatible request as given; returns (status, content type, raw body).
-    A streamed answer comes back whole (the caller re-serves it as one SSE body)."""
+    A final upstream error keeps Bedrock's status and type."""
     import httpx2
 
     resp = call(lambda c: c.post(path, body=body, cast_to=httpx2.Response), what=f"POST {path}",
-                deadline_s=deadline_s, passthrough=True)
+                deadline_s=deadline_s, passthrough=True, project=project)
     return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content

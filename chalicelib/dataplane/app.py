@@ -9,6 +9,11 @@ Second, a streamed call is relayed: one thread reads Bedrock's events and hands 
 event loop, which sends it on at once. The call is metered when the upstream ends, and the
 response ends only after that, so the function is never frozen with a hold open; a caller who
 goes away stops the sending, never the reading (the usage is in the upstream's last event).
+A plain call is on the ledger before its answer is sent; its hold is settled just after (one
+DynamoDB round trip off the caller's clock). Lambda may freeze the function before that
+settlement runs: it then runs when the function next thaws, or the reconciler settles the
+expired hold from the ledger entry -- meanwhile the hold keeps the worst case reserved, so the
+budget errs on the side of refusing, never of overspending.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import time
 import uuid
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -80,10 +86,18 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
             result = SERVICES[path](principal, request_id, body)
         if isinstance(result, gateway.Stream):
             return result
+        # The call is on the ledger; its hold is settled once the answer is sent (a background
+        # task: the response, with its Content-Length, is complete before it runs).
         return Response(result.body, status_code=result.status, media_type=result.content_type,
-                        headers={**result.headers, "x-request-id": request_id})
+                        headers={**result.headers, "x-request-id": request_id},
+                        background=BackgroundTask(_settle, result, seconds) if result.after else None)
     except Exception as exc:  # noqa: BLE001 - mapped as the Chalice routes map it (api/http.py)
         return _envelope(http.error_response(http.error_for(exc, path, request_id), request_id))
+
+
+def _settle(reply: gateway.Reply, seconds: float) -> None:
+    with deadline.running(seconds):
+        reply.finish()
 
 
 class StreamedCall(Response):

@@ -19,7 +19,8 @@ STATUS_EMOJI = {"validating_files": ":hourglass_flowing_sand:", "queued": ":inbo
 # Which notification category each event belongs to (teams choose with `notify`).
 CATEGORY = {"rft-hub.job.state_changed": "job", "rft-hub.job.stalled": "job", "rft-hub.model.registered": "model",
             "rft-hub.alias.changed": "model", "rft-hub.budget.threshold_crossed": "budget",
-            "rft-hub.job.watch_finding": "job"}
+            "rft-hub.job.watch_finding": "job", "rft-hub.model.deployment_changed": "model",
+            "rft-hub.eval.run_finished": "eval", "rft-hub.eval.compared": "eval"}
 
 
 def truncate(text: str, limit: int) -> str:
@@ -135,6 +136,56 @@ def model_message(detail_type: str, detail: dict) -> dict:
         text += _move_evidence(detail)
         title = ":label: Alias changed"
     return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=title, emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
+
+
+# A Nova model's deployment (issue #15): said when it is ready, failed or gone, not while it is made.
+_DEPLOYMENT = {"Active": (":rocket: Model deployed", "is deployed and answers calls"),
+               "Failed": (":x: Model deployment failed", "could not be deployed"),
+               "Deleted": (":wastebasket: Model deployment deleted", "is no longer deployed")}
+
+
+def deployment_message(detail: dict) -> dict | None:
+    said = _DEPLOYMENT.get(str(detail.get("status")))
+    if said is None:
+        return None
+    title, verb = said
+    text = f"Tuned model `{detail.get('model')}` (job `{detail.get('job_id')}`) {verb}."
+    if detail.get("status") == "Failed" and detail.get("failure_message"):
+        text += f" Amazon Bedrock: {detail['failure_message']}"
+    if detail.get("status") == "Deleted":
+        text += " No alias points at it any more; pointing one at it deploys it again."
+    pairs = [("Base model", str(detail.get("base_model"))), ("Deployment", f"`{detail.get('deployment_arn') or '—'}`")]
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=title, emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX))),
+                           _fields(pairs)])
+
+
+def _scores(scores: dict | None) -> str:
+    return ", ".join(f"{name} {_score(value)}" for name, value in sorted((scores or {}).items())) or "no scores"
+
+
+def eval_run_message(detail: dict) -> dict:
+    ok = detail.get("status") == "completed"
+    title = f"{':bar_chart:' if ok else ':warning:'} Eval run {detail.get('status')}"
+    text = (f"Eval `{detail.get('eval_id')}`, run `{detail.get('run_id')}` on `{detail.get('model')}` "
+            f"{detail.get('status')}: {_scores(detail.get('mean_scores'))} (cost ${detail.get('cost_usd')}).")
+    if (detail.get("error") or {}).get("message"):
+        text += f" {detail['error']['message']}"
+    counts = detail.get("result_counts") or {}
+    pairs = [("Passed", str(counts.get("passed", "—"))), ("Failed", str(counts.get("failed", "—"))),
+             ("Errored", str(counts.get("errored", "—"))), ("Job", f"`{detail.get('job_id') or '—'}`")]
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=truncate(title, HEADER_MAX), emoji=True)),
+                           _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX))),
+                           _fields(pairs)])
+
+
+def eval_comparison_message(detail: dict) -> dict:
+    """A succeeded job's evals: the base model, the tuned model and its checkpoints side by side."""
+    lines = [f"• {row.get('role')} `{row.get('model')}` ({row.get('status')}): {_scores(row.get('mean_scores'))}"
+             for row in detail.get("runs") or []]
+    text = f"Evals of job `{detail.get('job_id')}` on eval `{detail.get('eval_id')}`:\n" + "\n".join(lines)
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(text=":bar_chart: Job evaluated", emoji=True)),
                            _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(text, SECTION_MAX)))])
 
 

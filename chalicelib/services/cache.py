@@ -1,4 +1,5 @@
-"""A tiny per-process TTL cache: warm Lambda invocations skip repeated DynamoDB reads."""
+"""A tiny per-process TTL cache: warm Lambda invocations skip repeated DynamoDB reads.
+Bounded: past `max_items` the entry written longest ago goes (a Lambda's memory is fixed)."""
 from __future__ import annotations
 
 import threading
@@ -7,8 +8,9 @@ from typing import Any, Callable
 
 
 class TTLCache:
-    def __init__(self, ttl_seconds: float) -> None:
+    def __init__(self, ttl_seconds: float, max_items: int = 4096) -> None:
         self.ttl = ttl_seconds
+        self.max_items = max_items
         self._items: dict[Any, tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
@@ -20,7 +22,10 @@ class TTLCache:
             return hit[1]
         value = load()
         with self._lock:
+            self._items.pop(key, None)          # re-inserted last: dicts keep insertion order
             self._items[key] = (now, value)
+            while len(self._items) > self.max_items:
+                del self._items[next(iter(self._items))]
         return value
 
     def invalidate(self, key: Any = None) -> None:

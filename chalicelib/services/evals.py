@@ -29,7 +29,7 @@ from pynamodb.exceptions import DeleteError, DoesNotExist, PutError, PynamoDBExc
 from pynamodb.transactions import TransactWrite
 
 from chalicelib import deadline
-from chalicelib.adapters import aws, bedrock, lambdas
+from chalicelib.adapters import aws, lambdas
 from chalicelib.config import evals_queue
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
@@ -596,7 +596,7 @@ class _Worker:
             [messages, s.get("tools")]), self.ds.max_completion_tokens)
 
         def invoke():
-            _, _, raw = bedrock.forward("/chat/completions", body, self.gateway.upstream_deadline())
+            _, _, raw = self.gateway.send(self.team_id, self.target, "/chat/completions", body)
             data = json.loads(raw)
             return data, self.gateway._tokens(data.get("usage"), "chat")
 
@@ -617,18 +617,10 @@ class _Worker:
         gateway = self.gateway
 
         def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
-            target, price = gateway.priced(self.team_id, model, "grader.model")
-            worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
-                                                  sampling.get("max_completion_tokens"))
-
-            def invoke():
-                text, used = bedrock.judge(target.upstream, messages, sampling, gateway.upstream_deadline())
-                return (text, used or {}), gateway._tokens(used, "chat")
-
             try:
-                (text, used), entry = gateway._metered(self.team_id, self.key_id, f"{self.run_id}.{index}.j{next(numbers)}",
-                                                       target, price, worst, endpoint="/chat/completions", stream=False,
-                                                       invoke=invoke, kind="grader")
+                text, used, entry = gateway.metered_judge(self.team_id, self.key_id,
+                                                          f"{self.run_id}.{index}.j{next(numbers)}", model, messages,
+                                                          sampling)
             except budgets.OverBudget as err:
                 raise JudgeRefused(err) from None
             costs.append(entry.cost_micro)

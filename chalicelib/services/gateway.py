@@ -3,9 +3,10 @@ metered per team and held to the team's budget.
 
 Per call: resolve the model (cached), price it (cached), hold the worst case (one conditional
 write on the team's budget item), forward to Bedrock, write the ledger entry (one conditional
-put), settle the hold at the exact cost (one write). Three DynamoDB round trips on the warm path
-with a budget (one without), no read for auth, prices or models, and no transaction: daily
-totals are derived from the ledger later (services/metering.py).
+put), settle the hold at the exact cost (one write; for a plain call on the data plane, after
+the answer is sent: `Reply.after`). Three DynamoDB round trips on the warm path with a budget
+(one without), two of them before a plain answer, no read for auth, prices or models, and no
+transaction: daily totals are derived from the ledger later (services/metering.py).
 
 One metering path for every call: `_hold` (reserve, before anything reaches Bedrock) and its
 `finish` (ledger, then settle) or `fail`. A plain call runs them around one upstream call
@@ -20,7 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from chalicelib import deadline
 from chalicelib.adapters import bedrock
@@ -29,7 +30,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from chalicelib.log import logger
-from chalicelib.services import budgets, metering, nova, prices, registry
+from chalicelib.services import budgets, metering, nova, prices, registry, teams
 from chalicelib.services.teams import Principal
 from chalicelib.store.models import LedgerEntry
 
@@ -57,6 +58,15 @@ class Reply:
     content_type: str
     body: bytes
     headers: dict
+    # The call's settlement, to run once the answer is sent (the data plane) or before returning
+    # it (Chalice): the ledger entry is written before the answer, so a settlement that never
+    # runs (a frozen function) is finished by the reconciler from the ledger.
+    after: Callable[[], None] | None = None
+
+    def finish(self) -> None:
+        if self.after is not None:
+            after, self.after = self.after, None
+            after()
 
 
 def base_models() -> set[str]:
@@ -137,9 +147,21 @@ class _Hold:
     price: pricing.Price
     worst: int
     started: float = field(default_factory=time.perf_counter)
+    settle_later: Callable[[], None] | None = None
+
+    def run(self, invoke, *, defer_settle: bool = False):
+        """Runs `invoke()` -> (result, (input, cached, output) tokens or None) under the hold;
+        returns (result, ledger entry). `defer_settle`: the ledger is written now and the
+        settlement left in `settle_later`, for the caller to run after answering."""
+        try:
+            result, counted = invoke()
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        return result, self.finish(counted, defer_settle=defer_settle)
 
     def finish(self, counted: tuple[int, int, int] | None, *, estimated: bool = False,
-               failure: ApiError | None = None) -> LedgerEntry:
+               failure: ApiError | None = None, defer_settle: bool = False) -> LedgerEntry:
         """Writes the ledger and settles the hold at the call's cost: the reported usage's exact
         cost; without usage, the reservation (never a call at $0); `estimated` counts (a stream
         cut short) are charged at most the reservation. `failure`: an upstream error after the
@@ -160,7 +182,9 @@ class _Hold:
         if entry.cost_micro > worst:
             logger.warning("call cost more than its hold", extra={"request_id": entry.request_id,
                                                                   "cost": entry.cost_micro, "reserved": worst})
-        metering.record(self.reservation, entry)       # never raises: DLQ and reconciler behind it
+        # never raises: DLQ and reconciler behind it
+        if metering.record(self.reservation, entry, settle=not defer_settle) and defer_settle:
+            self.settle_later = lambda: metering.settle_call(self.reservation, entry)
         return entry
 
     def fail(self, exc: BaseException) -> None:
@@ -192,14 +216,8 @@ def _metered(team_id: str, key_id: str | None, request_id: str, target: Target, 
     """Holds `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), writes
     the ledger and settles the hold at the exact cost: the metering of every plain model call
     rft-hub makes for a team (gateway calls and grader judges alike). Returns (result, entry)."""
-    hold = _hold(team_id, key_id, request_id, target, price, worst, endpoint=endpoint, stream=stream, kind=kind,
-                 job_id=job_id)
-    try:
-        result, counted = invoke()
-    except BaseException as exc:
-        hold.fail(exc)
-        raise
-    return result, hold.finish(counted)
+    return _hold(team_id, key_id, request_id, target, price, worst, endpoint=endpoint, stream=stream, kind=kind,
+                 job_id=job_id).run(invoke)
 
 
 # ---- streamed calls ------------------------------------------------------------------------------
@@ -385,7 +403,7 @@ def _sse(data: dict) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _open_upstream(endpoint: str, body: dict):
+def _open_upstream(team_id: str, endpoint: str, body: dict):
     """POSTs a streamed request; returns the upstream's open response once Bedrock answered
     200 (429/5xx before that are retried; a final error keeps Bedrock's status and type)."""
     import httpx2
@@ -394,8 +412,20 @@ def _open_upstream(endpoint: str, body: dict):
     timeout = httpx2.Timeout(STREAM_IDLE_SECONDS, connect=5.0)
     stream = bedrock.call(lambda c: c.with_options(timeout=timeout).post(endpoint, body=body, cast_to=object,
                                                                            stream=True),
-                          what=f"POST {endpoint} (stream)", deadline_s=upstream_deadline(), passthrough=True)
+                          what=f"POST {endpoint} (stream)", deadline_s=upstream_deadline(), passthrough=True,
+                          project=teams.mantle_project(team_id))
     return stream.response
+
+
+def send(team_id: str, target: Target, endpoint: str, body: dict,
+         converse: nova.ConverseCall | None = None) -> tuple[int, str, bytes]:
+    """One plain upstream call for a team: Converse for a model Converse serves (Amazon Nova),
+    otherwise Bedrock's OpenAI-compatible endpoint in the team's project. Returns (status,
+    content type, raw body); an upstream error keeps Bedrock's status and type."""
+    converse = converse or nova.converse_call(team_id, target, endpoint, body)
+    if converse:
+        return converse.call(upstream_deadline())
+    return bedrock.forward(endpoint, body, upstream_deadline(), project=teams.mantle_project(team_id))
 
 
 def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
@@ -411,8 +441,8 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
         hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
                      stream=True)
         try:
-            upstream = converse.open_stream(upstream_deadline()) if converse else _open_upstream(endpoint,
-                                                                                                  upstream_body)
+            upstream = converse.open_stream(upstream_deadline()) if converse else \
+                _open_upstream(principal.team_id, endpoint, upstream_body)
         except BaseException as exc:
             hold.fail(exc)
             raise
@@ -420,29 +450,83 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
                       client_wants_usage=client_wants_usage, headers={"x-rft-upstream-model": target.upstream})
 
     def invoke():
-        status, content_type, raw = converse.call(upstream_deadline()) if converse else \
-            bedrock.forward(endpoint, upstream_body, upstream_deadline())
+        status, content_type, raw = send(principal.team_id, target, endpoint, upstream_body, converse)
         try:
             usage = json.loads(raw).get("usage") if raw else None
         except (ValueError, AttributeError):
             usage = None
         return (status, content_type, raw), _tokens(usage, style)
 
-    (status, content_type, raw), entry = _metered(principal.team_id, principal.key_id, request_id, target, price,
-                                                  worst, endpoint=endpoint, stream=False, invoke=invoke)
+    hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
+                 stream=False)
+    (status, content_type, raw), entry = hold.run(invoke, defer_settle=True)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
-    return Reply(status, content_type, raw, headers)
+    return Reply(status, content_type, raw, headers, after=hold.settle_later)
 
 
-def check_judges(team_id: str, judges: list[tuple[str, str, int]]) -> None:
+def check_judges(team_id: str, spec, param: str) -> None:
     """A grader's judge models resolve exactly as the gateway resolves them for the team (priced
-    base models, the team's own tuned models and aliases); anything else is a 400 naming it."""
-    for model, param, _ in judges:
+    base models, the team's own tuned models and aliases), and a judge served by Converse has no
+    sampling parameter Converse lacks; anything else is a 400 naming it."""
+    from chalicelib.domain.graders import judge_specs
+
+    for spec_, where in judge_specs(spec, param):
+        model = spec_.get("model")
         try:
-            priced(team_id, model, param)
+            target, _ = priced(team_id, model, f"{where}.model")
         except NotFound:
             raise InvalidRequest(f"The judge model '{model}' does not exist or you do not have access to it.",
-                                 param=param, code="invalid_grader") from None
+                                 param=f"{where}.model", code="invalid_grader") from None
+        sampling = spec_.get("sampling_params") or {}
+        for ours in sampling:
+            try:
+                nova.check_translatable(target, "/chat/completions",
+                                        _judge_body(target, [{"role": "user", "content": "-"}], {ours: sampling[ours]}))
+            except InvalidRequest as err:
+                raise InvalidRequest(f"The judge model '{model}': {err.message}", param=f"{where}.sampling_params.{ours}",
+                                     code="invalid_grader") from None
+
+
+# A grader's sampling parameters, as chat completions takes them.
+_JUDGE_SAMPLING = (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+                   ("max_completions_tokens", "max_tokens"), ("max_completion_tokens", "max_tokens"),
+                   ("reasoning_effort", "reasoning_effort"))
+
+
+def _judge_body(target: Target, messages: list[dict], sampling: dict) -> dict:
+    body: dict = {"model": target.upstream, "messages": messages}
+    for ours, theirs in _JUDGE_SAMPLING:
+        if sampling.get(ours) is not None:
+            body[theirs] = sampling[ours]
+    return body
+
+
+def metered_judge(team_id: str, key_id: str | None, request_id: str, model: str, messages: list[dict],
+                  sampling: dict, *, job_id: str | None = None) -> tuple[str, dict, LedgerEntry]:
+    """One judge call of a grader (score_model, label_model): the model resolved as the team's
+    gateway resolves it, sent as the gateway sends it (Converse for Amazon Nova), and metered on
+    the ledger as kind `grader`. Returns (reply text, usage, ledger entry); over budget raises
+    budgets.OverBudget."""
+    target, price = priced(team_id, model, "grader.model")
+    body = _judge_body(target, messages, sampling)
+    converse = nova.converse_call(team_id, target, "/chat/completions", body)   # refuses before the hold
+    worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
+                                          sampling.get("max_completion_tokens"))
+
+    def invoke():
+        _, _, raw = send(team_id, target, "/chat/completions", body, converse)
+        try:
+            data = json.loads(raw)
+            choice = (data.get("choices") or [{}])[0]
+            text, usage = (choice.get("message") or {}).get("content") or "", data.get("usage") or {}
+        except (ValueError, AttributeError, TypeError, IndexError):
+            raise UpstreamError("Amazon Bedrock answered the judge call with an unreadable body.") from None
+        return (str(text), usage), _tokens(usage, "chat")
+
+    (text, usage), entry = _metered(team_id, key_id or "grader", request_id, target, price, worst,
+                                    endpoint="/chat/completions", stream=False, invoke=invoke, kind="grader",
+                                    job_id=job_id)
+    return text, usage, entry
 
 
 def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None, spent: list | None = None):
@@ -452,23 +536,14 @@ def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
     from chalicelib.domain.graders import JudgeRefused
 
     def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
-        target, price = priced(team_id, model, "grader.model")
-        worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
-                                              sampling.get("max_completion_tokens"))
-
-        def invoke():
-            text, usage = bedrock.judge(target.upstream, messages, sampling, upstream_deadline())
-            return (text, int((usage or {}).get("total_tokens") or 0)), _tokens(usage, "chat")
-
         try:
-            result, entry = _metered(team_id, key_id or "grader", ids.new_id("judge", 8), target, price, worst,
-                                     endpoint="/chat/completions", stream=False, invoke=invoke, kind="grader",
-                                     job_id=job_id)
+            text, usage, entry = metered_judge(team_id, key_id, ids.new_id("judge", 8), model, messages, sampling,
+                                               job_id=job_id)
         except budgets.OverBudget as err:
             raise JudgeRefused(err) from None
         if spent is not None:
             spent.append(entry.cost_micro)
-        return result
+        return text, int(usage.get("total_tokens") or 0)
     return call
 
 

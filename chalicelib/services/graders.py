@@ -16,8 +16,7 @@ from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.adapters import lambdas
 from chalicelib.domain import ids
-from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build,
-                                       judge_models, run_text)
+from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text)
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.services import lambda_graders
 from chalicelib.store import dynamo
@@ -47,7 +46,7 @@ def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -
     lambda_graders.check(team_id, grader, param)
     if team_id is not None:
         from chalicelib.services import gateway
-        gateway.check_judges(team_id, judge_models(spec, param))
+        gateway.check_judges(team_id, spec, param)
     return grader
 
 

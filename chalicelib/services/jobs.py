@@ -25,7 +25,7 @@ from chalicelib.services.graders import PARAM
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry, watch
-from chalicelib.services import nova
+from chalicelib.services import nova, teams
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
@@ -316,7 +316,10 @@ def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id:
     a prompt's samples by it, whatever ids Bedrock gives the rollouts).
     """
     record = files.get_file(team_id, file_id)
+    project = teams.mantle_project(team_id)
     key = f"{grader_ref}#{job_id}" if grader_ref else ""
+    if project:     # a file uploaded in another project (projects turned on later) is not this one's
+        key = f"{project}/{key}"
     if (record.bedrock_files or {}).get(key):
         return record.bedrock_files[key]
     # Lambda's /tmp holds files far larger than its memory; stream S3 -> disk -> Bedrock.
@@ -333,7 +336,7 @@ def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id:
         else:
             for chunk in files.open_content(record):
                 tmp.write(chunk)
-        uploaded = bedrock.upload_file(tmp, record.filename)
+        uploaded = bedrock.upload_file(tmp, record.filename, project=project)
     # Last writer wins: two jobs racing on one file at worst upload it twice.
     record.update(actions=[File.bedrock_files.set({**(record.bedrock_files or {}), key: uploaded["id"]})])
     return uploaded["id"]
@@ -343,7 +346,7 @@ def _adopt_orphan(job: Job, training_id: str) -> dict | None:
     """After an expired lease, Bedrock may already hold the job the crashed attempt created."""
     if not job.submit_attempts or job.submit_attempts < 2:
         return None
-    for candidate in bedrock.list_jobs(limit=100):
+    for candidate in bedrock.list_jobs(limit=100, project=teams.mantle_project(job.team_id)):
         if candidate.get("training_file") == training_id and candidate.get("model") == job.model \
                 and candidate.get("created_at", 0) >= job.created_at \
                 and not list(Job.by_bedrock_id.query(candidate["id"])):
@@ -355,15 +358,18 @@ def submit(job: Job) -> Job:
     """Sends a recorded job to Bedrock, at most once (guarded by a lease)."""
     if not _acquire_lease(job):
         return get_job(job.team_id, job.job_id)
+    project = None
     try:
         if nova.handles(job.model):     # Amazon Nova: Bedrock's native API (services/nova.py)
             remote = nova.create_job(job)
         else:
+            project = teams.mantle_project(job.team_id)
             training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref, job.job_id)
             validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref, job.job_id) \
                 if job.validation_file else None
             remote = _adopt_orphan(job, training_id) or bedrock.create_job(
-                model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method)
+                model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method,
+                project=project)
     except bedrock.BedrockRejected as err:
         _fail_submission(job, err)
         return job
@@ -376,6 +382,7 @@ def submit(job: Job) -> Job:
                      source="rft-hub")
         return job
     job.update(actions=[Job.submit_state.set("submitted"), Job.bedrock_job_id.set(remote["id"]),
+                        *([Job.mantle_project.set(project)] if project else []),
                         Job.submit_lease_until.remove(), Job.updated_at.set(ids.now())],
                condition=Job.submit_state == "submitting")
     record_event(job, f"Submitted to Amazon Bedrock as {remote['id']}.", source="rft-hub")
@@ -557,7 +564,7 @@ def record_event(job: Job, message: str, *, source: str, level: str = "info", ty
 def upstream(job: Job):
     """The job's Bedrock API, picked by its model: the OpenAI-compatible Mantle endpoint
     (adapters/bedrock) or, for Amazon Nova, the native API (services/nova, same functions)."""
-    return nova if nova.handles(job.model) else bedrock
+    return nova if nova.handles(job.model) else bedrock.ProjectJobs(job.mantle_project)
 
 
 def get_job(team_id: str, job_id: str) -> Job:

@@ -67,17 +67,27 @@ def _entry_json(entry: LedgerEntry) -> str:
     return json.dumps({f: getattr(entry, f) for f in _ENTRY_FIELDS}, separators=(",", ":"))
 
 
-def record(res: budgets.Reservation, entry: LedgerEntry) -> None:
-    """Writes the call to the ledger, then settles its hold at the call's cost. Never loses a
-    served call: a ledger that stays unwritable sends the entry to the dead-letter queue (the
+def record(res: budgets.Reservation, entry: LedgerEntry, *, settle: bool = True) -> bool:
+    """Writes the call to the ledger, then (unless `settle` is False: the caller settles after
+    answering, with `settle_call`) settles its hold at the call's cost. Never loses a served
+    call: a ledger that stays unwritable sends the entry to the dead-letter queue (the
     reconciler writes it later and settles); a settlement that fails leaves the hold for the
-    reconciler, which settles it from the ledger."""
+    reconciler, which settles it from the ledger. Returns whether the entry is on the ledger
+    (False: dead-lettered, and then its hold is the reconciler's to settle)."""
     entry.hold_id = res.hold_id
     try:
         _put(entry)
     except (ApiError, PynamoDBException) as exc:
         _dead_letter(entry, exc)
-        return
+        return False
+    if settle:
+        settle_call(res, entry)
+    return True
+
+
+def settle_call(res: budgets.Reservation, entry: LedgerEntry) -> None:
+    """Settles a call's hold at its ledger cost; never raises (the ledger entry lets the
+    reconciler settle an expired hold the same way)."""
     try:
         budgets.settle(res, entry.cost_micro)
     except (ApiError, PynamoDBException):

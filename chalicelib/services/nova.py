@@ -476,6 +476,13 @@ class ConverseUpstream:
             pass
 
 
+def check_translatable(target, endpoint: str, body: dict) -> None:
+    """Refuses (400 naming the parameter) what Converse could not take for a model it serves,
+    before any call: e.g. a grader's judge, checked when the grader is."""
+    if handles(target.base_model):
+        translate.chat_request(body) if endpoint == "/chat/completions" else translate.responses_request(body)
+
+
 def converse_call(team_id: str, target, endpoint: str, body: dict) -> ConverseCall | None:
     """The Converse translation of a gateway call when its model is served by Converse (a base
     Nova model, a Nova custom model's Active deployment); None otherwise. Refuses before

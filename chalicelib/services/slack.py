@@ -25,7 +25,7 @@ from chalicelib.services import budgets, jobs, registry
 from chalicelib.store import dynamo
 from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 
-NOTIFY = ("job", "budget", "model")
+NOTIFY = ("job", "budget", "model", "eval")
 LEASE_SECONDS = 60
 
 
@@ -246,6 +246,12 @@ def build_message(detail_type: str, detail: dict) -> dict | None:
         return messages.model_message(detail_type, detail)
     if detail_type == "rft-hub.budget.threshold_crossed":
         return messages.budget_message(detail)
+    if detail_type == "rft-hub.model.deployment_changed":
+        return messages.deployment_message(detail)
+    if detail_type == "rft-hub.eval.run_finished":
+        return messages.eval_run_message(detail)
+    if detail_type == "rft-hub.eval.compared":
+        return messages.eval_comparison_message(detail)
     return None
 
 

@@ -6,12 +6,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pynamodb.exceptions import DoesNotExist, PutError
+from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.config import settings
 from chalicelib.domain import ids, keys
-from chalicelib.errors import Conflict, NotFound, Unauthorized
+from chalicelib.errors import ApiError, Conflict, NotFound, Unauthorized
+from chalicelib.log import logger
+from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import ApiKey, Team
 from chalicelib.store import dynamo
 
@@ -24,7 +26,8 @@ class Principal:
 
 
 def team_view(team: Team) -> dict:
-    return {"id": team.team_id, "object": "team", "name": team.name, "created_at": team.created_at}
+    return {"id": team.team_id, "object": "team", "name": team.name, "created_at": team.created_at,
+            "mantle_project": team.mantle_project}
 
 
 def key_view(key: ApiKey) -> dict:
@@ -38,7 +41,44 @@ def create_team(name: str) -> dict:
         team.save(condition=Team.team_id.does_not_exist())
     except PutError as exc:  # a 64-bit id collision: surface it rather than overwrite
         raise Conflict("team id collision, retry the request") from exc
+    if settings().mantle_projects:
+        try:
+            team.mantle_project = mantle_project(team.team_id)
+        except ApiError as err:   # Bedrock unavailable: the team's first Bedrock call makes the project
+            logger.warning("team project not created yet", extra={"team_id": team.team_id, "error": err.message})
     return team_view(team)
+
+
+_projects = TTLCache(ttl_seconds=24 * 3600)   # a team's project never changes once made
+
+
+def mantle_project(team_id: str) -> str | None:
+    """The team's own project on Bedrock's OpenAI-compatible endpoint (issue #15), made on first
+    need; None when RFT_MANTLE_PROJECTS is off (that the `OpenAI-Project` header selects a
+    project on AWS is UNCONFIRMED), which means Bedrock's default project.
+
+    Made once: the project is found by its `rft-hub-team` tag before one is created (an answer
+    lost in a retry), and recorded on the team with a condition, so two instances racing agree."""
+    if not settings().mantle_projects:
+        return None
+    return _projects.get(team_id, lambda: _load_or_make_project(team_id))
+
+
+def _load_or_make_project(team_id: str) -> str:
+    from chalicelib.adapters import bedrock
+
+    team = dynamo.call(lambda: get_team(team_id), idempotent=True, what="team lookup")
+    if team.mantle_project:
+        return team.mantle_project
+    project = bedrock.find_or_create_project(f"rft-hub {settings().stage} {team.name}"[:100],
+                                             {"rft-hub-team": team_id, "rft-hub-stage": settings().stage})
+    try:
+        team.update(actions=[Team.mantle_project.set(project)], condition=Team.mantle_project.does_not_exist())
+    except UpdateError as exc:
+        if not dynamo.is_condition(exc):
+            raise
+        return get_team(team_id).mantle_project      # another instance recorded it first
+    return project
 
 
 def get_team(team_id: str) -> Team:
@@ -99,7 +139,10 @@ class _KeyCache:
 
     def put(self, key_id: str, key_hash: str, principal: Principal) -> None:
         with self._lock:
+            self._items.pop(key_id, None)
             self._items[key_id] = (time.monotonic(), key_hash, principal)
+            while len(self._items) > 10_000:         # bounded: the oldest verified key goes first
+                del self._items[next(iter(self._items))]
 
     def invalidate(self, key_id: str) -> None:
         with self._lock:

@@ -37,6 +37,7 @@ class Team(_Base):
     team_id = UnicodeAttribute(hash_key=True)
     name = UnicodeAttribute()
     created_at = NumberAttribute()
+    mantle_project = UnicodeAttribute(null=True)   # its Bedrock (Mantle) project, when projects are on
 
 
 class KeysByTeam(GlobalSecondaryIndex):
@@ -172,6 +173,7 @@ class Job(_Base):
     preflight_mode = UnicodeAttribute(null=True)     # block | warn (the request's "preflight")
     grader_ref = UnicodeAttribute(null=True)   # hosted graders: "spec:<hash>", written into every row
     bedrock_job_id = UnicodeAttribute(null=True)
+    mantle_project = UnicodeAttribute(null=True)   # the Mantle project it was submitted in (None: default)
     bedrock_status = UnicodeAttribute(null=True)
     last_event_at = NumberAttribute(null=True)
     active_shard = UnicodeAttribute(null=True)

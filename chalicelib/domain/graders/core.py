@@ -382,20 +382,28 @@ def run(grader: Grader, sample: dict, item: dict, deps: Deps) -> Result:
     return result
 
 
-def judge_models(spec: Any, path: str = "grader") -> list[tuple[str, str, int]]:
-    """(model, its param path, output cap) of every score_model judge in a (checked) spec."""
+def judge_specs(spec: Any, path: str = "grader") -> list[tuple[dict, str]]:
+    """Every score_model judge in a (checked) spec, with its param path."""
     if not isinstance(spec, dict):
         return []
     if spec.get("type") == "score_model":
-        sampling = spec.get("sampling_params") or {}
-        cap = sampling.get("max_completion_tokens", sampling.get("max_completions_tokens"))
-        return [(spec.get("model"), f"{path}.model", cap or JUDGE_DEFAULT_OUTPUT_TOKENS)]
+        return [(spec, path)]
     subs = spec.get("graders") if spec.get("type") == "multi" else None
     if not isinstance(subs, dict):
         return []
     if "type" in subs:
         subs = {subs.get("name") or subs["type"]: subs}
-    return [found for name, sub in subs.items() for found in judge_models(sub, f"{path}.graders.{name}")]
+    return [found for name, sub in subs.items() for found in judge_specs(sub, f"{path}.graders.{name}")]
+
+
+def judge_models(spec: Any, path: str = "grader") -> list[tuple[str, str, int]]:
+    """(model, its param path, output cap) of every score_model judge in a (checked) spec."""
+    found = []
+    for judge, where in judge_specs(spec, path):
+        sampling = judge.get("sampling_params") or {}
+        cap = sampling.get("max_completion_tokens", sampling.get("max_completions_tokens"))
+        found.append((judge.get("model"), f"{where}.model", cap or JUDGE_DEFAULT_OUTPUT_TOKENS))
+    return found
 
 
 def calls_out(spec: Any) -> bool:
