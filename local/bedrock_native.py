@@ -36,7 +36,6 @@ import binascii
 import csv
 import io
 import json
-import os
 import random
 import re
 import secrets
@@ -317,12 +316,9 @@ def publish(state, job: dict) -> None:
         detail["endTime"] = job["endTime"]
     entry = {"Source": "aws.bedrock", "DetailType": DETAIL_TYPE, "Detail": json.dumps(detail),
              "Resources": [job["jobArn"]]}
-    nat.published.append(entry)
-    if os.environ.get("AWS_ENDPOINT_URL_EVENTBRIDGE") or os.environ.get("AWS_ENDPOINT_URL_EVENTS"):
-        try:
-            boto3.client("events", region_name=state.region).put_events(Entries=[entry])
-        except Exception:  # noqa: BLE001 - EventBridge is best effort, as on AWS
-            pass
+    from local.bedrock_server import put_event
+
+    put_event(nat.published, entry, state.region)
 
 
 def _set_status(state, job: dict, status: str, message: str | None = None) -> None:

@@ -904,10 +904,16 @@ def _publish(state: State, job: dict) -> None:
         detail["endTime"] = detail["lastModifiedTime"]
     entry = {"Source": "aws.bedrock", "DetailType": "Model Customization Job State Change",
              "Detail": json.dumps(detail), "Resources": [arn]}
-    state.published.append(entry)
+    put_event(state.published, entry, state.region)
+
+
+def put_event(published: list, entry: dict, region: str) -> None:
+    """Records `entry` and puts it on the local EventBridge (moto) when there is one: best
+    effort, as AWS's own events are."""
+    published.append(entry)
     if os.environ.get("AWS_ENDPOINT_URL_EVENTBRIDGE") or os.environ.get("AWS_ENDPOINT_URL_EVENTS"):
         try:
-            boto3.client("events", region_name=state.region).put_events(Entries=[entry])
+            boto3.client("events", region_name=region).put_events(Entries=[entry])
         except Exception:  # noqa: BLE001 - EventBridge is best effort, as on AWS
             pass
 

@@ -130,6 +130,7 @@ def test_calls_under_conflicts_and_throttles_never_lose_or_overspend(api, admin_
 def test_a_busy_budget_is_a_503_not_insufficient_quota(api, admin_headers, make_team, stack, bedrock, ddb_faults):
     team_id, client, limit, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=100)
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)   # warm caches
+    settled(team_id, 1)              # and its hold settled (just after its answer) before any fault
     upstream_before = len(bedrock.requests)
     ddb_faults.configure(rules=[{"operation": "UpdateItem", "table": "budget_periods", "rate": 1.0,
                                  "error": "ProvisionedThroughputExceededException"}])
@@ -140,7 +141,7 @@ def test_a_busy_budget_is_a_503_not_insufficient_quota(api, admin_headers, make_
     assert err.value.response.headers["retry-after"] and err.value.response.headers["x-should-retry"] == "true"
     assert len(bedrock.requests) == upstream_before                          # nothing reached Bedrock
     ddb_faults.reset()
-    _, period = settled(team_id)          # the warm call's hold is settled just after its answer
+    period = period_of_now(team_id)
     assert period.committed == period.spent and not budgets.open_holds(period)
 
 
@@ -181,6 +182,7 @@ def test_a_ledger_write_that_fails_is_dead_lettered_and_replayed(api, admin_head
                                                                  ddb_faults):
     team_id, client, limit, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)   # warm caches
+    settled(team_id, 1)              # and its hold settled (just after its answer) before any fault
     ddb_faults.configure(rules=[{"operation": "PutItem", "table": "ledger", "next": 50,
                                  "error": "InternalServerError"}])
     reply = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10)
@@ -325,6 +327,7 @@ def test_a_stalled_dynamodb_is_a_503_and_a_late_landing_hold_is_released(api, ad
                                                                            bedrock, ddb_faults):
     team_id, client, limit, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)   # warm caches
+    settled(team_id, 1)              # and its hold settled (just after its answer) before any fault
     upstream_before = len(bedrock.requests)
     # Every write now stalls past the client's 3 s read timeout, then lands anyway.
     ddb_faults.configure(write_delay_ms=4500)

@@ -271,6 +271,29 @@ _MESSAGE_KEYS = {"system": {"role", "content"}, "developer": {"role", "content"}
                  "tool": {"role", "content", "tool_call_id"}}
 
 
+def _request(body: dict, turns: "_Turns", where: str, system: list[dict], max_name, function, choice_name) -> dict:
+    """What both APIs' requests become alike: the turns, the system prompt, the inference limits
+    and function tools. `function(tool, i)` -> (its name, description, parameters and strict; its
+    param path), refusing a tool that is not a function."""
+    request: dict = {"messages": turns.checked(where)}
+    if system:
+        request["system"] = system
+    inference = _inference(body, max_name)
+    if inference:
+        request["inferenceConfig"] = inference
+    tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise _invalid("tools", "'tools' must be an array.")
+    specs = []
+    for i, tool in enumerate(tools):
+        fn, path = function(tool, i)
+        specs.append(_tool_spec(fn.get("name"), fn.get("description"), fn.get("parameters"), fn.get("strict"), path))
+    config = _tool_config(specs, body.get("tool_choice"), turns, choice_name)
+    if config:
+        request["toolConfig"] = config
+    return request
+
+
 def chat_request(body: dict) -> dict:
     """Converse's arguments (without modelId) for an OpenAI chat completions request."""
     _refuse_others(body, CHAT_TRANSLATED, CHAT_DEFAULTS)
@@ -316,27 +339,15 @@ def chat_request(body: dict) -> dict:
             turns.add("user", [{"toolResult": {"toolUseId": _tool_use_id(message.get("tool_call_id"),
                                                                           f"{where}.tool_call_id"),
                                                "content": [{"text": text}]}}])
-    request: dict = {"messages": turns.checked("messages")}
-    if system:
-        request["system"] = system
-    inference = _inference(body, ("max_completion_tokens", "max_tokens"))
-    if inference:
-        request["inferenceConfig"] = inference
-    tools = body.get("tools") or []
-    if not isinstance(tools, list):
-        raise _invalid("tools", "'tools' must be an array.")
-    specs = []
-    for i, tool in enumerate(tools):
+    def function(tool, i: int) -> tuple[dict, str]:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
             raise _unsupported(f"tools[{i}].type", "only function tools are translated")
-        specs.append(_tool_spec(fn.get("name"), fn.get("description"), fn.get("parameters"), fn.get("strict"),
-                                f"tools[{i}].function"))
-    config = _tool_config(specs, body.get("tool_choice"), turns,
-                          lambda c: (c.get("function") or {}).get("name") if isinstance(c.get("function"), dict)
-                          else None)
-    if config:
-        request["toolConfig"] = config
+        return fn, f"tools[{i}].function"
+
+    request = _request(body, turns, "messages", system, ("max_completion_tokens", "max_tokens"), function,
+                       lambda c: (c.get("function") or {}).get("name") if isinstance(c.get("function"), dict)
+                       else None)
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -404,24 +415,12 @@ def responses_request(body: dict) -> dict:
                 raise _unsupported(f"{where}.type", f"input items of type {kind!r} are not translated")
     else:
         raise _invalid("input", "'input' must be a string or a list of input items.")
-    request: dict = {"messages": turns.checked("input")}
-    if system:
-        request["system"] = system
-    inference = _inference(body, "max_output_tokens")
-    if inference:
-        request["inferenceConfig"] = inference
-    tools = body.get("tools") or []
-    if not isinstance(tools, list):
-        raise _invalid("tools", "'tools' must be an array.")
-    specs = []
-    for i, tool in enumerate(tools):
+    def function(tool, i: int) -> tuple[dict, str]:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             raise _unsupported(f"tools[{i}].type", "only function tools are translated")
-        specs.append(_tool_spec(tool.get("name"), tool.get("description"), tool.get("parameters"), tool.get("strict"),
-                                f"tools[{i}]"))
-    config = _tool_config(specs, body.get("tool_choice"), turns, lambda c: c.get("name"))
-    if config:
-        request["toolConfig"] = config
+        return tool, f"tools[{i}]"
+
+    request = _request(body, turns, "input", system, "max_output_tokens", function, lambda c: c.get("name"))
     text = body.get("text")
     if text is not None:
         if not isinstance(text, dict):

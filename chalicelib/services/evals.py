@@ -215,17 +215,16 @@ def list_evals(team_id: str, limit: int, after: str | None, order: str | None, o
         raise InvalidRequest("order_by=updated_at is not supported; evals are listed by created_at.",
                              param="order_by")
     newest_first = _order(order)
-    start = None
-    if pagination.is_cursor(after):
-        start = pagination.decode_cursor(after, EvalDefinition, hash_value=team_id, index="by_created")
-    elif after:
-        if len(after.encode()) > 1024:
-            return _empty()
+
+    def anchor(eval_id: str) -> EvalDefinition | None:
         try:
-            anchor = dynamo.call(lambda: EvalDefinition.get(team_id, after), idempotent=True, what="eval list")
+            return dynamo.call(lambda: EvalDefinition.get(team_id, eval_id), idempotent=True, what="eval list")
         except DoesNotExist:
-            return _empty()
-        start = pagination.start_key(EvalDefinition, anchor, "by_created")
+            return None
+
+    start = pagination.resume_at(after, EvalDefinition, hash_value=team_id, index="by_created", anchor=anchor)
+    if start is pagination.NOWHERE:
+        return _empty()
     page = pagination.query(EvalDefinition, team_id, index="by_created", limit=limit, start=start,
                             newest_first=newest_first, what="eval list")
     return _list([eval_view(e) for e in page.items], page)
@@ -370,14 +369,9 @@ def list_runs(team_id: str, eval_id: str, limit: int, after: str | None, order: 
     if status not in (None, "") and status not in rules.STATUSES:
         raise InvalidRequest(f"status must be one of {', '.join(rules.STATUSES)}.", param="status")
     newest_first = _order(order)
-    start = None
-    if pagination.is_cursor(after):
-        start = pagination.decode_cursor(after, EvalRunRecord, hash_value=eval_id)
-    elif after:
-        anchor = _run(eval_id, after)
-        if anchor is None:
-            return _empty()
-        start = pagination.start_key(EvalRunRecord, anchor)
+    start = pagination.resume_at(after, EvalRunRecord, hash_value=eval_id, anchor=lambda rid: _run(eval_id, rid))
+    if start is pagination.NOWHERE:
+        return _empty()
     if status:
         page = pagination.query(EvalRunRecord, eval_id, limit=limit, start=start, newest_first=newest_first,
                                 filter_condition=EvalRunRecord.status == status, page_size=100, what="eval runs")

@@ -599,11 +599,6 @@ def retrieve(team_id: str, job_id: str) -> dict:
 # matches found so far, `has_more` and `rft_next_cursor` to go on from where it stopped.
 METADATA_PAGE_SIZE = 100
 METADATA_PAGES = 10
-MAX_AFTER_BYTES = 1024   # longer than any id: no lookup (DynamoDB keys are at most 1,024-2,048 bytes)
-
-
-def _too_long(after: str) -> bool:
-    return len(after.encode()) > MAX_AFTER_BYTES
 
 
 def _list(view, page: pagination.Page, **extra) -> dict:
@@ -628,17 +623,15 @@ def _metadata_filter(metadata: dict[str, str]):
 def list_jobs(team_id: str, limit: int, after: str | None, metadata: dict[str, str] | None = None) -> dict:
     """Newest first, one bounded query on the `by_created` index: `after` is a job id (its
     created_at, from one GetItem, positions the query) or an rft_next_cursor."""
-    start = None
-    if pagination.is_cursor(after):
-        start = pagination.decode_cursor(after, Job, hash_value=team_id, index="by_created")
-    elif after:
-        if _too_long(after):
-            return _empty_list()
+    def anchor(job_id: str) -> Job | None:
         try:
-            anchor = dynamo.call(lambda: Job.get(team_id, after), idempotent=True, what="job list")
+            return dynamo.call(lambda: Job.get(team_id, job_id), idempotent=True, what="job list")
         except DoesNotExist:
-            return _empty_list()
-        start = pagination.start_key(Job, anchor, "by_created")
+            return None
+
+    start = pagination.resume_at(after, Job, hash_value=team_id, index="by_created", anchor=anchor)
+    if start is pagination.NOWHERE:
+        return _empty_list()
     if metadata:
         page = pagination.query(Job, team_id, index="by_created", limit=limit, start=start,
                                 filter_condition=_metadata_filter(metadata),
@@ -747,13 +740,9 @@ def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dic
             sync_events(job)
         except ApiError as err:
             logger.warning("event sync failed", extra={"job_id": job_id, "error": err.message})
-    start = None
-    if pagination.is_cursor(after):
-        start = pagination.decode_cursor(after, JobEvent, hash_value=job_id)
-    elif after:
-        start = _event_start(job_id, after)
-        if start is None:
-            return _empty_list()
+    start = pagination.resume_at(after, JobEvent, hash_value=job_id, anchor=lambda eid: _event_anchor(job_id, eid))
+    if start is pagination.NOWHERE:
+        return _empty_list()
     seen_ids: set[str] = set()
 
     def first_copy(event: JobEvent) -> bool:
@@ -766,16 +755,12 @@ def list_events(team_id: str, job_id: str, limit: int, after: str | None) -> dic
     return _list(event_view, page)
 
 
-def _event_start(job_id: str, event_id: str) -> dict | None:
-    """Where `after=<event id>` resumes: the event's key, from the keys-only `by_event_id` index
-    (ids are unique per job; a Bedrock id copied twice resumes after its newest copy)."""
-    if _too_long(event_id):
-        return None
+def _event_anchor(job_id: str, event_id: str) -> JobEvent | None:
+    """Where `after=<event id>` resumes: the event, from the keys-only `by_event_id` index (ids
+    are unique per job; a Bedrock id copied twice resumes after its newest copy)."""
     found = dynamo.call(lambda: [e for e in JobEvent.query(event_id, index_name="by_event_id", limit=10)
                                  if e.job_id == job_id], idempotent=True, what="job events")
-    if not found:
-        return None
-    return pagination.start_key(JobEvent, max(found, key=lambda e: e.sort_key))
+    return max(found, key=lambda e: e.sort_key) if found else None
 
 
 def sync_checkpoints(job: Job) -> None:
@@ -795,17 +780,16 @@ def list_checkpoints(team_id: str, job_id: str, limit: int, after: str | None) -
         sync_checkpoints(job)
     except ApiError as err:
         logger.warning("checkpoint sync failed", extra={"job_id": job_id, "error": err.message})
-    start = None
-    if pagination.is_cursor(after):
-        start = pagination.decode_cursor(after, Checkpoint, hash_value=job_id)
-    elif after:
-        # Where `after=<checkpoint id>` resumes: its key, from the keys-only `by_checkpoint_id` index.
-        found = [] if _too_long(after) else dynamo.call(
-            lambda: [c for c in Checkpoint.query(after, index_name="by_checkpoint_id", limit=10)
-                     if c.job_id == job_id], idempotent=True, what="job checkpoints")
-        if not found:
-            return _empty_list(first_id=None, last_id=None)
-        start = pagination.start_key(Checkpoint, max(found, key=lambda c: c.step_key))
+    def anchor(checkpoint_id: str) -> Checkpoint | None:
+        # Where `after=<checkpoint id>` resumes: the checkpoint, from the keys-only `by_checkpoint_id` index.
+        found = dynamo.call(lambda: [c for c in Checkpoint.query(checkpoint_id, index_name="by_checkpoint_id",
+                                                                 limit=10) if c.job_id == job_id],
+                            idempotent=True, what="job checkpoints")
+        return max(found, key=lambda c: c.step_key) if found else None
+
+    start = pagination.resume_at(after, Checkpoint, hash_value=job_id, anchor=anchor)
+    if start is pagination.NOWHERE:
+        return _empty_list(first_id=None, last_id=None)
     page = pagination.query(Checkpoint, job_id, limit=limit, start=start, what="job checkpoints")
     data = [checkpoint_view(c) for c in page.items]
     return {"object": "list", "data": data, "has_more": page.has_more,

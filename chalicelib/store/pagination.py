@@ -162,3 +162,22 @@ def query(model, hash_value: str, *, limit: int, start: dict | None = None, inde
         if filtered and calls >= max_pages:
             # Out of reading budget before limit+1 matches: there may be more after what was read.
             return Page([i for i, _ in found], True, encode_cursor(position), read, calls)
+
+
+NOWHERE = object()      # `after` names nothing there is: the page is empty
+MAX_ID_BYTES = 1024     # longer than any id: no lookup (DynamoDB keys are at most 1,024-2,048 bytes)
+
+
+def resume_at(after: str | None, model, *, hash_value: str, index: str | None = None,
+              anchor: Callable[[str], Any]):
+    """Where a list resumes for `after`: None (from the top), an exclusive start key, or
+    NOWHERE. `after` is a cursor (rft_next_cursor, checked to stay in `hash_value`'s partition)
+    or an id, which `anchor(id)` turns into the item to resume after (None: no such item)."""
+    if is_cursor(after):
+        return decode_cursor(after, model, hash_value=hash_value, index=index)
+    if not after:
+        return None
+    if len(after.encode()) > MAX_ID_BYTES:
+        return NOWHERE
+    item = anchor(after)
+    return NOWHERE if item is None else start_key(model, item, index)
