@@ -342,3 +342,36 @@ def test_a_stalled_dynamodb_is_a_503_and_a_late_landing_hold_is_released(api, ad
     period = period_of_now(team_id)
     assert not budgets.open_holds(period) and period.committed == period.spent
     assert len([e for e in ledger(team_id) if e.outcome == "served"]) == 1
+
+
+def test_a_plain_answer_is_sent_on_the_ledger_before_its_hold_is_settled(api, admin_headers, make_team, stack,
+                                                                          bedrock, ddb_faults):
+    """On the data plane a plain call waits for two writes, not three: the hold (before Bedrock)
+    and the ledger entry (the bill, before the answer); the settlement runs after the answer is
+    sent. Proved by order, not time: every write is held in the fault layer until the test lets
+    it go, and the caller has its whole answer while the settlement is still held."""
+    team_id, client, limit, worst = priced_team(api, admin_headers, make_team, stack, calls_covered=100)
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)     # warm caches, period item
+    settled(team_id, 1)
+    ddb_faults.configure(write_delay_ms=20_000)         # every write waits for release() (or 20 s)
+    answer = {}
+    caller = threading.Thread(target=lambda: answer.update(
+        reply=client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10)))
+    caller.start()
+    try:
+        assert ddb_faults.wait_for("UpdateItem")        # 1. the hold, before anything reaches Bedrock
+        ddb_faults.release()
+        assert ddb_faults.wait_for("PutItem")           # 2. the ledger entry, before the answer
+        ddb_faults.release()
+        caller.join(30)
+        assert not caller.is_alive() and answer["reply"].parse().choices     # the caller has its answer ...
+        assert ddb_faults.wait_for("UpdateItem")        # 3. ... while the settlement is still held,
+        assert ddb_faults.counters()["in_flight"] == {"UpdateItem": 1}      # its first attempt (no retry yet)
+        entries = ledger(team_id)
+        assert len(entries) == 2 and entries[0].cost_micro > 0               # already billed
+        assert len(budgets.open_holds(period_of_now(team_id))) == 1          # not yet settled
+    finally:
+        ddb_faults.reset()                              # lets the settlement go
+    entries, period = settled(team_id, 2)
+    assert period.spent == sum(e.cost_micro for e in entries) and period.committed == period.spent
+    assert answer["reply"].headers["x-rft-cost-usd"] == pricing.usd(entries[-1].cost_micro)

@@ -16,11 +16,7 @@ bp = Blueprint(__name__)
 
 
 def _reply(reply: gateway.Reply | gateway.Stream) -> Response:
-    if isinstance(reply, gateway.Stream):
-        body = reply.read_all()
-    else:
-        body = reply.body
-        reply.finish()        # Lambda's managed runtime has no "after the answer": settle first
+    body = reply.read_all() if isinstance(reply, gateway.Stream) else reply.body
     return Response(body=body.decode("utf-8"), status_code=reply.status,
                     headers={"Content-Type": reply.content_type, **reply.headers})
 

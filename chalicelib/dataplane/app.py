@@ -83,7 +83,7 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
         principal = http._authenticate("team", headers)
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
-            result = SERVICES[path](principal, request_id, body)
+            result = SERVICES[path](principal, request_id, body, defer_settle=True)
         if isinstance(result, gateway.Stream):
             return result
         # The call is on the ledger; its hold is settled once the answer is sent (a background

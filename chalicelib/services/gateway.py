@@ -58,9 +58,9 @@ class Reply:
     content_type: str
     body: bytes
     headers: dict
-    # The call's settlement, to run once the answer is sent (the data plane) or before returning
-    # it (Chalice): the ledger entry is written before the answer, so a settlement that never
-    # runs (a frozen function) is finished by the reconciler from the ledger.
+    # With defer_settle (the data plane): the call's settlement, to run once the answer is sent.
+    # The ledger entry is written before the answer, so a settlement that never runs (a frozen
+    # function) is finished by the reconciler from the ledger.
     after: Callable[[], None] | None = None
 
     def finish(self) -> None:
@@ -429,8 +429,11 @@ def send(team_id: str, target: Target, endpoint: str, body: dict,
 
 
 def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
-          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1) -> Reply | Stream:
-    """One gateway call: a plain one answered whole (Reply), or a streamed one opened (Stream)."""
+          max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1,
+          defer_settle: bool = False) -> Reply | Stream:
+    """One gateway call: a plain one answered whole (Reply), or a streamed one opened (Stream).
+    `defer_settle`: a plain call's settlement is left in `Reply.after` for the caller to run once
+    it has answered (the data plane); otherwise it is done before returning."""
     target, price = priced(principal.team_id, body.get("model"))
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
@@ -459,7 +462,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
 
     hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
                  stream=False)
-    (status, content_type, raw), entry = hold.run(invoke, defer_settle=True)
+    (status, content_type, raw), entry = hold.run(invoke, defer_settle=defer_settle)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
     return Reply(status, content_type, raw, headers, after=hold.settle_later)
 
@@ -547,7 +550,8 @@ def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
     return call
 
 
-def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply | Stream:
+def chat_completions(principal: Principal, request_id: str, body: dict, *,
+                     defer_settle: bool = False) -> Reply | Stream:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise InvalidRequest("messages must be a non-empty list.", param="messages")
     stream = _stream_flag(body)
@@ -566,10 +570,10 @@ def chat_completions(principal: Principal, request_id: str, body: dict) -> Reply
     return _call(principal, request_id, body, endpoint="/chat/completions", style="chat",
                  prompt=[body["messages"], body.get("tools")],
                  max_output=_max_output(body, "max_completion_tokens", "max_tokens"),
-                 stream=stream, client_wants_usage=wants_usage, choices=choices)
+                 stream=stream, client_wants_usage=wants_usage, choices=choices, defer_settle=defer_settle)
 
 
-def responses(principal: Principal, request_id: str, body: dict) -> Reply | Stream:
+def responses(principal: Principal, request_id: str, body: dict, *, defer_settle: bool = False) -> Reply | Stream:
     if body.get("input") is None:
         raise InvalidRequest("input is required.", param="input")
     stream = _stream_flag(body)
@@ -578,6 +582,7 @@ def responses(principal: Principal, request_id: str, body: dict) -> Reply | Stre
     # Usage always arrives with the Responses API's final event (response.completed).
     return _call(principal, request_id, body, endpoint="/responses", style="responses",
                  prompt=[body.get("instructions"), body["input"], body.get("tools")],
-                 max_output=_max_output(body, "max_output_tokens"), stream=stream, client_wants_usage=True)
+                 max_output=_max_output(body, "max_output_tokens"), stream=stream, client_wants_usage=True,
+                 defer_settle=defer_settle)
 
 
