@@ -107,15 +107,15 @@ def wait_until_served(client, job, timeout: float = 180):
 
 
 def cost_micro(usage) -> int:
-    """What rft-hub charges for one call (chat or responses usage), in micro-USD: each part
-    (uncached prompt, cached prompt, output) is rounded up to a whole micro-dollar on its own."""
+    """What rft-hub charges for one call (chat or responses usage), in micro-USD: the exact sum
+    of its parts (uncached prompt, cached prompt, output), rounded up once to a whole micro-dollar."""
     chat = hasattr(usage, "prompt_tokens")
     prompt, output = (usage.prompt_tokens, usage.completion_tokens) if chat else (usage.input_tokens, usage.output_tokens)
     details = usage.prompt_tokens_details if chat else usage.input_tokens_details
     cached = (details and details.cached_tokens) or 0
     rate_in, rate_cached, rate_out = PRICE_MICRO_PER_MILLION
-    return sum(-(-tokens * rate // 1_000_000) for tokens, rate in
-               ((prompt - cached, rate_in), (cached, rate_cached), (output, rate_out)))
+    exact = (prompt - cached) * rate_in + cached * rate_cached + output * rate_out   # micro-USD x 1,000,000
+    return -(-exact // 1_000_000)
 
 
 def usage_row(client) -> dict:
@@ -144,18 +144,20 @@ def main() -> None:
     raw = wait_until_served(client, done[1])
     reply = raw.parse()
     spent.append(cost_micro(reply.usage))
-    check(raw.headers["x-rft-cost-usd"] == f"{spent[-1] / 1e6:.6f}", f"charged {raw.headers['x-rft-cost-usd']}")
+    check(reply.choices[0].message.content and raw.headers["x-rft-cost-usd"] == f"{spent[-1] / 1e6:.6f}",
+          f"{reply} charged {raw.headers['x-rft-cost-usd']}")
     print(f"chat: {reply.choices[0].message.content!r} (${raw.headers['x-rft-cost-usd']})")
 
     print("chat, streamed: ", end="")
-    usage = None
+    text, usage = "", None
     for chunk in client.chat.completions.create(model=ALIAS, stream=True, stream_options={"include_usage": True},
                                                 messages=[{"role": "user", "content": "Say hi"}]):
         if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
             print(chunk.choices[0].delta.content or "", end="", flush=True)
         usage = chunk.usage or usage
     print()
-    check(usage, "the stream sent no usage")
+    check(text and usage, "the chat stream sent no text or no usage")
     spent.append(cost_micro(usage))
 
     question = [{"role": "user", "content": "Weather in Oslo?"}]
@@ -166,6 +168,7 @@ def main() -> None:
     answered = client.chat.completions.create(model=ALIAS, tools=[WEATHER], messages=question + [
         called.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": "12C and rain"}])
+    check(answered.choices[0].finish_reason == "stop", answered)
     print(f"  with its result: {answered.choices[0].message.content!r}")
     spent += [cost_micro(r.usage) for r in (called, answered)]
 

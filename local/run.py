@@ -83,6 +83,10 @@ def main() -> int:
     children: list[subprocess.Popen] = []
 
     def stop(*_):
+        # Once: `make` passes a second SIGTERM on, and a second interrupt in the middle of the
+        # clean-up below would leave the servers (each in its own session) running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

@@ -208,3 +208,14 @@ def test_a_tuned_model_is_retired_with_the_sdk_unless_an_alias_points_at_it(clie
     with pytest.raises(openai.ConflictError) as err:
         client.models.delete("openai.gpt-oss-20b:ft:live")
     assert "live" in err.value.message
+
+
+@pytest.mark.parametrize("tokens, micro", [
+    ((1, 0, 2), 6),      # 0.33 + 5.50 = 5.83 -> 6 (rounding each part up would charge 1 + 6 = 7)
+    ((5, 0, 6), 19),     # 1.65 + 16.50 = 18.15 -> 19
+    ((10, 4, 0), 3),     # 6 uncached x 0.33 + 4 cached x 0.033 = 2.112 -> 3
+    ((0, 0, 0), 0),
+])
+def test_a_call_costs_its_exact_sum_rounded_up_once(tokens, micro):
+    price = pricing.Price("m", Decimal("0.33"), Decimal("2.75"), Decimal("0.033"), "", "", False)
+    assert pricing.cost_of_usage(price, *tokens) == micro

@@ -51,7 +51,9 @@ def usd(micro: int) -> str:
 
 
 def cost_of_usage(price: Price, input_tokens: int, cached_tokens: int, output_tokens: int) -> int:
-    """Exact cost of one call: cached prompt tokens at the cached rate, the rest at the input rate."""
+    """Exact cost of one call: cached prompt tokens at the cached rate, the rest at the input rate,
+    summed exactly and rounded up once, to a whole micro-dollar for the call (not per part)."""
     cached = max(0, min(cached_tokens, input_tokens))
-    return (micro_usd(input_tokens - cached, price.input) + micro_usd(cached, price.cached_input)
-            + micro_usd(output_tokens, price.output))
+    exact = (Decimal(input_tokens - cached) * price.input + Decimal(cached) * price.cached_input
+             + Decimal(output_tokens) * price.output)
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
