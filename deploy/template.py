@@ -32,6 +32,9 @@ MANTLE_READ = ["bedrock-mantle:CallWithBearerToken", "bedrock-mantle:GetFineTuni
 MANTLE_WRITE = ["bedrock-mantle:CreateFineTuningJob", "bedrock-mantle:CancelFineTuningJob",
                 "bedrock-mantle:CreateFile", "bedrock-mantle:GetFile", "bedrock-mantle:ListFiles"]
 MANTLE_INFER = ["bedrock-mantle:CreateInference"]
+# A team's own project (RFT_MANTLE_PROJECTS): found by its tag or made, by the functions that
+# create teams, submit jobs and reconcile (the others only read the team's recorded project).
+MANTLE_PROJECTS = ["bedrock-mantle:ListProjects", "bedrock-mantle:CreateProject"]
 
 
 def _models():
@@ -429,7 +432,7 @@ def policies(stage: str) -> dict[str, dict]:
     evals_send = sqs(["evals"], send, "EvalsQueue")
     out = {
         "api_handler": [ddb_rw, logs, token, bus,
-                        _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
+                        _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"], "BedrockMantle"),
                         _statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                                    [f"{bucket}/files/*", f"{bucket}/uploads/*"], "Datasets"),
                         _statement(["s3:GetObject"], [f"{bucket}/rollouts/*"], "Rollouts"),
@@ -443,13 +446,14 @@ def policies(stage: str) -> dict[str, dict]:
         "on_bedrock_job_event": [ddb_rw, logs, token, bus, _statement(MANTLE_READ, ["*"], "BedrockMantle"),
                                  evals_send],
         "reconcile_jobs": [ddb_rw, logs, token, bus,
-                           _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
+                           _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"],
+                                      "BedrockMantle"),
                            _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
                            _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
                            sqs(["ledger-dlq"], consume, "LedgerDeadLetters"), evals_send],
         # Preflight (judges, team Lambdas), dataset preparation and submission of new jobs.
         "job_worker": [ddb_rw, logs, token, bus,
-                       _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER, ["*"], "BedrockMantle"),
+                       _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"], "BedrockMantle"),
                        _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
                        _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
                        sqs(["jobs"], consume, "JobsQueue"), evals_send, ledger_dlq],

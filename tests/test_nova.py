@@ -525,3 +525,31 @@ def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedroc
         b_direct.fine_tuning.jobs.retrieve(bedrock_job["id"])
     with pytest.raises(openai.NotFoundError):
         b_direct.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_team_made_while_bedrock_is_down_gets_its_project_from_the_reconciler(stack, api, make_team, bedrock):
+    """Team creation does not fail when Bedrock cannot make the team's project; the team's
+    calls are a 503 (never sent in the default project) until the reconciler makes it."""
+    from chalicelib.services import lifecycle, teams
+
+    with bedrock.lock:
+        bedrock.faults.append({"path": "/v1/organization/projects", "status": 503, "count": 1000})
+    try:
+        team_id, key = make_team("proj-late")
+    finally:
+        with bedrock.lock:
+            bedrock.faults = []
+    assert team_id not in {p["tags"].get("rft-hub-team") for p in bedrock.projects.values()}
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    before = len(bedrock.requests)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="openai.gpt-oss-20b", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 503 and "project" in err.value.message
+    assert not [r for r in bedrock.requests[before:] if r["path"] == "/v1/chat/completions"]
+    assert lifecycle.reconcile().projects_made >= 1
+    made = teams.mantle_project(team_id)
+    assert made and {p["tags"].get("rft-hub-team"): p["id"] for p in bedrock.projects.values()}[team_id] == made
+    teams._projects.invalidate(team_id)     # another instance: reads the recorded project
+    assert client.chat.completions.create(model="openai.gpt-oss-20b",
+                                          messages=[{"role": "user", "content": "hi"}]).choices
+    assert bedrock.requests[-1]["project"] == made

@@ -316,7 +316,7 @@ def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id:
     a prompt's samples by it, whatever ids Bedrock gives the rollouts).
     """
     record = files.get_file(team_id, file_id)
-    project = teams.mantle_project(team_id)
+    project = teams.mantle_project(team_id, make=True)
     key = f"{grader_ref}#{job_id}" if grader_ref else ""
     if project:     # a file uploaded in another project (projects turned on later) is not this one's
         key = f"{project}/{key}"
@@ -346,7 +346,7 @@ def _adopt_orphan(job: Job, training_id: str) -> dict | None:
     """After an expired lease, Bedrock may already hold the job the crashed attempt created."""
     if not job.submit_attempts or job.submit_attempts < 2:
         return None
-    for candidate in bedrock.list_jobs(limit=100, project=teams.mantle_project(job.team_id)):
+    for candidate in bedrock.list_jobs(limit=100, project=teams.mantle_project(job.team_id, make=True)):
         if candidate.get("training_file") == training_id and candidate.get("model") == job.model \
                 and candidate.get("created_at", 0) >= job.created_at \
                 and not list(Job.by_bedrock_id.query(candidate["id"])):
@@ -363,7 +363,7 @@ def submit(job: Job) -> Job:
         if nova.handles(job.model):     # Amazon Nova: Bedrock's native API (services/nova.py)
             remote = nova.create_job(job)
         else:
-            project = teams.mantle_project(job.team_id)
+            project = teams.mantle_project(job.team_id, make=True)
             training_id = _bedrock_file_id(job.team_id, job.training_file, job.grader_ref, job.job_id)
             validation_id = _bedrock_file_id(job.team_id, job.validation_file, job.grader_ref, job.job_id) \
                 if job.validation_file else None

@@ -99,6 +99,7 @@ class RunReport:
     problems: list = field(default_factory=list)
     money: dict = field(default_factory=dict)
     deployments: dict = field(default_factory=dict)      # Amazon Nova custom-model deployments
+    projects_made: int = 0                               # teams' Mantle projects made late (issue #15)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -192,6 +193,17 @@ def _deployments(report: RunReport) -> None:
         report.problems.append(f"nova deployments: {type(exc).__name__}: {exc}"[:300])
 
 
+def _projects(report: RunReport) -> None:
+    """Teams whose Mantle project could not be made when they were created (Bedrock down)."""
+    from chalicelib.services import teams
+
+    try:
+        report.projects_made = teams.ensure_projects()
+    except Exception as exc:  # noqa: BLE001 - the next run tries again
+        report.add("errors")
+        report.problems.append(f"team projects: {type(exc).__name__}: {exc}"[:300])
+
+
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
     """One pass over every non-terminal job (a query on the sparse `active` index), within a deadline."""
     started = time.monotonic()
@@ -214,6 +226,7 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
     report.published = outbox.drain()
     _money(report)
     _deployments(report)
+    _projects(report)
     report.seconds = round(time.monotonic() - started, 3)
     logger.info("reconciled", extra={k: v for k, v in report.view().items() if k != "problems"})
     return report

@@ -11,7 +11,7 @@ from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.config import settings
 from chalicelib.domain import ids, keys
-from chalicelib.errors import ApiError, Conflict, NotFound, Unauthorized
+from chalicelib.errors import ApiError, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from chalicelib.log import logger
 from chalicelib.services.cache import TTLCache
 from chalicelib.store.models import ApiKey, Team
@@ -43,7 +43,7 @@ def create_team(name: str) -> dict:
         raise Conflict("team id collision, retry the request") from exc
     if settings().mantle_projects:
         try:
-            team.mantle_project = mantle_project(team.team_id)
+            team.mantle_project = mantle_project(team.team_id, make=True)
         except ApiError as err:   # Bedrock unavailable: the team's first Bedrock call makes the project
             logger.warning("team project not created yet", extra={"team_id": team.team_id, "error": err.message})
     return team_view(team)
@@ -52,24 +52,42 @@ def create_team(name: str) -> dict:
 _projects = TTLCache(ttl_seconds=24 * 3600)   # a team's project never changes once made
 
 
-def mantle_project(team_id: str) -> str | None:
-    """The team's own project on Bedrock's OpenAI-compatible endpoint (issue #15), made on first
-    need; None when RFT_MANTLE_PROJECTS is off (that the `OpenAI-Project` header selects a
-    project on AWS is UNCONFIRMED), which means Bedrock's default project.
+def mantle_project(team_id: str, *, make: bool = False) -> str | None:
+    """The team's own project on Bedrock's OpenAI-compatible endpoint (issue #15); None when
+    RFT_MANTLE_PROJECTS is off (that the `OpenAI-Project` header selects a project on AWS is
+    UNCONFIRMED), which means Bedrock's default project.
 
+    `make`: made if the team has none yet (team creation, job submission, the reconciler: the
+    functions allowed to); otherwise a team without one gets a 503 until the reconciler makes it.
     Made once: the project is found by its `rft-hub-team` tag before one is created (an answer
     lost in a retry), and recorded on the team with a condition, so two instances racing agree."""
     if not settings().mantle_projects:
         return None
-    return _projects.get(team_id, lambda: _load_or_make_project(team_id))
+    return _projects.get(team_id, lambda: _load_or_make_project(team_id, make))
 
 
-def _load_or_make_project(team_id: str) -> str:
+def ensure_projects() -> int:
+    """Makes the Mantle project of every team that has none yet (the reconciler: a team created
+    while Bedrock was down). The functions that serve a team's calls then only read it."""
+    if not settings().mantle_projects:
+        return 0
+    made = 0
+    for team in Team.scan(filter_condition=Team.mantle_project.does_not_exist()):
+        _projects.invalidate(team.team_id)
+        mantle_project(team.team_id, make=True)
+        made += 1
+    return made
+
+
+def _load_or_make_project(team_id: str, make: bool) -> str:
     from chalicelib.adapters import bedrock
 
     team = dynamo.call(lambda: get_team(team_id), idempotent=True, what="team lookup")
     if team.mantle_project:
         return team.mantle_project
+    if not make:
+        raise ServiceUnavailable("The team's Amazon Bedrock project is not set up yet (Bedrock was unavailable "
+                                 "when the team was created); rft-hub's reconciler makes it within minutes.")
     project = bedrock.find_or_create_project(f"rft-hub {settings().stage} {team.name}"[:100],
                                              {"rft-hub-team": team_id, "rft-hub-stage": settings().stage})
     try:
