@@ -183,7 +183,8 @@ class _Hold:
             logger.warning("call cost more than its hold", extra={"request_id": entry.request_id,
                                                                   "cost": entry.cost_micro, "reserved": worst})
         # never raises: DLQ and reconciler behind it
-        if metering.record(self.reservation, entry, settle=not defer_settle) and defer_settle:
+        on_ledger = metering.record(self.reservation, entry, settle=not defer_settle)
+        if defer_settle and on_ledger and self.reservation.hold_id:     # no budget: no hold to settle
             self.settle_later = lambda: metering.settle_call(self.reservation, entry)
         return entry
 
