@@ -276,3 +276,34 @@ def test_preflight_samples_the_base_model_through_the_gateway_within_its_cap(cli
         assert len(list(LedgerEntry.query(team_id, consistent_read=True))) == calls   # refused before any call
     finally:
         policy.stop()
+
+
+def test_a_job_can_sample_the_base_model_in_its_own_preflight(client, stack, bedrock):
+    """`sample_base` on job creation: the job worker's preflight samples the base model (metered
+    to the team, within the cap) and the report is on the job; bad settings are a 400 before
+    anything is recorded or called."""
+    from helpers import wait_submitted
+
+    team_id = _me(client)
+    f = client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(120))), purpose="fine-tune")
+    policy = ModelPolicy(stack, "openai.gpt-oss-20b", lambda messages: str(_sum(messages)))    # always right
+    method = {"type": "reinforcement", "reinforcement": {"grader": EQ}}
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, extra_body={
+                "method": method, "sample_base": {"max_usd": "a lot"}})
+        assert err.value.body["param"] == "sample_base.max_usd"
+        assert not client.fine_tuning.jobs.list().data
+        job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, extra_body={
+            "method": method, "sample_base": {"k": 2, "prompts": 3, "max_usd": "0.50"}})
+        assert job.model_extra["rft_preflight"] is None           # the worker's: it calls a model
+        done = wait_submitted(client, job.id, timeout=60)
+        base = done.model_extra["rft_preflight"]["base"]
+        assert base["calls"] == 6 and base["samples"] == 6 and base["reward_floor"] == 1.0
+        codes = {x["code"] for x in done.model_extra["rft_preflight"]["findings"]}
+        assert {"no_learning_signal", "little_headroom"} <= codes       # warnings: the job still trains
+        assert done.model_extra["rft_submission"] == "submitted"
+        sampled = [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "inference"]
+        assert len(sampled) == 6 and all(e.cost_micro > 0 for e in sampled)
+    finally:
+        policy.stop()

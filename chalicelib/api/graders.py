@@ -7,6 +7,7 @@ from chalice import Blueprint
 from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
+from chalicelib.domain.jobs import SampleBase
 from chalicelib.services import graders, preflight
 
 bp = Blueprint(__name__)
@@ -25,15 +26,6 @@ class RunGrader(StrictModel):
 class SaveGrader(StrictModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     grader: Any
-
-
-class SampleBase(StrictModel):
-    """Optional base-model sampling in a preflight: k responses per sampled prompt (metered)."""
-    model: str | None = Field(default=None, min_length=1, max_length=256)   # default: the first RFT model
-    k: int = Field(default=4, ge=2, le=16)
-    max_usd: str = Field(default="1.00", min_length=1, max_length=20)
-    prompts: int | None = Field(default=None, ge=1, le=50)                  # default: min(rows, 8)
-    max_tokens: int = Field(default=512, ge=1, le=4096)
 
 
 class Preflight(StrictModel):

@@ -46,6 +46,15 @@ class Method(_Strict):
     dpo: dict | None = None
 
 
+class SampleBase(_Strict):
+    """Optional base-model sampling in a preflight: k responses per sampled prompt (metered)."""
+    model: str | None = Field(default=None, min_length=1, max_length=256)   # default: the first RFT model
+    k: int = Field(default=4, ge=2, le=16)
+    max_usd: str = Field(default="1.00", min_length=1, max_length=20)
+    prompts: int | None = Field(default=None, ge=1, le=50)                  # default: min(rows, 8)
+    max_tokens: int = Field(default=512, ge=1, le=4096)
+
+
 class CreateJob(_Strict):
     model: str = Field(min_length=1, max_length=200)
     training_file: str = Field(min_length=1, max_length=200)
@@ -57,6 +66,7 @@ class CreateJob(_Strict):
     hyperparameters: dict | None = None     # deprecated top-level form: refused with a pointer
     integrations: list | None = None        # not supported: refused
     preflight: Literal["block", "warn"] = "block"   # rft-hub extra (grader preflight)
+    sample_base: SampleBase | None = None            # rft-hub extra: base-model sampling in that preflight
     watch: Watch | None = None                       # rft-hub extra (training watch)
     rft_eval: dict[str, Any] | None = None           # rft-hub extra: eval to run on success (services/evals.py)
 

@@ -154,7 +154,11 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
                              param="model", code="model_not_priced")
     # Graders that call out (an LLM judge, a team Lambda) are preflighted by the job worker: on
     # this path they could take longer than API Gateway's 29 s.
-    deferred = calls_out(spec)
+    # So is base-model sampling (`sample_base`: metered model calls), its settings checked now.
+    sample_base = req.sample_base.model_dump() if req.sample_base is not None else None
+    if sample_base is not None and existing is None:
+        preflight.check_base_plan(team_id, sample_base)
+    deferred = calls_out(spec) or sample_base is not None
     checked = _preflight(team_id, req, spec) if existing is None and not deferred else None
     report = training.validation or {}
     now = ids.now()
@@ -168,7 +172,8 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
                                            samples_per_prompt=hyperparameters.get("samples_per_prompt")),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
               status_path=["validating_files"], grader_ref=grader_ref, preflight=checked,
-              preflight_state="queued" if deferred else "done", preflight_mode=req.preflight)
+              preflight_state="queued" if deferred else "done", preflight_mode=req.preflight,
+              preflight_sample_base=sample_base)
     held = None
     if existing is None:
         # Training spend is held against the team budget like inference: 429 when it does not fit.
@@ -252,7 +257,8 @@ def _deferred_preflight(job: Job) -> str:
         raise
     spec, _, _ = graders.resolve(job.team_id, job.method["reinforcement"]["grader"])
     try:
-        report = preflight.run(job.team_id, spec, job.training_file, PREFLIGHT_ROWS)
+        report = preflight.run(job.team_id, spec, job.training_file, PREFLIGHT_ROWS,
+                               sample_base=job.preflight_sample_base)
     except ApiError as err:     # e.g. the budget cannot pay for the judge calls: the job cannot train
         error = {"code": err.code or "grader_preflight_failed", "message": f"Grader preflight could not run: "
                  f"{err.message}", "param": "method.reinforcement.grader"}

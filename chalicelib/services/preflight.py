@@ -107,6 +107,11 @@ def _text(reply_body: bytes) -> str:
     return message.get("content") or "" if isinstance(message, dict) else ""
 
 
+def check_base_plan(team_id: str, options: dict) -> None:
+    """Refuses (400 naming `sample_base.<field>`) base-model sampling settings before any call."""
+    _base_plan(team_id, options)
+
+
 def _base_plan(team_id: str, options: dict) -> dict:
     """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
     from chalicelib.services import gateway

@@ -171,6 +171,7 @@ class Job(_Base):
     preflight_state = UnicodeAttribute(null=True)    # queued -> running (leased) -> done | failed
     preflight_lease_until = NumberAttribute(null=True)
     preflight_mode = UnicodeAttribute(null=True)     # block | warn (the request's "preflight")
+    preflight_sample_base = JSONAttribute(null=True)  # the request's "sample_base": base-model sampling
     grader_ref = UnicodeAttribute(null=True)   # hosted graders: "spec:<hash>", written into every row
     bedrock_job_id = UnicodeAttribute(null=True)
     mantle_project = UnicodeAttribute(null=True)   # the Mantle project it was submitted in (None: default)
