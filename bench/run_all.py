@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 MODULES = ("bench.dataset_validation", "bench.graders", "bench.gateway_overhead", "bench.reconciler",
-           "bench.money", "bench.streaming", "bench.reward_wrap", "bench.cold_import", "bench.package_size")
+           "bench.money", "bench.streaming", "bench.dataplane_breakdown", "bench.reward_wrap", "bench.cold_import",
+           "bench.package_size")
 
 if __name__ == "__main__":
     failed = 0
