@@ -168,40 +168,41 @@ def _flag_stall(job: Job, now: int, report: RunReport) -> None:
     report.add("stalled")
 
 
+def _repair(report: RunReport, name: str, step):
+    """One of the pass's repairs: its result, or None and the failure on the report (the next
+    run tries again)."""
+    try:
+        return step()
+    except Exception as exc:  # noqa: BLE001 - the next run tries again
+        report.add("errors")
+        report.problems.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+        logger.warning("repair failed", extra={"step": name, "error": type(exc).__name__})
+        return None
+
+
 def _money(report: RunReport) -> None:
     """The ledger's repairs, in this order: dead-lettered entries into the ledger first (so
     their holds settle at their cost), then expired holds, then the daily totals."""
     for name, step in (("ledger_dead_letters", metering.drain_dead_letters),
                        ("expired_holds", metering.release_expired_holds),
                        ("usage_aggregated", metering.aggregate_all)):
-        try:
-            report.money[name] = step()
-        except Exception as exc:  # noqa: BLE001 - the next run tries again
-            report.add("errors")
-            report.problems.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
-            logger.warning("money repair failed", extra={"step": name, "error": type(exc).__name__})
+        done = _repair(report, name, step)
+        if done is not None:
+            report.money[name] = done
 
 
 def _deployments(report: RunReport) -> None:
     """Amazon Nova custom-model deployments: Creating -> Active | Failed, and what Bedrock refused."""
     from chalicelib.services import nova
 
-    try:
-        report.deployments = nova.reconcile()
-    except Exception as exc:  # noqa: BLE001 - the next run tries again
-        report.add("errors")
-        report.problems.append(f"nova deployments: {type(exc).__name__}: {exc}"[:300])
+    report.deployments = _repair(report, "nova deployments", nova.reconcile) or {}
 
 
 def _projects(report: RunReport) -> None:
     """Teams whose Mantle project could not be made when they were created (Bedrock down)."""
     from chalicelib.services import teams
 
-    try:
-        report.projects_made = teams.ensure_projects()
-    except Exception as exc:  # noqa: BLE001 - the next run tries again
-        report.add("errors")
-        report.problems.append(f"team projects: {type(exc).__name__}: {exc}"[:300])
+    report.projects_made = _repair(report, "team projects", teams.ensure_projects) or 0
 
 
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
