@@ -90,12 +90,7 @@ def hold_expired(hold_id: str, now_s: float) -> bool:
 # ---- config and view -----------------------------------------------------------------------------
 
 def config(team_id: str) -> Budget | None:
-    def load():
-        try:
-            return dynamo.call(lambda: Budget.get(team_id), idempotent=True, what="budget config read")
-        except DoesNotExist:
-            return None
-    return _config.get(team_id, load)
+    return _config.get(team_id, lambda: dynamo.get_or_none(Budget, team_id, what="budget config read"))
 
 
 def period_item(team_id: str, period: str) -> BudgetPeriod:

@@ -216,13 +216,9 @@ def list_evals(team_id: str, limit: int, after: str | None, order: str | None, o
                              param="order_by")
     newest_first = _order(order)
 
-    def anchor(eval_id: str) -> EvalDefinition | None:
-        try:
-            return dynamo.call(lambda: EvalDefinition.get(team_id, eval_id), idempotent=True, what="eval list")
-        except DoesNotExist:
-            return None
-
-    start = pagination.resume_at(after, EvalDefinition, hash_value=team_id, index="by_created", anchor=anchor)
+    start = pagination.resume_at(after, EvalDefinition, hash_value=team_id, index="by_created",
+                                 anchor=lambda eval_id: dynamo.get_or_none(EvalDefinition, team_id, eval_id,
+                                                                           what="eval list"))
     if start is pagination.NOWHERE:
         return _empty()
     page = pagination.query(EvalDefinition, team_id, index="by_created", limit=limit, start=start,
@@ -331,11 +327,7 @@ def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | 
 def _run(eval_id: str, run_id: str) -> EvalRunRecord | None:
     if not isinstance(run_id, str) or not run_id.startswith(RUN_PREFIX) or len(run_id) > 64:
         return None
-    try:
-        return dynamo.call(lambda: EvalRunRecord.get(eval_id, run_id, consistent_read=True), idempotent=True,
-                           what="eval run read")
-    except DoesNotExist:
-        return None
+    return dynamo.get_or_none(EvalRunRecord, eval_id, run_id, consistent_read=True, what="eval run read")
 
 
 def get_run(team_id: str, eval_id: str, run_id: str, param: str = "run_id") -> EvalRunRecord:
@@ -980,11 +972,7 @@ def gate_key(team_id: str, alias: str) -> str:
 
 
 def load_gate(team_id: str, alias: str) -> AliasGate | None:
-    try:
-        return dynamo.call(lambda: AliasGate.get(gate_key(team_id, alias), "gate", consistent_read=True),
-                           idempotent=True, what="alias gate")
-    except DoesNotExist:
-        return None
+    return dynamo.get_or_none(AliasGate, gate_key(team_id, alias), "gate", consistent_read=True, what="alias gate")
 
 
 def check_gate(team_id: str, raw: Any) -> dict:

@@ -629,13 +629,8 @@ def _metadata_filter(metadata: dict[str, str]):
 def list_jobs(team_id: str, limit: int, after: str | None, metadata: dict[str, str] | None = None) -> dict:
     """Newest first, one bounded query on the `by_created` index: `after` is a job id (its
     created_at, from one GetItem, positions the query) or an rft_next_cursor."""
-    def anchor(job_id: str) -> Job | None:
-        try:
-            return dynamo.call(lambda: Job.get(team_id, job_id), idempotent=True, what="job list")
-        except DoesNotExist:
-            return None
-
-    start = pagination.resume_at(after, Job, hash_value=team_id, index="by_created", anchor=anchor)
+    start = pagination.resume_at(after, Job, hash_value=team_id, index="by_created",
+                                 anchor=lambda job_id: dynamo.get_or_none(Job, team_id, job_id, what="job list"))
     if start is pagination.NOWHERE:
         return _empty_list()
     if metadata:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.config import settings
@@ -101,19 +101,13 @@ def check_function(arn: object, param: str, *, registering: bool = False) -> Fun
 
 
 def _owner(name: str) -> str | None:
-    try:
-        return dynamo.call(lambda: LambdaGraderOwner.get(name, consistent_read=True), idempotent=True,
-                           what="lambda grader owner").team_id
-    except DoesNotExist:
-        return None
+    owner = dynamo.get_or_none(LambdaGraderOwner, name, consistent_read=True, what="lambda grader owner")
+    return owner.team_id if owner is not None else None
 
 
 def _registration(team_id: str, name: str) -> LambdaGraderRegistration | None:
-    try:
-        return dynamo.call(lambda: LambdaGraderRegistration.get(team_id, name, consistent_read=True),
-                           idempotent=True, what="lambda grader registration")
-    except DoesNotExist:
-        return None
+    return dynamo.get_or_none(LambdaGraderRegistration, team_id, name, consistent_read=True,
+                              what="lambda grader registration")
 
 
 def require(team_id: str | None, arn: str, param: str) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 
-from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
+from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib.adapters import aws
 from chalicelib.adapters import bedrock_native as native
@@ -192,11 +192,7 @@ def list_checkpoints(bedrock_job_id: str, limit: int = 100) -> list[dict]:
 # ---- custom models and their deployments ---------------------------------------------------------
 
 def _model(team_id: str, model_id: str) -> NovaModel | None:
-    try:
-        return dynamo.call(lambda: NovaModel.get(team_id, model_id, consistent_read=True), idempotent=True,
-                           what="nova model")
-    except DoesNotExist:
-        return None
+    return dynamo.get_or_none(NovaModel, team_id, model_id, consistent_read=True, what="nova model")
 
 
 def on_succeeded(job: Job) -> None:

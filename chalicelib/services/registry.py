@@ -115,12 +115,8 @@ def _newest_rewards(job_id: str, count: int) -> list[float]:
 
 
 def _stored_best(job_id: str) -> float | None:
-    try:
-        item = dynamo.call(lambda: JobEvent.get(rewards_key(job_id), REWARDS_BEST), idempotent=True,
-                           what="best reward")
-    except DoesNotExist:
-        return None
-    return float(item.best_reward) if item.best_reward is not None else None
+    item = dynamo.get_or_none(JobEvent, rewards_key(job_id), REWARDS_BEST, what="best reward")
+    return float(item.best_reward) if item is not None and item.best_reward is not None else None
 
 
 def best_reward(job_id: str) -> float | None:

@@ -120,6 +120,15 @@ def call(op: Callable[[], T], *, idempotent: bool, what: str, max_attempts: int 
             time.sleep(pause)
 
 
+def get_or_none(model, hash_key, range_key=None, *, what: str, consistent_read: bool = False):
+    """One item by its key (a read, retried as `call` retries), or None when there is none."""
+    try:
+        return call(lambda: model.get(hash_key, range_key, consistent_read=consistent_read), idempotent=True,
+                    what=what)
+    except model.DoesNotExist:
+        return None
+
+
 def is_condition(exc: BaseException) -> bool:
     return classify(exc) == CONDITION
 
