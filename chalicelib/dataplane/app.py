@@ -90,14 +90,14 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
         # task: the response, with its Content-Length, is complete before it runs).
         return Response(result.body, status_code=result.status, media_type=result.content_type,
                         headers={**result.headers, "x-request-id": request_id},
-                        background=BackgroundTask(_settle, result, seconds) if result.after else None)
+                        background=BackgroundTask(_settle, result.after, seconds) if result.after else None)
     except Exception as exc:  # noqa: BLE001 - mapped as the Chalice routes map it (api/http.py)
         return _envelope(http.error_response(http.error_for(exc, path, request_id), request_id))
 
 
-def _settle(reply: gateway.Reply, seconds: float) -> None:
+def _settle(after, seconds: float) -> None:
     with deadline.running(seconds):
-        reply.finish()
+        after()
 
 
 class StreamedCall(Response):

@@ -63,11 +63,6 @@ class Reply:
     # function) is finished by the reconciler from the ledger.
     after: Callable[[], None] | None = None
 
-    def finish(self) -> None:
-        if self.after is not None:
-            after, self.after = self.after, None
-            after()
-
 
 def base_models() -> set[str]:
     return set(pricing.repository_prices())
