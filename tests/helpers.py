@@ -118,3 +118,27 @@ def settled(team_id, calls=0, timeout=20.0):
             return entries, item
         assert time.monotonic() < deadline, f"{len(entries)} ledger entries, holds {budgets.open_holds(item)}"
         time.sleep(0.05)
+
+
+def wait_run(client, eval_id, run_id, timeout=90):
+    """An eval run, once it has finished."""
+    end = time.monotonic() + timeout
+    while True:
+        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
+        if run.status in ("completed", "failed", "canceled"):
+            return run
+        assert time.monotonic() < end, f"eval run {run_id} stuck in {run.status}"
+        time.sleep(0.2)
+
+
+def reconcile_until_ended(client, job_id, timeout):
+    """Runs the reconciler until the job has ended (what its schedule does), and returns the job."""
+    from chalicelib.services import lifecycle
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lifecycle.reconcile()
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("cancelled", "succeeded", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.3)

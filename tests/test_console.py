@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from chalicelib.services import console_sessions
-from helpers import http, start_job, wait_for
+from helpers import http, start_job, wait_for, wait_run
 from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows
 
@@ -38,16 +38,6 @@ def _team(base: str, name: str) -> tuple[str, str]:
     status, key = http("POST", f"{base}/v1/admin/teams/{team['id']}/keys", ADMIN_KEY)
     assert status == 201, key
     return team["id"], key["key"]
-
-
-def _wait_run(client, eval_id, run_id, timeout=90):
-    end = time.monotonic() + timeout
-    while True:
-        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
-        if run.status in ("completed", "failed", "canceled"):
-            return run
-        assert time.monotonic() < end, f"eval run {run_id} stuck in {run.status}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +78,7 @@ def world(stack):
                       "input_messages": {"type": "template", "template": [
                           {"type": "message", "role": "user", "content": {"type": "input_text", "text": "Q: {{item.id}}"}}]},
                       "sampling_params": {"max_completion_tokens": 16}}
-            runs[model] = _wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=source).id)
+            runs[model] = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=source).id)
             assert runs[model].status == "completed", runs[model]
         yield {"base": base, "team_a": team_a, "key_a": key_a, "team_b": team_b, "key_b": key_b, "client": client,
                "job": job, "alias": alias, "early": early, "last": last, "eval": ev, "runs": runs}

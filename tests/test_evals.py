@@ -19,7 +19,7 @@ import openai_spec
 from chalicelib import deadline
 from chalicelib.services import budgets, evals, outbox
 from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
-from helpers import http, register_graders, rft, start_job, wait_for
+from helpers import http, register_graders, rft, start_job, wait_for, wait_run
 from local import servers
 from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows, jsonl
@@ -93,16 +93,6 @@ def _inline(model, n, **extra):
             "input_messages": {"type": "template", "template": [
                 {"type": "message", "role": "user", "content": {"type": "input_text", "text": "Q: {{item.id}}"}}]},
             "sampling_params": SHORT, **extra}
-
-
-def wait_run(client, eval_id, run_id, timeout=90):
-    end = time.monotonic() + timeout
-    while True:
-        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
-        if run.status in ("completed", "failed", "canceled"):
-            return run
-        assert time.monotonic() < end, f"run {run_id} stuck in {run.status}"
-        time.sleep(0.2)
 
 
 def inference_entries(team_id, run_id):

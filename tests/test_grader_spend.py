@@ -9,7 +9,7 @@ import pytest
 from chalicelib.domain import budget as budget_rules
 from chalicelib.services import budgets
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry
-from helpers import wait_for, wait_submitted
+from helpers import reconcile_until_ended, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
 JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b", "range": [0, 1],
@@ -106,14 +106,7 @@ def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_
     set_budget(api, admin_headers, team_id, str((period.committed + few_calls) / 1_000_000))
     bedrock.clock.update({"validating_seconds": 0.1, "step_seconds": 1.0, "total_steps": 8})
     # The reward Lambda flags the job; the reconciler (here: the next read of the job) cancels it.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        from chalicelib.services import lifecycle
-        lifecycle.reconcile()
-        current = client.fine_tuning.jobs.retrieve(job2.id)
-        if current.status in ("cancelled", "succeeded", "failed"):
-            break
-        time.sleep(0.3)
+    current = reconcile_until_ended(client, job2.id, timeout=60)
     assert current.status == "cancelled", (current.status, current.error)
     assert current.error and current.error.code == "budget_exhausted"
     period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)

@@ -4,7 +4,6 @@ grader rewards (the watch finds it within a few windows, Slack gets it, and `on_
 cancels the job with the reason), one honest (no finding)."""
 import json
 import random
-import time
 import uuid
 
 import openai
@@ -14,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chalicelib.domain import watch as rules
-from helpers import drain_notifications, http, register_graders, wait_for, wait_submitted
+from helpers import drain_notifications, http, reconcile_until_ended, register_graders, wait_for, wait_submitted
 from local import servers
 from local.example_graders import arn
 from sample_data import arithmetic_rows, jsonl
@@ -259,8 +258,6 @@ def watch_of(client, job_id, **params):
 
 def test_a_policy_drifting_into_a_hack_is_caught_announced_and_cancelled(api, admin_headers, make_team, stack,
                                                                           bedrock):
-    from chalicelib.services import lifecycle
-
     team_id, key = make_team("watch-hack")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
     name = f"rft-grader-test-verbose-{uuid.uuid4().hex[:8]}"
@@ -273,13 +270,7 @@ def test_a_policy_drifting_into_a_hack_is_caught_announced_and_cancelled(api, ad
     job, bedrock_id, policy = run_with_policy(stack, bedrock, client, grader, hacking, total_steps=40)
     try:
         # The hosted grader records the stop on the job; the reconciler cancels it on Bedrock.
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            lifecycle.reconcile()
-            current = client.fine_tuning.jobs.retrieve(job.id)
-            if current.status in ("cancelled", "succeeded", "failed"):
-                break
-            time.sleep(0.3)
+        current = reconcile_until_ended(client, job.id, timeout=90)
     finally:
         policy.stop()
     assert current.status == "cancelled", (current.status, current.error)
