@@ -58,11 +58,11 @@ def job_worker(event):
 # short; a raise leaves the message queued. At most 5 runs at once (4 items each in flight).
 @app.on_sqs_message(queue=evals_queue(), batch_size=1, name="eval_worker", maximum_concurrency=5)
 def eval_worker(event):
-    from chalicelib.services import evals as evals_service
+    from chalicelib.services import eval_worker as runs   # only this function needs it at start
 
     for record in event:
         with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):
-            evals_service.handle_message(json.loads(record.body))
+            runs.handle_message(json.loads(record.body))
 
 
 # Bedrock's reward Lambda for declarative graders: a bare list of samples in, scores out.

@@ -17,7 +17,7 @@ import pytest
 
 import openai_spec
 from chalicelib import deadline
-from chalicelib.services import budgets, evals, outbox
+from chalicelib.services import budgets, eval_worker, evals, outbox
 from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
 from helpers import http, register_graders, rft, start_job, wait_for, wait_run
 from local import servers
@@ -288,9 +288,9 @@ def test_a_run_interrupted_and_resumed_never_bills_an_item_twice(client, bedrock
     team_id = _team_id(client)
     ev = _eval(client, TUNED)
     monkeypatch.setattr(evals, "enqueue", lambda *a, **k: True)   # this test drives the worker itself
-    monkeypatch.setattr(evals, "CONCURRENCY", 1)
+    monkeypatch.setattr(eval_worker, "CONCURRENCY", 1)
     run = client.evals.runs.create(ev.id, data_source=_inline("openai.gpt-oss-20b", 6))
-    real, calls = evals._Worker.generate, []
+    real, calls = eval_worker._Worker.generate, []
 
     def dies_on_the_fourth(self, index, messages):
         calls.append(index)
@@ -298,17 +298,17 @@ def test_a_run_interrupted_and_resumed_never_bills_an_item_twice(client, bedrock
             raise Crash()
         return real(self, index, messages)
 
-    monkeypatch.setattr(evals._Worker, "generate", dies_on_the_fourth)
+    monkeypatch.setattr(eval_worker._Worker, "generate", dies_on_the_fourth)
     with deadline.running(300), pytest.raises(Crash):
-        evals.execute(team_id, ev.id, run.id)
+        eval_worker.execute(team_id, ev.id, run.id)
     assert len(list(EvalOutputItem.query(run.id, consistent_read=True))) == 3
     assert len(inference_entries(team_id, run.id)) == 3
     with deadline.running(300):
-        assert evals.execute(team_id, ev.id, run.id) == "running elsewhere"   # its lease has not run out yet
+        assert eval_worker.execute(team_id, ev.id, run.id) == "running elsewhere"   # its lease has not run out yet
     EvalRunRecord(ev.id, run.id).update(actions=[EvalRunRecord.lease_until.set(0)])   # ... now it has
-    monkeypatch.setattr(evals._Worker, "generate", real)
+    monkeypatch.setattr(eval_worker._Worker, "generate", real)
     with deadline.running(300):
-        assert evals.execute(team_id, ev.id, run.id) == "completed"
+        assert eval_worker.execute(team_id, ev.id, run.id) == "completed"
     done = client.evals.runs.retrieve(run.id, eval_id=ev.id)
     assert done.status == "completed" and done.result_counts.total == 6
     entries = inference_entries(team_id, run.id)
@@ -321,24 +321,24 @@ def test_a_run_short_of_time_continues_in_a_fresh_invocation(client, bedrock, mo
     ev = _eval(client, TUNED)
     sent = []
     monkeypatch.setattr(evals, "enqueue", lambda record, delay=0: sent.append(record.run_id) or True)
-    monkeypatch.setattr(evals, "CONCURRENCY", 1)
+    monkeypatch.setattr(eval_worker, "CONCURRENCY", 1)
     run = client.evals.runs.create(ev.id, data_source=_inline("openai.gpt-oss-20b", 5))
-    real, checks = evals._Worker.check, []
+    real, checks = eval_worker._Worker.check, []
 
     def short_of_time(self):
         checks.append(1)
         if len(checks) == 3:
-            return evals.StopRun(None, "continue", "time is nearly up")
+            return eval_worker.StopRun(None, "continue", "time is nearly up")
         return real(self)
 
-    monkeypatch.setattr(evals._Worker, "check", short_of_time)
+    monkeypatch.setattr(eval_worker._Worker, "check", short_of_time)
     with deadline.running(300):
-        assert evals.execute(team_id, ev.id, run.id) == "continued"
+        assert eval_worker.execute(team_id, ev.id, run.id) == "continued"
     record = EvalRunRecord.get(ev.id, run.id, consistent_read=True)
     assert record.status == "in_progress" and record.lease_until == 0 and record.attempts == 0
     assert sent == [run.id, run.id] and 0 < record.summary["result_counts"]["total"] < 5
     with deadline.running(300):
-        assert evals.execute(team_id, ev.id, run.id) == "completed"
+        assert eval_worker.execute(team_id, ev.id, run.id) == "completed"
     assert len(inference_entries(team_id, run.id)) == 5
 
 
