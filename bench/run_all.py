@@ -1,4 +1,4 @@
-"""Runs every benchmark in bench/ and prints their figures as JSON (recorded in README.md).
+"""Runs every benchmark in bench/ and prints their figures as JSON (recorded in docs/benchmarks.md).
 
 Each runs in its own process: the ones that start a local stack bind clients to its ports."""
 import subprocess

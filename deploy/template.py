@@ -24,7 +24,7 @@ FUNCTIONS = ("api_handler", "on_bedrock_job_event", "reconcile_jobs", "hosted_gr
 # this (an explicit allowlist, not every function in the account).
 TEAM_GRADER_PATTERN = "arn:aws:lambda:*:*:function:rft-grader-*"
 # Mantle action names: only CallWithBearerToken, CreateInference and CancelFineTuningJob are
-# documented; the rest follow the API names and are UNCONFIRMED (README: attach
+# documented; the rest follow the API names and are UNCONFIRMED (docs/deploying.md: attach
 # AmazonBedrockMantleFullAccess instead if AWS names them differently).
 MANTLE_READ = ["bedrock-mantle:CallWithBearerToken", "bedrock-mantle:GetFineTuningJob",
                "bedrock-mantle:ListFineTuningJobs", "bedrock-mantle:ListFineTuningJobEvents",
@@ -109,7 +109,7 @@ _UNKNOWN_URL = ("Unknown request URL: no $context.httpMethod route at this path 
                 "Please check the URL and method for typos, or see GET /openapi.json for rft-hub's routes.")
 _TOO_LARGE = ("Request too large: API Gateway takes a body of at most 10 MB and the API Lambda an event of at "
               "most 6 MB (binary bodies are base64-encoded). Upload large datasets through /v1/uploads in "
-              "parts of at most 4 MiB (README, Limits).")
+              "parts of at most 4 MiB (docs/api.md, Limits).")
 # type: (status or None to keep API Gateway's, OpenAI error type, code, message)
 GATEWAY_RESPONSES = {
     "MISSING_AUTHENTICATION_TOKEN": ("404", "invalid_request_error", "unknown_url", _UNKNOWN_URL),

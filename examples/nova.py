@@ -27,7 +27,7 @@ from sample_data import arithmetic_rows, jsonl  # noqa: E402
 NOVA = "amazon.nova-2-lite-v1:0:256k"
 ALIAS = "nova-calc"
 TERMINAL = ("succeeded", "failed", "cancelled")
-# Nova's ranges, not the open-weight ones: batch_size 16-512, samples_per_prompt 2-16 (README "Amazon Nova").
+# Nova's ranges, not the open-weight ones: batch_size 16-512, samples_per_prompt 2-16 (docs/training.md, "Amazon Nova").
 HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 16, "samples_per_prompt": 4, "reasoning_effort": "low"}
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
          "reference": "{{item.reference_answer}}", "operation": "eq"}

@@ -150,7 +150,7 @@ class ApiGatewayHandler(ChaliceRequestHandler):
 
     def _too_large(self, message: str) -> None:
         self._send_envelope(413, message + " Upload large datasets through /v1/uploads in parts of at most "
-                            "4 MiB (README, Limits).", "payload_too_large", "RequestTooLargeException")
+                            "4 MiB (docs/api.md, Limits).", "payload_too_large", "RequestTooLargeException")
 
     def _drain(self, length: int) -> bool:
         """Reads and discards an oversized body so the client gets the answer; False if too big to."""

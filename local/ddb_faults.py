@@ -6,7 +6,7 @@ DynamoDB does, and the code handling them would otherwise never run locally. Thi
 every request byte for byte and, only when configured, refuses some without forwarding, with AWS's
 exact error shapes. Default: everything off (pure pass-through). Controls, on the same port and
 never forwarded: GET/POST /_local/faults, POST /_local/faults/reset and /_local/faults/release
-(README, "DynamoDB fault layer"); in-process: configure(**kw), reset(), counters(), release(), wait_for().
+(docs/local-stack.md, "DynamoDB fault layer"); in-process: configure(**kw), reset(), counters(), release(), wait_for().
 
     python -m local.ddb_faults --port 8006 --upstream http://127.0.0.1:8001
 """

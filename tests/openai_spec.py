@@ -14,7 +14,7 @@ Schema Draft 2020-12 before validating, with the meaning OpenAI's own SDKs give 
 * Draft 2019-09's `$recursiveRef: "#"` in a component -> a `$ref` to that component
   (`$recursiveAnchor` dropped): 2020-12 has no such keywords and would ignore them.
 
-`EXTENSIONS` are rft-hub's documented additions to OpenAI's API (README, "OpenAI API extensions"):
+`EXTENSIONS` are rft-hub's documented additions to OpenAI's API (docs/api.md, "OpenAI API extensions"):
 a strict check (the default) refuses them; `extensions=True` validates against OpenAI's schemas
 with exactly those additions, which is also what rft-hub's own GET /openapi.json serves
 (`write_trimmed` generates chalicelib/data/openai-schemas.json from this module).
@@ -119,7 +119,7 @@ GRADER_LAMBDA = {"type": "object", "required": ["type", "lambda"], "properties":
 GRADER_SAVED = {"type": "object", "required": ["type", "id"], "additionalProperties": False, "properties": {
     "type": {"type": "string", "enum": ["saved"]}, "id": {"type": "string"}, "version": {"type": "integer"}}}
 
-# The request-side extensions `apply_extensions` patches in, by their row in README's "OpenAI API
+# The request-side extensions `apply_extensions` patches in, by their row in docs/api.md's "OpenAI API
 # extensions" table (a test checks each has one) -> what it adds.
 EXTENSIONS = {
     "`lambda` grader": "a grader {\"type\": \"lambda\", \"lambda\": {\"function\": <ARN>}} where a job's "

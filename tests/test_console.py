@@ -5,7 +5,7 @@ The browser is Debian's Chromium (`apt-get install -y chromium`; `make test` ins
 missing), driven by Playwright for Python with `executable_path` -- never `playwright install`.
 Without Chromium these tests fail with a message saying so; `RFT_SKIP_BROWSER=1` skips the
 browser tests explicitly. Screenshots of each page go to test-artifacts/console/ (gitignored);
-`RFT_UPDATE_DOCS_SCREENSHOT=1` also refreshes docs/console-job.png, the README's picture.
+`RFT_UPDATE_DOCS_SCREENSHOT=1` also refreshes docs/console-job.png, docs/console.md's picture.
 """
 import json
 import os
@@ -331,7 +331,7 @@ def test_a_team_sees_its_jobs_curve_rollouts_models_evals_and_spend(world, brows
     rewards = [float(r) for r in page.eval_on_selector_all("#rollout-list details.rollout", "els => els.map(e => e.dataset.reward)")]
     assert rewards and rewards == sorted(rewards, reverse=True)
     c.shot("job")
-    if os.environ.get("RFT_UPDATE_DOCS_SCREENSHOT") == "1":                      # the README's picture
+    if os.environ.get("RFT_UPDATE_DOCS_SCREENSHOT") == "1":                      # docs/console.md's picture
         page.set_viewport_size({"width": 1100, "height": 760})
         page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
         page.wait_for_timeout(300)

@@ -29,7 +29,7 @@ def test_normal_formulas_keep_python_semantics_up_to_the_documented_limits():
                     "10 ** 12 * judge", "exact ** fuzzy", "round(exact)", "2 ** 10 / 1024"]:
         expected = float(eval(formula, {"__builtins__": {}}, {**env, **VALUES}))   # trusted literals
         assert compile_formula(formula, NAMES)(VALUES) == expected, formula
-    # the limits start exactly where the README says
+    # the limits start exactly where docs/grading.md says
     assert compile_formula("exact ** 100 + 2 ** 100 + 10 ** 12", NAMES)(VALUES) == 1.0 + 2 ** 100 + 10 ** 12
     assert compile_formula("round(fuzzy, 100) + round(fuzzy, -100)", NAMES)(VALUES) == 0.5
     assert compile_formula("-" * 39 + "exact", NAMES)(VALUES) == -1.0                             # 40 levels

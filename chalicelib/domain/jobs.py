@@ -30,7 +30,7 @@ class Reinforcement(_Strict):
     grader: dict[str, Any]
     hyperparameters: dict[str, Any] | None = None
     # rft-hub extra, never sent to Bedrock: a second grader (typically a score_model judge with
-    # another rubric) that the training watch runs on a sample of rollouts (README: Training watch).
+    # another rubric) that the training watch runs on a sample of rollouts (docs/watch.md).
     audit_grader: dict[str, Any] | None = None
 
 

@@ -5,7 +5,7 @@ describes, then published. If EventBridge fails, the item stays and the reconcil
 publishes it later, so nothing is lost; consumers dedupe on `detail.event_id`.
 
 Detail schema (version "1"): {"schema_version": "1", "event_id", "occurred_at" (unix s),
-"team_id", ...type-specific fields} -- documented in README.md.
+"team_id", ...type-specific fields} -- documented in docs/events.md.
 """
 from __future__ import annotations
 
