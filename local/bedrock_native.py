@@ -48,6 +48,9 @@ from urllib.parse import unquote
 import boto3
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from local import bedrock_model as model
+from local import bedrock_trainer as trainer
+
 NOVA_RFT_BASE = ("amazon.nova-2-lite-v1:0:256k",)
 DETAIL_TYPE = "Model Customization Job State Change"
 NATIVE_PREFIXES = ("/model-customization-jobs", "/model-customization/", "/custom-models", "/model/")
@@ -316,12 +319,11 @@ def publish(state, job: dict) -> None:
         detail["endTime"] = job["endTime"]
     entry = {"Source": "aws.bedrock", "DetailType": DETAIL_TYPE, "Detail": json.dumps(detail),
              "Resources": [job["jobArn"]]}
-    from local.bedrock_server import put_event
 
-    put_event(nat.published, entry, state.region)
+    trainer.put_event(nat.published, entry, state.region)
 
 
-def _set_status(state, job: dict, status: str, message: str | None = None) -> None:
+def set_status(state, job: dict, status: str, message: str | None = None) -> None:
     now = time.time()
     job["status"] = status
     job["lastModifiedTime"] = _now_iso(now)
@@ -343,7 +345,7 @@ def _phase(job: dict, key: str, status: str) -> None:
 
 # ---- the clock ---------------------------------------------------------------------------------
 
-def _ticker(state) -> None:
+def ticker(state) -> None:
     while True:
         time.sleep(0.05)
         nat = native(state)
@@ -356,7 +358,7 @@ def _ticker(state) -> None:
                 _advance(state, job, clock)
             except Exception as exc:  # noqa: BLE001 - a broken job must not stop the clock
                 with state.lock:
-                    _set_status(state, job, "Failed", f"Internal error: {exc}")
+                    set_status(state, job, "Failed", f"Internal error: {exc}")
         for dep in deployments:
             if dep.get("_fail"):
                 with state.lock:
@@ -372,11 +374,11 @@ def _advance(state, job: dict, clock: dict) -> None:
     details = job["statusDetails"]
     if job.get("_force_fail"):
         with state.lock:
-            _set_status(state, job, "Failed", job.pop("_force_fail"))
+            set_status(state, job, "Failed", job.pop("_force_fail"))
         return
     if job["status"] == "Stopping":
         with state.lock:
-            _set_status(state, job, "Stopped")
+            set_status(state, job, "Stopped")
         return
     if details["validationDetails"]["status"] == "InProgress":
         if elapsed < clock["validating_seconds"]:
@@ -385,7 +387,7 @@ def _advance(state, job: dict, clock: dict) -> None:
         with state.lock:
             if problem:
                 _phase(job, "validationDetails", "Failed")
-                _set_status(state, job, "Failed", problem)
+                set_status(state, job, "Failed", problem)
                 return
             job["_rows"] = rows
             _phase(job, "validationDetails", "Completed")
@@ -429,7 +431,6 @@ def _training_rows(state, job: dict) -> tuple[list[dict], str | None]:
 
 
 def _train_step(state, job: dict, clock: dict) -> None:
-    from local import bedrock_server as mantle   # the Mantle endpoint's reward invocation and helpers
 
     step = job["_step"] + 1
     total = int(clock["total_steps"])
@@ -443,17 +444,17 @@ def _train_step(state, job: dict, clock: dict) -> None:
     for p in range(prompts):
         row = rows[rng.randrange(len(rows))]
         for m in range(k):
-            answer = mantle._reference_text(row.get("reference_answer")) if rng.random() < quality \
+            answer = trainer.reference_text(row.get("reference_answer")) if rng.random() < quality \
                 else "I am not sure."
             sample = {key: v for key, v in row.items() if key not in ("messages", "id")}
             sample.update({"id": f"{job['_tail']}-s{step}-p{p}-{m}",
                            "messages": row["messages"] + [{"role": "assistant", "content": answer}]})
             samples.append(sample)
     arn = job["_rft"]["graderConfig"]["lambdaGrader"]["lambdaArn"]
-    scores, problem = mantle._invoke_grader(state, arn, samples)
+    scores, problem = trainer.invoke_grader(state, arn, samples)
     if problem:
         with state.lock:
-            _set_status(state, job, "Failed", f"Reward function {arn} failed: {problem}")
+            set_status(state, job, "Failed", f"Reward function {arn} failed: {problem}")
         return
     lengths = [len(s["messages"][-1]["content"]) / 4 for s in samples]
     mean = sum(scores) / len(scores)
@@ -479,7 +480,7 @@ def _train_step(state, job: dict, clock: dict) -> None:
                 "customizationConfig": {"rftConfig": job["_rft"]}}
             job["outputModelArn"] = model_arn
             _phase(job, "trainingDetails", "Completed")
-            _set_status(state, job, "Completed")
+            set_status(state, job, "Completed")
 
 
 def _write_metrics(state, job: dict) -> None:
@@ -557,7 +558,6 @@ def _check_conversation(params: dict) -> None:
 
 def _answer(params: dict, label: str) -> tuple[list[dict], str, dict]:
     """(content blocks, stopReason, usage) of the stand-in model for a Converse request."""
-    from local import bedrock_server as mantle
 
     messages = params["messages"]
     system = " ".join(b.get("text", "") for b in params.get("system") or [])
@@ -578,7 +578,7 @@ def _answer(params: dict, label: str) -> tuple[list[dict], str, dict]:
         chosen = next((t for t in tools if t["name"].lower() in said), None)
     if chosen is not None:
         schema = (chosen.get("inputSchema") or {}).get("json") or {"type": "object"}
-        tool_input = mantle._schema_instance(schema, schema)
+        tool_input = model.schema_instance(schema, schema)
         blocks = [{"toolUse": {"toolUseId": "tooluse_" + secrets.token_hex(11),
                                "name": chosen["name"], "input": tool_input}}]
         out = max(1, len(json.dumps(tool_input)) // 4)
@@ -587,9 +587,9 @@ def _answer(params: dict, label: str) -> tuple[list[dict], str, dict]:
     fmt = ((params.get("outputConfig") or {}).get("textFormat") or {}).get("structure", {}).get("jsonSchema")
     if fmt:
         schema = json.loads(fmt["schema"])
-        text, stop = json.dumps(mantle._schema_instance(schema, schema)), "end_turn"
+        text, stop = json.dumps(model.schema_instance(schema, schema)), "end_turn"
     else:
-        judged = mantle._judge_reply(prompt)
+        judged = model.judge_reply(prompt)
         text = judged if judged is not None else f"[{label}] " + (prompt[-200:] if prompt else "ok")
         stop = "end_turn"
         for sequence in inference.get("stopSequences") or []:
@@ -599,13 +599,12 @@ def _answer(params: dict, label: str) -> tuple[list[dict], str, dict]:
         cap = inference.get("maxTokens")
         if cap and len(words) > cap:
             text, stop = " ".join(words[:cap]), "max_tokens"
-    out = len(mantle._pieces(text))
+    out = len(model.pieces(text))
     return [{"text": text}], stop, {"inputTokens": input_tokens, "outputTokens": out,
                                     "totalTokens": input_tokens + out}
 
 
 def _stream_frames(state, blocks: list[dict], stop: str, usage: dict, started: float):
-    from local import bedrock_server as mantle
 
     pace = float(state.stream.get("stream_token_ms") or 0) / 1000
     yield event_frame("messageStart", {"role": "assistant"})
@@ -621,7 +620,7 @@ def _stream_frames(state, blocks: list[dict], stop: str, usage: dict, started: f
                 yield event_frame("contentBlockDelta", {"delta": {"toolUse": {"input": raw[at:at + 8]}},
                                                         "contentBlockIndex": index})
         else:
-            for piece in mantle._pieces(block["text"]):
+            for piece in model.pieces(block["text"]):
                 time.sleep(pace)
                 yield event_frame("contentBlockDelta", {"delta": {"text": piece}, "contentBlockIndex": index})
         yield event_frame("contentBlockStop", {"contentBlockIndex": index})
@@ -738,7 +737,7 @@ def create_blueprint(state) -> Blueprint:
             if job["status"] in TERMINAL or job["status"] == "Stopping":
                 raise AwsError(400, "ValidationException", f"Job {job['jobName']} is {job['status']} and cannot be "
                                                            "stopped.")
-            _set_status(state, job, "Stopping")
+            set_status(state, job, "Stopping")
         return jsonify({})
 
     @bp.get("/model-customization-jobs")
@@ -893,5 +892,5 @@ def create_blueprint(state) -> Blueprint:
             nat = state.native = NativeState()
         return jsonify({"ok": True})
 
-    threading.Thread(target=_ticker, args=(state,), daemon=True, name="local-bedrock-native-clock").start()
+    threading.Thread(target=ticker, args=(state,), daemon=True, name="local-bedrock-native-clock").start()
     return bp

@@ -3,7 +3,7 @@ tuned, checkpoint and alias models in the eval worker (metered, budgeted, resuma
 view, promotion gates on aliases, and the eval a fine-tuning job names.
 
 The local Bedrock answers chat completions deterministically: "[<model>] " and the end of the prompt
-(local/bedrock_server.py `_generate`), so a string_check on the model's name tells a tuned model
+(local/bedrock_model.py `_generate`), so a string_check on the model's name tells a tuned model
 (":ft:") or a checkpoint ("ckpt-step-4") from the others, and its stand-in judge scores a
 "Reference: / Answer:" prompt by text similarity.
 """

@@ -19,7 +19,7 @@ from chalicelib.domain import pricing
 from chalicelib.services import budgets
 from chalicelib.store.models import LedgerEntry
 from helpers import http, settled, start_job, wait_for
-from local.bedrock_server import DEFAULT_STREAM
+from local.bedrock_state import DEFAULT_STREAM
 from local.harness import ADMIN_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
