@@ -27,7 +27,7 @@ from chalice import Blueprint, Response
 from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from chalicelib import deadline
 from chalicelib.config import settings
-from chalicelib.domain import keys
+from chalicelib.domain import keys, numbers
 from chalicelib.domain.datasets import JsonDepthError, parse_json
 from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
@@ -236,11 +236,10 @@ def query_int(req: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = req.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"Query parameter '{name}' must be an integer.", param=name) from None
-    if not lo <= value <= hi:
+    if numbers.query_int(raw, -(10 ** 18), 10 ** 18) is None:   # ASCII digits: int() takes '٣', ' 1_0 '
+        raise InvalidRequest(f"Query parameter '{name}' must be an integer.", param=name)
+    value = numbers.query_int(raw, lo, hi)
+    if value is None:
         raise InvalidRequest(f"Query parameter '{name}' must be between {lo} and {hi}.", param=name)
     return value
 
