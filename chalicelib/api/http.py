@@ -200,13 +200,14 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                 req = Request(principal=None, headers=headers,
                               query=dict(current.query_params or {}), raw_body=raw,
                               request_id=request_id)
-                req.principal = _authenticate(auth, headers, current.method)
-                team_id = req.principal.team_id if req.principal else None
-                check_path_params(path_params)
-                if body is not None or json_body:
-                    req.body = parse_json_body(raw, body)
-                # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow.
+                # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow,
+                # authentication's reads included (a console cookie's two reads took 25 s each without).
                 with deadline.running(deadline.budget_from_context(_lambda_context(bp))):
+                    req.principal = _authenticate(auth, headers, current.method)
+                    team_id = req.principal.team_id if req.principal else None
+                    check_path_params(path_params)
+                    if body is not None or json_body:
+                        req.body = parse_json_body(raw, body)
                     result = fn(req, **path_params)
                 if isinstance(result, Response):
                     result.headers.setdefault("x-request-id", request_id)
