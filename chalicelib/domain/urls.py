@@ -10,6 +10,7 @@ from __future__ import annotations
 from urllib.parse import SplitResult, urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+ANY_PORT = -1
 
 
 def _parts(url: str) -> tuple[str, str, int, str] | None:
@@ -25,13 +26,16 @@ def _parts(url: str) -> tuple[str, str, int, str] | None:
     scheme = split.scheme.lower()
     if scheme not in _DEFAULT_PORTS or "@" in split.netloc or not split.hostname:
         return None
+    if port is None and split.netloc.endswith(":"):
+        port = ANY_PORT       # "http://127.0.0.1:" (the local stack's prefix): any port of that host
     return scheme, split.hostname.lower(), port if port is not None else _DEFAULT_PORTS[scheme], split.path or "/"
 
 
 def under_prefix(url: str, prefix: str) -> bool:
     """Whether `url` is at or below `prefix` (both absolute http(s) URLs)."""
     have, want = _parts(url), _parts(prefix)
-    if have is None or want is None or have[:3] != want[:3]:
+    if have is None or want is None or have[:2] != want[:2] or have[2] == ANY_PORT \
+            or want[2] not in (ANY_PORT, have[2]):
         return False
     base = want[3]
     return have[3] == base or have[3].startswith(base if base.endswith("/") else base + "/")
