@@ -178,3 +178,57 @@ def test_job_hyperparameters_are_400s(name, value):
         check_hyperparameters({name: value})
     except InvalidRequest:
         pass
+
+
+# ---- URL prefixes (Slack webhooks, response_url) and key-like ids in messages --------------------
+
+PREFIXES = ["https://hooks.slack.com/", "http://127.0.0.1:"]
+hosts = st.sampled_from(["hooks.slack.com", "127.0.0.1", "evil.example.com", "hooks.slack.com.evil.example.com",
+                         "127.0.0.1.nip.io"])
+
+
+@FAST
+@given(st.sampled_from(["http", "https", "HTTPS"]), st.one_of(st.none(), hosts), hosts,
+       st.one_of(st.none(), st.integers(0, 70000), st.just("")), st.text(max_size=20))
+def test_url_prefixes_are_compared_parsed(scheme, userinfo_host, host, port, path):
+    from chalicelib.domain import urls
+
+    netloc = (f"{userinfo_host}:1@" if userinfo_host else "") + host + ("" if port is None else f":{port}")
+    url = f"{scheme}://{netloc}/{path}"
+    if urls.allowed(url, PREFIXES):
+        assert "@" not in netloc and "\\" not in url and url.isascii()
+        assert host == "hooks.slack.com" and scheme.lower() == "https" and port in (None, 443) \
+            or host == "127.0.0.1" and scheme == "http" and port not in ("",)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1@evil.example.com/", "https://hooks.slack.com@evil/",
+                                 "https://hooks.slack.com:444/services", "http://127.0.0.1:9\\@evil/"])
+def test_the_attacks_url_shapes_are_refused(url):
+    from chalicelib.domain import urls
+
+    assert not urls.allowed(url, PREFIXES)
+
+
+def test_error_messages_never_repeat_a_key():
+    from chalicelib.errors import NotFound
+
+    key = "rfth_0123456789abcdef_" + "A" * 43
+    for text in (f"No eval with id '{key}'.", f"The model 'sk-{'x' * 40}' does not exist",
+                 "No such file: 'bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29t'."):
+        message = NotFound(text).body()["error"]["message"]
+        assert "{redacted}" in message and key not in message and "sk-x" not in message
+    assert NotFound("No eval with id 'eval_123'.").message == "No eval with id 'eval_123'."
+
+
+def test_the_data_plane_takes_adapter_headers_only_from_the_adapter(monkeypatch):
+    from chalicelib.dataplane.app import _adapter_headers
+
+    forged = [("x-amzn-request-context", '{"requestId":"beef"}')]
+    monkeypatch.delenv("AWS_LWA_INVOKE_MODE", raising=False)
+    assert _adapter_headers(forged, None) == {}                                     # not behind LWA
+    assert _adapter_headers(forged, "secret") == {}                                 # no local token
+    assert _adapter_headers(forged + [("x-rft-adapter-token", "other")], "secret") == {}
+    assert _adapter_headers(forged + [("X-RFT-Adapter-Token", "secret")], "secret") == dict(forged)
+    monkeypatch.setenv("AWS_LWA_INVOKE_MODE", "response_stream")
+    assert _adapter_headers(forged, None) == dict(forged)                           # LWA overwrote any copy
+    assert _adapter_headers(forged + [("x-amzn-request-context", "{}")], None) == {}   # LWA appended: neither
