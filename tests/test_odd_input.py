@@ -14,15 +14,23 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib import deadline
 from chalicelib.errors import InvalidRequest
 from chalicelib.services import console_sessions
 from chalicelib.store import dynamo, pagination
-from chalicelib.store.models import (Alias, EvalDefinition, EvalOutputItem, File, Job, JobEvent, Checkpoint,
-                                     RolloutWindow)
+from chalicelib.store.models import (
+    Alias,
+    Checkpoint,
+    EvalDefinition,
+    EvalOutputItem,
+    File,
+    Job,
+    JobEvent,
+    RolloutWindow,
+)
 from local.harness import ADMIN_KEY
-from sample_data import arithmetic_rows, jsonl
 
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 UNICODE_DIGITS = "²³¹٣٤۵५০੬௭౮൯๙០᠑０９𝟘"
@@ -142,8 +150,8 @@ def test_any_cursor_is_400_or_a_key_dynamodb_accepts(world, case, text, number, 
 def test_after_and_limits_in_any_alphabet_are_answered(api, world, text):
     q = _q(text)
     for path in (f"/v1/fine_tuning/jobs/{world['job']}/watch?after={q}",
-                 f"/v1/evals/{world['eval']}/runs/{world['run']}/output_items?after=outputitem_"
-                 f"{world['run'][len('evalrun_'):]}_{q}",
+                 (f"/v1/evals/{world['eval']}/runs/{world['run']}/output_items?after=outputitem_"
+                  f"{world['run'][len('evalrun_'):]}_{q}"),
                  f"/v1/fine_tuning/jobs/{world['job']}/rollouts?window={q}",
                  f"/v1/fine_tuning/jobs?limit={q}", f"/v1/files?after={q}", f"/v1/evals?after={q}",
                  f"/v1/fine_tuning/jobs/{world['job']}/events?after={q}",
@@ -168,42 +176,44 @@ def test_watch_after_with_a_unicode_digit_is_400(api, world):
 
 # ---- numbers in bodies: 401 digits, 1e400 (L5, L6, L7, H1's first half) -------------------------
 
-def _criterion(number: str, threshold: str | None = None) -> str:
-    return ('{"name":"n","data_source_config":{"type":"custom","item_schema":{"type":"object"}},'
-            '"testing_criteria":[{"type":"score_model","name":"j","model":"openai.gpt-oss-20b","range":[0,%s],'
-            '"input":[{"role":"user","content":"{{sample.output_text}}"}],"pass_threshold":%s}]}'
-            % (number, threshold or number))
+N = "@N@"          # where the raw number literal goes: json.dumps cannot write 1e400 or a 401-digit int
+MSG = [{"role": "user", "content": "{{sample.output_text}}"}]
+
+
+def _with(body: dict, number: str) -> str:
+    return json.dumps(body).replace(f'"{N}"', number)
+
+
+def _criterion(number: str, threshold: float | None = None) -> str:
+    body = {"name": "n", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+            "testing_criteria": [{"type": "score_model", "name": "j", "model": "openai.gpt-oss-20b", "range": [0, N],
+                                  "input": MSG, "pass_threshold": N if threshold is None else threshold}]}
+    return _with(body, number)
 
 
 @FEW
 @given(odd_numbers, st.sampled_from(["evals", "validate", "run", "chat", "responses", "job", "nova"]))
 def test_odd_numbers_in_bodies_are_4xx_or_served(api, world, number, where):
-    if where == "evals":
-        r = _json(api, "post", "/v1/evals", world["key"], _criterion(number))
-    elif where == "validate":
-        r = _json(api, "post", "/v1/fine_tuning/alpha/graders/validate", world["key"],
-                  '{"grader":{"type":"score_model","name":"j","model":"openai.gpt-oss-20b","range":[%s,2],'
-                  '"input":[{"role":"user","content":"{{sample.output_text}}"}]}}' % number)
-    elif where == "run":
-        r = _json(api, "post", f"/v1/evals/{world['eval']}/runs", world["key"],
-                  '{"data_source":{"type":"completions","model":"openai.gpt-oss-20b","source":{"type":"file_content",'
-                  '"content":[{"item":{"reference_answer":"1"}}]},"sampling_params":{"temperature":%s,"seed":%s}}}'
-                  % (number, number))
-    elif where == "chat":
-        r = _json(api, "post", "/v1/chat/completions", world["key"],
-                  '{"model":"openai.gpt-oss-20b","messages":[{"role":"user","content":"x"}],"max_tokens":%s,'
-                  '"seed":%s}' % (number, number))
-    elif where == "responses":
-        r = _json(api, "post", "/v1/responses", world["key"],
-                  '{"model":"openai.gpt-oss-20b","input":"x","max_output_tokens":%s,"temperature":%s}'
-                  % (number, number))
-    else:
-        model, hp = (("openai.gpt-oss-20b", "n_epochs") if where == "job" else ("amazon.nova-2-lite-v1:0:256k",
-                                                                                "max_prompt_length"))
-        r = _json(api, "post", "/v1/fine_tuning/jobs", world["key"],
-                  '{"model":"%s","training_file":"%s","method":{"type":"reinforcement","reinforcement":'
-                  '{"grader":%s,"hyperparameters":{"%s":%s,"batch_size":%s}}}}'
-                  % (model, world["file"], json.dumps(EQ), hp, number, number))
+    judge = {"type": "score_model", "name": "j", "model": "openai.gpt-oss-20b", "range": [N, 2], "input": MSG}
+    hp = "n_epochs" if where == "job" else "max_prompt_length"
+    path, body = {
+        "evals": ("/v1/evals", None),
+        "validate": ("/v1/fine_tuning/alpha/graders/validate", {"grader": judge}),
+        "run": (f"/v1/evals/{world['eval']}/runs", {"data_source": {
+            "type": "completions", "model": "openai.gpt-oss-20b",
+            "source": {"type": "file_content", "content": [{"item": {"reference_answer": "1"}}]},
+            "sampling_params": {"temperature": N, "seed": N}}}),
+        "chat": ("/v1/chat/completions", {"model": "openai.gpt-oss-20b", "max_tokens": N, "seed": N,
+                                          "messages": [{"role": "user", "content": "x"}]}),
+        "responses": ("/v1/responses", {"model": "openai.gpt-oss-20b", "input": "x", "max_output_tokens": N,
+                                        "temperature": N}),
+        "job": ("/v1/fine_tuning/jobs", {"model": "openai.gpt-oss-20b", "training_file": world["file"],
+                                         "method": {"type": "reinforcement", "reinforcement": {
+                                             "grader": EQ, "hyperparameters": {hp: N, "batch_size": N}}}}),
+    }.get(where) or ("/v1/fine_tuning/jobs", {"model": "amazon.nova-2-lite-v1:0:256k", "training_file": world["file"],
+                                              "method": {"type": "reinforcement", "reinforcement": {
+                                                  "grader": EQ, "hyperparameters": {hp: N, "batch_size": N}}}})
+    r = _json(api, "post", path, world["key"], _criterion(number) if body is None else _with(body, number))
     assert r.status_code in (200, 201, 400, 404), (where, number[:20], r.status_code, r.body[:300])
     json.loads(r.body)      # never `Infinity` or anything else that is not JSON
 
@@ -228,7 +238,7 @@ def test_responses_huge_max_output_tokens_is_400_and_not_on_the_ledger(api, worl
 
 
 def test_infinity_in_a_range_is_refused_so_lists_stay_json(api, world):
-    _client_error(_json(api, "post", "/v1/evals", world["key"], _criterion("1e400", threshold="0.5")))
+    _client_error(_json(api, "post", "/v1/evals", world["key"], _criterion("1e400", threshold=0.5)))
     json.loads(_json(api, "get", "/v1/evals", world["key"]).body)
 
 
