@@ -331,3 +331,25 @@ def test_webhook_urls_are_compared_parsed_not_as_strings(api, world, url):
     admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
     r = api.http.put(f"/v1/admin/teams/{world['team']}/slack", headers=admin, body=json.dumps({"webhook_url": url}))
     _client_error(r, "webhook_url")
+
+
+# ---- an item reference with another script's digit (L8) ---------------------------------------------
+
+def test_an_item_reference_with_a_unicode_digit_is_the_items_invalid_variable_error(stack, world, bedrock):
+    """The eval worker walked `item.messages.²` with int('²') and crashed (the run stayed in_progress,
+    its message redelivered): now each item gets invalid_variable_error and the run ends."""
+    import openai
+
+    from helpers import wait_run
+
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=world["key"], max_retries=0)
+    item = {"reference_answer": "1", "messages": [{"role": "user", "content": "x"}]}
+    run = client.evals.runs.create(world["eval"], data_source={
+        "type": "completions", "model": "openai.gpt-oss-20b",
+        "source": {"type": "file_content", "content": [{"item": item}]},
+        "input_messages": {"type": "item_reference", "item_reference": "item.messages.²"},
+        "sampling_params": {"max_completion_tokens": 8}})
+    done = wait_run(client, world["eval"], run.id)
+    assert done.status in ("completed", "failed") and done.result_counts.errored == 1, done
+    items = client.evals.runs.output_items.list(run.id, eval_id=world["eval"]).data
+    assert [i.sample.error.code for i in items] == ["invalid_variable_error"]
