@@ -339,7 +339,6 @@ def test_an_item_reference_with_a_unicode_digit_is_the_items_invalid_variable_er
     """The eval worker walked `item.messages.²` with int('²') and crashed (the run stayed in_progress,
     its message redelivered): now each item gets invalid_variable_error and the run ends."""
     import openai
-
     from helpers import wait_run
 
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=world["key"], max_retries=0)
