@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from chalicelib.domain import ids
+
 
 class ApiError(Exception):
     status = 400
@@ -17,6 +19,8 @@ class ApiError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None, should_retry: bool | None = None):
+        # Messages often repeat what the caller sent ("No eval with id '...'"); never a credential.
+        message = ids.redact_keys(message)
         super().__init__(message)
         self.message = message
         self.param = param

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -55,7 +56,9 @@ _KEYLIKE = re.compile(r"(?i)(rfth_|sk-|bedrock-api-key|%)")
 DOCS_HINT = "Please check the URL for typos, or see GET /openapi.json for rft-hub's routes."
 # Not forwarded to the data plane: hop-by-hop headers, and what Lambda Web Adapter sets itself.
 _NOT_FORWARDED = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection",
-                  "content-length", "x-amzn-request-context", "x-amzn-lambda-context"}
+                  "content-length", "x-amzn-request-context", "x-amzn-lambda-context", "x-rft-adapter-token"}
+# Proves to the data plane that the x-amzn-* headers come from here (the adapter's role), not a caller.
+_ADAPTER_TOKEN = secrets.token_urlsafe(24)
 _NOT_RELAYED = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 
 
@@ -248,6 +251,7 @@ class ApiGatewayHandler(ChaliceRequestHandler):
         # As Lambda Web Adapter passes API Gateway's request context (and its request id) along.
         forwarded["x-amzn-request-context"] = json.dumps({"requestId": str(uuid.uuid4()), "stage": "api",
                                                           "requestTimeEpoch": int(time.time() * 1000)})
+        forwarded["x-rft-adapter-token"] = _ADAPTER_TOKEN
         forwarded["Content-Length"] = str(len(body or b""))
         try:
             resp = self._dataplane_call(method, forwarded, body or b"")
@@ -298,7 +302,8 @@ def serve_dataplane(host: str = "127.0.0.1", port: int = 0):
 
     from chalicelib.dataplane.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(create_app(adapter_token=_ADAPTER_TOKEN), host=host, port=port,
+                                           log_level="warning",
                                            access_log=False, lifespan="off", timeout_keep_alive=60))
     threading.Thread(target=server.run, daemon=True, name="dataplane").start()
     deadline = time.monotonic() + 30

@@ -27,7 +27,7 @@ from chalice import Blueprint, Response
 from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from chalicelib import deadline
 from chalicelib.config import settings
-from chalicelib.domain import keys
+from chalicelib.domain import keys, numbers
 from chalicelib.domain.datasets import JsonDepthError, parse_json
 from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
@@ -200,13 +200,14 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                 req = Request(principal=None, headers=headers,
                               query=dict(current.query_params or {}), raw_body=raw,
                               request_id=request_id)
-                req.principal = _authenticate(auth, headers, current.method)
-                team_id = req.principal.team_id if req.principal else None
-                check_path_params(path_params)
-                if body is not None or json_body:
-                    req.body = parse_json_body(raw, body)
-                # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow.
+                # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow,
+                # authentication's reads included (a console cookie's two reads took 25 s each without).
                 with deadline.running(deadline.budget_from_context(_lambda_context(bp))):
+                    req.principal = _authenticate(auth, headers, current.method)
+                    team_id = req.principal.team_id if req.principal else None
+                    check_path_params(path_params)
+                    if body is not None or json_body:
+                        req.body = parse_json_body(raw, body)
                     result = fn(req, **path_params)
                 if isinstance(result, Response):
                     result.headers.setdefault("x-request-id", request_id)
@@ -236,11 +237,10 @@ def query_int(req: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = req.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"Query parameter '{name}' must be an integer.", param=name) from None
-    if not lo <= value <= hi:
+    if numbers.query_int(raw, -(10 ** 18), 10 ** 18) is None:   # ASCII digits: int() takes '٣', ' 1_0 '
+        raise InvalidRequest(f"Query parameter '{name}' must be an integer.", param=name)
+    value = numbers.query_int(raw, lo, hi)
+    if value is None:
         raise InvalidRequest(f"Query parameter '{name}' must be between {lo} and {hi}.", param=name)
     return value
 

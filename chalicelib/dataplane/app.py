@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hmac
 import json
+import os
 import threading
 import time
 import uuid
@@ -27,6 +29,7 @@ import uuid
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -34,6 +37,8 @@ from starlette.routing import Route
 from chalicelib import deadline
 from chalicelib.api import http
 from chalicelib.dataplane import READY_PATH, ROUTES
+from chalicelib.domain import ids
+from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
 from chalicelib.services import gateway
 
@@ -41,6 +46,40 @@ from chalicelib.services import gateway
 # own remaining time, when Lambda Web Adapter passes it, is used instead.
 STREAM_SECONDS = 900.0
 SERVICES = {"/v1/chat/completions": gateway.chat_completions, "/v1/responses": gateway.responses}
+
+
+# Lambda Web Adapter passes API Gateway's request context and the Lambda deadline as these headers.
+# A caller can send them too: they are read only from the adapter (`_adapter_headers`).
+ADAPTER_HEADERS = ("x-amzn-request-context", "x-amzn-lambda-context")
+# The local API Gateway (local/api_gateway.py) plays the adapter: it proves it with this header,
+# carrying a secret made per process (`create_app(adapter_token=...)`); callers never know it.
+ADAPTER_TOKEN_HEADER = "x-rft-adapter-token"
+
+
+def behind_lambda_web_adapter() -> bool:
+    """Deployed, the function runs behind Lambda Web Adapter (deploy/template.py sets its mode)."""
+    return bool(os.environ.get("AWS_LWA_INVOKE_MODE"))
+
+
+def _adapter_headers(pairs: list[tuple[str, str]], adapter_token: str | None) -> dict[str, str]:
+    """The adapter's headers when they come from the adapter, else none (a fresh request id and
+    the default deadline). Locally: only with the local API Gateway's token. Deployed behind LWA:
+    UNCONFIRMED whether LWA overwrites a client's own copy of these headers or adds its own beside
+    it, so a header sent more than once is not trusted at all (if LWA overwrites, one copy
+    arrives: LWA's; if it appends, two arrive: neither is used)."""
+    lowered = [(k.lower(), v) for k, v in pairs]
+    if adapter_token is not None:
+        sent = [v for k, v in lowered if k == ADAPTER_TOKEN_HEADER]
+        if len(sent) != 1 or not hmac.compare_digest(sent[0].encode(), adapter_token.encode()):
+            return {}
+    elif not behind_lambda_web_adapter():
+        return {}
+    out = {}
+    for name in ADAPTER_HEADERS:
+        values = [v for k, v in lowered if k == name]
+        if len(values) == 1:
+            out[name] = values[0]
+    return out
 
 
 def _request_id(headers: dict[str, str]) -> str:
@@ -80,7 +119,10 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
     """Worker thread: auth, body, the gateway call. Returns a Starlette Response (answered or
     refused) or an opened gateway.Stream."""
     try:
-        principal = http._authenticate("team", headers)
+        # Authentication (a console cookie reads DynamoDB twice) answers within API Gateway's 29 s,
+        # whatever a stream may be allowed afterwards.
+        with deadline.running(min(seconds, deadline.budget_from_context(None))):
+            principal = http._authenticate("team", headers)
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
             result = SERVICES[path](principal, request_id, body, defer_settle=True)
@@ -152,9 +194,11 @@ class StreamedCall(Response):
 
 async def _serve(request: Request) -> Response:
     started = time.perf_counter()
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    request_id = _request_id(headers)
-    seconds = _seconds(headers)
+    pairs = request.headers.items()
+    headers = {k.lower(): v for k, v in pairs if k.lower() not in ADAPTER_HEADERS + (ADAPTER_TOKEN_HEADER,)}
+    adapter = _adapter_headers(pairs, request.app.state.adapter_token)
+    request_id = _request_id(adapter)
+    seconds = _seconds(adapter)
     raw = await request.body()
     outcome = await run_in_threadpool(_handle, request.url.path, headers, raw, request_id, seconds)
     streamed = isinstance(outcome, gateway.Stream)
@@ -170,10 +214,25 @@ async def _ready(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-def create_app() -> Starlette:
+async def _unknown(request: Request, exc: HTTPException) -> Response:
+    """Unknown routes (404) and methods (405) on the data plane's own port: the OpenAI envelope,
+    as the local API Gateway answers them, never Starlette's plain text."""
+    shown = f"{request.method} {ids.redact_keys(request.url.path)[:200]}"
+    allowed = (exc.headers or {}).get("Allow")
+    err = (NotFound(f"Unknown request URL: {shown}.", code="unknown_url") if exc.status_code == 404 else
+           ApiError(f"Unknown request URL: {shown} (this path allows {allowed}).", code="method_not_allowed",
+                    headers={"Allow": allowed} if allowed else None))
+    err.status = exc.status_code
+    return _envelope(http.error_response(err, str(uuid.uuid4())))
+
+
+def create_app(adapter_token: str | None = None) -> Starlette:
+    """`adapter_token`: the local API Gateway's secret (see ADAPTER_TOKEN_HEADER); None deployed."""
     routes = [Route(path, _serve, methods=[method]) for method, path in ROUTES]
     routes.append(Route(READY_PATH, _ready, methods=["GET"]))
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={404: _unknown, 405: _unknown})
+    app.state.adapter_token = adapter_token
+    return app
 
 
 app = create_app()

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, localcontext
 
-from chalicelib.domain import pricing
+from chalicelib.domain import numbers, pricing
 
 DEFAULT_OUTPUT_CAP = 4096        # tokens reserved when a call sets no max_tokens
 # Bounds on money an admin can type: past them a typo (or a 39-digit number) is refused
@@ -26,12 +26,20 @@ def resets_at(period: str) -> int:
 
 def to_micro(usd, maximum_micro: int | None = None) -> int:
     """An exact USD amount (string, int or Decimal; floats are read through their repr) in micro-dollars."""
-    if isinstance(usd, bool) or not isinstance(usd, (str, int, float, Decimal)) or len(str(usd)) > 40:
+    text = repr(usd) if isinstance(usd, float) else str(usd)
+    if isinstance(usd, bool) or not isinstance(usd, (str, int, float, Decimal)) or len(text) > 40:
         raise ValueError("must be a decimal amount such as \"25.00\"")
-    try:
-        value = Decimal(str(usd))
-    except (InvalidOperation, ValueError):
-        raise ValueError("not a number") from None
+    if not numbers.decimal_text(text):     # ASCII digits only: Decimal('٣') is 3, Decimal(' 1_0 ') is 10
+        raise ValueError("not a number")
+    with localcontext() as exact:           # 40 digits exactly, never rounded to the default 28
+        exact.prec = 100
+        value = Decimal(text)
+        if abs(value) >= Decimal(10) ** 30:
+            raise ValueError("must be less than 10^30")
+        return _whole_micro(value, maximum_micro)
+
+
+def _whole_micro(value: Decimal, maximum_micro: int | None) -> int:
     if not value.is_finite() or value < 0:
         raise ValueError("must be a finite, non-negative amount")
     if maximum_micro is not None and value * 1_000_000 > maximum_micro:

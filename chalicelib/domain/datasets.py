@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator
 
+from chalicelib.domain import numbers
+
 MIN_ROWS = 100
 MAX_ROWS = 20_000
 MAX_REPORTED_ERRORS = 20
@@ -49,7 +51,7 @@ def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     for NaN/Infinity (UnicodeDecodeError for undecodable bytes)."""
     too_deep = JsonDepthError(f"nested deeper than the limit of {max_depth} levels of arrays and objects")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=numbers.json_float)   # 1e400: refused
     except RecursionError:
         raise too_deep from None
     opened = text.count(b"[") + text.count(b"{") if isinstance(text, bytes) else text.count("[") + text.count("{")

@@ -4,7 +4,6 @@ between runs and promotion gates. Pure: no I/O (services/evals.py does that)."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -12,6 +11,7 @@ from typing import Any, Callable
 import pydantic
 from pydantic import Field
 
+from chalicelib.domain import numbers
 from chalicelib.domain.graders.templates import TemplateError, _walk, compile_template, InvalidVariable
 
 TERMINAL = frozenset({"completed", "failed", "canceled"})
@@ -214,19 +214,18 @@ class Criterion:
 
 
 def _number(value: Any, param: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EvalRuleError(f"'{param}' must be a finite number.", param)
-    return float(value)
+    number = numbers.to_float(value)     # a 401-digit int is refused here, not an OverflowError
+    if number is None:
+        raise EvalRuleError(f"'{param}' must be a finite number (at most 38 digits).", param)
+    return number
 
 
 def default_threshold(spec: dict) -> float:
     """string_check: a match (1); score_model: the middle of its range; multi and lambda: 0.5."""
     if spec.get("type") == "score_model":
         rng = spec.get("range") if isinstance(spec.get("range"), list) and len(spec["range"]) == 2 else [0, 1]
-        try:
-            return float(rng[0]) + (float(rng[1]) - float(rng[0])) / 2
-        except (TypeError, ValueError):
-            return 0.5
+        lo, hi = numbers.to_float(rng[0]), numbers.to_float(rng[1])
+        return 0.5 if lo is None or hi is None else lo + (hi - lo) / 2
     return 1.0 if spec.get("type") == "string_check" else 0.5
 
 
@@ -373,6 +372,9 @@ def check_sampling(raw: Any) -> dict:
     if extra:
         raise EvalRuleError(f"Unknown sampling parameter '{extra[0]}'.", f"{param}.{extra[0]}")
     out = {k: v for k, v in raw.items() if v is not None}
+    bad = numbers.request_problem(out)   # seed (int64), temperature, top_p... as the gateway bounds them
+    if bad is not None:
+        raise EvalRuleError(f"'{param}.{bad[0]}' {bad[1]}.", f"{param}.{bad[0]}")
     for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         if name in out:
             value = _number(out[name], f"{param}.{name}")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from chalicelib.domain import nova, pricing
+from chalicelib.domain import nova, numbers, pricing
 from chalicelib.errors import InvalidRequest
 
 # ---- the create request ----------------------------------------------------------------------
@@ -110,9 +110,10 @@ def check_hyperparameters(hp: dict) -> dict:
         if value == "auto":
             continue  # OpenAI's "let the service choose": simply not sent
         kind, lo, hi = HYPERPARAMETER_RANGES[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind is int and not float(value).is_integer()):
-            raise InvalidRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'} or 'auto'.",
+        value = numbers.finite(value, integer=kind is int)   # a 401-digit int: 400, not OverflowError
+        if value is None:
+            raise InvalidRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'} "
+                                 "(finite, at most 38 digits) or 'auto'.",
                                  param=param)
         if not lo <= value <= hi:
             raise InvalidRequest(f"'{name}' must be between {lo} and {hi}; got {value}.", param=param)

@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from chalicelib.domain import numbers
 from chalicelib.errors import InvalidRequest
 
 # Models trained through the native API (shared docs §4: Nova 2 Lite only, us-east-1).
@@ -97,9 +98,10 @@ def check_hyperparameters(hp: dict) -> dict:
                                      param=param)
             out[name] = value
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-                (spec.kind is int and not float(value).is_integer()):
-            raise InvalidRequest(f"'{name}' must be {'an integer' if spec.kind is int else 'a number'} or 'auto'.",
+        value = numbers.finite(value, integer=spec.kind is int)   # a 401-digit int: 400, not OverflowError
+        if value is None:
+            raise InvalidRequest(f"'{name}' must be {'an integer' if spec.kind is int else 'a number'} "
+                                 "(finite, at most 38 digits) or 'auto'.",
                                  param=param)
         lo, hi = spec.lo, spec.hi
         # a relative tolerance: 0.01 x 1e-5 must pass as 1e-7 despite binary floating point
@@ -235,7 +237,7 @@ def _value(text: str):
         return text
     if not math.isfinite(number):
         return None
-    return int(number) if number.is_integer() and re.fullmatch(r"[-+]?\d+", text) else number
+    return int(number) if number.is_integer() and re.fullmatch(r"[-+]?[0-9]+", text) else number
 
 
 def parse_metrics_csv(text: str) -> list[dict]:

@@ -47,7 +47,10 @@ def micro_usd(tokens: int, rate: Decimal) -> int:
 
 def usd(micro: int) -> str:
     """Micro-dollars as an exact decimal string, e.g. 1234567 -> '1.234567'."""
-    return str((Decimal(micro) / Decimal(1_000_000)).quantize(Decimal("0.000001")))
+    # Integer arithmetic: exact for any size (Decimal's quantize raises past 28 digits, which
+    # made a huge worst case a 500 instead of the 429/400 it should be).
+    whole, frac = divmod(abs(int(micro)), 1_000_000)
+    return f"{'-' if micro < 0 else ''}{whole}.{frac:06d}"
 
 
 def cost_of_usage(price: Price, input_tokens: int, cached_tokens: int, output_tokens: int) -> int:

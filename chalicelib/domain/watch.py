@@ -62,6 +62,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from chalicelib.domain import numbers
+
 CRITICAL, WARNING = "critical", "warning"
 
 # Additive statistics of a set of samples (an invocation, a window, windows merged).
@@ -159,7 +161,7 @@ class Sample:
     @classmethod
     def of(cls, sample_id: str, prompt: str, reward: float, text: str, errors: Iterable[str] = (),
            audit: float | None = None) -> "Sample":
-        reward = float(reward) if isinstance(reward, (int, float)) and math.isfinite(reward) else 0.0
+        reward = numbers.to_float(reward) or 0.0      # a grader's 401-digit int: 0, not OverflowError
         return cls(sample_id, prompt, reward, len(text), fingerprint(text), degenerate(text),
                    tuple(sorted(set(errors))), audit)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.domain import budget as rules
-from chalicelib.domain import ids, pricing
+from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
 from chalicelib.services import outbox
@@ -129,7 +129,7 @@ def set_budget(team_id: str, body: dict) -> dict:
         raise InvalidRequest(f"limit_usd: {exc}.", param="limit_usd") from None
     thresholds = body.get("alert_thresholds", [0.5, 0.8, 1.0])
     if not isinstance(thresholds, list) or len(thresholds) > 10 or any(
-            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1 for t in thresholds):
+            numbers.finite(t) is None or not 0 < t <= 1 for t in thresholds):     # 5e-324: not storable
         raise InvalidRequest("alert_thresholds must be up to 10 fractions in (0, 1].", param="alert_thresholds")
     Budget(team_id, limit_micro=limit, period="monthly", thresholds=sorted(set(float(t) for t in thresholds)),
            updated_at=ids.now()).save()

@@ -125,10 +125,13 @@ def issue(principal: Principal, now: int | None = None) -> tuple[str, Session]:
 def decode(token: str, now: float | None = None) -> Session | None:
     """The session a token names if its signature holds and it has not expired; None otherwise
     (revocation and the key are checked by `verify`)."""
-    if not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+    # A token is ASCII (url-safe base64); anything else is not ours. compare_digest raises
+    # TypeError on a non-ASCII str, which made any such cookie a 500: compare bytes, after this.
+    if not token or len(token) > MAX_TOKEN_CHARS or not token.isascii() or token.count(".") != 2:
         return None
     version, body, signature = token.split(".")
-    if version != VERSION or not hmac.compare_digest(signature, _sign(f"{version}.{body}".encode())):
+    expected = _sign(f"{version}.{body}".encode()).encode()
+    if version != VERSION or not hmac.compare_digest(signature.encode(), expected):
         return None
     try:
         payload = json.loads(_unb64(body))
@@ -240,7 +243,7 @@ def authenticate(headers: dict[str, str], auth: str, method: str | None) -> Prin
         raise Unauthorized("Incorrect admin key.")
     if (method or "POST").upper() not in SAFE_METHODS:
         sent = headers.get(CSRF_HEADER) or ""
-        if not hmac.compare_digest(sent.encode(), csrf_token(session.sid).encode()):
+        if not sent.isascii() or not hmac.compare_digest(sent.encode(), csrf_token(session.sid).encode()):
             raise Forbidden("Missing or wrong X-CSRF-Token header: a request authenticated by the console's "
                             "session cookie must send the token GET /console/session returns.",
                             param="X-CSRF-Token")

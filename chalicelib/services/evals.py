@@ -19,7 +19,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib.adapters import aws
 from chalicelib.config import evals_queue
 from chalicelib.domain import evals as rules
-from chalicelib.domain import ids, pricing
+from chalicelib.domain import ids, numbers, pricing
 from chalicelib.domain.datasets import iter_lines, parse_json
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.log import logger
@@ -73,7 +73,7 @@ def output_item_id(run_id: str, index: int) -> str:
 def _item_index(run_id: str, item_id: str) -> int | None:
     prefix = f"{ITEM_PREFIX}{run_id[len(RUN_PREFIX):]}_"
     tail = item_id[len(prefix):] if item_id.startswith(prefix) else ""
-    return int(tail) if tail.isdigit() and len(tail) <= 9 else None
+    return numbers.ascii_int(tail)
 
 
 # ---- views --------------------------------------------------------------------------------------

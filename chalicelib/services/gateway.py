@@ -27,7 +27,7 @@ from chalicelib import deadline
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.domain import budget as budget_rules
-from chalicelib.domain import ids, pricing
+from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from chalicelib.log import logger
 from chalicelib.services import budgets, metering, nova, prices, registry, teams
@@ -94,6 +94,15 @@ def _max_output(body: dict, *names: str) -> int | None:
                 raise InvalidRequest(f"{name} must be a positive integer.", param=name)
             limits.append(value)
     return max(limits) if limits else None
+
+
+def _check_numbers(body: dict) -> None:
+    """Every number the request carries within what OpenAI's document, the upstream and DynamoDB
+    accept (a 41-digit max_tokens made a worst case the ledger cannot store): a 400 naming the
+    field, before any hold or upstream call."""
+    bad = numbers.request_problem(body)
+    if bad is not None:
+        raise InvalidRequest(f"'{bad[0]}' {bad[1]}.", param=bad[0], code="invalid_value")
 
 
 def _stream_flag(body: dict) -> bool:
@@ -550,6 +559,7 @@ def chat_completions(principal: Principal, request_id: str, body: dict, *,
                      defer_settle: bool = False) -> Reply | Stream:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise InvalidRequest("messages must be a non-empty list.", param="messages")
+    _check_numbers(body)
     stream = _stream_flag(body)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -572,6 +582,7 @@ def chat_completions(principal: Principal, request_id: str, body: dict, *,
 def responses(principal: Principal, request_id: str, body: dict, *, defer_settle: bool = False) -> Reply | Stream:
     if body.get("input") is None:
         raise InvalidRequest("input is required.", param="input")
+    _check_numbers(body)
     stream = _stream_flag(body)
     if body.get("background") is True:
         raise InvalidRequest("background responses are not supported.", param="background")

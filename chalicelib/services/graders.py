@@ -15,7 +15,7 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.adapters import lambdas
-from chalicelib.domain import ids
+from chalicelib.domain import ids, numbers
 from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text)
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.services import lambda_graders
@@ -178,7 +178,8 @@ def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None
             raise InvalidRequest("A saved grader is {'type': 'saved', 'id': <grader id>, 'version': <n>}.",
                                  param=PARAM)
         version = grader.get("version")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        if version is not None and (isinstance(version, float) or numbers.finite(version, integer=True) is None
+                                    or abs(version) >= 10 ** 9):     # a 401-digit key is DynamoDB's 500
             raise InvalidRequest("version must be an integer.", param=f"{PARAM}.version")
         spec = get(team_id, grader["id"], version)["grader"]
     else:

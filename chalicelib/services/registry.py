@@ -1,13 +1,12 @@
 """The tuned-model registry and aliases (promote, roll back, audit trail)."""
 from __future__ import annotations
 
-import math
 import re
 
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import ids
+from chalicelib.domain import ids, numbers
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import outbox
@@ -61,7 +60,7 @@ def describe(team_id: str, name: str) -> dict | None:
             alias, _, version = name.partition("@")
             if not version:
                 return alias_view(Alias.get(team_id, alias))
-            return _version_view(team_id, name, AliasChange.get(f"{team_id}#{alias}", int(version)))
+            return _version_view(team_id, name, AliasChange.get(f"{team_id}#{alias}", target["version"]))
         if target["kind"] == "tuned":
             return tuned_view(TunedModel.get(team_id, name))
     except DoesNotExist:   # removed since it was resolved
@@ -99,9 +98,7 @@ def rewards_key(job_id: str) -> str:
 def reward_of(data: dict | None) -> float | None:
     """A metrics event's reward (`critic_rewards_mean`), if it is a finite number."""
     value = (data or {}).get("critic_rewards_mean")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
+    return numbers.finite(value)     # never OverflowError on a huge int
 
 
 def _newest_rewards(job_id: str, count: int) -> list[float]:
@@ -326,9 +323,10 @@ def resolve(team_id: str, name: str) -> dict | None:
         if current and not version:
             return {"kind": "alias", "alias": alias, "model": current.model_id, "base_model": current.base_model,
                     "version": current.version}
-        if current and version.isdigit() and len(version) <= 9:
+        number = numbers.ascii_int(version)    # ASCII digits only: '²'.isdigit() is true, int('²') raises
+        if current and number is not None:
             try:
-                change = AliasChange.get(f"{team_id}#{alias}", int(version))
+                change = AliasChange.get(f"{team_id}#{alias}", number)
             except DoesNotExist:
                 return None
             return {"kind": "alias", "alias": alias, "model": change.model_id, "base_model": change.base_model,

@@ -18,7 +18,7 @@ from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.adapters import aws, slack as slack_http
 from chalicelib.adapters.secrets import get_secret
-from chalicelib.domain import ids, jobs as job_rules, slack_messages as messages
+from chalicelib.domain import ids, jobs as job_rules, slack_messages as messages, urls
 from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
 from chalicelib.log import logger
 from chalicelib.services import budgets, jobs, registry
@@ -51,7 +51,7 @@ def dead_letter_queue() -> str:
 
 def _allowed_url(url: str) -> bool:
     prefixes = os.environ.get("RFT_SLACK_URL_PREFIXES", "https://hooks.slack.com/").split(",")
-    return any(url.startswith(p.strip()) for p in prefixes if p.strip())
+    return urls.allowed(url, prefixes)   # parsed: scheme, host and port equal, no userinfo
 
 
 # ---- configuration ----------------------------------------------------------------------------

@@ -196,6 +196,6 @@ def authenticate_team(token: str | None) -> Principal:
 
 def authenticate_admin(token: str | None) -> Principal:
     expected = get_secret(settings().admin_key_secret_id)
-    if not token or not hmac.compare_digest(token.encode(), expected.encode()):
+    if not token or not token.isascii() or not hmac.compare_digest(token.encode(), expected.encode()):
         raise Unauthorized("Incorrect admin key.")
     return Principal(team_id=None, key_id=None, is_admin=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import ids
+from chalicelib.domain import ids, numbers
 from chalicelib.domain import watch as rules
 from chalicelib.errors import InvalidRequest
 from chalicelib.log import logger
@@ -169,9 +169,10 @@ def view(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
     if pagination.is_cursor(after):
         start = pagination.decode_cursor(after, RolloutWindow, hash_value=key)
     elif after:
-        if not after.isdigit() or len(after) > 9:
+        window = numbers.ascii_int(after)
+        if window is None:
             raise InvalidRequest("after must be a window number or rft_next_cursor.", param="after")
-        start = pagination.start_key(RolloutWindow, RolloutWindow(key, int(after)))
+        start = pagination.start_key(RolloutWindow, RolloutWindow(key, window))
     page = pagination.query(RolloutWindow, key, limit=limit, start=start, newest_first=False, what="watch windows")
     steps = _metrics_steps(job_id)
     aligned = rules.align_steps([{"window": int(w.window), "first_at": w.first_at, "last_at": w.last_at}

@@ -23,12 +23,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 from pynamodb.attributes import NumberAttribute
 
+from chalicelib.domain import numbers
 from chalicelib.errors import InvalidRequest
 from chalicelib.store import dynamo
 
@@ -38,7 +38,6 @@ CURSOR_PREFIX = "rftc1."
 MAX_CURSOR_CHARS = 2048
 DEFAULT_MAX_FILTERED_PAGES = 10
 MAX_KEY_BYTES = 1024                                  # DynamoDB: a sort key is at most 1,024 bytes
-_NUMBER = re.compile(r"-?[0-9]{1,38}(\.[0-9]{1,38})?")   # as DynamoDB accepts them, no NaN or exponent
 
 
 @dataclass
@@ -86,10 +85,10 @@ def decode_cursor(cursor: str, model, *, hash_value: str, index: str | None = No
     for name, value in key.items():
         kind = "N" if isinstance(attrs[name][1], NumberAttribute) else "S"
         if not isinstance(value, dict) or list(value) != [kind] or not isinstance(value[kind], str) \
-                or not value[kind] or len(value[kind].encode()) > MAX_KEY_BYTES:
-            raise bad
-        if kind == "N" and not _NUMBER.fullmatch(value[kind]):
-            raise bad
+                or not value[kind] or not 0 < (numbers.utf8_len(value[kind]) or 0) <= MAX_KEY_BYTES:
+            raise bad   # (None: lone surrogates, which no encoder takes)
+        if kind == "N" and not numbers.dynamo_number_text(value[kind]):
+            raise bad   # DynamoDB: at most 38 significant digits, no exponent
     meta = model._get_connection().get_meta_table()
     hash_name = meta.hash_keyname if index is None else meta.get_index_hash_keyname(index)
     if key[hash_name] != {"S": hash_value}:
@@ -177,7 +176,7 @@ def resume_at(after: str | None, model, *, hash_value: str, index: str | None = 
         return decode_cursor(after, model, hash_value=hash_value, index=index)
     if not after:
         return None
-    if len(after.encode()) > MAX_ID_BYTES:
-        return NOWHERE
+    if not 0 < (numbers.utf8_len(after) or 0) <= MAX_ID_BYTES:
+        return NOWHERE      # too long for any id, or not encodable (lone surrogates)
     item = anchor(after)
     return NOWHERE if item is None else start_key(model, item, index)

@@ -6,8 +6,9 @@ metrics_list?: [{name, value, type: "Metric"|"Reward"}]}, one per input, same id
 """
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from chalicelib.domain import numbers
 
 
 def request_rows(pairs: list[tuple[dict, dict]]) -> list[dict]:
@@ -73,7 +74,7 @@ def check_response(rows: list[dict], response: Any) -> tuple[list[float], list[s
         score = item.get("aggregate_reward_score")
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             problems.append(f"id {item['id']!r}: aggregate_reward_score is not a number")
-        elif not math.isfinite(score):
+        elif numbers.finite(score) is None:      # inf, nan, or an int float() cannot hold
             problems.append(f"id {item['id']!r}: aggregate_reward_score is not finite")
         metrics = item.get("metrics_list", [])
         if not isinstance(metrics, list) or any(

@@ -7,12 +7,12 @@ Types: string_check, text_similarity, score_model, multi, lambda. `python` is re
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from chalicelib.domain import numbers
 from chalicelib.domain.graders import similarity
 from chalicelib.domain.graders.contract import check_response, request_rows, size_batches
 from chalicelib.domain.graders.formula import FormulaError, compile_formula
@@ -157,7 +157,7 @@ class TextSimilarity(Grader):
                       self.name, self.type)
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?[0-9]{1,38}(?:\.[0-9]{1,38})?")     # ASCII digits (\d takes any script's)
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i cannot|i can't|i am unable)", re.I)
 
 
@@ -166,13 +166,13 @@ def parse_score(text: str, lo: float, hi: float) -> float | None:
     stripped = text.strip()
     try:
         data = json.loads(stripped)
-        if isinstance(data, dict) and isinstance(data.get("score"), (int, float)):
-            return float(data["score"])
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return float(data)
+        if isinstance(data, dict) and numbers.to_float(data.get("score")) is not None:
+            return numbers.to_float(data["score"])
+        if numbers.to_float(data) is not None:
+            return numbers.to_float(data)
     except ValueError:
         pass
-    labelled = re.search(r"score\W{0,3}(-?\d+(?:\.\d+)?)", stripped, re.I)
+    labelled = re.search(r"score\W{0,3}(-?[0-9]{1,38}(?:\.[0-9]{1,38})?)", stripped, re.I)
     if labelled:
         return float(labelled.group(1))
     candidates = [float(n) for n in _NUMBER.findall(stripped) if lo <= float(n) <= hi]
@@ -211,14 +211,18 @@ class ScoreModel(Grader):
             except TemplateError as exc:
                 raise GraderSpecError(f"'{mpath}.content': {exc}", f"{mpath}.content") from None
         rng = spec.get("range", [0, 1])
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, (int, float)) for x in rng)
-                and rng[0] < rng[1]):
-            raise GraderSpecError(f"'{path}.range' must be [min, max] with min < max", f"{path}.range")
-        self.lo, self.hi = float(rng[0]), float(rng[1])
+        bounds = [numbers.to_float(x) for x in rng] if isinstance(rng, list) and len(rng) == 2 else [None]
+        if None in bounds or not bounds[0] < bounds[1]:   # finite, at most 38 digits: never OverflowError
+            raise GraderSpecError(f"'{path}.range' must be [min, max] with min < max (finite numbers)",
+                                  f"{path}.range")
+        self.lo, self.hi = bounds
         sampling = spec.get("sampling_params") or {}
         if not isinstance(sampling, dict):
             raise GraderSpecError(f"'{path}.sampling_params' must be an object", f"{path}.sampling_params")
         _only(sampling, self.SAMPLING, f"{path}.sampling_params")
+        bad = numbers.request_problem(sampling)     # seed, temperature, top_p as the gateway bounds them
+        if bad is not None:
+            raise GraderSpecError(f"'{path}.sampling_params.{bad[0]}' {bad[1]}", f"{path}.sampling_params.{bad[0]}")
         # Every judge call is held to the team's budget: its output must be bounded.
         cap = sampling.get("max_completion_tokens", sampling.get("max_completions_tokens"))
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
@@ -374,8 +378,7 @@ def run(grader: Grader, sample: dict, item: dict, deps: Deps) -> Result:
         return Result(0.0, grader.name, grader.type, {"invalid_variable_error"}, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad sample never fails the batch
         return Result(0.0, grader.name, grader.type, {"other_error"}, f"{type(exc).__name__}: {exc}"[:300])
-    if not isinstance(result.reward, (int, float)) or isinstance(result.reward, bool) \
-            or not math.isfinite(result.reward):
+    if numbers.to_float(result.reward) is None:     # never OverflowError on a huge int
         return Result(0.0, grader.name, grader.type, result.errors | {"other_error"}, "non-finite reward",
                       result.sub_rewards, result.token_usage)
     result.reward = float(result.reward)

@@ -8,6 +8,8 @@ import json
 import re
 from typing import Any, Callable
 
+from chalicelib.domain import numbers
+
 _VAR = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _PATH = re.compile(r"^(item|sample)(\.[A-Za-z0-9_\-]+)+$")
 
@@ -57,8 +59,8 @@ def _walk(value: Any, fields: tuple[str, ...], name: str) -> Any:
     for field in fields:
         if isinstance(value, dict) and field in value:
             value = value[field]
-        elif isinstance(value, list) and field.isdigit() and int(field) < len(value):
-            value = value[int(field)]
+        elif isinstance(value, list) and (index := numbers.ascii_int(field)) is not None and index < len(value):
+            value = value[index]     # ASCII digits only: '²'.isdigit() is true but int('²') raises
         else:
             raise InvalidVariable(f"{name}: missing")
     return value
