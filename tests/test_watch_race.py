@@ -35,7 +35,7 @@ def late_hack(step, total, prompt, m):
     return "Let me double-check this carefully. " * rng.randint(0, 40) + answer
 
 
-def start(stack, bedrock, client, suffix):
+def start(stack, bedrock, client, suffix, on_critical="cancel"):
     name = f"rft-grader-test-late-{uuid.uuid4().hex[:8]}"
     stack.lambda_app.config["functions"][name] = verbose_grader
     register_graders(client, name)
@@ -45,7 +45,7 @@ def start(stack, bedrock, client, suffix):
     grader = {"type": "lambda", "name": "verbose", "lambda": {"function": arn(name)}}
     job = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, suffix=suffix, extra_body={
         "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "audit_grader": AUDIT}},
-        "watch": {"on_critical": "cancel"}, "preflight": "warn"})
+        "watch": {"on_critical": on_critical}, "preflight": "warn"})
     bedrock_id = wait_submitted(client, job.id).model_extra["rft_bedrock_job_id"]
     return job, bedrock_id
 
@@ -174,4 +174,40 @@ def test_a_late_hack_that_bedrock_finishes_is_never_served_until_the_admin_relea
     assert released[0]["released_from"] == "quarantined" and released[0]["job_id"] == job.id
     assert client.models.retrieve(model).id == model
     assert client.chat.completions.create(model="late-hack", messages=[{"role": "user", "content": "2+2?"}],
+                                          max_tokens=5).choices
+
+
+def test_with_alert_the_flagged_model_is_served_but_no_alias_moves_to_it_without_the_admins_override(
+        api, admin_headers, make_team, stack, bedrock):
+    team_id, key = make_team("watch-alert")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    job, bedrock_id = start(stack, bedrock, client, "flagged", on_critical="alert")
+    policy = PolicyServer(late_hack)
+    set_policy(stack, bedrock_id, policy)
+    try:
+        current = reconcile_until_ended(client, job.id, timeout=90)
+    finally:
+        policy.stop()
+    assert current.status == "succeeded" and current.error is None, (current.status, current.error)
+    model = current.fine_tuned_model
+    tuned = client.models.retrieve(model).model_extra
+    assert tuned["rft_watch"]["state"] == "flagged" and tuned["rft_watch"]["findings"]
+    codes = {f["code"] for f in tuned["rft_watch"]["findings"]}
+    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "2+2?"}],
+                                          max_tokens=5).choices                      # served by its id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("flagged")                                           # the suffix alias not made
+    with pytest.raises(openai.ConflictError) as refused:
+        client.post("/models/aliases", body={"alias": "prod", "model": model}, cast_to=object)
+    assert refused.value.code == "watch_finding" and all(c in refused.value.message for c in codes)
+    move = {"team_id": team_id, "alias": "prod", "model": model}
+    r = api.http.post("/v1/models/aliases", headers=admin_headers, body=json.dumps(move))
+    assert r.status_code == 409 and r.json_body["error"]["code"] == "watch_finding"
+    r = api.http.post("/v1/models/aliases", headers=admin_headers,
+                      body=json.dumps({**move, "override_reason": "the length finding is the grader's, accepted"}))
+    assert r.status_code == 200, r.json_body
+    history = client.get("/models/aliases/prod/history", cast_to=object)["data"]
+    assert history[0]["override_reason"] == "the length finding is the grader's, accepted"
+    assert history[0]["watch"]["state"] == "flagged" and {f["code"] for f in history[0]["watch"]["findings"]} == codes
+    assert client.chat.completions.create(model="prod", messages=[{"role": "user", "content": "2+2?"}],
                                           max_tokens=5).choices
