@@ -4,13 +4,21 @@ grader with plain-string references ("540") is not refused -- for every field pa
 (property-based), through the real graders, and through the API."""
 import json
 
+from helpers import http
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sample_data import jsonl
 
 from chalicelib.domain.graders import Deps, build, run_text
-from chalicelib.domain.graders.preflight import CRITICAL, PROBES, context, findings, json_paths, others_for, stats
-from helpers import http
-from sample_data import jsonl
+from chalicelib.domain.graders.preflight import (
+    CRITICAL,
+    PROBES,
+    context,
+    findings,
+    json_paths,
+    others_for,
+    stats,
+)
 
 FIELD = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,11}", fullmatch=True)
 REFERENCE = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Cs",)),

@@ -14,12 +14,12 @@ import uuid
 import boto3
 import openai
 import pytest
+from helpers import http, reconcile_until_ended, register_graders, wait_submitted
+from sample_data import arithmetic_rows, jsonl
+from test_watch import AUDIT, PROMPTS, K, PolicyServer, verbose_grader
 
 from chalicelib.services import outbox
-from helpers import http, reconcile_until_ended, register_graders, wait_submitted
 from local.example_graders import arn
-from sample_data import arithmetic_rows, jsonl
-from test_watch import AUDIT, K, PROMPTS, PolicyServer, verbose_grader
 
 TOTAL = 10
 HACK_FROM = TOTAL - 2          # steps 8, 9, 10: the hack's three steps
@@ -136,6 +136,7 @@ def test_a_late_hack_that_bedrock_finishes_is_never_served_until_the_admin_relea
     assert current.error.code == "reward_hacking_suspected" and "training watch" in current.error.message
     assert current.fine_tuned_model is None and current.model_extra["rft_quarantined_model"] == model
     status, watch = http("GET", f"{stack.base_url}/v1/fine_tuning/jobs/{job.id}/watch", key)
+    assert status == 200, watch
     critical = [f for f in watch["findings"] if f["severity"] == "critical"]
     assert critical and all(f["window"] >= HACK_FROM for f in critical) and critical[0]["action"] == "cancel"
 
@@ -160,9 +161,11 @@ def test_a_late_hack_that_bedrock_finishes_is_never_served_until_the_admin_relea
     r = api.http.post(release, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
                       body=json.dumps({"model": model, "reason": "reviewed the rollouts"}))
     assert r.status_code in (401, 403)                                   # the admin's, not a team's
-    r = api.http.post(release, headers=admin_headers, body=json.dumps({"model": model, "reason": "reviewed the rollouts"}))
+    reviewed = json.dumps({"model": model, "reason": "reviewed the rollouts"})
+    r = api.http.post(release, headers=admin_headers, body=reviewed)
     assert r.status_code == 200, r.json_body
-    assert r.json_body["rft_watch"]["state"] == "released" and r.json_body["rft_watch"]["reason"] == "reviewed the rollouts"
+    assert r.json_body["rft_watch"]["state"] == "released"
+    assert r.json_body["rft_watch"]["reason"] == "reviewed the rollouts"
     again = api.http.post(release, headers=admin_headers, body=json.dumps({"model": model, "reason": "twice"}))
     assert again.status_code == 200 and again.json_body["rft_watch"]["reason"] == "reviewed the rollouts"
     history = client.get("/models/aliases/late-hack/history", cast_to=object)["data"]

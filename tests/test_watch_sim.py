@@ -82,6 +82,7 @@ def test_shape_counts_a_frame_with_slot_words_as_one_template_but_not_differing_
     ([(11, 1), (15, 2), (17, 3)], {1: 1, 3: 2}),
 ])
 def test_a_window_ending_in_the_second_of_the_previous_steps_event_is_not_given_that_step(step_events, expected):
-    windows = [{"window": 1, "first_at": 10_000, "last_at": 10_500}, {"window": 2, "first_at": 12_000, "last_at": 14_200},
+    windows = [{"window": 1, "first_at": 10_000, "last_at": 10_500},
+               {"window": 2, "first_at": 12_000, "last_at": 14_200},
                {"window": 3, "first_at": 14_500, "last_at": 14_970}]
     assert rules.align_steps(windows, step_events) == expected

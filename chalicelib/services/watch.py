@@ -149,10 +149,9 @@ def _stop_now(team_id: str, job_id: str) -> None:
     """Asks Bedrock to stop the job at once, within this reward invocation's time (the invocation's
     deadline bounds the call), rather than at the reconciler's next pass: a finding in the last
     steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
-    from chalicelib.services import jobs
-
     from chalicelib import deadline
     from chalicelib.config import settings
+    from chalicelib.services import jobs
 
     if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:
         return      # Bedrock calls retry for up to that long: not within this invocation, so the reconciler's
