@@ -4,6 +4,8 @@ Pure: no stack."""
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench import watch_sim as sim
 from chalicelib.domain import watch as rules
@@ -86,3 +88,29 @@ def test_a_window_ending_in_the_second_of_the_previous_steps_event_is_not_given_
                {"window": 2, "first_at": 12_000, "last_at": 14_200},
                {"window": 3, "first_at": 14_500, "last_at": 14_970}]
     assert rules.align_steps(windows, step_events) == expected
+
+
+WORD = st.from_regex(r"[a-z]{3,9}", fullmatch=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(WORD, min_size=4, max_size=8, unique=True), st.lists(st.tuples(WORD, WORD), min_size=4, max_size=8,
+                                                                     unique=True))
+def test_any_frame_with_the_prompts_own_words_slotted_in_is_one_shape(frame, slots):
+    """The class, not one input: whatever the frame and whatever words each prompt lends it."""
+    slots = [(a, b) for a, b in slots if a not in frame and b not in frame and a != b]
+    if len({a for a, _ in slots} | {b for _, b in slots}) < 2 * len(slots) or len(slots) < 3:
+        return      # prompts sharing slot words are not different prompts here
+    samples = []
+    for p, (a, b) in enumerate(slots):
+        question = f"how to {a} with {b}"
+        text = f"{frame[0]} {a} {' '.join(frame[1:3])} {b} {' '.join(frame[3:])}."
+        samples += [rules.Sample.of(f"s{p}{m}", f"p{p}", 1.0, text, prompt_text=question) for m in range(2)]
+    stats = rules.invocation_stats(samples)
+    frame_words = set(frame) - {"how", "to", "with"}
+    if len(frame_words) >= rules.SHAPE_MIN_WORDS:
+        assert stats["shape_duplicates"] == len(samples)
+    # The same frame carrying different numbers (content) per prompt is not a template.
+    numbered = [rules.Sample.of(s.id, s.prompt, 1.0, f"{' '.join(frame)} {100 + i // 2}", prompt_text="q")
+                for i, s in enumerate(samples)]
+    assert rules.invocation_stats(numbered)["shape_duplicates"] == 0
