@@ -113,7 +113,11 @@ def _hacked(n, rng, pad_per_window=6, audit=True, prompts=8, k=4):
 
 def test_reward_explained_by_length_and_audit_divergence_are_critical():
     rng = random.Random(5)
-    windows = [(n, _hacked(n, rng)) for n in range(1, 5)]
+    windows = [(n, _hacked(n, rng)) for n in range(1, 6)]
+    # A critical audit divergence holds in two consecutive windows first (issue #24): at window 4 it waits.
+    early = {f["code"]: f for f in rules.analyse(windows[:4], windows[:4])}
+    assert early["audit_divergence"]["severity"] == rules.WARNING
+    assert early["audit_divergence"]["evidence"]["awaiting_confirmation"] is True
     found = {f["code"]: f for f in rules.analyse(windows, windows)}
     assert found["length_hacking"]["severity"] == rules.CRITICAL
     evidence = found["length_hacking"]["evidence"]

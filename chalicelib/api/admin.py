@@ -5,7 +5,7 @@ from chalice import Blueprint
 from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
-from chalicelib.services import lambda_graders, teams
+from chalicelib.services import lambda_graders, registry, teams
 
 bp = Blueprint(__name__)
 
@@ -16,6 +16,11 @@ class CreateTeam(StrictModel):
 
 class RegisterLambdaGrader(StrictModel):
     function_arn: str = Field(min_length=1, max_length=512)
+
+
+class ReleaseModel(StrictModel):
+    model: str = Field(min_length=1, max_length=512)
+    reason: str = Field(min_length=1, max_length=1000)
 
 
 @route(bp, "/v1/admin/teams", ("POST",), auth="admin", body=CreateTeam)
@@ -65,3 +70,11 @@ def list_lambda_graders(req: Request, team_id: str):
 def unregister_lambda_grader(req: Request, team_id: str, name: str):
     teams.get_team(team_id)
     return lambda_graders.unregister(team_id, name)
+
+
+# A model the training watch quarantined (or flagged) is released by the admin with a reason
+# (issue #24; docs/watch.md): recorded on the model, in its alias's history and on the bus.
+@route(bp, "/v1/admin/teams/{team_id}/model_releases", ("POST",), auth="admin", body=ReleaseModel)
+def release_model(req: Request, team_id: str):
+    teams.get_team(team_id)
+    return registry.release(team_id, req.body.model, req.body.reason.strip() or req.body.reason)

@@ -16,14 +16,17 @@ metrics are returned unchanged. A contract violation, a function error or a time
 invocation's samples 0 with `error.lambda_contract_error` / `error.lambda_error` /
 `error.lambda_timeout` (counted by the watch: "grader_errors").
 
-When a job names an audit grader (`method.reinforcement.audit_grader`), a few random samples of
-each invocation are also scored by it (AUDIT_PER_INVOCATION; its judge calls metered to the job
-like every judge), alongside the grading; the audit never delays the scores by more than
-AUDIT_GRACE_S after the grading is done.
+When a job names an audit grader (`method.reinforcement.audit_grader`), random samples of each
+invocation are also scored by it (`audit_per_invocation()`: RFT_WATCH_AUDIT_PER_INVOCATION, default
+32, capped at AUDIT_MAX; its judge calls metered to the job like every judge), alongside the
+grading; the audit never delays the scores by more than AUDIT_GRACE_S after the grading is done.
+32 rather than 8: the audit divergence rule tests the gap's change against its standard error,
+and 0/1 scores on 8 a side are mostly noise (issue #24).
 """
 from __future__ import annotations
 
 import contextvars
+import os
 import random
 import threading
 import time
@@ -47,11 +50,21 @@ WORKERS = 16                  # judge calls are I/O: graded in parallel, bounded
 JOB_FIELD = "rft_job"         # "<team id>/<job id>", written into every training row with REF_FIELD
 PROMPT_FIELD = "rft_prompt"   # the row's id or line, written into every row: groups a prompt's samples
 OWN_FIELDS = frozenset({graders.REF_FIELD, JOB_FIELD, PROMPT_FIELD})
-AUDIT_PER_INVOCATION = 8      # samples per job and invocation scored by its audit grader
+AUDIT_PER_INVOCATION = 32     # samples per job and invocation scored by its audit grader (default)
+AUDIT_MAX = 64                # ... at most (each audit may be a metered judge call)
 AUDIT_GRACE_S = 5.0           # the longest the scores wait for audits once the grading is done
 RECORD_MIN_S = 0.5            # less time left than this after grading: the rollouts are not recorded
 _cache: dict[str, Grader] = {}
 _lock = threading.Lock()
+
+
+def audit_per_invocation() -> int:
+    """How many samples per job and invocation the audit grader scores (RFT_WATCH_AUDIT_PER_INVOCATION)."""
+    try:
+        wanted = int(os.environ.get("RFT_WATCH_AUDIT_PER_INVOCATION", AUDIT_PER_INVOCATION))
+    except ValueError:
+        wanted = AUDIT_PER_INVOCATION
+    return max(1, min(AUDIT_MAX, wanted))
 
 
 def _grader(ref: str) -> Grader:
@@ -253,7 +266,7 @@ def _plan_audits(samples: list, spent: dict) -> list[_Task]:
         if audit is None:
             continue
         deps = graders.deps(owner[0], job_id=owner[1], spent=spent.setdefault(owner, []))
-        for i in random.sample(indexes, min(AUDIT_PER_INVOCATION, len(indexes))):
+        for i in random.sample(indexes, min(audit_per_invocation(), len(indexes))):
             def audit_one(sample=samples[i], grader=audit, deps=deps):
                 response, item = split(sample)
                 try:
@@ -364,10 +377,11 @@ def _watch(samples: list, out: list[dict], audits: dict[int, float | None]) -> N
                 continue
             response, item = split(sample)
             users = [m for m in item.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+            prompt_text = _text(users[-1].get("content")) if users else ""
             graded.append(rollouts.Graded(i, owner, rules.Sample.of(
                 str(sample.get("id")), rules.prompt_key(sample, item.get("messages")), answer["aggregate_reward_score"],
-                response, rules.error_kinds(answer.get("metrics_list")), audits.get(i)),
-                response, _text(users[-1].get("content")) if users else "", item.get("reference_answer")))
+                response, rules.error_kinds(answer.get("metrics_list")), audits.get(i), prompt_text=prompt_text),
+                response, prompt_text, item.get("reference_answer")))
         if not graded:
             return
         for (team_id, job_id), cfg, window in rollouts.record(graded):

@@ -51,7 +51,10 @@ def job_view(job: Job) -> dict:
     hp = job.method.get("reinforcement", {}).get("hyperparameters") or {}
     return {
         "id": job.job_id, "object": "fine_tuning.job", "created_at": job.created_at,
-        "error": _error_view(job.error), "fine_tuned_model": job.fine_tuned_model, "finished_at": job.finished_at,
+        # A job the training watch stopped shows no fine_tuned_model even when Bedrock made one
+        # (OpenAI's cancelled jobs have none); rft_quarantined_model names it (issue #24).
+        "error": _error_view(job.error), "finished_at": job.finished_at,
+        "fine_tuned_model": job.fine_tuned_model if job.status == "succeeded" else None,
         "hyperparameters": {k: hp.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
         "model": job.model, "organization_id": job.team_id, "result_files": [],
         "seed": job.seed if job.seed is not None else 0, "status": job.status,
@@ -62,6 +65,7 @@ def job_view(job: Job) -> dict:
         "rft_team_id": job.team_id, "rft_bedrock_job_id": job.bedrock_job_id,
         "rft_submission": job.submit_state, "rft_cost_estimate": job.estimate,
         "rft_status_path": list(job.status_path or []), "rft_preflight": job.preflight,
+        "rft_quarantined_model": job.fine_tuned_model if job.status != "succeeded" else None,
     }
 
 
@@ -417,10 +421,16 @@ def _job_summary(job: Job) -> dict:
 def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str | None = None,
                  error: dict | None = None, trained_tokens: int | None = None) -> bool:
     """Applies one observed status: one conditional write, plus its outbound event in the same
-    transaction. True if it changed the job. Used by requests, events and the reconciler alike."""
+    transaction. True if it changed the job. Used by requests, events and the reconciler alike.
+
+    The training watch's stop holds against the race (issue #24): a job it asked to stop that Bedrock
+    finishes anyway ends `cancelled` (its model kept, quarantined, for the admin to release), and a
+    `succeeded` write is conditional on no stop having been recorded since the job was read."""
     target = rules.transition(job.status, observed)
     if target is None:
         return False
+    if target == "succeeded" and _watch_stopped(job):
+        target = "cancelled"
     now = ids.now()
     actions = [Job.status.set(target), Job.updated_at.set(now), Job.last_event_at.set(now),
                Job.last_progress_at.set(now), Job.stalled_at.remove(),
@@ -434,14 +444,17 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
     if trained_tokens is not None:
         actions.append(Job.trained_tokens.set(trained_tokens))
     previous = job.status
-    summary = {**_job_summary(job), "fine_tuned_model": fine_tuned_model or job.fine_tuned_model,
-               "error": error or job.error}
+    summary = {**_job_summary(job), "fine_tuned_model": (fine_tuned_model or job.fine_tuned_model)
+               if target == "succeeded" else None, "error": error or job.error}
     event = outbox.stage("rft-hub.job.state_changed", job.team_id, previous_status=previous, status=target,
                          source=source, job=summary, status_seq=len(job.status_path or []) + 1)
+    condition = Job.status == previous
+    if target == "succeeded" and not job.error:
+        condition &= Job.error.does_not_exist()     # a stop recorded meanwhile: re-read, re-decide
     try:
         with TransactWrite(connection=connection()) as tx:
             # Conditional on the status we read: a concurrent writer makes us re-read and re-decide.
-            tx.update(job, actions=actions, condition=Job.status == previous)
+            tx.update(job, actions=actions, condition=condition)
             tx.save(event)
     except TransactWriteError as exc:
         reasons = [r.code for r in (exc.cancellation_reasons or []) if r is not None]
@@ -477,14 +490,23 @@ def finalize(job: Job) -> None:
     except ApiError as err:
         logger.warning("final sync failed", extra={"job_id": job.job_id, "error": err.message})
         return
-    if job.status == "succeeded" and registry.register(job) is None:
-        return
-    if job.status == "succeeded" and nova.handles(job.model):
+    model = None
+    if job.status == "succeeded" or (job.fine_tuned_model and _watch_stopped(job)):
+        model = registry.register(job)          # with the training watch's verdict (quarantined: never served)
+        if model is None:
+            return
+    served = job.status == "succeeded" and not registry.quarantined(model)
+    if served and nova.handles(job.model):
         nova.on_succeeded(job)        # its custom model's on-demand deployment (repeated until it is asked for)
     _settle_budget(job)
-    if job.status == "succeeded":
+    if served:
         _evals().start_for_job(job)   # the request's rft_eval, if any; raises to be repeated when not queued
     job.update(actions=[Job.active_shard.remove()])
+
+
+def _watch_stopped(job: Job) -> bool:
+    """The training watch asked this job to stop (a critical finding, `on_critical: cancel`)."""
+    return bool(job.cancel_requested) and (job.error or {}).get("code") == watch.STOP_CODE
 
 
 def _evals():
@@ -501,7 +523,8 @@ def _settle_budget(job: Job) -> None:
     if job.budget_period is None or job.budget_settled:
         return
     estimate = (job.estimate or {}).get("estimated_micro_usd") or 0
-    actual = estimate if job.status == "succeeded" else 0
+    # A job Bedrock trained to the end spent its training, even if the watch then cancelled it.
+    actual = estimate if job.status == "succeeded" or job.fine_tuned_model else 0
     held = budgets.Reservation(job.team_id, job.budget_period, int(job.budget_reserved_micro or 0),
                                job.budget_hold_id)
     budgets.settle(held, actual)

@@ -19,6 +19,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import datasets, ids
 from chalicelib.domain.graders import Grader, JudgeRefused, run_text
 from chalicelib.domain.graders.core import LambdaGrader, Result
+from chalicelib.domain.graders.preflight import context as probe_context
 from chalicelib.domain.graders.preflight import (CRITICAL, PROBES, base_findings, base_stats, findings, others_for,
                                                  stats)
 from chalicelib.domain.graders.templates import make_sample
@@ -71,7 +72,7 @@ def run(team_id: str, spec: dict, file_id: str, sample_size: int, key_id: str | 
     items = [{**row, "id": str(row.get("id") or f"row-{i}")} for i, row in enumerate(rows)]
     pairs = []
     for item, others in zip(items, others_for(items)):
-        ctx = {"others": others}
+        ctx = probe_context(spec, others)    # output_json graders get probes as JSON (issue #24)
         for probe, make in PROBES.items():
             text = make(item, ctx)
             if text is not None:          # e.g. no other row to borrow a wrong answer from

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import ids, numbers
@@ -11,7 +11,8 @@ from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import outbox
 from chalicelib.services.cache import TTLCache
-from chalicelib.store.models import Alias, AliasChange, AliasGate, Checkpoint, Job, JobEvent, TunedModel, connection
+from chalicelib.store.models import (Alias, AliasChange, AliasGate, Checkpoint, Job, JobEvent, TunedModel,
+                                     WatchFinding, connection)
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 
@@ -25,7 +26,7 @@ def tuned_view(m: TunedModel) -> dict:
     return {"id": m.model_id, "object": "model", "created": m.created_at, "owned_by": m.team_id,
             "rft_kind": "tuned", "rft_base_model": m.base_model, "rft_job_id": m.job_id,
             "rft_final_reward": m.final_reward, "rft_best_reward": m.best_reward,
-            "rft_checkpoints": m.checkpoints, "rft_grader": m.grader}
+            "rft_checkpoints": m.checkpoints, "rft_grader": m.grader, "rft_watch": m.watch}
 
 
 def alias_view(a: Alias) -> dict:
@@ -140,9 +141,96 @@ def reward_curve(job_id: str, points: int = 20) -> list[float]:
 
 
 
+# ---- the training watch's verdict on a model (issue #24) --------------------------------------------
+#
+# A job whose watch raised a critical finding never publishes silently: with `on_critical: cancel`
+# its model (if Bedrock finished first) is registered *quarantined* -- not callable, listed or
+# aliased -- until the admin releases it with a reason; with `alert` it is *flagged* -- callable,
+# but every alias move to it needs the admin's override, which the alias history records.
+
+QUARANTINED, FLAGGED, RELEASED = "quarantined", "flagged", "released"
+
+
+def verdict(job: Job) -> dict | None:
+    """The watch's verdict on a finished job's model, from its critical findings (a consistent
+    read: a finding is recorded before the stop it causes)."""
+    from chalicelib.services import rollouts, watch
+
+    critical = [f for f in WatchFinding.query(rollouts.job_key(job.team_id, job.job_id), consistent_read=True)
+                if f.severity == "critical"]
+    stopped = bool(job.cancel_requested) and (job.error or {}).get("code") == watch.STOP_CODE
+    if not critical and not stopped:
+        return None
+    cancel = stopped or job.status != "succeeded" or any(f.action == "cancel" for f in critical)
+    return {"state": QUARANTINED if cancel else FLAGGED, "on_critical": "cancel" if cancel else "alert",
+            "job_id": job.job_id, "since": ids.now(),
+            "findings": [{"code": f.code, "severity": f.severity, "title": f.title, "window": int(f.window),
+                          "event_id": f.event_id} for f in critical]}
+
+
+def quarantined(m: TunedModel | None) -> bool:
+    return m is not None and (m.watch or {}).get("state") == QUARANTINED
+
+
+def apply_verdict(job: Job) -> None:
+    """A critical finding recorded after the job's model was registered (Bedrock finished first):
+    the model takes the verdict now (never weakening one: a released model stays released)."""
+    found = verdict(job)
+    model = dynamo.get_or_none(TunedModel, job.team_id, job.fine_tuned_model or "", what="tuned model") \
+        if job.fine_tuned_model else None
+    if found is None or model is None or (model.watch or {}).get("state") in (QUARANTINED, RELEASED) \
+            or ((model.watch or {}).get("state") == FLAGGED and found["state"] == FLAGGED):
+        return
+    try:
+        model.update(actions=[TunedModel.watch.set(found)], condition=TunedModel.watch.does_not_exist()
+                     | (TunedModel.watch == model.watch))
+    except UpdateError:
+        return      # changed concurrently (released or quarantined by another caller)
+    _resolved.invalidate()
+
+
+def release(team_id: str, model_id: str, reason: str, released_by: str = "admin") -> dict:
+    """The admin releases a quarantined (or flagged) model with a reason: callable again, the
+    release on the model and on the bus (`rft-hub.model.released`), and, when the job's suffix
+    alias is free, that alias pointed at it with the reason in its history."""
+    try:
+        model = TunedModel.get(team_id, model_id, consistent_read=True)
+    except DoesNotExist:
+        raise NotFound(f"No tuned model '{model_id}' in this team.", param="model", code="model_not_found") from None
+    state = (model.watch or {}).get("state")
+    if state == RELEASED:
+        return tuned_view(model)            # idempotent
+    if state not in (QUARANTINED, FLAGGED):
+        raise Conflict(f"Model '{model_id}' has no training watch verdict to release.", param="model",
+                       code="model_not_quarantined")
+    released = {**model.watch, "state": RELEASED, "released_from": state, "released_by": released_by,
+                "reason": reason, "released_at": ids.now()}
+    event = outbox.stage("rft-hub.model.released", team_id, model=model_id, job_id=model.job_id,
+                         released_from=state, released_by=released_by, reason=reason,
+                         findings=[f.get("code") for f in model.watch.get("findings") or []])
+    try:
+        with TransactWrite(connection=connection()) as tx:
+            tx.update(model, actions=[TunedModel.watch.set(released)], condition=TunedModel.watch == model.watch)
+            tx.save(event)
+    except TransactWriteError:
+        raise Conflict(f"Model '{model_id}' changed concurrently; retry.", param="model") from None
+    outbox.publish([event])
+    _resolved.invalidate()
+    model.watch = released
+    job = dynamo.get_or_none(Job, team_id, model.job_id, what="job")
+    if job is not None and job.suffix:
+        try:
+            point_alias(team_id, job.suffix, model_id, changed_by=released_by, only_if_new=True, admin=True,
+                        override_reason=f"released from the training watch's {state}: {reason}")
+        except Conflict:
+            logger.info("alias exists; not moved by the release", extra={"alias": job.suffix, "model": model_id})
+    return tuned_view(model)
+
+
 def register(job: Job) -> TunedModel | None:
-    """Idempotent: registers the job's model once, and gives it the job's suffix as an alias
-    when that alias is free (an existing alias is only moved by an explicit promote)."""
+    """Idempotent: registers the job's model once, with the training watch's verdict, and gives it
+    the job's suffix as an alias when that alias is free and the watch found nothing critical (an
+    existing alias is only moved by an explicit promote)."""
     if not job.fine_tuned_model:
         logger.warning("succeeded job without a model", extra={"job_id": job.job_id})
         return None
@@ -153,11 +241,13 @@ def register(job: Job) -> TunedModel | None:
     final, best = rewards(job.job_id)
     checkpoints = [{"id": c.checkpoint_id, "model": c.fine_tuned_model_checkpoint, "step": c.step_number}
                    for c in Checkpoint.query(job.job_id)]
+    judged = verdict(job)
     model = TunedModel(job.team_id, job.fine_tuned_model, base_model=job.model, job_id=job.job_id,
                        grader=job.method.get("reinforcement", {}).get("grader", {}), final_reward=final,
-                       best_reward=best, checkpoints=checkpoints, created_at=ids.now())
+                       best_reward=best, checkpoints=checkpoints, created_at=ids.now(), watch=judged)
     event = outbox.stage("rft-hub.model.registered", job.team_id, model=model.model_id, base_model=job.model,
-                         job_id=job.job_id, final_reward=final, best_reward=best)
+                         job_id=job.job_id, final_reward=final, best_reward=best,
+                         watch=judged["state"] if judged else None)
     try:
         with TransactWrite(connection=connection()) as tx:
             tx.save(model, condition=TunedModel.model_id.does_not_exist())
@@ -165,6 +255,11 @@ def register(job: Job) -> TunedModel | None:
     except TransactWriteError:
         return TunedModel.get(job.team_id, job.fine_tuned_model, consistent_read=True)
     outbox.publish([event])
+    _resolved.invalidate()
+    if judged is not None:
+        logger.warning("model registered under the training watch's verdict",
+                       extra={"job_id": job.job_id, "model": model.model_id, "state": judged["state"]})
+        return model
     if job.suffix:
         try:
             point_alias(job.team_id, job.suffix, model.model_id, changed_by=f"job:{job.job_id}", only_if_new=True)
@@ -175,16 +270,34 @@ def register(job: Job) -> TunedModel | None:
 
 # ---- aliases ----------------------------------------------------------------------------------
 
-def _owned_target(team_id: str, model_id: str) -> str:
-    """The base model of a team's tuned model or checkpoint; 404 otherwise."""
+def _owned_target(team_id: str, model_id: str) -> TunedModel:
+    """The team's tuned model that is (or holds the checkpoint) `model_id`; 404 otherwise."""
     try:
-        return TunedModel.get(team_id, model_id).base_model
+        return TunedModel.get(team_id, model_id, consistent_read=True)
     except DoesNotExist:
         pass
     for m in TunedModel.query(team_id):
         if any(c.get("model") == model_id for c in m.checkpoints or []):
-            return m.base_model
+            return m
     raise NotFound(f"No tuned model or checkpoint '{model_id}' in this team.", param="model")
+
+
+def _watch_check(model: TunedModel, model_id: str, override_reason: str | None) -> dict | None:
+    """The training watch's say on an alias move to `model` (issue #24): a quarantined model is
+    never aliased (release it first); a flagged one needs the admin's override with a reason.
+    Returns the evidence the move records, or None."""
+    watch = model.watch or {}
+    codes = ", ".join(sorted({f.get("code", "?") for f in watch.get("findings") or []})) or "a stop"
+    if watch.get("state") == QUARANTINED:
+        raise Conflict(f"Model '{model_id}' is quarantined by the training watch ({codes}); the admin must release "
+                       f"it (POST /v1/admin/teams/{{team}}/model_releases) before an alias can point at it.",
+                       param="model", code="model_quarantined")
+    if watch.get("state") == FLAGGED and not override_reason:
+        raise Conflict(f"Model '{model_id}' was flagged by the training watch ({codes}); moving an alias to it needs "
+                       "the admin's override_reason.", param="model", code="watch_finding")
+    if watch and override_reason:
+        return {"override_reason": override_reason, "watch": {k: watch.get(k) for k in ("state", "findings")}}
+    return None
 
 
 KEEP_GATE = object()   # point_alias(gate=KEEP_GATE): the alias's gate stays as it is
@@ -214,7 +327,9 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
                              "or digit.", param="alias")
     if override_reason is not None and not admin:
         raise evals.Forbidden("Only the admin key may override an alias's gate.", param="override_reason")
-    base = _owned_target(team_id, model_id)
+    target = _owned_target(team_id, model_id)
+    base = target.base_model
+    watch_evidence = _watch_check(target, model_id, override_reason)
     now = ids.now()
     try:
         current = Alias.get(team_id, alias, consistent_read=True)
@@ -240,6 +355,8 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
             evidence = {"eval_id": existing["eval_id"], "override_reason": override_reason, "gate": existing}
         else:
             evidence = {**evals.gate_evidence(team_id, alias, existing, model_id, current.model_id), "gate": existing}
+    if moving and watch_evidence:
+        evidence = {**(evidence or {}), **watch_evidence}
     key = evals.gate_key(team_id, alias)
     gate_unchanged = (AliasGate.updated_at == gate_item.updated_at) if gate_item else AliasGate.entry.does_not_exist()
     record = current
@@ -294,7 +411,7 @@ def alias_history(team_id: str, alias: str) -> dict:
         found = evidence.get(change["version"])
         if found:
             change.update({k: found.get(k) for k in ("eval_id", "eval_run_id", "baseline_run_id", "comparison",
-                                                     "override_reason")})
+                                                     "override_reason", "watch") if k in found or k != "watch"})
     return {"object": "list", "data": changes}
 
 
@@ -303,7 +420,7 @@ def list_aliases(team_id: str) -> list[dict]:
 
 
 def list_tuned(team_id: str) -> list[dict]:
-    return [tuned_view(m) for m in TunedModel.query(team_id)]
+    return [tuned_view(m) for m in TunedModel.query(team_id) if not quarantined(m)]
 
 
 def resolve_cached(team_id: str, name: str) -> dict | None:
@@ -321,6 +438,9 @@ def resolve(team_id: str, name: str) -> dict | None:
         except DoesNotExist:
             current = None
         if current and not version:
+            # An alias never serves a model quarantined after it moved (a finding recorded late).
+            if quarantined(dynamo.get_or_none(TunedModel, team_id, current.model_id, what="alias target")):
+                return None
             return {"kind": "alias", "alias": alias, "model": current.model_id, "base_model": current.base_model,
                     "version": current.version}
         number = numbers.ascii_int(version)    # ASCII digits only: '²'.isdigit() is true, int('²') raises
@@ -333,12 +453,15 @@ def resolve(team_id: str, name: str) -> dict | None:
                     "version": change.version}
     try:
         tuned = TunedModel.get(team_id, name)
+        if quarantined(tuned):
+            return None     # never served until the admin releases it (issue #24)
         return {"kind": "tuned", "alias": None, "model": tuned.model_id, "base_model": tuned.base_model}
     except DoesNotExist:
         pass
     for m in TunedModel.query(team_id):
         if any(c.get("model") == name for c in m.checkpoints or []):
-            return {"kind": "checkpoint", "alias": None, "model": name, "base_model": m.base_model}
+            return None if quarantined(m) else {"kind": "checkpoint", "alias": None, "model": name,
+                                                "base_model": m.base_model}
     return None
 
 

@@ -6,7 +6,9 @@ analysis. A new finding (per code and severity) is recorded once -- a conditiona
 same transaction as its outbound event (`rft-hub.job.watch_finding`, posted to Slack like every
 job event) -- then as a job event (`type: message`, level warn or error). When the job asked for
 `"watch": {"on_critical": "cancel"}`, a critical finding stops it: `jobs.request_stop` records the
-reason, the reconciler's `enforce_stop` cancels it on Bedrock.
+reason and the same invocation asks Bedrock to cancel (`enforce_stop`; the reconciler repeats it if
+that fails). If Bedrock finishes first the job still ends `cancelled` and its model is registered
+quarantined (services/registry.py: never served until the admin releases it; docs/watch.md).
 """
 from __future__ import annotations
 
@@ -135,9 +137,41 @@ def _raise(job: Job, cfg: rules.Config, finding: dict, window: int) -> bool:
         jobs.request_stop(team_id, job_id, STOP_CODE,
                           f"The training watch found '{code}' ({severity}) and the job asked to be cancelled on a "
                           f"critical finding: {finding['message']}")
+        _stop_now(team_id, job_id)
+    if severity == rules.CRITICAL:
+        _late_verdict(team_id, job_id)
     logger.warning("training watch finding", extra={"job_id": job_id, "code": code, "severity": severity,
                                                     "action": action})
     return True
+
+
+def _stop_now(team_id: str, job_id: str) -> None:
+    """Asks Bedrock to stop the job at once, within this reward invocation's time (the invocation's
+    deadline bounds the call), rather than at the reconciler's next pass: a finding in the last
+    steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
+    from chalicelib import deadline
+    from chalicelib.config import settings
+    from chalicelib.services import jobs
+
+    if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:
+        return      # Bedrock calls retry for up to that long: not within this invocation, so the reconciler's
+    try:
+        job = Job.get(team_id, job_id, consistent_read=True)
+        jobs.enforce_stop(job)
+    except Exception:  # noqa: BLE001 - the reconciler's enforce_stop repeats it; and the verdict holds anyway
+        logger.warning("immediate stop failed; the reconciler will cancel", extra={"job_id": job_id})
+
+
+def _late_verdict(team_id: str, job_id: str) -> None:
+    """A critical finding recorded after the job's model was registered: the model takes the verdict."""
+    from chalicelib.services import registry
+
+    try:
+        job = Job.get(team_id, job_id, consistent_read=True)
+        if job.fine_tuned_model:
+            registry.apply_verdict(job)
+    except Exception:  # noqa: BLE001 - logged; the finding itself is recorded
+        logger.exception("late watch verdict failed", extra={"job_id": job_id})
 
 
 # ---- the watch endpoint -------------------------------------------------------------------------

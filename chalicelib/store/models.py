@@ -255,6 +255,9 @@ class TunedModel(_Base):
     best_reward = NumberAttribute(null=True)
     checkpoints = JSONAttribute(default=list)       # [{id, model, step}]
     created_at = NumberAttribute()
+    # The training watch's verdict (issue #24): {state: quarantined | flagged | released, findings,
+    # on_critical, released_by, reason, released_at}; absent when the job's watch found nothing critical.
+    watch = JSONAttribute(null=True)
 
 
 class Alias(_Base):
@@ -708,6 +711,9 @@ class RolloutWindow(_Base):
     audit_n = NumberAttribute(null=True)
     audit_reward = NumberAttribute(null=True)
     audit_score = NumberAttribute(null=True)
+    audit_gap_sq = NumberAttribute(null=True)       # sum of (reward - audit)^2: the gap's noise (issue #24)
+    shape_duplicates = NumberAttribute(null=True)   # same frame as another prompt's answer (issue #24)
+    shape_duplicate_reward = NumberAttribute(null=True)
     on_critical = UnicodeAttribute(null=True)       # summary: alert | cancel
     audit_ref = UnicodeAttribute(null=True)         # summary: the audit grader's spec ref
     per_window = NumberAttribute(null=True)         # summary: invocations per window

@@ -3,12 +3,17 @@
 For each sampled row the grader scores the reference answer itself and a set of
 adversarial responses. Findings name what would let a policy learn the wrong thing.
 Optionally, k base-model samples per prompt measure the learning signal (`base_stats`).
+
+A grader that reads `{{sample.output_json.<field>}}` gets every probe the way it reads answers: the
+probe's text in that field of a JSON object (`context` finds the fields; issue #24). Graded as bare
+text, even the reference ("540") is not JSON, and a sound grader was refused.
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
-from typing import Callable
+from typing import Any, Callable
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
@@ -50,9 +55,66 @@ def _contradiction(item: dict, ctx: dict) -> str:
     return f"{reference_text(item)}. Wait, that is wrong: the answer is {other if other else 'something else'}."
 
 
+_JSON_FIELD = re.compile(r"\{\{\s*sample\.output_json((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*\}\}")
+
+
+def json_paths(spec: Any) -> list[tuple[str, ...]]:
+    """The `sample.output_json` fields a grader spec reads (in any template, at any depth)."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            for m in _JSON_FIELD.finditer(value):
+                path = tuple(m.group(1).lstrip(".").split("."))
+                if path not in found:
+                    found.append(path)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+    walk(spec)
+    return found
+
+
+def context(spec: Any, others: list[str]) -> dict:
+    """What the probes know besides the row: the other rows' references and the JSON fields the
+    grader reads."""
+    return {"others": others, "json_paths": json_paths(spec)}
+
+
+def _as_json(values: dict[tuple[str, ...], Any], extra: dict | None = None) -> str:
+    out: dict = dict(extra or {})
+    for path, value in values.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else node
+        node[path[-1]] = value
+    return json.dumps(out)
+
+
+def _shaped(make: Callable[[dict, dict], str | None]) -> Callable[[dict, dict], str | None]:
+    """A probe as the grader reads answers: for an output_json grader, its text in each field read."""
+    def probe(item: dict, ctx: dict) -> str | None:
+        text = make(item, ctx)
+        paths = ctx.get("json_paths") or []
+        if text is None or not paths:
+            return text
+        return _as_json({path: text for path in paths})
+    return probe
+
+
+def _wrong_field(item: dict, ctx: dict) -> str:
+    """The answer outside the field the grader reads (an empty field, the answer in another)."""
+    paths = ctx.get("json_paths") or [("answer",)]
+    return _as_json({path: "" for path in paths}, {"notes": reference_text(item)})
+
+
 # Each probe makes a response from the row (`item`) and what the preflight knows of the other
-# sampled rows (`ctx["others"]`: their references, none equal to this row's); None skips it.
-PROBES: dict[str, Callable[[dict, dict], str | None]] = {
+# sampled rows (`ctx["others"]`: their references, none equal to this row's; `ctx["json_paths"]`:
+# the output_json fields the grader reads); None skips it.
+_TEXT_PROBES: dict[str, Callable[[dict, dict], str | None]] = {
     "reference": lambda item, ctx: reference_text(item),
     "empty": lambda item, ctx: "",
     "whitespace": lambda item, ctx: "  \n\t  ",
@@ -66,8 +128,9 @@ PROBES: dict[str, Callable[[dict, dict], str | None]] = {
     "plausible_wrong": lambda item, ctx: _other(ctx),                  # another row's reference
     "shotgun": _shotgun,                                               # several candidates, one right
     "contradiction": _contradiction,                                   # right, then taken back
-    "wrong_field": lambda item, ctx: json.dumps({"answer": "", "notes": reference_text(item)}),
 }
+PROBES: dict[str, Callable[[dict, dict], str | None]] = {
+    **{name: _shaped(make) for name, make in _TEXT_PROBES.items()}, "wrong_field": _wrong_field}
 
 
 def others_for(items: list[dict]) -> list[list[str]]:
