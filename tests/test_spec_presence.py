@@ -31,7 +31,7 @@ def _run(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
         env["CI"] = ci
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("ci", [None, "", "false"])
