@@ -143,6 +143,8 @@ EXTENSIONS = {
     "saved grader": "a job's grader may be {\"type\": \"saved\", \"id\", \"version\"}",
     "`multi` grader's named map": "a multi grader's `graders` may be a map of name -> grader",
     "`batch_size` above 256": "reinforcement `batch_size` 1-512 (OpenAI: 1-256)",
+    "`evals` file purpose": "a File's `purpose` may be \"evals\" (OpenAI's files.create takes it; its File "
+                            "object's enum omits it)",
 }
 
 
@@ -165,6 +167,8 @@ def apply_extensions(schemas: dict) -> dict:
                                     {"$ref": "#/components/schemas/GraderTextSimilarity"},
                                     {"$ref": "#/components/schemas/GraderScoreModel"},
                                     {"$ref": "#/components/schemas/GraderLabelModel"}]}}]}
+    purpose = out["OpenAIFile"]["properties"]["purpose"]
+    purpose["enum"] = [*purpose["enum"], "evals"]
     for holder in (out["FineTuneReinforcementHyperparameters"]["properties"]["batch_size"],
                    out["FineTuningJob"]["properties"]["hyperparameters"]["properties"]["batch_size"]):
         for node in _walk(holder):

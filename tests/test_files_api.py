@@ -3,7 +3,6 @@ import json
 
 import openai
 import pytest
-
 from sample_data import arithmetic_rows, jsonl
 
 
@@ -89,3 +88,121 @@ def test_upload_with_malformed_content_is_rejected(client):
         client.uploads.upload_file_chunked(file=data, filename="b.jsonl", bytes=len(data),
                                            mime_type="application/jsonl", purpose="fine-tune", part_size=4096)
     assert "line 121" in err.value.message
+
+
+# ---- purpose "evals" and expires_after (issue #23) ---------------------------------------------
+
+def _eval_rows(n):
+    return [{"item": r, "sample": {"output_text": r["reference_answer"]}} for r in arithmetic_rows(n, seed=4)]
+
+
+def test_eval_rows_upload_with_purpose_evals_and_are_no_training_file(client):
+    from helpers import register_graders, rft
+
+    register_graders(client)
+    data = jsonl(_eval_rows(120))
+    f = client.files.create(file=("eval.jsonl", data), purpose="evals")
+    assert f.purpose == "evals" and f.status == "processed" and f.model_extra["rft_validation"]["rows"] == 120
+    assert client.files.content(f.id).read() == data
+    assert [x.id for x in client.files.list(purpose="evals")] == [f.id]
+    assert f.id not in [x.id for x in client.files.list(purpose="fine-tune")]
+    up = client.uploads.upload_file_chunked(file=data, filename="e.jsonl", bytes=len(data), purpose="evals",
+                                            mime_type="application/jsonl", part_size=4096)
+    assert up.status == "completed" and up.file.purpose == "evals"
+    # Each purpose's rows only: fine-tune rows are not eval rows, eval rows are not fine-tune rows.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="evals")
+    assert "Invalid eval data: line 1: 'item' must be an object" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("e.jsonl", data), purpose="fine-tune")
+    assert "Invalid training data: line 1" in err.value.message
+    # 120 eval rows are within Bedrock's row count, but they are no training data.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, method=rft())
+    assert err.value.param == "training_file" and err.value.code == "invalid_file_purpose"
+
+
+def _aged(team_id, file_id, seconds_ago=1):
+    """The clock moved past the file's expires_at: its stored expiry is set that far in the past."""
+    from chalicelib.domain import ids
+    from chalicelib.store.models import File
+
+    record = File.get(team_id, file_id, consistent_read=True)
+    record.update(actions=[File.expires_at.set(ids.now() - seconds_ago)])
+    return record
+
+
+def test_expires_after_sets_expires_at_and_an_expired_file_is_gone_then_swept(client, stack):
+    import boto3
+    from helpers import register_graders, rft
+
+    from chalicelib.config import settings
+    from chalicelib.services import files, lifecycle
+    from chalicelib.store.models import File
+
+    team_id = register_graders(client)
+    data = jsonl(arithmetic_rows(100))
+    f = client.files.create(file=("t.jsonl", data), purpose="fine-tune",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    assert f.expires_at == f.created_at + 3600
+    assert client.files.retrieve(f.id).expires_at == f.expires_at
+    kept = client.files.create(file=("k.jsonl", data), purpose="fine-tune",
+                               expires_after={"anchor": "created_at", "seconds": 2_592_000})
+    forever = client.files.create(file=("f.jsonl", data), purpose="fine-tune")
+    assert forever.expires_at is None
+    upload = client.uploads.create(bytes=len(data), filename="u.jsonl", purpose="fine-tune",
+                                   mime_type="application/jsonl", expires_after={"anchor": "created_at", "seconds": 7200})
+    part = client.uploads.parts.create(upload.id, data=data)
+    upload = client.uploads.complete(upload.id, part_ids=[part.id])
+    assert upload.file.expires_at == upload.file.created_at + 7200
+    assert upload.expires_at == upload.created_at + 3600        # the upload's own expiry is unchanged
+
+    for bad in ({"anchor": "created_at", "seconds": 3599}, {"anchor": "created_at", "seconds": 2_592_001},
+                {"anchor": "last_active_at", "seconds": 3600}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.files.create(file=("t.jsonl", data), purpose="fine-tune", expires_after=bad)
+        assert err.value.param.startswith("expires_after")
+        with pytest.raises(openai.BadRequestError) as err:
+            client.uploads.create(bytes=10, filename="x.jsonl", mime_type="application/jsonl", purpose="fine-tune",
+                                  expires_after=bad)
+        assert err.value.param.startswith("expires_after")
+
+    record = _aged(team_id, f.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(f.id)
+    assert f.id not in [x.id for x in client.files.list()]
+    assert {kept.id, forever.id, upload.file.id} <= {x.id for x in client.files.list()}
+    with pytest.raises(openai.NotFoundError) as err:
+        client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id, method=rft())
+    assert err.value.param == "training_file"
+
+    s3 = boto3.client("s3")
+    assert s3.head_object(Bucket=settings().datasets_bucket, Key=record.s3_key)   # not yet swept
+    report = lifecycle.reconcile()
+    assert report.files_expired >= 1 and not report.problems
+    with pytest.raises(File.DoesNotExist):
+        File.get(team_id, f.id, consistent_read=True)
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket=settings().datasets_bucket, Key=record.s3_key)
+    # The files not yet due stay, and a second sweep finds nothing more of this team's.
+    assert client.files.retrieve(kept.id).expires_at == kept.expires_at
+    assert client.files.retrieve(upload.file.id).id == upload.file.id
+    files.delete_expired()
+    assert {kept.id, forever.id, upload.file.id} <= {x.id for x in client.files.list()}
+
+
+@pytest.mark.parametrize("seconds", ["3600", "²⁶⁰⁰", "1e4", "-3600", "3600.0", "9" * 400, "", " 3600", "٣٦٠٠"])
+def test_expires_after_form_fields_are_parsed_strictly(client, stack, seconds):
+    """The SDK sends expires_after as form fields (strings): only ASCII digits in range are a number."""
+    import httpx
+
+    r = httpx.post(f"{stack.base_url}/v1/files", headers={"Authorization": f"Bearer {client.api_key}"},
+                   data={"purpose": "fine-tune", "expires_after[anchor]": "created_at",
+                         "expires_after[seconds]": seconds},
+                   files={"file": ("t.jsonl", jsonl(arithmetic_rows(100)))})
+    if seconds == "3600":
+        assert r.status_code == 200 and r.json()["expires_at"] == r.json()["created_at"] + 3600
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "expires_after.seconds", r.text
