@@ -206,3 +206,33 @@ def test_expires_after_form_fields_are_parsed_strictly(client, stack, seconds):
         assert r.status_code == 200 and r.json()["expires_at"] == r.json()["created_at"] + 3600
     else:
         assert r.status_code == 400 and r.json()["error"]["param"] == "expires_after.seconds", r.text
+
+
+def test_expires_after_is_parsed_strictly_whatever_it_holds():
+    """Any value (Unicode digits, huge or non-finite numbers, surrogates, nesting) is a number of
+    seconds in OpenAI's range or a 400 naming the field, never another error."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chalicelib.errors import InvalidRequest
+    from chalicelib.services import files
+
+    digits = st.text(alphabet=st.sampled_from("0123456789²³¹٣٠٦۰০߀𝟘𝟙 .-+e\ud800"), max_size=12)
+    numbers = st.integers(min_value=-10**400, max_value=10**400) | st.floats(allow_nan=True, allow_infinity=True)
+    seconds = digits | numbers | st.booleans() | st.none() | st.lists(st.integers(), max_size=2)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.sampled_from(["created_at", "last_active_at", "", None, 1]), seconds,
+           st.dictionaries(st.sampled_from(["x", "anchor"]), st.integers(), max_size=1))
+    def check(anchor, value, extra):
+        raw = {"anchor": anchor, "seconds": value, **extra}
+        try:
+            got = files.expires_after_seconds(raw)
+        except InvalidRequest as err:
+            assert err.param.startswith("expires_after")
+            return
+        assert type(got) is int and files.EXPIRES_MIN <= got <= files.EXPIRES_MAX
+        assert raw["anchor"] == "created_at" and set(raw) == {"anchor", "seconds"}
+        assert str(value).isascii() and str(value).isdigit() or value == got
+
+    check()

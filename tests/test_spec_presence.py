@@ -29,8 +29,10 @@ def _run(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     env.update(RFT_SHARED_DIR=str(tmp_path / "no-shared"), PYTHONPATH=str(TESTS))
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+    # The repository's pytest.ini, as `make test` runs (its -rs prints the skip line).
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-c", str(TESTS.parent / "pytest.ini"), "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_probe.py")],
                           check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
