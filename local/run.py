@@ -96,7 +96,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, children.on_signal)
     signal.signal(signal.SIGINT, children.on_signal)   # also when started from a script that ignores SIGINT
     try:
-        stale = children.stop_stale()
+        with children.held():       # an earlier run's servers are all stopped, or still recorded
+            stale = children.stop_stale()
         if stale:
             print(f"stopped {len(stale)} server(s) an earlier run left running: pids {stale}", flush=True)
         servers.refuse_busy(ports)
@@ -152,6 +153,7 @@ def main() -> int:
         while True:
             for child in children.procs:
                 if child.poll() is not None:
+                    children.stopping = True
                     print(f"a local server exited ({child.args[:3]} -> {child.returncode}); stopping", flush=True)
                     return 1
             time.sleep(0.5)
@@ -162,7 +164,10 @@ def main() -> int:
         print(f"make run: {exc}", flush=True)
         return 1
     finally:
-        children.stopping = True    # from here on a signal is noted, never raised: the stop always ends
+        try:
+            children.stopping = True    # from here on a signal is noted, never raised: the stop always ends
+        except KeyboardInterrupt:       # one that came just before: on_signal set the flag as it raised
+            pass
         if any(p.poll() is None for p in children.procs):
             print(f"saving the datasets bucket to {LOCAL / 's3'} ...", flush=True)
             try:

@@ -198,11 +198,14 @@ class Children:
 
     # -- signals --
     def on_signal(self, signum, _frame) -> None:
-        if self._holding or self.stopping:
+        if self.stopping:
             self.pending += 1
-            if self.stopping:
-                print("(already stopping: the datasets bucket is saved, then every server ends)", flush=True)
+            print("(already stopping: the datasets bucket is saved, then every server ends)", flush=True)
             return
+        if self._holding:
+            self.pending += 1
+            return
+        self.stopping = True     # set before raising: the clean-up it starts is never interrupted itself
         raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -214,6 +217,7 @@ class Children:
             self._holding -= 1
         if not self._holding and self.pending and not self.stopping:
             self.pending = 0
+            self.stopping = True
             raise KeyboardInterrupt
 
     # -- children --
@@ -241,7 +245,8 @@ class Children:
         """Every child ends (SIGTERM, then SIGKILL after `timeout`); signals from now on are held."""
         self.stopping = True
         stop_groups([p.pid for p in self.procs], timeout, {p.pid: p for p in self.procs})
-        self.record.unlink(missing_ok=True)
+        if self.procs:      # our record; an earlier run's (a stop before stop_stale ended) stays for the next
+            self.record.unlink(missing_ok=True)
 
     # -- the previous run's --
     def stop_stale(self) -> list[int]:
