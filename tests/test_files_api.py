@@ -236,3 +236,33 @@ def test_expires_after_is_parsed_strictly_whatever_it_holds():
         assert str(value).isascii() and str(value).isdigit() or value == got
 
     check()
+
+
+def test_any_file_id_in_a_body_is_a_4xx_never_a_500(api, make_team):
+    """Every route that takes a file id in its body (an eval run's source, a job's files) looks it up
+    through files.get_file: ids no DynamoDB key can hold (too long, lone surrogates), Unicode
+    digits and control characters name no file (a 400/404, the id quoted bounded and escaped)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, key = make_team("odd-file-ids")
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    ev = api.http.post("/v1/evals", headers=headers, body=json.dumps({
+        "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+        "testing_criteria": [{"type": "string_check", "name": "x", "input": "{{sample.output_text}}",
+                              "reference": "a", "operation": "eq"}]})).json_body
+    odd = st.text(alphabet=st.sampled_from("file-abc0²٣𝟘\x00\ud800\udfff é"), min_size=1, max_size=12)
+    ids = odd | st.builds(lambda s, n: "file-" + s * n, odd, st.sampled_from([100, 400, 3000]))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(ids)
+    def check(file_id):
+        run = api.http.post(f"/v1/evals/{ev['id']}/runs", headers=headers, body=json.dumps(
+            {"data_source": {"type": "jsonl", "source": {"type": "file_id", "id": file_id}}}))
+        assert run.status_code == 400, run.body
+        assert len(run.json_body["error"]["message"]) < 300 and run.json_body["error"]["message"].isascii()
+        job = api.http.post("/v1/fine_tuning/jobs", headers=headers, body=json.dumps(
+            {"model": "openai.gpt-oss-20b", "training_file": file_id}))
+        assert job.status_code in (400, 404), job.body
+
+    check()

@@ -113,18 +113,33 @@ def _save(team_id: str, file_id: str, filename: str, size: int, report: dict, pu
     return record
 
 
+def _keyable(file_id) -> bool:
+    try:
+        return isinstance(file_id, str) and 0 < len(file_id.encode()) <= pagination.MAX_ID_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(file_id) -> str:
+    """A caller's file id as an error message quotes it: bounded, and ASCII-escaped."""
+    text = ascii(str(file_id))[1:-1]
+    return "'" + (text[:100] + "..." if len(text) > 100 else text) + "'"
+
+
 def get_file(team_id: str, file_id: str, purpose: str | None = None, param: str = "file_id") -> File:
     """The team's file; an expired one is gone. `purpose`: the use it must have been uploaded for
     (a training file is a fine-tune file, never eval rows)."""
-    try:
-        record = File.get(team_id, file_id, consistent_read=True)
-    except DoesNotExist:
-        record = None
+    record = None
+    if _keyable(file_id):       # an id no key can hold (too long, a lone surrogate) names no file: no lookup
+        try:
+            record = File.get(team_id, file_id, consistent_read=True)
+        except DoesNotExist:
+            pass
     if record is None or expired(record):
         # Another team's file, and an expired one, are indistinguishable from a missing one.
-        raise NotFound(f"No such file: '{file_id}'.", param=param)
+        raise NotFound(f"No such file: {shown(file_id)}.", param=param)
     if purpose is not None and record.purpose != purpose:
-        raise InvalidRequest(f"File '{file_id}' was uploaded with purpose '{record.purpose}'; this needs a "
+        raise InvalidRequest(f"File {shown(file_id)} was uploaded with purpose '{record.purpose}'; this needs a "
                              f"'{purpose}' file.", param=param, code="invalid_file_purpose")
     return record
 
