@@ -1,8 +1,9 @@
-"""`make run`: the whole local stack in the foreground. Ctrl-C stops every child.
+"""`make run`: the whole local stack in the foreground. Ctrl-C stops every child, at any moment.
 
-Persists to .local/: DynamoDB Local's files (.local/ddb), the datasets bucket
-(.local/s3, restored at start, saved on stop), the local Bedrock (.local/bedrock)
-and the keys (.local/stack.json), so a second `make run` picks up where it left off.
+Persists to .local/ (RFT_LOCAL_STATE: another directory): DynamoDB Local's files (ddb/), the datasets
+bucket (s3/, restored at start, saved on stop), the local Bedrock (bedrock/) and the keys
+(stack.json), so a second `make run` picks up where it left off. children.json lists the running
+servers; a run that could not clean up (SIGKILL) leaves it, and the next run stops those first.
 """
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from local import servers
 from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn as example_arn
 
-LOCAL = servers.LOCAL_DIR
+LOCAL = Path(os.environ.get("RFT_LOCAL_STATE") or servers.LOCAL_DIR)
 STACK_JSON = LOCAL / "stack.json"
 DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005,
                  "ddb_faults": 8006}
@@ -53,25 +54,33 @@ def _demo_team(base_url: str, admin_key: str, previous: dict) -> tuple[str, str]
     return team["id"], key["key"]
 
 
+SAVE_SECONDS = 60    # the save on stop gives up after this: a stalled moto never keeps the servers up
+
+
 def _sync_bucket(direction: str) -> None:
     import boto3
+    from botocore.config import Config
 
     bucket, root = APP_ENV["RFT_DATASETS_BUCKET"], LOCAL / "s3"
-    s3 = boto3.client("s3", region_name=servers.REGION)
+    s3 = boto3.client("s3", region_name=servers.REGION, config=Config(
+        connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2}))
     if direction == "restore":
         for path in root.rglob("*") if root.exists() else []:
             if path.is_file():
                 s3.upload_file(str(path), bucket, str(path.relative_to(root)))
         return
+    deadline = time.monotonic() + SAVE_SECONDS
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"saving took over {SAVE_SECONDS}s")
             target = root / obj["Key"]
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(target))
 
 
 def main() -> int:
-    LOCAL.mkdir(exist_ok=True)
+    LOCAL.mkdir(parents=True, exist_ok=True)
     ports = _ports()
     previous = json.loads(STACK_JSON.read_text()) if STACK_JSON.exists() else {}
     admin_key = previous.get("admin_key") or "rfth_admin_" + secrets.token_urlsafe(32)
@@ -80,27 +89,28 @@ def main() -> int:
     env = {**servers.base_env(ports), **APP_ENV,
            "AWS_ENDPOINT_URL_DYNAMODB": f"http://127.0.0.1:{ports['ddb_faults']}"}
     os.environ.update(env)
-    children: list[subprocess.Popen] = []
-
-    def stop(*_):
-        # Once: `make` passes a second SIGTERM on, and a second interrupt in the middle of the
-        # clean-up below would leave the servers (each in its own session) running.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)   # also when started from a script that ignores SIGINT
+    children = servers.Children(LOCAL / "children.json")
+    # A signal raises KeyboardInterrupt, except while a child is being started and recorded, and once
+    # the stop has begun (saving the bucket, stopping the children): then it is noted and the stop
+    # goes on, so a Ctrl-C at any moment (make also passes a SIGTERM on) ends every child.
+    signal.signal(signal.SIGTERM, children.on_signal)
+    signal.signal(signal.SIGINT, children.on_signal)   # also when started from a script that ignores SIGINT
     try:
+        with children.held():       # an earlier run's servers are all stopped, or still recorded
+            stale = children.stop_stale()
+        if stale:
+            print(f"stopped {len(stale)} server(s) an earlier run left running: pids {stale}", flush=True)
+        servers.refuse_busy(ports)
         print("rft-hub local stack: starting DynamoDB Local, moto, local Bedrock ...", flush=True)
-        children.append(servers.start_dynamodb(ports["dynamodb"], LOCAL / "ddb"))
-        children.append(servers.python_module("local.ddb_faults", "--port", str(ports["ddb_faults"]),
-                                              "--upstream", f"http://127.0.0.1:{ports['dynamodb']}", env=env))
-        children.append(servers.python_module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env))
-        children.append(servers.python_module("local.bedrock_server", "--port", str(ports["bedrock"]),
-                                              "--state-dir", str(LOCAL / "bedrock"), env=env))
-        children.append(servers.python_module("local.slack_sink", "--port", str(ports["slack"]),
-                                              "--log", str(LOCAL / "slack.log"), env=env))
+        argv, cwd = servers.dynamodb_command(ports["dynamodb"], LOCAL / "ddb")
+        dynamodb = children.start(argv, cwd=cwd, quiet=True)
+        servers.wait_for_port(ports["dynamodb"], 60, dynamodb)
+        children.module("local.ddb_faults", "--port", str(ports["ddb_faults"]),
+                        "--upstream", f"http://127.0.0.1:{ports['dynamodb']}", env=env)
+        children.module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env)
+        children.module("local.bedrock_server", "--port", str(ports["bedrock"]),
+                        "--state-dir", str(LOCAL / "bedrock"), env=env)
+        children.module("local.slack_sink", "--port", str(ports["slack"]), "--log", str(LOCAL / "slack.log"), env=env)
         for name in ("ddb_faults", "moto", "bedrock", "slack"):
             servers.wait_for_port(ports[name], 60)
 
@@ -108,11 +118,11 @@ def main() -> int:
         bootstrap(admin_key, signing_secret)
         _sync_bucket("restore")
 
-        children.append(servers.python_module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env))
+        children.module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env)
         # `chalice local --stage local --no-autoreload`, behind the local API Gateway's limits and
         # 404/405 answers (local/api_gateway.py).
-        children.append(servers.python_module("local.api_gateway", "--stage", "local", "--host", "127.0.0.1",
-                                              "--port", str(ports["api"]), env=env))
+        children.module("local.api_gateway", "--stage", "local", "--host", "127.0.0.1", "--port", str(ports["api"]),
+                        env=env)
         for name in ("lambda", "api"):
             servers.wait_for_port(ports[name], 60)
 
@@ -141,26 +151,30 @@ def main() -> int:
               f"(and {LOCAL / 'slack.log'})\n  try: OPENAI_BASE_URL={base_url}/v1 OPENAI_API_KEY=<demo key> "
               f"python examples/quickstart.py\nCtrl-C stops everything.", flush=True)
         while True:
-            for child in children:
+            for child in children.procs:
                 if child.poll() is not None:
+                    children.stopping = True
                     print(f"a local server exited ({child.args[:3]} -> {child.returncode}); stopping", flush=True)
                     return 1
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
+    except RuntimeError as exc:     # a refused start (ports in use) or a failed step: said plainly
+        print(f"make run: {exc}", flush=True)
+        return 1
     finally:
         try:
-            _sync_bucket("save")
-        except Exception as exc:  # noqa: BLE001 - moto may already be gone
-            print(f"(datasets not saved: {exc!r})", flush=True)
-        for child in reversed(children):
-            child.terminate()
-        for child in children:
+            children.stopping = True    # from here on a signal is noted, never raised: the stop always ends
+        except KeyboardInterrupt:       # one that came just before: on_signal set the flag as it raised
+            pass
+        if any(p.poll() is None for p in children.procs):
+            print(f"saving the datasets bucket to {LOCAL / 's3'} ...", flush=True)
             try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+                _sync_bucket("save")
+            except Exception as exc:  # noqa: BLE001 - moto may already be gone
+                print(f"(datasets not saved: {exc!r})", flush=True)
+        children.stop()
 
 
 if __name__ == "__main__":

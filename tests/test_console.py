@@ -246,7 +246,9 @@ def browser():
 class Console:
     """One browser context (its own cookies) on the console, failing on any page error."""
 
-    def __init__(self, browser, base: str, **context):
+    def __init__(self, browser, base: str, strict: bool = False, **context):
+        """strict: every message the page logs at error level fails the test (a failed request, an
+        invalid `pattern`, ...), not only CSP violations and invalid patterns."""
         self.base = base
         self.context = browser.new_context(viewport=context.pop("viewport", {"width": 1280, "height": 900}),
                                            accept_downloads=True, **context)
@@ -254,7 +256,9 @@ class Console:
         self.page.set_default_timeout(20_000)
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("console", lambda m: self.errors.append(m.text) if "Content Security Policy" in m.text else None)
+        self.page.on("console", lambda m: self.errors.append(m.text) if (
+            "Content Security Policy" in m.text or "regular expression" in m.text
+            or (strict and m.type in ("error", "warning"))) else None)
 
     def sign_in(self, key: str, path: str = "/console"):
         self.page.goto(self.base + path)
@@ -471,4 +475,121 @@ def test_the_admin_sees_every_team_side_by_side(world, browser):
     c.shot("admin")
     c.page.click("#nav a[data-page=jobs]")
     assert "admin key has no team" in c.page.inner_text("main")
+    c.close()
+
+
+# ---- issue #23: the signed-out probe, the alias pattern, spend totals, chart ranges ---------------
+
+def _usd(value) -> str:
+    """The console's usd() (console.js), for comparing what a page shows."""
+    n = float(value)
+    if n == 0:
+        return "$0.00"
+    return "$" + (f"{n:.6f}" if 0 < n < 0.01 else f"{n:.4f}" if n < 10 else f"{n:.2f}")
+
+
+def test_the_signed_out_page_logs_no_console_error_and_the_probe_says_signed_out(world, browser):
+    base = world["base"]
+    c = Console(browser, base, strict=True)
+    c.page.goto(base + "/console")
+    c.page.wait_for_selector("form.signin")
+    c.page.goto(base + f"/console/jobs/{world['job'].id}")       # a deep link, signed out
+    c.page.wait_for_selector("form.signin")
+    c.close()                                                    # asserts: nothing logged at error level
+    signed_out = {"object": "console.session", "signed_in": False, "principal": None, "team_id": None,
+                  "key_id": None, "expires_at": None, "csrf_token": None}
+    for token in (None, "v1.e30.AAAA", "garbage"):               # none, a forged and a malformed cookie
+        r = _get(base, "/console/session", token)
+        assert r.status_code == 200 and r.json() == signed_out, r.text
+    token = _cookie_of(_sign_in_http(base, world["key_a"]))
+    assert _get(base, "/console/session", token).json()["signed_in"] is True
+    r = _get(base, "/console/session", None, Authorization=f"Bearer {world['key_b']}")
+    assert r.status_code == 200 and r.json()["signed_in"] is True and r.json()["team_id"] == world["team_b"]
+    assert _get(base, "/console/session", None, Authorization="Bearer rfth_nope_nope").status_code == 401
+
+
+def test_the_alias_pattern_compiles_as_browsers_compile_it_and_validates(world, browser):
+    from chalicelib.services.registry import ALIAS_RE
+
+    c = Console(browser, world["base"], strict=True)
+    c.sign_in(world["key_a"], "/console/models")
+    c.page.wait_for_selector("#promote-form")
+    patterns = c.page.eval_on_selector_all("input[pattern]", "els => els.map(e => e.getAttribute('pattern'))")
+    assert patterns
+    for pattern in patterns:         # the v flag: what Chromium compiles a pattern attribute with
+        assert c.page.evaluate("p => { try { new RegExp('^(?:' + p + ')$', 'v'); return true; } "
+                               "catch (e) { return String(e); } }", pattern) is True, pattern
+    names = ["console-bot", "a", "x" * 64, "x" * 65, "Bad", "bad name", "-lead", "trail-", "émoji", "a_b", "9-9"]
+    for name in names:
+        c.page.fill("#alias-name", name)
+        mismatch = c.page.eval_on_selector("#alias-name", "e => e.validity.patternMismatch")
+        assert mismatch == (ALIAS_RE.match(name) is None), name      # the browser refuses what the API refuses
+    c.page.fill("#alias-name", "Bad Name")
+    c.page.click("#promote-form button[type=submit]")             # the browser's own validation stops it
+    assert c.page.eval_on_selector("#alias-name", "e => e.matches(':invalid')")
+    assert c.page.inner_text("#alias-msg") == ""
+    c.close()
+
+
+def test_spend_shows_inference_grader_training_and_total_budget_or_not(world, browser):
+    base = world["base"]
+    other = openai.OpenAI(base_url=f"{base}/v1", api_key=world["key_b"], max_retries=0)
+    for i in range(2):                                            # team B: real costs, no budget
+        other.chat.completions.create(model="openai.gpt-oss-20b", messages=[{"role": "user", "content": f"hi {i}"}],
+                                      max_completion_tokens=16)
+    month = time.strftime("%Y-%m-01", time.gmtime())
+    status, usage_b = http("GET", f"{base}/v1/usage?group_by=kind&start={month}", world["key_b"])
+    assert status == 200 and usage_b["budget"]["limit_usd"] is None
+    totals = usage_b["spend_totals"]
+    assert float(totals["inference_usd"]) > 0 and float(usage_b["budget"]["spent_usd"]) == 0
+    from decimal import Decimal
+
+    assert Decimal(totals["total_usd"]) == sum(Decimal(totals[k]) for k in (
+        "inference_usd", "grader_usd", "other_calls_usd", "training_usd"))
+    status, usage_all = http("GET", f"{base}/v1/usage?group_by=kind&start={month}", ADMIN_KEY)
+    team_a = usage_all["spend_by_team"][world["team_a"]]
+    assert Decimal(team_a["training_usd"]) > 0 and usage_all["spend_by_team"][world["team_b"]] == totals
+
+    c = Console(browser, base)
+    c.sign_in(world["key_b"], "/console/spend")
+    budget = c.page.wait_for_selector("#budget").inner_text()
+    assert "no budget set" in budget and "Spent $0.00" not in budget.replace("\n", " ").replace("\t", " ")
+    for label, key in (("inference", "inference_usd"), ("grader (judges)", "grader_usd"), ("training", "training_usd"),
+                       ("total", "total_usd")):
+        assert f"Spent this month: {label}\n{_usd(totals[key])}" in budget or \
+            f"Spent this month: {label}\t{_usd(totals[key])}" in budget, (label, budget)
+    c.close()
+
+    c = Console(browser, base)
+    c.sign_in(ADMIN_KEY, "/console/admin")
+    c.page.wait_for_selector("#teams-table")
+    for team in ("team_a", "team_b"):
+        spent = c.page.inner_text(f"#teams-table tr[data-team='{world[team]}'] td.spent")
+        assert spent == _usd(usage_all["spend_by_team"][world[team]]["total_usd"]) and spent != "$0.00", (team, spent)
+    overall = c.page.inner_text("#admin-totals")
+    for label in ("inference", "grader (judges)", "training", "total"):
+        assert f"Spent: {label}" in overall
+    assert _usd(usage_all["spend_totals"]["total_usd"]) in overall
+    c.close()
+
+
+def test_each_chart_panel_keeps_a_minimum_range_and_names_its_units(world, browser):
+    c = Console(browser, world["base"], strict=True)
+    c.sign_in(world["key_a"], f"/console/jobs/{world['job'].id}")
+    c.page.wait_for_selector("#reward-chart svg circle.pt")
+    labels = c.page.eval_on_selector_all("#reward-chart g.panel > text.lbl", "els => els.map(e => e.textContent)")
+    assert labels == ["reward (mean grader score)", "response length (tokens)", "entropy (per token)"]
+    # A series that moves 10.12 -> 10.18 is drawn as a small change, not a full-height swing.
+    drawn = c.page.evaluate("""() => {
+        const el = document.createElement('div'); el.style.width = '600px'; document.body.appendChild(el);
+        const points = [10.12, 10.15, 10.18].map((v, i) => ({x: i, step: i, values: {a: v, r: [0.50, 0.51, 0.52][i]}}));
+        window.RftChart.series(el, {points, series: [{key: 'a', label: 'a', unit: 'u'}, {key: 'r', label: 'r', minSpan: 0.2}]});
+        const out = [...el.querySelectorAll('g.panel')].map(g => ({
+            lo: Number(g.dataset.lo), hi: Number(g.dataset.hi), height: Number(g.dataset.height),
+            ys: [...g.querySelectorAll('circle.pt')].map(p => Number(p.getAttribute('cy')))}));
+        el.remove(); return out;
+    }""")
+    for panel, least in zip(drawn, (1.0, 0.2)):
+        assert panel["hi"] - panel["lo"] >= least, panel
+        assert max(panel["ys"]) - min(panel["ys"]) < 0.2 * panel["height"], panel
     c.close()

@@ -68,3 +68,46 @@ def test_chunking_never_changes_the_result(chunks, size):
     whole = datasets.validate([data])
     pieces = [data[i:i + size] for i in range(0, len(data), size)]
     assert datasets.validate(pieces) == whole
+
+
+# ---- purpose "evals": OpenAI's eval rows -------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+
+
+def test_eval_rows_are_validated_as_eval_rows_and_fine_tune_rows_stay_as_they_are():
+    rows = arithmetic_rows(5)
+    evals = [{"item": r, "sample": {"output_text": r["reference_answer"]}} for r in rows[:3]] + \
+        [{"item": r} for r in rows[3:]]
+    report = datasets.validate([jsonl(evals)], datasets.EVALS)
+    assert report["valid"] and report["rows"] == 5 and report["eval_row_limits"] == {"max": 2000, "ok": True}
+    assert "training_row_limits" not in report and not report["warnings"]
+    # Each shape is refused in the other purpose, naming the line.
+    assert datasets.validate([jsonl(rows)], datasets.EVALS)["errors"][0] == {
+        "line": 1, "message": "'item' must be an object (an eval row is {\"item\": {...}} with an optional \"sample\")"}
+    assert not datasets.validate([jsonl(evals)], datasets.FINE_TUNE)["valid"]
+    bad = [{"item": rows[0], "extra": 1}, {"item": rows[0], "sample": "text"}, {"item": []}, []]
+    report = datasets.validate([jsonl(bad)], datasets.EVALS)
+    assert [e["line"] for e in report["errors"]] == [1, 2, 3, 4]
+    assert "unknown field 'extra'" in report["errors"][0]["message"]
+    assert "'sample' must be an object" in report["errors"][1]["message"]
+
+
+def test_eval_row_limit_matches_the_eval_runs():
+    from chalicelib.domain import evals
+
+    assert datasets.EVAL_MAX_ROWS == evals.MAX_ITEMS
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON, st.one_of(st.none(), JSON), st.dictionaries(st.text(max_size=6), JSON, max_size=2))
+def test_an_eval_row_is_exactly_an_item_object_and_an_optional_sample_object(item, sample, extra):
+    row = {"item": item, **({} if sample is None else {"sample": sample}), **extra}
+    problem, _ = datasets.check_eval_row(row)
+    valid = isinstance(row["item"], dict) and set(row) <= {"item", "sample"} and \
+        isinstance(row.get("sample", {}), dict)
+    assert (problem is None) == valid, (row, problem)
+    # And through the streaming validator, as bytes, it agrees.
+    assert datasets.validate([json.dumps(row).encode()], datasets.EVALS)["valid"] == valid

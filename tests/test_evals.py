@@ -242,8 +242,9 @@ def test_api_shapes_lists_and_errors(client, make_team, stack, bedrock):
         with pytest.raises(openai.BadRequestError) as err:
             client.evals.runs.create(ev.id, data_source=source)
         assert err.value.param == param, err.value.message
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError) as err:       # 400, as OpenAI's document lists
         client.evals.runs.create(ev.id, data_source=_completions("openai.gpt-oss-20b", "file-missing"))
+    assert err.value.param == "data_source.source.id"
 
     # Another team's eval does not exist for this team.
     _, other_key = make_team("evals-other")
@@ -276,6 +277,38 @@ def test_a_jsonl_run_grades_given_outputs_and_calls_no_model(client, bedrock):
         client.evals.runs.create(ev.id, data_source={"type": "jsonl", "source": {
             "type": "file_content", "content": [{"item": rows[0]}]}})
     assert err.value.param == "data_source.source.content[0].sample"
+
+
+def test_an_evals_file_is_a_runs_source_and_a_missing_or_foreign_file_is_the_same_400(client, stack, make_team,
+                                                                                      bedrock):
+    ev = _eval(client, CORRECT, name="evals-file")
+    rows = arithmetic_rows(4, seed=6)
+    lines = [{"item": r, "sample": {"output_text": r["reference_answer"] if i % 2 else "no idea"}}
+             for i, r in enumerate(rows)]
+    f = client.files.create(file=("eval.jsonl", jsonl(lines)), purpose="evals")
+    run = client.evals.runs.create(ev.id, data_source={"type": "jsonl", "source": {"type": "file_id", "id": f.id}})
+    done = wait_run(client, ev.id, run.id)
+    assert done.status == "completed" and (done.result_counts.passed, done.result_counts.failed) == (2, 2)
+
+    _, other_key = make_team("evals-file-other")
+    other = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=other_key, max_retries=0)
+    foreign = other.files.create(file=("eval.jsonl", jsonl(lines)), purpose="evals")
+    answers = []
+    for file_id in (foreign.id, "file-" + foreign.id[5:][::-1]):
+        for source in ({"type": "jsonl", "source": {"type": "file_id", "id": file_id}},
+                       _completions("openai.gpt-oss-20b", file_id)):
+            status, body = _refused_raw(client, ev.id, source)
+            # OpenAI's document gives this 400 its `Error` schema: the envelope's inner object.
+            openai_spec.validate("post", "/v1/evals/{eval_id}/runs", status, body["error"])
+            openai_spec.validate_component("ErrorResponse", body)
+            answers.append((status, body["error"]["param"], body["error"]["message"].replace(file_id, "<id>")))
+    assert len(set(answers)) == 1 and answers[0][:2] == (400, "data_source.source.id"), answers
+
+
+def _refused_raw(client, eval_id, source):
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.evals.runs.create(eval_id, data_source=source)
+    return caught.value.status_code, caught.value.response.json()
 
 
 # ---- resumable, metered, capped -------------------------------------------------------------------

@@ -154,15 +154,24 @@ def test_uploads_match_openais_document(client):
     assert cancelled.status == "cancelled"
 
 
-def test_expires_after_is_refused_not_ignored(client):
+def test_expires_after_and_evals_files_match_openais_document(client):
+    """expires_after is accepted (issue #23): the file carries expires_at, as OpenAI's File does; an
+    evals file's purpose is rft-hub's one documented extension on the File object."""
     policy = {"anchor": "created_at", "seconds": 3600}
-    err = refused(400, client.files.create, file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune",
-                  expires_after=policy)
-    assert err.body["param"] == "expires_after" and err.code == "unsupported_parameter"
-    err = refused(400, client.uploads.create, bytes=10, filename="x.jsonl", mime_type="application/jsonl",
-                  purpose="fine-tune", expires_after=policy)
-    assert err.body["param"] == "expires_after"
-    assert client.files.list().data == []                                      # nothing was stored
+    created, body = checked(client.files.with_raw_response.create, file=("t.jsonl", jsonl(arithmetic_rows(100))),
+                            purpose="fine-tune", expires_after=policy)
+    assert body["expires_at"] == body["created_at"] + 3600 and created.expires_at == body["expires_at"]
+    checked(client.files.with_raw_response.retrieve, created.id)
+    upload, _ = checked(client.uploads.with_raw_response.create, bytes=10, filename="x.jsonl",
+                        mime_type="application/jsonl", purpose="fine-tune", expires_after=policy)
+    assert upload.status == "pending"
+    rows = jsonl([{"item": r} for r in arithmetic_rows(3)])
+    evals, body = checked(client.files.with_raw_response.create, file=("e.jsonl", rows), purpose="evals",
+                          extensions=True)
+    assert evals.purpose == "evals"
+    strict_errors_only_at("post", "/v1/files", body, ".purpose")
+    refused(400, client.files.create, file=("t.jsonl", jsonl(arithmetic_rows(100))), purpose="fine-tune",
+            expires_after={"anchor": "created_at", "seconds": 60})
 
 
 # ---- fine-tuning jobs -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from chalice import Blueprint, Response
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, route
+from chalicelib.api.http import Request, StrictModel, _authenticate, route
 from chalicelib.errors import NotFound, UnsupportedMediaType
 from chalicelib.services import console_sessions
 
@@ -128,19 +128,26 @@ def console_sign_in(req: Request):
     if req.content_type().split(";")[0].strip().lower() != "application/json":
         raise UnsupportedMediaType("Send the key as JSON: Content-Type: application/json.", param="Content-Type")
     token, session = console_sessions.sign_in(req.body.key)
-    return _session_response(200, session.view(), req.request_id,
+    return _session_response(200, {**session.view(), "signed_in": True}, req.request_id,
                              console_sessions.set_cookie(token, session.expires_at - session.issued_at))
 
 
-@route(bp, "/console/session", auth="any")
+SIGNED_OUT = {"object": "console.session", "signed_in": False, "principal": None, "team_id": None, "key_id": None,
+              "expires_at": None, "csrf_token": None}
+
+
+@route(bp, "/console/session", auth=None)
 def console_session(req: Request):
-    """Who the console is signed in as, and the session's CSRF token (null for a bearer key)."""
-    session = console_sessions.current(req.headers) if "authorization" not in req.headers else None
-    if session is not None:
-        return session.view()
-    p = req.principal
-    return {"object": "console.session", "principal": "admin" if p.is_admin else "team", "team_id": p.team_id,
-            "key_id": p.key_id, "expires_at": None, "csrf_token": None}
+    """Who the console is signed in as, and the session's CSRF token (null for a bearer key). Signed
+    out (no cookie, or one that is expired, signed out or forged) is an answer, not an error: 200
+    with `signed_in: false`, so the sign-in page's probe logs nothing in the browser. A bearer key
+    is checked as on any route (a wrong one is a 401)."""
+    if "authorization" in req.headers:
+        p = _authenticate("any", req.headers, "GET")
+        return {"object": "console.session", "signed_in": True, "principal": "admin" if p.is_admin else "team",
+                "team_id": p.team_id, "key_id": p.key_id, "expires_at": None, "csrf_token": None}
+    session = console_sessions.current(req.headers)
+    return SIGNED_OUT if session is None else {**session.view(), "signed_in": True}
 
 
 @route(bp, "/console/session", ("DELETE",), auth=None)

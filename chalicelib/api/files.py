@@ -18,12 +18,23 @@ def _form(req: Request) -> dict[str, multipart.Part]:
     return multipart.parse(req.content_type(), req.raw_body)
 
 
-def _refuse_expires_after() -> None:
-    """rft-hub keeps a fine-tune file until it is deleted; it has no sweep that would delete it at an
-    `expires_at`, so a request for one is refused rather than accepted and ignored (README, Datasets)."""
-    raise InvalidRequest("expires_after is not supported: rft-hub keeps fine-tune files until they are deleted "
-                         "(DELETE /v1/files/{file_id}). Send the request without expires_after.",
-                         param="expires_after", code="unsupported_parameter")
+_EXPIRES_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
+
+
+def _form_expires_after(form: dict[str, multipart.Part]) -> int | None:
+    """expires_after as the openai SDK sends it in a form (expires_after[anchor], expires_after[seconds])."""
+    names = [name for name in form if name == "expires_after" or name.startswith("expires_after[")]
+    if not names:
+        return None
+    unknown = [name for name in names if name not in _EXPIRES_FIELDS]
+    if unknown:
+        raise InvalidRequest(f"Unknown form field {unknown[0][:64]!r}: send expires_after[anchor] and "
+                             "expires_after[seconds].", param="expires_after")
+    try:
+        raw = {_EXPIRES_FIELDS[name]: form[name].data.decode() for name in names}
+    except UnicodeDecodeError:
+        raise InvalidRequest("expires_after fields must be UTF-8 text.", param="expires_after") from None
+    return files.expires_after_seconds(raw)
 
 
 @route(bp, "/v1/files", ("POST",), consumes="multipart/form-data")
@@ -31,11 +42,10 @@ def create_file(req: Request):
     form = _form(req)
     if "file" not in form:
         raise InvalidRequest("Missing multipart field 'file'.", param="file")
-    if any(name == "expires_after" or name.startswith("expires_after[") for name in form):
-        _refuse_expires_after()
+    expires_after = _form_expires_after(form)
     purpose = form["purpose"].data.decode(errors="replace") if "purpose" in form else None
     upload = form["file"]
-    return files.create_file(req.team_id, upload.filename, purpose, upload.data)
+    return files.create_file(req.team_id, upload.filename, purpose, upload.data, expires_after)
 
 
 @route(bp, "/v1/files", query={"purpose": "string", "limit": "integer", "after": "string", "order": "string"})
@@ -68,7 +78,7 @@ class CreateUpload(StrictModel):
     filename: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(min_length=1, max_length=100)
     purpose: str
-    expires_after: Any = None   # the resulting file's expiry: refused when given (see _refuse_expires_after)
+    expires_after: Any = None   # the resulting file's expiry (files.expires_after_seconds checks it)
 
 
 class CompleteUpload(StrictModel):
@@ -79,9 +89,8 @@ class CompleteUpload(StrictModel):
 @route(bp, "/v1/uploads", ("POST",), body=CreateUpload)
 def create_upload(req: Request):
     b = req.body
-    if b.expires_after is not None:
-        _refuse_expires_after()
-    return files.create_upload(req.team_id, b.filename, b.purpose, b.bytes, b.mime_type)
+    return files.create_upload(req.team_id, b.filename, b.purpose, b.bytes, b.mime_type,
+                               files.expires_after_seconds(b.expires_after))
 
 
 @route(bp, "/v1/uploads/{upload_id}/parts", ("POST",), consumes="multipart/form-data")

@@ -7,6 +7,10 @@ read them). Bedrock requires 100-20,000 rows in a training file.
 
 The validator sees one line at a time, so a file of any size is checked in
 constant memory (apart from the set of ids, used to flag duplicates).
+
+A file uploaded with purpose "evals" holds OpenAI's eval rows instead: each line
+{"item": {...}} with an optional "sample": {...} (a given output, for jsonl runs), nothing else;
+an eval run takes at most EVAL_MAX_ROWS of them.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from chalicelib.domain import numbers
 
 MIN_ROWS = 100
 MAX_ROWS = 20_000
+EVAL_MAX_ROWS = 2000   # domain/evals.MAX_ITEMS: items per eval run
+FINE_TUNE, EVALS = "fine-tune", "evals"
 MAX_REPORTED_ERRORS = 20
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _CHARS_PER_TOKEN = 4  # rough, model-independent estimate
@@ -118,8 +124,23 @@ def check_row(row) -> tuple[str | None, int]:
     return None, chars
 
 
+def check_eval_row(row) -> tuple[str | None, int]:
+    """(error or None, characters of the item's JSON) for one parsed line of an evals file."""
+    if not isinstance(row, dict):
+        return "line is not a JSON object", 0
+    if not isinstance(row.get("item"), dict):
+        return "'item' must be an object (an eval row is {\"item\": {...}} with an optional \"sample\")", 0
+    extra = sorted(set(row) - {"item", "sample"})
+    if extra:
+        return f"unknown field {extra[0]!r}: an eval row has only 'item' and 'sample'", 0
+    if "sample" in row and not isinstance(row["sample"], dict):
+        return "'sample' must be an object", 0
+    return None, len(json.dumps(row["item"]))
+
+
 class DatasetValidator:
-    def __init__(self, max_errors: int = MAX_REPORTED_ERRORS) -> None:
+    def __init__(self, max_errors: int = MAX_REPORTED_ERRORS, purpose: str = FINE_TUNE) -> None:
+        self.purpose = purpose
         self.max_errors = max_errors
         self.rows = 0
         self.bytes = 0
@@ -156,13 +177,13 @@ class DatasetValidator:
         except ValueError as exc:   # NaN, Infinity
             self._error(f"invalid JSON: {exc}")
             return
-        problem, chars = check_row(row)
+        problem, chars = (check_eval_row if self.purpose == EVALS else check_row)(row)
         if problem:
             self._error(problem)
             return
         self.rows += 1
         self.chars += chars
-        if row.get("reference_answer") is not None:
+        if row.get("reference_answer") is not None or self.purpose == EVALS:
             self.with_reference += 1
         row_id = row.get("id")
         if row_id is not None:
@@ -172,6 +193,8 @@ class DatasetValidator:
                 self._ids.add(row_id)
 
     def report(self) -> dict:
+        if self.purpose == EVALS:
+            return self._eval_report()
         warnings = []
         within = MIN_ROWS <= self.rows <= MAX_ROWS
         if not within:
@@ -193,8 +216,17 @@ class DatasetValidator:
         }
 
 
-def validate(chunks: Iterable[bytes]) -> dict:
-    validator = DatasetValidator()
+    def _eval_report(self) -> dict:
+        within = self.rows <= EVAL_MAX_ROWS
+        warnings = [] if within else [f"An eval run takes at most {EVAL_MAX_ROWS} items; this file has {self.rows}."]
+        return {"valid": self.error_count == 0 and self.rows > 0, "rows": self.rows, "bytes": self.bytes,
+                "estimated_tokens": self.chars // _CHARS_PER_TOKEN, "error_count": self.error_count,
+                "errors": self.errors, "warnings": warnings,
+                "eval_row_limits": {"max": EVAL_MAX_ROWS, "ok": within}}
+
+
+def validate(chunks: Iterable[bytes], purpose: str = FINE_TUNE) -> dict:
+    validator = DatasetValidator(purpose=purpose)
     for line in iter_lines(chunks):
         validator.feed(line)
     if validator.line_no == 0:

@@ -223,8 +223,9 @@ def _rows(team_id: str, ds: rules.DataSource, param: str = "data_source.source")
         return [(i, *rules.split_row(row)) for i, row in enumerate(ds.source["content"])]
     try:
         record = files.get_file(team_id, ds.source["id"])
-    except NotFound:
-        raise NotFound(f"No such file: '{ds.source['id']}'.", param=f"{param}.id") from None
+    except NotFound as err:
+        # 400, as OpenAI's document lists for this operation; another team's file reads the same.
+        raise InvalidRequest(err.message, param=f"{param}.id") from None
     rows = int((record.validation or {}).get("rows") or 0)
     if rows > rules.MAX_ITEMS:
         raise InvalidRequest(f"File '{ds.source['id']}' has {rows:,} rows; a run takes at most {rules.MAX_ITEMS:,}.",

@@ -5,7 +5,7 @@ import hashlib
 import io
 from typing import Iterator
 
-from pynamodb.exceptions import DoesNotExist, UpdateError
+from pynamodb.exceptions import DeleteError, DoesNotExist, UpdateError
 
 from chalicelib.adapters import aws
 from chalicelib.config import settings
@@ -14,27 +14,57 @@ from chalicelib.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarg
 from chalicelib.store.models import File, Upload
 from chalicelib.store import dynamo, pagination
 
-PURPOSE = "fine-tune"
+PURPOSE = datasets.FINE_TUNE
+PURPOSES = (datasets.FINE_TUNE, datasets.EVALS)   # training data; OpenAI's eval rows ({"item", "sample"})
 UPLOAD_TTL_SECONDS = 3600
+EXPIRES_MIN, EXPIRES_MAX = 3600, 2_592_000         # OpenAI's FileExpirationAfter: 1 hour to 30 days
+EXPIRY_SWEEP_LIMIT = 200                            # files deleted per reconciler pass (the rest: next pass)
 ACCEPTED_MIME_TYPES = {"application/jsonl", "application/x-jsonlines", "application/x-ndjson",
                        "application/json", "text/plain", "text/jsonl", "application/octet-stream"}
 _S3_PART = 8 * 1024 * 1024  # S3 multipart parts must be >= 5 MiB except the last
 
 
 def check_purpose(purpose: str | None) -> None:
-    if purpose != PURPOSE:
-        raise InvalidRequest(f"purpose must be '{PURPOSE}' (rft-hub trains RFT jobs only); got {purpose!r}.",
-                             param="purpose")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be 'fine-tune' (RFT training data) or 'evals' (eval rows); got "
+                             f"{str(purpose)[:64]!r}.", param="purpose")
+
+
+def expires_after_seconds(raw) -> int | None:
+    """OpenAI's `expires_after` ({"anchor": "created_at", "seconds": 3600..2592000}) as seconds, or
+    None when absent. Form fields arrive as strings ("3600"): only ASCII digits, bounded, are read."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"anchor", "seconds"}:
+        raise InvalidRequest("expires_after must be {\"anchor\": \"created_at\", \"seconds\": <3600-2592000>}.",
+                             param="expires_after")
+    if raw["anchor"] != "created_at":
+        raise InvalidRequest("expires_after.anchor must be 'created_at'.", param="expires_after.anchor")
+    seconds = raw["seconds"]
+    if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 8:
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not EXPIRES_MIN <= seconds <= EXPIRES_MAX:
+        raise InvalidRequest(f"expires_after.seconds must be an integer from {EXPIRES_MIN} (1 hour) to "
+                             f"{EXPIRES_MAX} (30 days).", param="expires_after.seconds")
+    return seconds
+
+
+def expired(f: File, now: int | None = None) -> bool:
+    """Past its expires_at: gone for every reader from that second, whether or not the sweep has
+    deleted it yet."""
+    return f.expires_at is not None and (ids.now() if now is None else now) >= int(f.expires_at)
 
 
 def file_view(f: File) -> dict:
-    # No `expires_at` (files are kept until deleted: expires_after is refused) and no
-    # `status_details` (deprecated; a file with a bad line is never stored): OpenAI's File object
-    # types both as non-null and neither is required, so they are left out rather than null.
+    # `expires_at` only when the file has one, and no `status_details` (deprecated; a file with a bad
+    # line is never stored): OpenAI's File object types both as non-null and neither is required,
+    # so they are left out rather than null.
     report = f.validation or {}
-    return {"id": f.file_id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
-            "filename": f.filename, "purpose": f.purpose, "status": f.status,
-            "rft_validation": report}
+    view = {"id": f.file_id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
+            "filename": f.filename, "purpose": f.purpose, "status": f.status, "rft_validation": report}
+    if f.expires_at is not None:
+        view["expires_at"] = int(f.expires_at)
+    return view
 
 
 def _file_list(data: list[dict], has_more: bool, cursor: str | None) -> dict:
@@ -45,12 +75,13 @@ def _file_list(data: list[dict], has_more: bool, cursor: str | None) -> dict:
             "rft_next_cursor": cursor if has_more else None}
 
 
-def _rejected(report: dict) -> InvalidRequest:
+def _rejected(report: dict, purpose: str = PURPOSE) -> InvalidRequest:
     first = report["errors"][0] if report["errors"] else {"line": 0, "message": "no rows"}
     more = report["error_count"] - 1
     suffix = f" ({more} more error{'s' if more != 1 else ''}; first ones: " + "; ".join(
         f"line {e['line']}: {e['message']}" for e in report["errors"][1:5]) + ")" if more > 0 else ""
-    return InvalidRequest(f"Invalid training data: line {first['line']}: {first['message']}{suffix}.",
+    what = "eval data" if purpose == datasets.EVALS else "training data"
+    return InvalidRequest(f"Invalid {what}: line {first['line']}: {first['message']}{suffix}.",
                           param="file", code="invalid_file")
 
 
@@ -58,33 +89,59 @@ def _key(team_id: str, file_id: str) -> str:
     return f"files/{team_id}/{file_id}.jsonl"
 
 
-def create_file(team_id: str, filename: str | None, purpose: str | None, data: bytes) -> dict:
+def create_file(team_id: str, filename: str | None, purpose: str | None, data: bytes,
+                expires_after: int | None = None) -> dict:
     check_purpose(purpose)
     if len(data) > settings().max_file_bytes:
         raise PayloadTooLarge("File too large.", param="file")
-    report = datasets.validate([data])
+    report = datasets.validate([data], purpose)
     if not report["valid"]:
-        raise _rejected(report)
+        raise _rejected(report, purpose)
     file_id = ids.new_id("file")
     aws.s3().put_object(Bucket=settings().datasets_bucket, Key=_key(team_id, file_id), Body=data,
                         ContentType="application/jsonl")
-    return file_view(_save(team_id, file_id, filename or "data.jsonl", len(data), report))
+    return file_view(_save(team_id, file_id, filename or "data.jsonl", len(data), report, purpose, expires_after))
 
 
-def _save(team_id: str, file_id: str, filename: str, size: int, report: dict) -> File:
-    record = File(team_id, file_id, filename=filename[:255], purpose=PURPOSE, bytes=size,
-                  created_at=ids.now(), status="processed", s3_key=_key(team_id, file_id),
-                  validation=report)
+def _save(team_id: str, file_id: str, filename: str, size: int, report: dict, purpose: str,
+          expires_after: int | None) -> File:
+    now = ids.now()
+    expiry = {"expires_at": now + expires_after, "expiring": "file"} if expires_after else {}
+    record = File(team_id, file_id, filename=filename[:255], purpose=purpose, bytes=size, created_at=now,
+                  status="processed", s3_key=_key(team_id, file_id), validation=report, **expiry)
     record.save(condition=File.file_id.does_not_exist())
     return record
 
 
-def get_file(team_id: str, file_id: str) -> File:
+def _keyable(file_id) -> bool:
     try:
-        return File.get(team_id, file_id, consistent_read=True)
-    except DoesNotExist:
-        # Another team's file is indistinguishable from a missing one.
-        raise NotFound(f"No such file: '{file_id}'.", param="file_id") from None
+        return isinstance(file_id, str) and 0 < len(file_id.encode()) <= pagination.MAX_ID_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(file_id) -> str:
+    """A caller's file id as an error message quotes it: bounded, and ASCII-escaped."""
+    text = ascii(str(file_id))[1:-1]
+    return "'" + (text[:100] + "..." if len(text) > 100 else text) + "'"
+
+
+def get_file(team_id: str, file_id: str, purpose: str | None = None, param: str = "file_id") -> File:
+    """The team's file; an expired one is gone. `purpose`: the use it must have been uploaded for
+    (a training file is a fine-tune file, never eval rows)."""
+    record = None
+    if _keyable(file_id):       # an id no key can hold (too long, a lone surrogate) names no file: no lookup
+        try:
+            record = File.get(team_id, file_id, consistent_read=True)
+        except DoesNotExist:
+            pass
+    if record is None or expired(record):
+        # Another team's file, and an expired one, are indistinguishable from a missing one.
+        raise NotFound(f"No such file: {shown(file_id)}.", param=param)
+    if purpose is not None and record.purpose != purpose:
+        raise InvalidRequest(f"File {shown(file_id)} was uploaded with purpose '{record.purpose}'; this needs a "
+                             f"'{purpose}' file.", param=param, code="invalid_file_purpose")
+    return record
 
 
 def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
@@ -92,8 +149,13 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
     """One bounded query on the `by_created` index, in `order` of creation: `after` is a file id
     (its created_at, from one GetItem, positions the query) or an rft_next_cursor."""
     empty = _file_list([], False, None)
-    if purpose is not None and purpose != PURPOSE:
-        return empty           # every stored file is a fine-tune file (create and uploads check it)
+    if purpose is not None and purpose not in PURPOSES:
+        return empty           # every stored file has one of PURPOSES (create and uploads check it)
+    now = ids.now()
+    # Expired files are gone (the sweep deletes them soon after): never listed.
+    keep = File.expires_at.does_not_exist() | (File.expires_at > now)
+    if purpose is not None:
+        keep = keep & (File.purpose == purpose)
     start = None
     if pagination.is_cursor(after):
         start = pagination.decode_cursor(after, File, hash_value=team_id, index="by_created")
@@ -105,7 +167,7 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
         except DoesNotExist:
             return empty
         start = pagination.start_key(File, anchor, "by_created")
-    page = pagination.query(File, team_id, index="by_created", limit=limit, start=start,
+    page = pagination.query(File, team_id, index="by_created", limit=limit, start=start, filter_condition=keep,
                             newest_first=order != "asc", what="file list")
     return _file_list([file_view(f) for f in page.items], page.has_more, page.cursor)
 
@@ -115,6 +177,29 @@ def delete_file(team_id: str, file_id: str) -> dict:
     aws.s3().delete_object(Bucket=settings().datasets_bucket, Key=record.s3_key)
     record.delete()
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def delete_expired(now: int | None = None, limit: int = EXPIRY_SWEEP_LIMIT) -> int:
+    """The reconciler's sweep: deletes (S3 object, then the row) files whose expires_at has passed,
+    at most `limit` a pass, oldest first; returns how many. Idempotent: a file deleted meanwhile
+    (by its team or a concurrent pass) is skipped."""
+    now = ids.now() if now is None else now
+    due = dynamo.call(lambda: list(File.by_expiry.query("file", File.expires_at <= now, limit=limit)),
+                      idempotent=True, what="expired files")
+    deleted = 0
+    for key in due:
+        record = dynamo.get_or_none(File, key.team_id, key.file_id, what="expired file", consistent_read=True)
+        if record is None or not expired(record, now):
+            continue
+        aws.s3().delete_object(Bucket=settings().datasets_bucket, Key=record.s3_key)
+        try:
+            record.delete(condition=File.expires_at == record.expires_at)
+        except DeleteError as exc:
+            if not dynamo.is_condition(exc):
+                raise
+            continue
+        deleted += 1
+    return deleted
 
 
 def file_content(team_id: str, file_id: str, max_bytes: int = 5_000_000) -> bytes:
@@ -147,17 +232,18 @@ def _upload_status(u: Upload) -> str:
     return u.status
 
 
-def create_upload(team_id: str, filename: str, purpose: str, size: int, mime_type: str) -> dict:
+def create_upload(team_id: str, filename: str, purpose: str, size: int, mime_type: str,
+                  expires_after: int | None = None) -> dict:
     check_purpose(purpose)
     if mime_type.split(";")[0].strip().lower() not in ACCEPTED_MIME_TYPES:
-        raise InvalidRequest(f"mime_type {mime_type!r} is not accepted for fine-tune files; "
+        raise InvalidRequest(f"mime_type {mime_type[:100]!r} is not accepted for {purpose} files; "
                              "use application/jsonl.", param="mime_type")
     if size > settings().max_file_bytes:
         raise PayloadTooLarge(f"bytes must be at most {settings().max_file_bytes}.", param="bytes")
     now = ids.now()
     record = Upload(team_id, ids.new_id("upload"), filename=filename[:255], purpose=purpose, bytes=size,
                     mime_type=mime_type, created_at=now, expires_at=now + UPLOAD_TTL_SECONDS,
-                    status="pending")
+                    status="pending", file_expires_after=expires_after)
     record.save(condition=Upload.upload_id.does_not_exist())
     return upload_view(record)
 
@@ -225,7 +311,7 @@ def complete_upload(team_id: str, upload_id: str, part_ids: list[str], md5: str 
     file_id = ids.new_id("file")
     key = _key(team_id, file_id)
     digest = hashlib.md5(usedforsecurity=False)
-    validator = datasets.DatasetValidator()
+    validator = datasets.DatasetValidator(purpose=upload.purpose)
     mpu = s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType="application/jsonl")
     etags, buffer = [], io.BytesIO()
 
@@ -246,13 +332,14 @@ def complete_upload(team_id: str, upload_id: str, part_ids: list[str], md5: str 
         if md5 and md5.lower() != digest.hexdigest():
             raise InvalidRequest("md5 does not match the uploaded bytes.", param="md5")
         if not report["valid"]:
-            raise _rejected(report)
+            raise _rejected(report, upload.purpose)
         s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"],
                                      MultipartUpload={"Parts": etags})
     except BaseException:
         s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"])
         raise
-    record = _save(team_id, file_id, upload.filename, total, report)
+    expires_after = int(upload.file_expires_after) if upload.file_expires_after else None
+    record = _save(team_id, file_id, upload.filename, total, report, upload.purpose, expires_after)
     try:
         upload.update(actions=[Upload.status.set("completed"), Upload.file_id.set(file_id)],
                       condition=Upload.status == "pending")

@@ -94,7 +94,7 @@ def _request_hash(body: dict) -> str:
 
 def _training_file(team_id: str, file_id: str, param: str, enforce_rows: bool) -> File:
     try:
-        record = files.get_file(team_id, file_id)
+        record = files.get_file(team_id, file_id, purpose=files.PURPOSE, param=param)   # never eval rows
     except NotFound:
         raise NotFound(f"No such file: '{file_id}'.", param=param) from None
     rows = (record.validation or {}).get("rows", 0)

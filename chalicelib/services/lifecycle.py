@@ -100,6 +100,7 @@ class RunReport:
     money: dict = field(default_factory=dict)
     deployments: dict = field(default_factory=dict)      # Amazon Nova custom-model deployments
     projects_made: int = 0                               # teams' Mantle projects made late (issue #15)
+    files_expired: int = 0                               # files deleted at their expires_at
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -205,6 +206,13 @@ def _projects(report: RunReport) -> None:
     report.projects_made = _repair(report, "team projects", teams.ensure_projects) or 0
 
 
+def _files(report: RunReport) -> None:
+    """Files past their expires_after: S3 object and row deleted (already unreadable since expires_at)."""
+    from chalicelib.services import files
+
+    report.files_expired = _repair(report, "expired files", files.delete_expired) or 0
+
+
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
     """One pass over every non-terminal job (a query on the sparse `active` index), within a deadline."""
     started = time.monotonic()
@@ -228,6 +236,7 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
     _money(report)
     _deployments(report)
     _projects(report)
+    _files(report)
     report.seconds = round(time.monotonic() - started, 3)
     logger.info("reconciled", extra={k: v for k, v in report.view().items() if k != "problems"})
     return report

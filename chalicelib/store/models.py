@@ -73,6 +73,18 @@ class FilesByCreated(GlobalSecondaryIndex):
     created_at = NumberAttribute(range_key=True)
 
 
+class FilesByExpiry(GlobalSecondaryIndex):
+    """Sparse: only files uploaded with `expires_after` carry `expiring`, so the reconciler's sweep
+    reads exactly the files due (one partition: expiring files are few, each read once when due).
+    Not a DynamoDB TTL: TTL deletes the row up to days late and never the S3 object."""
+    class Meta:
+        index_name = "by_expiry"
+        projection = KeysOnlyProjection()
+
+    expiring = UnicodeAttribute(hash_key=True)
+    expires_at = NumberAttribute(range_key=True)
+
+
 class File(_Base):
     """A dataset: content in S3, metadata and validation report here."""
     class Meta(_Base.Meta):
@@ -88,7 +100,10 @@ class File(_Base):
     s3_key = UnicodeAttribute()
     validation = JSONAttribute(default=dict)
     bedrock_files = JSONAttribute(default=dict)   # {grader ref or "": Bedrock file id}
+    expires_at = NumberAttribute(null=True)       # expires_after: gone (not served, not usable) from then
+    expiring = UnicodeAttribute(null=True)        # "file" when expires_at is set: the by_expiry index's key
     by_created = FilesByCreated()
+    by_expiry = FilesByExpiry()
 
 
 class Upload(_Base):
@@ -106,6 +121,7 @@ class Upload(_Base):
     expires_at = NumberAttribute()
     status = UnicodeAttribute()             # pending | completed | cancelled | expired
     file_id = UnicodeAttribute(null=True)
+    file_expires_after = NumberAttribute(null=True)   # seconds: the file it makes expires that long after
 
 
 class ActiveJobs(GlobalSecondaryIndex):

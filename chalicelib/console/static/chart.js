@@ -1,7 +1,8 @@
 /* rft-hub console: a tiny SVG chart (no vendor library).
  *
  * RftChart.series(el, {points: [{x, step, t, values}], series, markers: [{x, label}], xLabel}) draws
- * one panel per series, stacked on one shared x axis (the training step, each step's time shown on
+ * one panel per series (each {key, label, unit, minSpan, floor}: its label names its unit, and its
+ * y range is at least minSpan and 10% of the values' size, so a small change is drawn small), stacked on one shared x axis (the training step, each step's time shown on
  * hover), so reward, response length and entropy line up; markers (e.g. training watch findings)
  * are vertical lines across every panel. Hover, touch or the arrow keys show the
  * values at the nearest point. Every drawn point is a <circle class="pt"> with data-series,
@@ -76,18 +77,26 @@
         var lo = vals.length ? Math.min.apply(null, vals) : 0, hi = vals.length ? Math.max.apply(null, vals) : 1;
         if (def.min !== undefined) lo = Math.min(lo, def.min);
         if (def.max !== undefined) hi = Math.max(hi, def.max);
-        if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
+        // A sensible minimum range: a small change is drawn small (10.12 -> 10.18 is not a full-height
+        // swing). At least def.minSpan, and at least 10% of the values' size; centred on the data,
+        // never below def.floor (a count or a length is never negative).
+        var span = Math.max(def.minSpan || 0, Math.abs(lo + hi) / 2 * 0.1, 1e-6);
+        if (hi - lo < span) {
+          var mid = (lo + hi) / 2; lo = mid - span / 2; hi = mid + span / 2;
+          if (def.floor !== undefined && lo < def.floor) { hi += def.floor - lo; lo = def.floor; }
+        }
         var ypad = (hi - lo) * 0.08; lo -= ypad; hi += ypad;
         var yTop = y0 + LABEL_H;                        // the panel's name sits above its plot
         function y(v) { return yTop + h - (v - lo) / (hi - lo) * h; }
-        var g = svgEl("g", {"class": "panel", "data-series": def.key}, svg);
+        var g = svgEl("g", {"class": "panel", "data-series": def.key, "data-lo": lo, "data-hi": hi,
+                            "data-top": yTop, "data-height": h}, svg);
         var grid = svgEl("g", {"class": "grid axis"}, g);
         var yt = niceTicks(lo, hi, 3), yf = tickFmt(yt);
         yt.forEach(function (v) {
           svgEl("line", {x1: left, x2: width - right, y1: y(v), y2: y(v)}, grid);
           svgEl("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"}, grid).textContent = yf(v);
         });
-        svgEl("text", {"class": "lbl", x: left, y: y0 + 10}, g).textContent = def.label;
+        svgEl("text", {"class": "lbl", x: left, y: y0 + 10}, g).textContent = def.label + (def.unit ? " (" + def.unit + ")" : "");
         var d = "", cls = def.cls || ("s" + (i + 1));
         points.forEach(function (p) {
           var v = p.values[def.key];
@@ -175,7 +184,7 @@
     el.textContent = "";
     var width = Math.max(280, el.clientWidth || 600), height = 150, left = 56, bottom = 22, top = 6;
     var svg = svgEl("svg", {viewBox: "0 0 " + width + " " + height, width: width, height: height, role: "img",
-                            "aria-label": opts.label || "bar chart"}, el);
+                            "aria-label": opts.label || "bar chart", "data-unit": opts.unit || null}, el);
     var max = Math.max.apply(null, items.map(function (i) { return i.value; }).concat([0]));
     if (max <= 0) max = 1;
     var ticks = niceTicks(0, max, 3), hi = Math.max(max, ticks[ticks.length - 1]), tf = tickFmt(ticks);

@@ -122,8 +122,10 @@
   // ---- session ------------------------------------------------------------------------------------
 
   function loadSession() {
-    return api("console/session", {quiet: true}).then(function (s) { S.session = s; return s; },
-                                                       function () { S.session = null; return null; });
+    // Signed out is a 200 with signed_in: false (no failed request in the browser's console).
+    return api("console/session", {quiet: true}).then(function (s) {
+      S.session = s && s.signed_in !== false ? s : null; return S.session;
+    }, function () { S.session = null; return null; });
   }
   function showChrome() {
     var signed = !!S.session;
@@ -526,8 +528,9 @@
                h("div", {"class": "grid"}, overview, cost), statusCard, ckCard, preflight]);
     if (points.length) {
       window.RftChart.series(chartEl, {points: points, markers: markers, label: "Reward, response length and entropy by training step",
-        xLabel: "step", integerX: true, series: [{key: "reward", label: "reward"}, {key: "length", label: "response length"},
-                                 {key: "entropy", label: "entropy"}]});
+        xLabel: "step", integerX: true, series: [{key: "reward", label: "reward", unit: "mean grader score", minSpan: 0.2},
+                                 {key: "length", label: "response length", unit: "tokens", minSpan: 20, floor: 0},
+                                 {key: "entropy", label: "entropy", unit: "per token", minSpan: 0.1, floor: 0}]});
     }
     rolloutsBrowser(view, job, watchView, rollouts);
   }
@@ -611,7 +614,7 @@
         });
       });
       var msg = h("div", {"class": "msg", role: "status", id: "alias-msg"});
-      var aliasIn = h("input", {type: "text", id: "alias-name", list: "alias-names", required: true, pattern: "[a-z0-9][a-z0-9-]{0,63}",
+      var aliasIn = h("input", {type: "text", id: "alias-name", list: "alias-names", required: true, pattern: "[a-z0-9][a-z0-9\\-]{0,63}",   // registry.ALIAS_RE; "-" escaped: browsers compile patterns with the v flag
                                 autocomplete: "off"});
       var modelSel = h("select", {id: "alias-model", required: true}, targets.map(function (t) { return h("option", {value: t.id}, t.label); }));
       function point(alias, model, button) {
@@ -806,8 +809,18 @@
   function monthStart() { var d = new Date(); return d.toISOString().slice(0, 8) + "01"; }
   function today() { return new Date().toISOString().slice(0, 10); }
 
-  function budgetCard(b, title) {
-    if (!b) return card(title || "Budget", empty("No budget information."));
+  /** Inference, grader (LLM judges), training and total spend, from /v1/usage's spend_totals. */
+  function spendPairs(t, prefix) {
+    t = t || {};
+    var pairs = [[prefix + "inference", usd(t.inference_usd)], [prefix + "grader (judges)", usd(t.grader_usd)]];
+    if (t.other_calls_usd && Number(t.other_calls_usd)) pairs.push([prefix + "other calls", usd(t.other_calls_usd)]);
+    return pairs.concat([[prefix + "training", usd(t.training_usd)], [prefix + "total", usd(t.total_usd)]]);
+  }
+
+  /** The team's budget; `month`: this month's spend totals, shown whether or not a budget is set
+   * (a budget counts only what it holds: without one its own "spent" is no measure of spend). */
+  function budgetCard(b, month) {
+    if (!b) return card("Budget", empty("No budget information."));
     var limit = b.limit_usd !== null ? Number(b.limit_usd) : null, spent = Number(b.spent_usd || 0), reserved = Number(b.reserved_usd || 0);
     var meter = null;
     if (limit) {
@@ -822,13 +835,18 @@
         meter.appendChild(tick);
       });
     }
-    return card(title || "Budget", [meter, kv([
-      ["Period", (b.current_period || "") + " (" + b.period + ", resets " + (b.resets_at ? when(b.resets_at) : "–") + ")"],
-      ["Limit", limit === null ? "no budget set" : usd(b.limit_usd)], ["Spent", usd(b.spent_usd)],
+    var period = ["Period", (b.current_period || "") + " (" + b.period + ", resets " + (b.resets_at ? when(b.resets_at) : "–") + ")"];
+    var monthSpend = spendPairs(month && month.spend_totals, "Spent this month: ");
+    if (limit === null) {
+      return card("Budget", [kv([period, ["Limit", "no budget set"]].concat(monthSpend))], {id: "budget"});
+    }
+    return card("Budget", [meter, kv([period,
+      ["Limit", usd(b.limit_usd)], ["Spent against the budget", usd(b.spent_usd)],
       ["Reserved (open holds)", usd(b.reserved_usd) + " in " + b.open_holds + " hold(s)"],
       ["Remaining", b.remaining_usd === null ? "–" : usd(b.remaining_usd)],
       ["Alert thresholds", (b.alert_thresholds || []).map(function (t) { return Math.round(t * 100) + "%"; }).join(", ") || "none"],
-      ["Alerted this period", (b.alerted || []).map(function (t) { return Math.round(Number(t) * 100) + "%"; }).join(", ") || "none"]])],
+      ["Alerted this period", (b.alerted || []).map(function (t) { return Math.round(Number(t) * 100) + "%"; }).join(", ") || "none"]]
+      .concat(monthSpend))],
       {id: "budget"});
   }
 
@@ -848,9 +866,10 @@
     var start = params.get("start") || monthStart(), end = params.get("end") || today();
     var range = "start=" + enc(start) + "&end=" + enc(end);
     var calls = [api("v1/usage?group_by=day&" + range), api("v1/usage?group_by=model&" + range), api("v1/usage?group_by=key&" + range),
-                 admin ? Promise.resolve(null) : api("v1/budget")];
+                 admin ? Promise.resolve(null) : api("v1/budget"),
+                 admin ? Promise.resolve(null) : api("v1/usage?group_by=kind&start=" + monthStart())];
     return Promise.all(calls).then(function (r) {
-      var byDay = r[0], byModel = r[1], byKey = r[2], budget = r[3];
+      var byDay = r[0], byModel = r[1], byKey = r[2], budget = r[3], month = r[4];
       var startIn = h("input", {type: "date", id: "sp-start", value: start}), endIn = h("input", {type: "date", id: "sp-end", value: end});
       var form = h("form", {"class": "inline"}, h("label", {"for": "sp-start"}, "From", startIn), h("label", {"for": "sp-end"}, "To", endIn),
                    h("button", {"class": "btn secondary", type: "submit"}, "Show"));
@@ -861,7 +880,6 @@
       var days = {};
       (byDay.data || []).forEach(function (d) { days[d.day] = (days[d.day] || 0) + Number(d.cost_usd); });
       var chart = h("div", {id: "spend-chart"});
-      var kinds = byDay.spend_by_kind || {};
       var csv = function (g) {
         return h("a", {href: API + "v1/usage?format=csv&group_by=" + g + "&" + range, download: "usage-" + g + "-" + start + "-" + end + ".csv",
                        "class": "csv", "data-group": g}, "CSV by " + g);
@@ -869,9 +887,8 @@
       var training = (byDay.training || []);
       show(view, admin ? "Spend — every team" : "Spend", [form,
         h("div", {"class": "grid"},
-          admin ? null : budgetCard(budget),
-          card("This period", [kv([["From", byDay.start], ["To", byDay.end], ["Usage (calls)", usd(byDay.totals && byDay.totals.cost_usd)]]
-            .concat(Object.keys(kinds).map(function (k) { return ["· " + k, usd(kinds[k])]; }))),
+          admin ? null : budgetCard(budget, month),
+          card("This period", [kv([["From", byDay.start], ["To", byDay.end]].concat(spendPairs(byDay.spend_totals, "Spent: "))),
             h("p", {"class": "row"}, "Download: ", csv("day"), csv("model"), csv("key"))])),
         card("By day", [chart, usageTable(byDay, "day", "Day", admin)], {id: "by-day"}),
         card("By model", usageTable(byModel, "model", "Model", admin), {id: "by-model"}),
@@ -885,7 +902,7 @@
           })) : empty("No training jobs created in this period."))]);
       var keys = Object.keys(days).sort();
       if (keys.length) {
-        window.RftChart.bars(chart, {label: "Spend by day (inference and judge calls)", prefix: "$",
+        window.RftChart.bars(chart, {label: "Spend by day, USD (inference and judge calls)", prefix: "$", unit: "USD",
           items: keys.map(function (d) { return {label: d, short: d.slice(5), value: days[d], text: usd(days[d])}; })});
       }
     });
@@ -897,19 +914,23 @@
     if (S.session.principal !== "admin") { show(view, "Admin", empty("Sign in with the admin key for every team's budgets and prices.")); return null; }
     return Promise.all([api("v1/admin/teams"), api("v1/usage?group_by=kind&start=" + monthStart()), api("v1/admin/prices")]).then(function (r) {
       var teams = r[0].data || r[0] || [], usage = r[1], prices = r[2].data || [];
-      var spent = {};
-      (usage.data || []).forEach(function (d) { spent[d.team_id] = (spent[d.team_id] || 0) + Number(d.cost_usd); });
+      var byTeam = usage.spend_by_team || {};
       return Promise.all(teams.map(function (t) {
         return api("v1/admin/teams/" + enc(t.id) + "/budget").catch(function () { return null; });
       })).then(function (budgets) {
+        var all = usage.spend_totals || {};
         show(view, "Admin", [
-          card("Teams this month", table(null, ["Team", {label: "Usage", cls: "num"}, {label: "Budget", cls: "num"},
-            {label: "Spent", cls: "num"}, {label: "Reserved", cls: "num"}, {label: "Remaining", cls: "num"}, "Thresholds"],
+          card("Every team this month", kv(spendPairs(all, "Spent: ")), {id: "admin-totals"}),
+          card("Teams this month", table(null, ["Team", {label: "Inference", cls: "num"}, {label: "Grader", cls: "num hide-sm"},
+            {label: "Training", cls: "num hide-sm"}, {label: "Spent", cls: "num"}, {label: "Budget", cls: "num"},
+            {label: "Reserved", cls: "num hide-sm"}, {label: "Remaining", cls: "num"}, "Thresholds"],
             teams.map(function (t, i) {
-              var b = budgets[i] || {};
+              var b = budgets[i] || {}, s = byTeam[t.id] || {};
               return h("tr", {"data-team": t.id}, td([h("strong", null, t.name), h("div", {"class": "small muted mono"}, t.id)]),
-                td(usd(spent[t.id] || 0), "num"), td(b.limit_usd === null || b.limit_usd === undefined ? "none" : usd(b.limit_usd), "num"),
-                td(usd(b.spent_usd), "num"), td(usd(b.reserved_usd), "num"), td(b.remaining_usd ? usd(b.remaining_usd) : "–", "num"),
+                td(usd(s.inference_usd || 0), "num"), td(usd(s.grader_usd || 0), "num hide-sm"),
+                td(usd(s.training_usd || 0), "num hide-sm"), td(usd(s.total_usd || 0), "num spent"),
+                td(b.limit_usd === null || b.limit_usd === undefined ? "none" : usd(b.limit_usd), "num"),
+                td(b.limit_usd ? usd(b.reserved_usd) : "–", "num hide-sm"), td(b.remaining_usd ? usd(b.remaining_usd) : "–", "num"),
                 td((b.alert_thresholds || []).map(function (x) { return Math.round(x * 100) + "%"; }).join(", ") || "–"));
             }), {id: "teams-table"}), {id: "teams"}),
           card("Prices (USD per 1M tokens)", table(null, ["Model", {label: "Input", cls: "num"}, {label: "Cached input", cls: "num hide-sm"},
