@@ -13,6 +13,7 @@ ledger exactly and no per-call write touches a shared counter.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -106,23 +107,96 @@ def _dead_letter(entry: LedgerEntry, exc: Exception) -> None:
         logger.error("ledger write and dead-letter both failed", extra={"ledger_entry": body})
 
 
-def drain_dead_letters(max_messages: int = 500) -> int:
-    """Writes dead-lettered entries into the ledger and settles their holds (reconciler)."""
+def ledger_parked_queue() -> str:
+    """FIFO, so a repeated park of the same entry (a DLQ delete that failed after parking, a
+    standard queue's second delivery) is dropped by SQS's deduplication id."""
+    return os.environ.get("RFT_LEDGER_PARKED",
+                          f"rfthub-{os.environ.get('RFT_STAGE', 'local')}-ledger-parked.fifo")
+
+
+# DynamoDB refuses these for the item itself (a number of more than 38 digits, a bad type):
+# the same entry is refused on every attempt, so it is parked, never retried.
+_PERMANENT_CODES = {"ValidationException", "SerializationException"}
+
+
+class _Unwritable(Exception):
+    """A dead-lettered message that can never become a ledger entry."""
+
+
+def _entry_from(body: str) -> LedgerEntry:
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        return LedgerEntry(data.pop("team_id"), data.pop("sort_key"), **data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:   # json's errors are ValueErrors
+        raise _Unwritable(f"unreadable entry: {type(exc).__name__}") from exc
+
+
+def _replay(body: str) -> None:
+    """Writes one dead-lettered entry (idempotent: keyed by its request). Raises _Unwritable when
+    it never can be; any other exception is transient (the message waits for the next pass)."""
+    entry = _entry_from(body)
+    try:
+        _put(entry)
+    except PynamoDBException as exc:
+        if dynamo.response_code(exc) in _PERMANENT_CODES:
+            raise _Unwritable(f"DynamoDB refused the entry: {dynamo.response_code(exc)}") from exc
+        raise
+    except (ValueError, TypeError) as exc:    # refused before sending (serialization): the same every time
+        raise _Unwritable(f"unserializable entry: {type(exc).__name__}") from exc
+    try:
+        _settle_from_ledger(entry)
+    except (ApiError, PynamoDBException):
+        # On the ledger now: release_expired_holds settles the hold from it when it expires.
+        logger.warning("dead-letter replay: settlement deferred", extra={"hold_id": entry.hold_id})
+
+
+def _park(sqs, body: str, reason: str) -> None:
+    """Into the parked queue (its depth alarms an operator), deduplicated by the body's hash so
+    a park that is repeated (the DLQ delete failed, a second delivery or copy of the same
+    entry) leaves one copy. SQS deduplicates for 5 minutes; a later repeat is a second copy
+    of the same entry, whose replay is idempotent (keyed by its request)."""
+    sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=ledger_parked_queue())["QueueUrl"], MessageBody=body,
+                     MessageGroupId="ledger", MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
+                     MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
+
+
+def drain_dead_letters(max_messages: int = 500) -> dict:
+    """Writes dead-lettered entries into the ledger and settles their holds (reconciler), each
+    message on its own: written -> deleted; a transient failure -> left for the next pass (only
+    that message; it is invisible until then, so this pass goes on with the rest); never
+    writable (a validation error, an unreadable body) -> parked in the parked queue and deleted.
+    A served call is always on the ledger or in one of the two queues."""
     sqs = aws.sqs()
     url = sqs.get_queue_url(QueueName=ledger_dlq())["QueueUrl"]
-    done = 0
-    while done < max_messages:
+    report = {"written": 0, "parked": 0, "left": 0}
+    seen = 0
+    while seen < max_messages and deadline.remaining() > 2.0:
         messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
         if not messages:
             break
         for message in messages:
-            data = json.loads(message["Body"])
-            entry = LedgerEntry(data.pop("team_id"), data.pop("sort_key"), **data)
-            _put(entry)
-            _settle_from_ledger(entry)
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-            done += 1
-    return done
+            seen += 1
+            body = message.get("Body", "")
+            try:
+                try:
+                    _replay(body)
+                    outcome = "written"
+                except _Unwritable as exc:
+                    _park(sqs, body, str(exc))
+                    logger.error("ledger entry parked: it can never be written", extra={
+                        "message_id": message["MessageId"], "reason": str(exc), "queue": ledger_parked_queue()})
+                    outcome = "parked"
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            except Exception as exc:  # noqa: BLE001 - transient (a park too): this one waits, the rest go on
+                # A failed delete after a write or a park is harmless: both repeat idempotently.
+                logger.warning("dead-letter replay failed; retried next pass", extra={
+                    "message_id": message["MessageId"], "error": type(exc).__name__})
+                report["left"] += 1
+                continue
+            report[outcome] += 1
+    return report
 
 
 def _settle_from_ledger(entry: LedgerEntry) -> None:
