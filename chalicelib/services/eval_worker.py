@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import json
+import re
 import secrets
 import threading
 import time
@@ -31,9 +32,9 @@ from chalicelib.adapters import lambdas
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
 from chalicelib.domain import ids, pricing
-from chalicelib.domain.graders import Deps, JudgeRefused, judge_models
+from chalicelib.domain.graders import Deps, JudgeRefused, judge_models, judge_specs
 from chalicelib.domain.graders import run as run_grader
-from chalicelib.domain.graders.templates import InvalidVariable, make_sample
+from chalicelib.domain.graders.templates import InvalidVariable, compile_template, make_sample
 from chalicelib.errors import ApiError
 from chalicelib.log import logger
 from chalicelib.services import budgets, evals, outbox, prices
@@ -48,6 +49,8 @@ PROGRESS_EVERY_S = 2.0          # how often a running run's counts are saved
 CHECK_EVERY_S = 1.0             # how often the worker re-reads the run (cancelled? deleted?)
 MAX_TEXT_CHARS = 16_000         # per stored input/output text (an item is at most 400 KB in DynamoDB)
 MAX_STORED_JSON = 350_000
+JOIN_TOKENS = 2                 # a sample put into a judge's template may tokenize a little longer at its edges
+_SAMPLE_VAR = re.compile(r"\{\{\s*sample\.[^{}]*?\}\}")
 
 
 def handle_message(body: dict) -> str:
@@ -93,20 +96,33 @@ class _Worker:
             self.render = rules.input_renderer(ds.input_messages)
         self.judges = []
         for i, c in enumerate(criteria):
-            for model, param, cap in judge_models(c.spec, f"testing_criteria[{i}]"):
-                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap))
+            path = f"testing_criteria[{i}]"
+            for (model, param, cap), (spec, _) in zip(judge_models(c.spec, path), judge_specs(c.spec, path)):
+                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap, _judge_input(spec)))
 
     # -- money -----------------------------------------------------------------------------------
     def worst(self, item: dict, sample: dict | None) -> int:
-        """The most one item can cost: its generation at the output cap and every judge call."""
-        item_tokens = budget_rules.prompt_tokens_estimate(item)
-        out_tokens = self.ds.max_completion_tokens if self.ds.type == "completions" else \
-            budget_rules.prompt_tokens_estimate(rules.sample_text(sample) or "")
+        """The most one item can cost, from what is sent: the generation's rendered messages at the
+        output cap (as `generate` holds it), and each judge's input rendered with the item, every
+        sample reference counted at the sample's full length, at the judge's output cap."""
         total = 0
         if self.ds.type == "completions":
-            total += budget_rules.worst_case_micro(self.price, item_tokens, out_tokens)
-        for price, cap in self.judges:
-            total += budget_rules.worst_case_micro(price, item_tokens + out_tokens + 200, cap)
+            try:
+                messages = self.render(item)
+            except InvalidVariable:
+                return 0                    # the item fails before any call
+            total += budget_rules.worst_case_micro(self.price, budget_rules.prompt_tokens_estimate(
+                [messages, self.ds.sampling.get("tools")]), self.ds.max_completion_tokens)
+            out_tokens = self.ds.max_completion_tokens
+        else:
+            out_tokens = budget_rules.prompt_tokens_estimate(rules.sample_text(sample) or "")
+        for price, cap, (parts, sample_refs) in self.judges:
+            try:
+                fixed = [{"role": role, "content": render(item, {})} for role, render in parts]
+            except (InvalidVariable, ValueError):
+                continue                    # the judge's input cannot render: the grader errs, no call
+            prompt = budget_rules.prompt_tokens_estimate(fixed) + sample_refs * (out_tokens + JOIN_TOKENS)
+            total += budget_rules.worst_case_micro(price, prompt, cap)
         return total
 
     # -- one item --------------------------------------------------------------------------------
@@ -285,6 +301,19 @@ class _Worker:
         except UpdateError as exc:
             if not dynamo.is_condition(exc):
                 raise
+
+
+def _judge_input(spec: dict) -> tuple[list, int]:
+    """A judge's input messages without the sample (compiled: rendered with an item's fields) and
+    how many times its templates put the sample in (each at most the sample's whole text)."""
+    parts, refs = [], 0
+    for msg in spec.get("input") or []:
+        content = msg.get("content")
+        content = content.get("text") if isinstance(content, dict) else content
+        content = content if isinstance(content, str) else ""
+        refs += len(_SAMPLE_VAR.findall(content))
+        parts.append((str(msg.get("role")), compile_template(_SAMPLE_VAR.sub("", content))))
+    return parts, refs
 
 
 def _count(usage: dict, model: str | None, used: dict | None) -> None:
