@@ -1,6 +1,7 @@
 """Evals that bind (issue #23): a run's cost cap counts what is sent (M1), and an eval worker
 that meets an unexpected failure on an item fails the run instead of redelivering it for ever (L8)."""
 import json
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,3 +59,67 @@ def test_a_judge_input_never_exceeds_its_estimate(fixed, refs, reference, output
         + count * (out_tokens + eval_worker.JOIN_TOKENS)
     sent = [{"role": "user", "content": compile_template(text)(item, make_sample(sample_text))}]
     assert budget_rules.prompt_tokens_estimate(sent) <= bound
+
+
+# ---- M2: a promotion gate binds ---------------------------------------------------------------------
+
+def _gate_source(model, rows, template="Q: {{item.id}}", sampling=None):
+    return {"type": "completions", "model": model,
+            "source": {"type": "file_content", "content": [{"item": r} for r in rows]},
+            "input_messages": {"type": "template", "template": [
+                {"type": "message", "role": "user", "content": {"type": "input_text", "text": template}}]},
+            "sampling_params": sampling or {"max_completion_tokens": 16}}
+
+
+def test_a_gate_counts_only_runs_made_with_its_pinned_data_and_settings(client, stack, bedrock):
+    from sample_data import arithmetic_rows
+    from helpers import start_job, wait_for
+    from test_evals import _point
+
+    alias = f"pinned-{int(time.time() * 1000) % 10**8}"
+    job = wait_for(client, start_job(client, suffix=alias).id, {"succeeded", "failed"}, timeout=60)
+    assert job.status == "succeeded", job.error
+    steps = {c["step"]: c["model"] for c in client.models.retrieve(job.fine_tuned_model).model_extra["rft_checkpoints"]}
+    step3, step4 = steps[3], steps[4]
+    key = client.api_key
+    ev = _eval(client, {"type": "string_check", "name": "step4", "input": "{{sample.output_text}}",
+                        "reference": "ckpt-step-4", "operation": "like"}, name="pinned-gate")
+    rows = arithmetic_rows(20, seed=7)
+    pinned = {k: v for k, v in _gate_source("x", rows).items() if k not in ("type", "model")}
+
+    # A gate must pin its data; too few items is refused.
+    status, answer = _point(stack, key, alias=alias, model=job.fine_tuned_model,
+                            gate={"eval_id": ev.id, "criteria": {"step4": 0.9}})
+    assert status == 400 and answer["error"]["param"] == "gate.data_source", answer
+    status, answer = _point(stack, key, alias=alias, model=job.fine_tuned_model, gate={
+        "eval_id": ev.id, "criteria": {"step4": 0.9},
+        "data_source": {k: v for k, v in _gate_source("x", rows[:1]).items() if k not in ("type", "model")}})
+    assert status == 400 and answer["error"]["param"] == "gate.data_source.source", answer
+    gate = {"eval_id": ev.id, "criteria": {"step4": 0.9}, "data_source": pinned}
+    status, answer = _point(stack, key, alias=alias, model=job.fine_tuned_model, gate=gate)
+    assert status == 200 and answer["rft_gate"]["min_items"] == 20, answer
+    assert answer["rft_gate"]["data_source"]["source"]["items"] == 20
+
+    # The honest run on step 3 fails the gate.
+    honest3 = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=_gate_source(step3, rows)).id)
+    assert honest3.status == "completed"
+    status, answer = _point(stack, key, alias=alias, model=step3)
+    assert status == 409 and honest3.id in answer["error"]["message"], answer
+
+    # Rigged runs of step 3 that score 1.0: the finding's one-item echo of the reference, the pinned
+    # data through an echoing template, and the pinned data and template with other sampling.
+    echo = {"messages": [{"role": "user", "content": "x"}], "reference_answer": "ckpt-step-4"}
+    rigs = [_gate_source(step3, [echo], template="{{item.reference_answer}}"),
+            _gate_source(step3, rows, template="{{item.id}} ckpt-step-4"),
+            _gate_source(step3, rows, template="Q: {{item.id}} ckpt-step-4", sampling={"max_completion_tokens": 17})]
+    for source in rigs:
+        rigged = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=source).id)
+        assert rigged.status == "completed" and rigged.per_testing_criteria_results[0].passed > 0, rigged
+        status, answer = _point(stack, key, alias=alias, model=step3)
+        assert status == 409 and answer["error"]["code"] == "gate_failed", answer
+        assert rigged.id not in answer["error"]["message"]
+
+    # An honest run with the pinned settings on step 4 passes and is the evidence.
+    honest4 = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=_gate_source(step4, rows)).id)
+    status, answer = _point(stack, key, alias=alias, model=step4)
+    assert status == 200 and answer["rft_evidence"]["eval_run_id"] == honest4.id, answer
