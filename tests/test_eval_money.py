@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain.graders.templates import compile_template, make_sample
 from chalicelib.services import eval_worker
-from chalicelib.store.models import LedgerEntry
+from chalicelib.store.models import EvalRunRecord, LedgerEntry
 from helpers import wait_run
 from test_evals import JUDGE, TUNED, _eval, _inline, _team_id
 
@@ -123,3 +123,25 @@ def test_a_gate_counts_only_runs_made_with_its_pinned_data_and_settings(client, 
     honest4 = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=_gate_source(step4, rows)).id)
     status, answer = _point(stack, key, alias=alias, model=step4)
     assert status == 200 and answer["rft_evidence"]["eval_run_id"] == honest4.id, answer
+
+
+# ---- L8 (worker side): a bad item fails the run, never a poison message ----------------------------
+
+def test_an_unexpected_failure_on_an_item_fails_the_run_with_a_clear_error(client, bedrock):
+    """'²'.isdigit() is true and int('²') raises: the finding's item reference crashed the worker on
+    every delivery, leaving the run in_progress. Whatever an item does to the worker, the run ends:
+    failed with a clear error (or, once the reference is read as a missing index, completed with
+    the item's invalid_variable_error)."""
+    ev = _eval(client, TUNED, name="poison-item")
+    source = _inline("openai.gpt-oss-20b", 2)
+    source["input_messages"] = {"type": "item_reference", "item_reference": "item.messages.²"}
+    run = client.evals.runs.create(ev.id, data_source=source)
+    done = wait_run(client, ev.id, run.id, timeout=60)
+    assert done.status in ("failed", "completed"), done.status
+    if done.status == "failed":
+        assert done.error.code == "internal_error" and "ValueError" in done.error.message, done.error
+        record = EvalRunRecord.get(ev.id, run.id, consistent_read=True)
+        assert record.lease_token is None and (record.attempts or 0) == 1     # failed at once, not redelivered
+    else:
+        items = client.evals.runs.output_items.list(run.id, eval_id=ev.id).data
+        assert items and all(i.sample.error.code == "invalid_variable_error" for i in items)

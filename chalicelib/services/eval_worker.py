@@ -38,6 +38,7 @@ from chalicelib.domain.graders.templates import InvalidVariable, compile_templat
 from chalicelib.errors import ApiError
 from chalicelib.log import logger
 from chalicelib.services import budgets, evals, outbox, prices
+from chalicelib.services.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord, connection
 
@@ -303,6 +304,13 @@ class _Worker:
                 raise
 
 
+def _unexpected(exc: BaseException, where: str) -> dict:
+    """A run's error for a failure no retry would change (never a traceback or a credential)."""
+    detail = str(exc).replace("\n", " ")[:200]
+    return {"code": "internal_error", "message": f"rft-hub could not process {where}: {type(exc).__name__}"
+            + (f" ({detail})" if detail else "") + ". The run is failed rather than retried."}
+
+
 def _judge_input(spec: dict) -> tuple[list, int]:
     """A judge's input messages without the sample (compiled: rendered with an item's fields) and
     how many times its templates put the sample in (each at most the sample's whole text)."""
@@ -388,9 +396,15 @@ def execute(team_id: str, eval_id: str, run_id: str) -> str:
     except StopRun as stop:                       # before any item: a setup problem
         _finish(run, token, stop.status or "failed", {"code": stop.code, "message": stop.message}, None)
         return stop.status or "failed"
-    except Exception:
-        _release(run, token)                      # a redelivery (or a read) resumes it without waiting for the lease
-        raise
+    except Exception as exc:
+        if retryable(exc):
+            _release(run, token)                  # a redelivery (or a read) resumes it without waiting for the lease
+            raise
+        # The same on every attempt (a bug, a value no retry reads differently): redelivering the
+        # message would only repeat it (a poison message); the run fails and says why.
+        logger.exception("eval run failed", extra={"run_id": run.run_id})
+        _finish(run, token, "failed", _unexpected(exc, "the run"), None)
+        return "failed"
 
 
 def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
@@ -412,6 +426,7 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
         raise StopRun("failed", err.code or "invalid_run", err.message) from None
     pending = iter([row for row in rows if row[0] not in done])
     stop: StopRun | None = None
+    indexes: dict = {}                  # future -> its item's index (named when it fails)
     with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
         inflight: set = set()
         while True:
@@ -430,7 +445,9 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
                         break
                     worker.committed += worst
                 # Each item runs in a copy of this context: its calls see the invocation's deadline.
-                inflight.add(pool.submit(contextvars.copy_context().run, worker.process, *row, worst))
+                future = pool.submit(contextvars.copy_context().run, worker.process, *row, worst)
+                inflight.add(future)
+                indexes[future] = row[0]
             if not inflight:
                 break
             finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
@@ -439,6 +456,12 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
                     future.result()
                 except StopRun as raised:
                     stop = stop or raised
+                except Exception as exc:
+                    if retryable(exc):
+                        raise                 # resumed by the redelivered message (stored items are kept)
+                    logger.exception("eval item failed", extra={"run_id": run.run_id, "item": indexes[future]})
+                    failed = _unexpected(exc, f"item {indexes[future]}")
+                    stop = stop or StopRun("failed", failed["code"], failed["message"])
             worker.save_progress()
     summary = tally.summary()
     if stop is not None and stop.code == "continue":

@@ -22,10 +22,11 @@ from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS, iter_lines
 from chalicelib.domain.graders import calls_out, judge_models
 from chalicelib.services.graders import PARAM
-from chalicelib.errors import ApiError, Conflict, InternalError, InvalidRequest, NotFound
+from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry, watch
 from chalicelib.services import nova, teams
+from chalicelib.services.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
@@ -208,24 +209,6 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
 
 
 # ---- the job worker: preflight that calls out, dataset preparation, submission -------------------
-
-def retryable(exc: BaseException) -> bool:
-    """The one classification of a worker's failure: only throttles, 5xx and timeouts (Bedrock,
-    DynamoDB busy or silent, S3 or SQS unreachable) are retried; not found, every other 4xx and
-    anything unexpected fail the job, which releases its hold."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    if isinstance(exc, ApiError):
-        return exc.status == 429 or exc.status >= 500 and not isinstance(exc, InternalError)
-    if isinstance(exc, PynamoDBException):
-        return dynamo.classify(exc) in (dynamo.BUSY, dynamo.UNKNOWN)
-    if isinstance(exc, ClientError):
-        meta = exc.response.get("ResponseMetadata") or {}
-        code = (exc.response.get("Error") or {}).get("Code") or ""
-        return int(meta.get("HTTPStatusCode") or 0) >= 500 or "Throttl" in code or code in (
-            "SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError")
-    return isinstance(exc, BotoCoreError)      # a connection or read timeout, never an answer
-
 
 def _failure(exc: BaseException, what: str) -> dict:
     """The job's error for a failure that is not retried (never a traceback or a credential)."""
