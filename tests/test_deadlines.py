@@ -1,0 +1,103 @@
+"""Deadlines on every path (issue #23 L9, L11): a stalled S3 or Bedrock is a 503/504 with
+`x-should-retry` inside the request's remaining time. Proved by the timeouts the calls were
+given (and the attempts a stalled server saw), not by the clock."""
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chalicelib import deadline
+from chalicelib.adapters import aws
+from chalicelib.domain import evals as rules
+from chalicelib.errors import ServiceUnavailable
+from chalicelib.services import evals
+from sample_data import arithmetic_rows, jsonl
+from test_evals import ITEM_SCHEMA, TUNED, _completions, _team_id
+
+
+class Stalled:
+    """A server that accepts connections and never answers (a SIGSTOPped S3): counts them."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections, self.held, self.stop = 0, [], threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.held.append(conn)                   # read nothing, answer nothing
+
+    def close(self):
+        self.stop.set()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def stalled_s3(monkeypatch):
+    server = Stalled()
+
+    def start():
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+        aws._client.cache_clear()                   # clients read the endpoint when they are made
+    server.start = start
+    yield server
+    monkeypatch.undo()
+    aws._client.cache_clear()
+    server.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(remaining=st.floats(min_value=0.0, max_value=900.0))
+def test_every_client_wait_fits_the_time_left(stack, remaining):
+    connect, read, attempts = aws.timeouts(remaining)
+    worst = attempts * (connect + read) + (aws.BACKOFF_S if attempts > 1 else 0)
+    assert worst <= max(remaining - aws.ANSWER_MARGIN_S, 2 * aws.STEP_S)
+    assert (connect, read, attempts) == (aws.CONNECT_S, aws.READ_S, aws.ATTEMPTS) or remaining < 22
+    with deadline.running(remaining):
+        cfg = aws.s3()._client.meta.config               # the client a call made now would use
+    given_ = cfg.retries["total_max_attempts"] * (cfg.connect_timeout + cfg.read_timeout)
+    assert given_ <= max(remaining - aws.ANSWER_MARGIN_S, 2 * aws.STEP_S)
+
+
+def _eval_and_file(client):
+    ev = client.evals.create(name="s3-stall", data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
+                             testing_criteria=[TUNED])
+    f = client.files.create(file=("eval.jsonl", jsonl(arithmetic_rows(3))), purpose="fine-tune")
+    return ev, f
+
+
+def test_a_stalled_s3_is_a_503_within_the_time_left(client, stack, bedrock, stalled_s3):
+    ev, f = _eval_and_file(client)
+    stalled_s3.start()                              # S3 stops answering after the upload
+    body = rules.CreateRun(data_source=_completions("openai.gpt-oss-20b", f.id))
+    # 4 s left: one attempt whose connect and read fit in them, then the 503.
+    with deadline.running(4.0):
+        connect, read, attempts = aws.timeouts(deadline.remaining())
+        with pytest.raises(ServiceUnavailable) as err:
+            evals.create_run(_team_id(client), ev.id, body, None)
+    assert attempts == 1 and connect + read <= 3.0 and stalled_s3.connections == 1
+    assert err.value.headers["x-should-retry"] == "true" and "Amazon S3" in err.value.message
+
+    # Through the API (27.5 s left): two attempts of the standard timeouts, then the same 503.
+    before = stalled_s3.connections
+    reply = httpx.post(f"{stack.base_url}/v1/evals/{ev.id}/runs", timeout=60,
+                       headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"},
+                       content=json.dumps({"data_source": _completions("openai.gpt-oss-20b", f.id)}))
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "service_unavailable", reply.text
+    assert reply.headers["x-should-retry"] == "true"
+    assert stalled_s3.connections - before == aws.ATTEMPTS
+    assert aws.ATTEMPTS * (aws.CONNECT_S + aws.READ_S) + aws.BACKOFF_S <= 29.0 - deadline.MARGIN_SECONDS
