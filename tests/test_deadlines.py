@@ -101,3 +101,30 @@ def test_a_stalled_s3_is_a_503_within_the_time_left(client, stack, bedrock, stal
     assert reply.headers["x-should-retry"] == "true"
     assert stalled_s3.connections - before == aws.ATTEMPTS
     assert aws.ATTEMPTS * (aws.CONNECT_S + aws.READ_S) + aws.BACKOFF_S <= 29.0 - deadline.MARGIN_SECONDS
+
+
+def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, stack, bedrock):
+    """Opening a stream waits for Bedrock's first answer only as long as the upstream's retry
+    deadline (RFT_BEDROCK_RETRY_DEADLINE: 3 s in tests), not STREAM_IDLE_SECONDS (60 s): a
+    Bedrock that answers after 8 s -- it would be served if the first byte could wait 60 s -- is
+    a 504 with x-should-retry, and the hold is released."""
+    from chalicelib.domain import budget as budget_rules
+    from chalicelib.services import budgets, gateway
+    from helpers import http
+    from local.harness import ADMIN_KEY
+
+    assert gateway.upstream_deadline() < 8.0 < gateway.STREAM_IDLE_SECONDS
+    team_id = client.get("/me", cast_to=object)["team"]["id"]
+    status, body = http("PUT", f"{client.base_url}admin/teams/{team_id}/budget", ADMIN_KEY,
+                        {"limit_usd": "100", "alert_thresholds": []})
+    assert status == 200, body
+    bedrock.latency_ms = 8000
+    reply = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"},
+                       content=json.dumps({"model": "openai.gpt-oss-20b", "stream": True, "max_tokens": 8,
+                                           "messages": [{"role": "user", "content": "hello"}]}))
+    bedrock.latency_ms = 0
+    assert reply.status_code == 504 and reply.headers["x-should-retry"] == "true", reply.text
+    assert reply.json()["error"]["code"] == "upstream_timeout"
+    item = budgets.period_item(team_id, budget_rules.period_of(__import__("time").time()))
+    assert not budgets.open_holds(item)

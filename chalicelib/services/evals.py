@@ -645,14 +645,14 @@ def gate_evidence(team_id: str, alias: str, gate: dict, target: str, current: st
         raise refuse(["the gate pins no data source; an admin must set it again with gate.data_source"])
     run = newest_completed(gate["eval_id"], target, gate)
     if run is None:
-        raise refuse([f"no completed run of the eval on '{target}' made with {_pinned_text(gate)} (create one "
-                      f"with data_source.model = '{target}' and the gate's data_source)"])
+        raise refuse([(f"no completed run of the eval on '{target}' made with {_pinned_text(gate)} (create one "
+                       f"with data_source.model = '{target}' and the gate's data_source)")])
     baseline = None
     if gate["no_worse_than_current"] and current:
         baseline = newest_completed(gate["eval_id"], current, gate)
         if baseline is None:
-            raise refuse([f"no_worse_than_current needs a completed run of the eval on the current model '{current}' "
-                          f"made with {_pinned_text(gate)}"])
+            raise refuse([(f"no_worse_than_current needs a completed run of the eval on the current model "
+                           f"'{current}' made with {_pinned_text(gate)}")])
     failures, comparison = rules.gate_failures(gate, run.summary, baseline.summary if baseline else None)
     if failures:
         raise refuse([f"run {run.run_id}: {f}" for f in failures])
