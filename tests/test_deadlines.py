@@ -17,6 +17,7 @@ from chalicelib.errors import ServiceUnavailable
 from chalicelib.services import evals
 from sample_data import arithmetic_rows, jsonl
 from test_evals import ITEM_SCHEMA, TUNED, _completions, _team_id
+from test_streaming import upstream  # noqa: F401 - the fixture
 
 
 class Stalled:
@@ -128,3 +129,23 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
     assert reply.json()["error"]["code"] == "upstream_timeout"
     item = budgets.period_item(team_id, budget_rules.period_of(__import__("time").time()))
     assert not budgets.open_holds(item)
+
+
+def test_after_the_first_answer_a_stream_waits_the_idle_limit_not_the_first_byte_limit(client, stack, bedrock,
+                                                                                         upstream):
+    """The first byte's short wait does not carry over to the events: an upstream that pauses
+    longer than the first-answer limit after its first event still finishes the stream."""
+    import time
+
+    from chalicelib.services import gateway
+    from helpers import http
+    from test_streaming import first_within
+
+    upstream(stream_hold=True)
+    stream = client.chat.completions.create(model="openai.gpt-oss-20b", stream=True,
+                                            messages=[{"role": "user", "content": "tell me about rivers"}])
+    assert first_within(iter(stream)).choices[0].delta.role == "assistant"
+    time.sleep(gateway.upstream_deadline() + 1.0)        # paused past the first answer's limit (not timed)
+    http("POST", f"http://127.0.0.1:{stack.ports['bedrock']}/_local/stream/release", None, {})
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "stop"
