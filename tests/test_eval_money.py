@@ -20,8 +20,12 @@ def _run_entries(team_id, run_id):
     return [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.request_id.startswith(run_id + ".")]
 
 
-def test_a_run_cost_cap_counts_the_rendered_template_and_judge_inputs(client, bedrock):
+def test_a_run_cost_cap_counts_the_rendered_template_and_judge_inputs(client, bedrock, api, admin_headers):
     """The finding's reproduction: a template (and a judge) with a long fixed text, a small cap."""
+    # The catalog's price (other tests in a session may have set another): $0.15 / $0.60 per 1M.
+    r = api.http.put("/v1/admin/prices/openai.gpt-oss-120b", headers=admin_headers,
+                     body=json.dumps({"input_usd_per_1m": "0.15", "output_usd_per_1m": "0.60"}))
+    assert r.status_code == 200, r.json_body
     team_id = _team_id(client)
     judge = {**JUDGE, "input": [{"role": "user", "content": FILLER + "Reference: {{item.reference_answer}}\n"
                                  "Answer: {{sample.output_text}}"}]}

@@ -62,10 +62,6 @@ def _client(service: str, connect: float = CONNECT_S, read: float = READ_S, atte
         return boto3.session.Session().client(service, region_name=settings().region, config=cfg)
 
 
-def _fitted(service: str):
-    return _client(service, *timeouts(deadline.remaining()))
-
-
 def _unavailable(service: str) -> ServiceUnavailable:
     return ServiceUnavailable(f"{_NAMES.get(service, service)} did not answer in time; nothing was changed by "
                               "this attempt. Retry shortly.", headers={"Retry-After": "1"})
@@ -130,19 +126,19 @@ class _Guarded:
 
 
 def s3():
-    return _Guarded(_fitted("s3"), "s3")
+    return _Guarded(_client("s3", *timeouts(deadline.remaining())), "s3")
 
 
 def sqs():
-    return _Guarded(_fitted("sqs"), "sqs")
+    return _Guarded(_client("sqs", *timeouts(deadline.remaining())), "sqs")
 
 
 def events():
-    return _Guarded(_fitted("events"), "events")
+    return _Guarded(_client("events", *timeouts(deadline.remaining())), "events")
 
 
 def secrets():
-    return _Guarded(_fitted("secretsmanager"), "secretsmanager")
+    return _Guarded(_client("secretsmanager", *timeouts(deadline.remaining())), "secretsmanager")
 
 
 def lambda_():
