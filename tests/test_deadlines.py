@@ -9,15 +9,15 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sample_data import arithmetic_rows, jsonl
+from test_evals import ITEM_SCHEMA, TUNED, _completions, _team_id
+from test_streaming import upstream  # noqa: F401 - the fixture
 
 from chalicelib import deadline
 from chalicelib.adapters import aws
 from chalicelib.domain import evals as rules
 from chalicelib.errors import ServiceUnavailable
 from chalicelib.services import evals
-from sample_data import arithmetic_rows, jsonl
-from test_evals import ITEM_SCHEMA, TUNED, _completions, _team_id
-from test_streaming import upstream  # noqa: F401 - the fixture
 
 
 class Stalled:
@@ -109,9 +109,10 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
     deadline (RFT_BEDROCK_RETRY_DEADLINE: 3 s in tests), not STREAM_IDLE_SECONDS (60 s): a
     Bedrock that answers after 8 s -- it would be served if the first byte could wait 60 s -- is
     a 504 with x-should-retry, and the hold is released."""
+    from helpers import http
+
     from chalicelib.domain import budget as budget_rules
     from chalicelib.services import budgets, gateway
-    from helpers import http
     from local.harness import ADMIN_KEY
 
     assert gateway.upstream_deadline() < 8.0 < gateway.STREAM_IDLE_SECONDS
@@ -132,14 +133,15 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
 
 
 def test_after_the_first_answer_a_stream_waits_the_idle_limit_not_the_first_byte_limit(client, stack, bedrock,
-                                                                                         upstream):
+                                                                                         upstream):  # noqa: F811 - the fixture
     """The first byte's short wait does not carry over to the events: an upstream that pauses
     longer than the first-answer limit after its first event still finishes the stream."""
     import time
 
-    from chalicelib.services import gateway
     from helpers import http
     from test_streaming import first_within
+
+    from chalicelib.services import gateway
 
     upstream(stream_hold=True)
     stream = client.chat.completions.create(model="openai.gpt-oss-20b", stream=True,

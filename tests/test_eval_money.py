@@ -3,15 +3,15 @@ that meets an unexpected failure on an item fails the run instead of redeliverin
 import json
 import time
 
+from helpers import wait_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_evals import JUDGE, TUNED, _eval, _inline, _team_id
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain.graders.templates import compile_template, make_sample
 from chalicelib.services import eval_worker
 from chalicelib.store.models import EvalRunRecord, LedgerEntry
-from helpers import wait_run
-from test_evals import JUDGE, TUNED, _eval, _inline, _team_id
 
 FILLER = "Context. " * 3_000          # 27,000 characters of fixed text in every call
 
@@ -76,8 +76,8 @@ def _gate_source(model, rows, template="Q: {{item.id}}", sampling=None):
 
 
 def test_a_gate_counts_only_runs_made_with_its_pinned_data_and_settings(client, stack, bedrock):
-    from sample_data import arithmetic_rows
     from helpers import start_job, wait_for
+    from sample_data import arithmetic_rows
     from test_evals import _point
 
     alias = f"pinned-{int(time.time() * 1000) % 10**8}"

@@ -11,16 +11,25 @@ import time
 import openai
 import pytest
 from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+from helpers import start_job, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import budget as budget_rules
-from chalicelib.errors import (ApiError, Conflict, GatewayTimeout, InternalError, InvalidRequest, NotFound,
-                               RateLimited, ServiceUnavailable, UpstreamError)
+from chalicelib.errors import (
+    ApiError,
+    Conflict,
+    GatewayTimeout,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+)
 from chalicelib.services import budgets, jobs, lifecycle
 from chalicelib.store.models import Job
-from helpers import start_job, wait_for
-from sample_data import arithmetic_rows, jsonl
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
          "reference": "{{item.reference_answer}}", "operation": "eq"}

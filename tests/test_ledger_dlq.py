@@ -5,14 +5,13 @@ import json
 import time
 
 import boto3
-import openai
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_money import MESSAGES, MODEL, ledger, period_of_now, priced_team
 
 from chalicelib.config import settings as app_settings
 from chalicelib.services import budgets, lifecycle, metering
 from chalicelib.store.models import LedgerEntry
-from test_money import MESSAGES, MODEL, ledger, period_of_now, priced_team
 
 
 def _sqs():
@@ -59,7 +58,7 @@ def test_a_poison_entry_is_parked_and_the_other_teams_entries_are_written(api, a
     # Two other teams' served calls whose ledger writes fail: dead-lettered behind the poison.
     served = []
     for name in ("team-p", "team-q"):
-        team_id, client, limit, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
+        team_id, client, _, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
         ddb_faults.configure(rules=[{"operation": "PutItem", "table": "ledger", "next": 50,
                                      "error": "InternalServerError"}])
         reply = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=5)
