@@ -234,26 +234,35 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
             for hold_id, micro in budgets.open_holds(item).items():
                 if not budgets.hold_expired(hold_id, now):
                     continue
-                res = budgets.Reservation(cfg.team_id, period, micro, hold_id)
-                if budgets.hold_job_id(hold_id):
-                    report["orphaned_job_holds"] += int(_release_orphan_job_hold(res))
-                    continue
-                entry = _ledger_for_hold(cfg.team_id, hold_id)
-                if entry is None:
-                    created = budgets.hold_created_ms(hold_id) or 0
-                    entry = LedgerEntry(cfg.team_id, sort_key(created, f"abandoned-{hold_id}"),
-                                        request_id=f"abandoned-{hold_id}", model="-", upstream_model="-",
-                                        endpoint="-", status=0, created_at=created // 1000, kind="abandoned",
-                                        outcome="abandoned", reserved_micro=micro, hold_id=hold_id)
-                    _put(entry)
-                    kind = "abandoned"
-                else:
-                    kind = "settled"
-                if budgets.settle(res, entry.cost_micro):
-                    report[kind] += 1
-                    logger.warning("expired hold repaired", extra={"team_id": cfg.team_id, "hold_id": hold_id,
-                                                                    "outcome": kind})
+                try:
+                    _repair_hold(report, budgets.Reservation(cfg.team_id, period, micro, hold_id))
+                except (ApiError, PynamoDBException) as exc:
+                    # One hold that cannot be repaired now never stops the others (next pass retries it).
+                    report["failed"] = report.get("failed", 0) + 1
+                    logger.warning("expired hold not repaired", extra={"team_id": cfg.team_id, "hold_id": hold_id,
+                                                                       "error": type(exc).__name__})
     return report
+
+
+def _repair_hold(report: dict, res: budgets.Reservation) -> None:
+    team_id, hold_id, micro = res.team_id, res.hold_id, res.micro
+    if budgets.hold_job_id(hold_id):
+        report["orphaned_job_holds"] += int(_release_orphan_job_hold(res))
+        return
+    entry = _ledger_for_hold(team_id, hold_id)
+    if entry is None:
+        created = budgets.hold_created_ms(hold_id) or 0
+        entry = LedgerEntry(team_id, sort_key(created, f"abandoned-{hold_id}"),
+                            request_id=f"abandoned-{hold_id}", model="-", upstream_model="-",
+                            endpoint="-", status=0, created_at=created // 1000, kind="abandoned",
+                            outcome="abandoned", reserved_micro=micro, hold_id=hold_id)
+        _put(entry)
+        kind = "abandoned"
+    else:
+        kind = "settled"
+    if budgets.settle(res, entry.cost_micro):
+        report[kind] += 1
+        logger.warning("expired hold repaired", extra={"team_id": team_id, "hold_id": hold_id, "outcome": kind})
 
 
 def _release_orphan_job_hold(res: budgets.Reservation) -> bool:
@@ -311,7 +320,13 @@ def aggregate_team(team_id: str, max_batches: int | None = None) -> int:
 
 
 def aggregate_all() -> int:
-    return sum(aggregate_team(t.team_id) for t in Team.scan())
+    counted = 0
+    for team in Team.scan():
+        try:
+            counted += aggregate_team(team.team_id)
+        except (ApiError, PynamoDBException) as exc:   # one team's failure never stops the others
+            logger.warning("usage not aggregated", extra={"team_id": team.team_id, "error": type(exc).__name__})
+    return counted
 
 
 # ---- reading -----------------------------------------------------------------------------------
