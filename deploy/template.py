@@ -170,6 +170,15 @@ def queue(name: str, visibility: int, dlq_ref: str | None = None) -> dict:
     return {"Type": "AWS::SQS::Queue", "Properties": props}
 
 
+def queue_alarm(queue_ref: str, metric: str, above: int, description: str) -> dict:
+    return {"Type": "AWS::CloudWatch::Alarm", "Properties": {
+        "AlarmDescription": description, "Namespace": "AWS/SQS", "MetricName": metric,
+        "Dimensions": [{"Name": "QueueName", "Value": {"Fn::GetAtt": [queue_ref, "QueueName"]}}],
+        "Statistic": "Maximum", "Period": 300, "EvaluationPeriods": 1, "Threshold": above,
+        "ComparisonOperator": "GreaterThanThreshold", "TreatMissingData": "notBreaching",
+        "AlarmActions": [{"Ref": "OperatorAlarms"}]}}
+
+
 def resources(stage: str) -> dict:
     bus = f"rfthub-{stage}"
     res = table_resources(stage)
@@ -205,6 +214,20 @@ def resources(stage: str) -> dict:
         # Ledger entries DynamoDB refused after the call was served; the reconciler drains it.
         "LedgerDeadLetterQueue": {**queue(f"rfthub-{stage}-ledger-dlq", 60),
                                   "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"},
+        # Entries the drain found can never be written (a validation error): served calls an
+        # operator must bill by hand; FIFO so a repeated park is deduplicated.
+        "LedgerParkedQueue": {"Type": "AWS::SQS::Queue", "DeletionPolicy": "Retain",
+                              "UpdateReplacePolicy": "Retain", "Properties": {
+            "QueueName": f"rfthub-{stage}-ledger-parked.fifo", "FifoQueue": True, "SqsManagedSseEnabled": True,
+            "MessageRetentionPeriod": 1209600}},
+        "OperatorAlarms": {"Type": "AWS::SNS::Topic", "Properties": {
+            "TopicName": f"rfthub-{stage}-alarms", "DisplayName": f"rft-hub {stage} alarms"}},
+        # Any parked entry is a served call off the ledger: alarm at once.
+        "LedgerParkedAlarm": queue_alarm("LedgerParkedQueue", "ApproximateNumberOfMessagesVisible", 0,
+                                         f"rft-hub {stage}: ledger entries parked (never writable); bill them by hand"),
+        # Entries the drain keeps failing to write (DynamoDB refusing for an hour): look.
+        "LedgerDeadLetterAgeAlarm": queue_alarm("LedgerDeadLetterQueue", "ApproximateAgeOfOldestMessage", 3600,
+                                                f"rft-hub {stage}: ledger dead letters not drained for an hour"),
         "SlackNotifyRule": {"Type": "AWS::Events::Rule", "Properties": {
             "EventBusName": {"Ref": "EventBus"}, "State": "ENABLED",
             "EventPattern": {"source": ["rft-hub"]},
@@ -451,7 +474,8 @@ def policies(stage: str) -> dict[str, dict]:
                            # DeleteObject: the sweep of files past their expires_after (services/files.py).
                            _statement(["s3:GetObject", "s3:DeleteObject"], [f"{bucket}/files/*"], "Datasets"),
                            _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
-                           sqs(["ledger-dlq"], consume, "LedgerDeadLetters"), evals_send],
+                           sqs(["ledger-dlq"], consume, "LedgerDeadLetters"), evals_send,
+                           sqs(["ledger-parked.fifo"], send, "LedgerParked")],
         # Preflight (judges, team Lambdas), dataset preparation and submission of new jobs.
         "job_worker": [ddb_rw, logs, token, bus,
                        _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"], "BedrockMantle"),

@@ -77,6 +77,9 @@ def _ledger_queue() -> None:
 
     sqs = boto3.client("sqs", region_name=settings().region)
     sqs.create_queue(QueueName=metering.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})
+    # Entries that can never be written (the drain parks them; the template alarms on its depth).
+    sqs.create_queue(QueueName=metering.ledger_parked_queue(), Attributes={
+        "FifoQueue": "true", "MessageRetentionPeriod": "1209600"})
     sqs.create_queue(QueueName=jobs_queue(), Attributes={"VisibilityTimeout": "960"})
     sqs.create_queue(QueueName=evals_queue(), Attributes={"VisibilityTimeout": "960"})   # the eval worker's
 

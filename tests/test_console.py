@@ -68,16 +68,18 @@ def world(stack):
                                                  "reference_answer": {"type": "string"}}}},
             testing_criteria=[{"type": "string_check", "name": "last-checkpoint", "input": "{{sample.output_text}}",
                                "reference": criterion, "operation": "like"}])
+        # A gate pins the data, input messages and sampling of the runs that count (issue #23 M2).
+        pin = {"source": {"type": "file_content", "content": [{"item": r} for r in arithmetic_rows(20, seed=5)]},
+               "input_messages": {"type": "template", "template": [
+                   {"type": "message", "role": "user", "content": {"type": "input_text", "text": "Q: {{item.id}}"}}]},
+               "sampling_params": {"max_completion_tokens": 16}}
         status, answer = http("POST", f"{base}/v1/models/aliases", key_a, {
-            "alias": alias, "model": job.fine_tuned_model, "gate": {"eval_id": ev.id, "criteria": {"last-checkpoint": 1.0}}})
+            "alias": alias, "model": job.fine_tuned_model,
+            "gate": {"eval_id": ev.id, "criteria": {"last-checkpoint": 1.0}, "data_source": pin}})
         assert status == 200, answer
         runs = {}
         for model in (early, last):
-            source = {"type": "completions", "model": model,
-                      "source": {"type": "file_content", "content": [{"item": r} for r in arithmetic_rows(3, seed=5)]},
-                      "input_messages": {"type": "template", "template": [
-                          {"type": "message", "role": "user", "content": {"type": "input_text", "text": "Q: {{item.id}}"}}]},
-                      "sampling_params": {"max_completion_tokens": 16}}
+            source = {"type": "completions", "model": model, **pin}
             runs[model] = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=source).id)
             assert runs[model].status == "completed", runs[model]
         yield {"base": base, "team_a": team_a, "key_a": key_a, "team_b": team_b, "key_b": key_b, "client": client,
@@ -391,7 +393,7 @@ def test_a_team_sees_its_jobs_curve_rollouts_models_evals_and_spend(world, brows
     c.shot("evals")
     page.click(f"#runs-table a[href='evals/{world['eval'].id}/runs/{world['runs'][world['last']].id}']")
     page.wait_for_selector("details.rollout")
-    assert "3 passed" in page.inner_text("main")
+    assert "20 passed" in page.inner_text("main")        # the gate's pinned 20 rows
 
     # Spend: by day, model and key, the budget, and the CSV.
     page.click("#nav a[data-page=spend]")

@@ -378,11 +378,13 @@ def test_a_run_short_of_time_continues_in_a_fresh_invocation(client, bedrock, mo
 def test_a_run_stops_at_its_cost_cap_and_at_the_team_budget(client, api, admin_headers, bedrock):
     team_id = _team_id(client)
     ev = _eval(client, TUNED)
+    # An item's worst case is 8 micro-dollars (its rendered prompt and 16 output tokens): caps of 2
+    # and 1.5 items stop the runs early.
     capped = client.evals.runs.create(ev.id, data_source=_inline("openai.gpt-oss-20b", 10),
-                                      extra_body={"rft_max_usd": "0.00005"})
+                                      extra_body={"rft_max_usd": "0.00002"})
     by_metadata = client.evals.runs.create(ev.id, data_source=_inline("openai.gpt-oss-20b", 10),
-                                           metadata={"rft_max_usd": "0.00003"})
-    for run, cap in ((capped, 50), (by_metadata, 30)):
+                                           metadata={"rft_max_usd": "0.000012"})
+    for run, cap in ((capped, 20), (by_metadata, 12)):
         done = wait_run(client, ev.id, run.id)
         assert done.status == "canceled" and done.error.code == "cost_cap_reached", done.error
         assert 0 < done.result_counts.total < 10
@@ -430,18 +432,21 @@ def test_a_gated_alias_moves_only_to_a_model_that_passes(client, stack, bedrock)
     step3, step4 = steps[3], steps[4]
     ev = _eval(client, {"type": "string_check", "name": "step4", "input": "{{sample.output_text}}",
                         "reference": "ckpt-step-4", "operation": "like"}, name="gate")
-    gate = {"eval_id": ev.id, "criteria": {"step4": 1.0}}
+    # A gate pins its data, input messages and sampling (issue #23 M2): 20 inline rows here.
+    pin = {k: v for k, v in _inline("x", 20).items() if k not in ("type", "model")}
+    gate = {"eval_id": ev.id, "criteria": {"step4": 1.0}, "data_source": pin}
     status, answer = _point(stack, key, alias=alias, model=job.fine_tuned_model, gate=gate)
-    assert status == 200 and answer["rft_gate"] == {**gate, "no_worse_than_current": False}
+    assert status == 200 and answer["rft_gate"]["criteria"] == gate["criteria"], answer
+    assert answer["rft_gate"]["no_worse_than_current"] is False and answer["rft_gate"]["min_items"] == 20
     status, answer = _point(stack, key, alias=alias, model=job.fine_tuned_model,
-                            gate={"eval_id": ev.id, "criteria": {"step4": 0.0}})
+                            gate={"eval_id": ev.id, "criteria": {"step4": 0.0}, "data_source": pin})
     assert status == 403 and answer["error"]["code"] == "permission_denied"          # a team cannot loosen it
 
     status, answer = _point(stack, key, alias=alias, model=step4)                        # no run yet
     assert status == 409 and answer["error"]["code"] == "gate_failed" and "no completed run" in answer["error"]["message"]
     runs = {}
     for model in (step3, step4):
-        runs[model] = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=_inline(model, 3)).id)
+        runs[model] = wait_run(client, ev.id, client.evals.runs.create(ev.id, data_source=_inline(model, 20)).id)
         assert runs[model].status == "completed"
     status, answer = _point(stack, key, alias=alias, model=step3)
     assert status == 409 and "criterion 'step4' scored 0.0000" in answer["error"]["message"], answer
@@ -454,7 +459,7 @@ def test_a_gated_alias_moves_only_to_a_model_that_passes(client, stack, bedrock)
 
     # no_worse_than_current: the admin changes the gate; a move to a worse model is refused.
     status, answer = _point(stack, ADMIN_KEY, team_id=team_id, alias=alias, model=step4,
-                            gate={"eval_id": ev.id, "no_worse_than_current": True})
+                            gate={"eval_id": ev.id, "no_worse_than_current": True, "data_source": pin})
     assert status == 200 and answer["rft_gate"]["no_worse_than_current"] is True
     status, answer = _point(stack, key, alias=alias, model=step3)
     assert status == 409 and "worse than the current model's 1.0000" in answer["error"]["message"], answer

@@ -9,6 +9,7 @@ services/nova.py and domain/{nova,converse}.py.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any
@@ -138,6 +139,20 @@ def converse(model_id: str, request: dict, deadline_s: float) -> dict:
 def converse_stream(model_id: str, request: dict, deadline_s: float):
     """ConverseStream, opened (Bedrock answered 200): botocore's EventStream of one-key dicts.
     Errors in the stream itself raise botocore's EventStreamError while it is read."""
-    started = _call("ConverseStream", lambda: runtime(max(deadline_s, STREAM_READ_TIMEOUT)).converse_stream(
+    # The first answer is waited for only as long as the call has left (one attempt: a retry
+    # would wait again), then the events with the stream's idle limit.
+    first = max(1, int(min(deadline_s, STREAM_READ_TIMEOUT)))
+    started = _call("ConverseStream", lambda: _client("bedrock-runtime", first, 1).converse_stream(
         modelId=model_id, **request))
+    _idle_limit(started["stream"], STREAM_READ_TIMEOUT)
     return started["stream"]
+
+
+def _idle_limit(stream, seconds: float) -> None:
+    """The socket timeout of an opened event stream's connection (urllib3 2's
+    HTTPResponse.connection). Where that is not reachable the events keep the first answer's
+    timeout: shorter, so a stream never waits longer than said."""
+    sock = getattr(getattr(getattr(stream, "_raw_stream", None), "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):      # a closed socket: its reads fail at once anyway
+            sock.settimeout(seconds)

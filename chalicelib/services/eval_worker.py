@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import json
+import re
 import secrets
 import threading
 import time
@@ -31,12 +32,13 @@ from chalicelib.adapters import lambdas
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
 from chalicelib.domain import ids, pricing
-from chalicelib.domain.graders import Deps, JudgeRefused, judge_models
+from chalicelib.domain.graders import Deps, JudgeRefused, judge_models, judge_specs
 from chalicelib.domain.graders import run as run_grader
-from chalicelib.domain.graders.templates import InvalidVariable, make_sample
+from chalicelib.domain.graders.templates import InvalidVariable, compile_template, make_sample
 from chalicelib.errors import ApiError
 from chalicelib.log import logger
 from chalicelib.services import budgets, evals, outbox, prices
+from chalicelib.services.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord, connection
 
@@ -48,6 +50,8 @@ PROGRESS_EVERY_S = 2.0          # how often a running run's counts are saved
 CHECK_EVERY_S = 1.0             # how often the worker re-reads the run (cancelled? deleted?)
 MAX_TEXT_CHARS = 16_000         # per stored input/output text (an item is at most 400 KB in DynamoDB)
 MAX_STORED_JSON = 350_000
+JOIN_TOKENS = 2                 # a sample put into a judge's template may tokenize a little longer at its edges
+_SAMPLE_VAR = re.compile(r"\{\{\s*sample\.[^{}]*?\}\}")
 
 
 def handle_message(body: dict) -> str:
@@ -93,20 +97,33 @@ class _Worker:
             self.render = rules.input_renderer(ds.input_messages)
         self.judges = []
         for i, c in enumerate(criteria):
-            for model, param, cap in judge_models(c.spec, f"testing_criteria[{i}]"):
-                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap))
+            path = f"testing_criteria[{i}]"
+            for (model, param, cap), (spec, _) in zip(judge_models(c.spec, path), judge_specs(c.spec, path)):
+                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap, _judge_input(spec)))
 
     # -- money -----------------------------------------------------------------------------------
     def worst(self, item: dict, sample: dict | None) -> int:
-        """The most one item can cost: its generation at the output cap and every judge call."""
-        item_tokens = budget_rules.prompt_tokens_estimate(item)
-        out_tokens = self.ds.max_completion_tokens if self.ds.type == "completions" else \
-            budget_rules.prompt_tokens_estimate(rules.sample_text(sample) or "")
+        """The most one item can cost, from what is sent: the generation's rendered messages at the
+        output cap (as `generate` holds it), and each judge's input rendered with the item, every
+        sample reference counted at the sample's full length, at the judge's output cap."""
         total = 0
         if self.ds.type == "completions":
-            total += budget_rules.worst_case_micro(self.price, item_tokens, out_tokens)
-        for price, cap in self.judges:
-            total += budget_rules.worst_case_micro(price, item_tokens + out_tokens + 200, cap)
+            try:
+                messages = self.render(item)
+            except InvalidVariable:
+                return 0                    # the item fails before any call
+            total += budget_rules.worst_case_micro(self.price, budget_rules.prompt_tokens_estimate(
+                [messages, self.ds.sampling.get("tools")]), self.ds.max_completion_tokens)
+            out_tokens = self.ds.max_completion_tokens
+        else:
+            out_tokens = budget_rules.prompt_tokens_estimate(rules.sample_text(sample) or "")
+        for price, cap, (parts, sample_refs) in self.judges:
+            try:
+                fixed = [{"role": role, "content": render(item, {})} for role, render in parts]
+            except (InvalidVariable, ValueError):
+                continue                    # the judge's input cannot render: the grader errs, no call
+            prompt = budget_rules.prompt_tokens_estimate(fixed) + sample_refs * (out_tokens + JOIN_TOKENS)
+            total += budget_rules.worst_case_micro(price, prompt, cap)
         return total
 
     # -- one item --------------------------------------------------------------------------------
@@ -287,6 +304,26 @@ class _Worker:
                 raise
 
 
+def _unexpected(exc: BaseException, where: str) -> dict:
+    """A run's error for a failure no retry would change (never a traceback or a credential)."""
+    detail = str(exc).replace("\n", " ")[:200]
+    return {"code": "internal_error", "message": f"rft-hub could not process {where}: {type(exc).__name__}"
+            + (f" ({detail})" if detail else "") + ". The run is failed rather than retried."}
+
+
+def _judge_input(spec: dict) -> tuple[list, int]:
+    """A judge's input messages without the sample (compiled: rendered with an item's fields) and
+    how many times its templates put the sample in (each at most the sample's whole text)."""
+    parts, refs = [], 0
+    for msg in spec.get("input") or []:
+        content = msg.get("content")
+        content = content.get("text") if isinstance(content, dict) else content
+        content = content if isinstance(content, str) else ""
+        refs += len(_SAMPLE_VAR.findall(content))
+        parts.append((str(msg.get("role")), compile_template(_SAMPLE_VAR.sub("", content))))
+    return parts, refs
+
+
 def _count(usage: dict, model: str | None, used: dict | None) -> None:
     used = used or {}
     have = usage.setdefault(model or "", [0, 0, 0, 0])
@@ -359,9 +396,15 @@ def execute(team_id: str, eval_id: str, run_id: str) -> str:
     except StopRun as stop:                       # before any item: a setup problem
         _finish(run, token, stop.status or "failed", {"code": stop.code, "message": stop.message}, None)
         return stop.status or "failed"
-    except Exception:
-        _release(run, token)                      # a redelivery (or a read) resumes it without waiting for the lease
-        raise
+    except Exception as exc:
+        if retryable(exc):
+            _release(run, token)                  # a redelivery (or a read) resumes it without waiting for the lease
+            raise
+        # The same on every attempt (a bug, a value no retry reads differently): redelivering the
+        # message would only repeat it (a poison message); the run fails and says why.
+        logger.exception("eval run failed", extra={"run_id": run.run_id})
+        _finish(run, token, "failed", _unexpected(exc, "the run"), None)
+        return "failed"
 
 
 def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
@@ -383,6 +426,7 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
         raise StopRun("failed", err.code or "invalid_run", err.message) from None
     pending = iter([row for row in rows if row[0] not in done])
     stop: StopRun | None = None
+    indexes: dict = {}                  # future -> its item's index (named when it fails)
     with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
         inflight: set = set()
         while True:
@@ -401,7 +445,9 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
                         break
                     worker.committed += worst
                 # Each item runs in a copy of this context: its calls see the invocation's deadline.
-                inflight.add(pool.submit(contextvars.copy_context().run, worker.process, *row, worst))
+                future = pool.submit(contextvars.copy_context().run, worker.process, *row, worst)
+                inflight.add(future)
+                indexes[future] = row[0]
             if not inflight:
                 break
             finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
@@ -410,6 +456,12 @@ def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
                     future.result()
                 except StopRun as raised:
                     stop = stop or raised
+                except Exception as exc:
+                    if retryable(exc):
+                        raise                 # resumed by the redelivered message (stored items are kept)
+                    logger.exception("eval item failed", extra={"run_id": run.run_id, "item": indexes[future]})
+                    failed = _unexpected(exc, f"item {indexes[future]}")
+                    stop = stop or StopRun("failed", failed["code"], failed["message"])
             worker.save_progress()
     summary = tally.summary()
     if stop is not None and stop.code == "continue":

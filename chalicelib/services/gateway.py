@@ -413,13 +413,30 @@ def _open_upstream(team_id: str, endpoint: str, body: dict):
     200 (429/5xx before that are retried; a final error keeps Bedrock's status and type)."""
     import httpx2
 
-    # The SDK's stream wrapper is used only for its open response: the events are relayed raw.
-    timeout = httpx2.Timeout(STREAM_IDLE_SECONDS, connect=5.0)
-    stream = bedrock.call(lambda c: c.with_options(timeout=timeout).post(endpoint, body=body, cast_to=object,
-                                                                           stream=True),
-                          what=f"POST {endpoint} (stream)", deadline_s=upstream_deadline(), passthrough=True,
+    limit = upstream_deadline()
+    until = time.monotonic() + limit
+
+    def op(c):
+        # Bedrock's first answer is waited for only as long as the call has left (then a 504,
+        # retried within the deadline); from then on the wait between events is the stream's
+        # idle limit. The SDK's stream wrapper is used only for its open response.
+        first = max(0.5, min(STREAM_IDLE_SECONDS, until - time.monotonic()))
+        opened = c.with_options(timeout=httpx2.Timeout(first, connect=min(5.0, first))).post(
+            endpoint, body=body, cast_to=object, stream=True)
+        _idle_limit(opened.response.request, STREAM_IDLE_SECONDS)
+        return opened
+    stream = bedrock.call(op, what=f"POST {endpoint} (stream)", deadline_s=limit, passthrough=True,
                           project=teams.mantle_project(team_id))
     return stream.response
+
+
+def _idle_limit(request, seconds: float) -> None:
+    """The read timeout of an opened response's body: httpcore reads it from the request's
+    `timeout` extension when the body is first read (after this). Without that extension the
+    body keeps the first answer's timeout: shorter, so a stream never waits longer than said."""
+    timeouts = getattr(request, "extensions", {}).get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = seconds
 
 
 def send(team_id: str, target: Target, endpoint: str, body: dict,

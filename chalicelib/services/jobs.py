@@ -26,6 +26,7 @@ from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.services import budgets, files, graders, hosted_grader, outbox, preflight, prices, registry, watch
 from chalicelib.services import nova, teams
+from chalicelib.services.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, connection
@@ -213,6 +214,15 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
 
 # ---- the job worker: preflight that calls out, dataset preparation, submission -------------------
 
+def _failure(exc: BaseException, what: str) -> dict:
+    """The job's error for a failure that is not retried (never a traceback or a credential)."""
+    if isinstance(exc, ApiError):
+        return {"code": exc.code or "invalid_request", "message": exc.message, "param": exc.param}
+    logger.exception("job step failed", extra={"step": what})
+    return {"code": "internal_error", "message": f"rft-hub could not {what} ({type(exc).__name__}); the job's "
+            "hold is released. Create the job again, or report it if it recurs.", "param": None}
+
+
 def _enqueue(job: Job) -> None:
     """Hands the job to the worker. If the queue cannot be reached, the reconciler's next pass
     finds the job pending and does the same work: nothing is lost, only later."""
@@ -259,13 +269,20 @@ def _deferred_preflight(job: Job) -> str:
         if dynamo.is_condition(exc):
             return "preflight running elsewhere"
         raise
-    spec, _, _ = graders.resolve(job.team_id, job.method["reinforcement"]["grader"])
+    # The lease is taken: from here every way out releases it or fails the job (never left held).
     try:
+        # Inside: a judge retired since creation no longer resolves (a 4xx: the job cannot train).
+        spec, _, _ = graders.resolve(job.team_id, job.method["reinforcement"]["grader"])
         report = preflight.run(job.team_id, spec, job.training_file, PREFLIGHT_ROWS,
                                sample_base=job.preflight_sample_base)
-    except ApiError as err:     # e.g. the budget cannot pay for the judge calls: the job cannot train
-        error = {"code": err.code or "grader_preflight_failed", "message": f"Grader preflight could not run: "
-                 f"{err.message}", "param": "method.reinforcement.grader"}
+    except Exception as exc:  # noqa: BLE001 - classified once below
+        if retryable(exc):
+            _release_preflight(job)
+            logger.warning("preflight deferred", extra={"job_id": job.job_id, "error": type(exc).__name__})
+            return "preflight deferred"
+        err = _failure(exc, "run the grader preflight")
+        error = {"code": err["code"] or "grader_preflight_failed", "message": f"Grader preflight could not run: "
+                 f"{err['message']}", "param": "method.reinforcement.grader"}
         _fail_before_bedrock(job, error, None)
         return "failed"
     refused = _blocking(report, job.preflight_mode or "block")
@@ -273,10 +290,26 @@ def _deferred_preflight(job: Job) -> str:
         _fail_before_bedrock(job, {"code": "grader_preflight_failed", "message": refused,
                                    "param": "method.reinforcement.grader"}, report)
         return "failed"
-    job.update(actions=[Job.preflight.set(report), Job.preflight_state.set("done"),
-                        Job.preflight_lease_until.remove()])
+    try:
+        dynamo.call(lambda: job.update(actions=[Job.preflight.set(report), Job.preflight_state.set("done"),
+                                                Job.preflight_lease_until.remove()]),
+                    idempotent=True, what="preflight result")
+    except (ApiError, PynamoDBException):
+        _release_preflight(job)          # not recorded: run again, not after the lease ran out
+        raise
     _record_preflight(job, report)
     return "passed"
+
+
+def _release_preflight(job: Job) -> None:
+    """Gives the preflight lease back now (a throttle or an outage): the reconciler's next pass
+    (or a redelivery) runs it again instead of waiting for the lease to run out."""
+    try:
+        dynamo.call(lambda: job.update(actions=[Job.preflight_state.set("queued"), Job.preflight_lease_until.remove()],
+                                       condition=Job.preflight_state == "running"),
+                    idempotent=True, what="preflight release")
+    except (UpdateError, ApiError):
+        pass          # the lease runs out by itself
 
 
 def _fail_before_bedrock(job: Job, error: dict, report: dict | None) -> None:
@@ -380,16 +413,17 @@ def submit(job: Job) -> Job:
             remote = _adopt_orphan(job, training_id) or bedrock.create_job(
                 model=job.model, training_file=training_id, validation_file=validation_id, method=job.bedrock_method,
                 project=project)
-    except bedrock.BedrockRejected as err:
-        _fail_submission(job, err)
-        return job
-    except ApiError as err:
+    except Exception as exc:  # noqa: BLE001 - classified once: retried, or the job fails (hold released)
+        if not retryable(exc):
+            # Not found (the job's own file deleted before submission), another 4xx, or a bug.
+            _fail_submission(job, exc)
+            return job
         # Throttled or unavailable after retries: release the lease; the reconciler resubmits.
-        logger.warning("submission deferred", extra={"job_id": job.job_id, "error": err.message})
+        logger.warning("submission deferred", extra={"job_id": job.job_id, "error": type(exc).__name__})
         job.update(actions=[Job.submit_state.set("pending"), Job.submit_lease_until.remove()],
                    condition=Job.submit_state == "submitting")
-        record_event(job, "Amazon Bedrock is unavailable; submission will be retried.", level="warn",
-                     source="rft-hub")
+        what = "Amazon Bedrock is unavailable" if isinstance(exc, ApiError) else "a service rft-hub needs is busy"
+        record_event(job, f"{what}; submission will be retried.", level="warn", source="rft-hub")
         return job
     job.update(actions=[Job.submit_state.set("submitted"), Job.bedrock_job_id.set(remote["id"]),
                         *([Job.mantle_project.set(project)] if project else []),
@@ -402,11 +436,17 @@ def submit(job: Job) -> Job:
     return job
 
 
-def _fail_submission(job: Job, err: ApiError) -> None:
-    error = {"code": "bedrock_rejected", "message": err.message, "param": err.param}
+def _fail_submission(job: Job, exc: BaseException) -> None:
+    if isinstance(exc, bedrock.BedrockRejected):
+        error = {"code": "bedrock_rejected", "message": exc.message, "param": exc.param}
+        event = f"Amazon Bedrock rejected the job: {exc.message}"
+    else:
+        error = _failure(exc, "submit the job")
+        error["code"] = "submission_failed" if error["code"] != "internal_error" else error["code"]
+        event = f"The job could not be submitted: {error['message']}"
     job.update(actions=[Job.submit_state.set("rejected"), Job.submit_lease_until.remove(), Job.error.set(error)],
                condition=Job.submit_state == "submitting")
-    record_event(job, f"Amazon Bedrock rejected the job: {err.message}", level="error", source="rft-hub")
+    record_event(job, event, level="error", source="rft-hub")
     apply_status(job, "failed", source="rft-hub", error=error)
 
 

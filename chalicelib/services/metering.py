@@ -13,6 +13,7 @@ ledger exactly and no per-call write touches a shared counter.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -106,23 +107,96 @@ def _dead_letter(entry: LedgerEntry, exc: Exception) -> None:
         logger.error("ledger write and dead-letter both failed", extra={"ledger_entry": body})
 
 
-def drain_dead_letters(max_messages: int = 500) -> int:
-    """Writes dead-lettered entries into the ledger and settles their holds (reconciler)."""
+def ledger_parked_queue() -> str:
+    """FIFO, so a repeated park of the same entry (a DLQ delete that failed after parking, a
+    standard queue's second delivery) is dropped by SQS's deduplication id."""
+    return os.environ.get("RFT_LEDGER_PARKED",
+                          f"rfthub-{os.environ.get('RFT_STAGE', 'local')}-ledger-parked.fifo")
+
+
+# DynamoDB refuses these for the item itself (a number of more than 38 digits, a bad type):
+# the same entry is refused on every attempt, so it is parked, never retried.
+_PERMANENT_CODES = {"ValidationException", "SerializationException"}
+
+
+class _Unwritable(Exception):
+    """A dead-lettered message that can never become a ledger entry."""
+
+
+def _entry_from(body: str) -> LedgerEntry:
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        return LedgerEntry(data.pop("team_id"), data.pop("sort_key"), **data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:   # json's errors are ValueErrors
+        raise _Unwritable(f"unreadable entry: {type(exc).__name__}") from exc
+
+
+def _replay(body: str) -> None:
+    """Writes one dead-lettered entry (idempotent: keyed by its request). Raises _Unwritable when
+    it never can be; any other exception is transient (the message waits for the next pass)."""
+    entry = _entry_from(body)
+    try:
+        _put(entry)
+    except PynamoDBException as exc:
+        if dynamo.response_code(exc) in _PERMANENT_CODES:
+            raise _Unwritable(f"DynamoDB refused the entry: {dynamo.response_code(exc)}") from exc
+        raise
+    except (ValueError, TypeError) as exc:    # refused before sending (serialization): the same every time
+        raise _Unwritable(f"unserializable entry: {type(exc).__name__}") from exc
+    try:
+        _settle_from_ledger(entry)
+    except (ApiError, PynamoDBException):
+        # On the ledger now: release_expired_holds settles the hold from it when it expires.
+        logger.warning("dead-letter replay: settlement deferred", extra={"hold_id": entry.hold_id})
+
+
+def _park(sqs, body: str, reason: str) -> None:
+    """Into the parked queue (its depth alarms an operator), deduplicated by the body's hash so
+    a park that is repeated (the DLQ delete failed, a second delivery or copy of the same
+    entry) leaves one copy. SQS deduplicates for 5 minutes; a later repeat is a second copy
+    of the same entry, whose replay is idempotent (keyed by its request)."""
+    sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=ledger_parked_queue())["QueueUrl"], MessageBody=body,
+                     MessageGroupId="ledger", MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
+                     MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
+
+
+def drain_dead_letters(max_messages: int = 500) -> dict:
+    """Writes dead-lettered entries into the ledger and settles their holds (reconciler), each
+    message on its own: written -> deleted; a transient failure -> left for the next pass (only
+    that message; it is invisible until then, so this pass goes on with the rest); never
+    writable (a validation error, an unreadable body) -> parked in the parked queue and deleted.
+    A served call is always on the ledger or in one of the two queues."""
     sqs = aws.sqs()
     url = sqs.get_queue_url(QueueName=ledger_dlq())["QueueUrl"]
-    done = 0
-    while done < max_messages:
+    report = {"written": 0, "parked": 0, "left": 0}
+    seen = 0
+    while seen < max_messages and deadline.remaining() > 2.0:
         messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
         if not messages:
             break
         for message in messages:
-            data = json.loads(message["Body"])
-            entry = LedgerEntry(data.pop("team_id"), data.pop("sort_key"), **data)
-            _put(entry)
-            _settle_from_ledger(entry)
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-            done += 1
-    return done
+            seen += 1
+            body = message.get("Body", "")
+            try:
+                try:
+                    _replay(body)
+                    outcome = "written"
+                except _Unwritable as exc:
+                    _park(sqs, body, str(exc))
+                    logger.error("ledger entry parked: it can never be written", extra={
+                        "message_id": message["MessageId"], "reason": str(exc), "queue": ledger_parked_queue()})
+                    outcome = "parked"
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            except Exception as exc:  # noqa: BLE001 - transient (a park too): this one waits, the rest go on
+                # A failed delete after a write or a park is harmless: both repeat idempotently.
+                logger.warning("dead-letter replay failed; retried next pass", extra={
+                    "message_id": message["MessageId"], "error": type(exc).__name__})
+                report["left"] += 1
+                continue
+            report[outcome] += 1
+    return report
 
 
 def _settle_from_ledger(entry: LedgerEntry) -> None:
@@ -160,26 +234,35 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
             for hold_id, micro in budgets.open_holds(item).items():
                 if not budgets.hold_expired(hold_id, now):
                     continue
-                res = budgets.Reservation(cfg.team_id, period, micro, hold_id)
-                if budgets.hold_job_id(hold_id):
-                    report["orphaned_job_holds"] += int(_release_orphan_job_hold(res))
-                    continue
-                entry = _ledger_for_hold(cfg.team_id, hold_id)
-                if entry is None:
-                    created = budgets.hold_created_ms(hold_id) or 0
-                    entry = LedgerEntry(cfg.team_id, sort_key(created, f"abandoned-{hold_id}"),
-                                        request_id=f"abandoned-{hold_id}", model="-", upstream_model="-",
-                                        endpoint="-", status=0, created_at=created // 1000, kind="abandoned",
-                                        outcome="abandoned", reserved_micro=micro, hold_id=hold_id)
-                    _put(entry)
-                    kind = "abandoned"
-                else:
-                    kind = "settled"
-                if budgets.settle(res, entry.cost_micro):
-                    report[kind] += 1
-                    logger.warning("expired hold repaired", extra={"team_id": cfg.team_id, "hold_id": hold_id,
-                                                                    "outcome": kind})
+                try:
+                    _repair_hold(report, budgets.Reservation(cfg.team_id, period, micro, hold_id))
+                except (ApiError, PynamoDBException) as exc:
+                    # One hold that cannot be repaired now never stops the others (next pass retries it).
+                    report["failed"] = report.get("failed", 0) + 1
+                    logger.warning("expired hold not repaired", extra={"team_id": cfg.team_id, "hold_id": hold_id,
+                                                                       "error": type(exc).__name__})
     return report
+
+
+def _repair_hold(report: dict, res: budgets.Reservation) -> None:
+    team_id, hold_id, micro = res.team_id, res.hold_id, res.micro
+    if budgets.hold_job_id(hold_id):
+        report["orphaned_job_holds"] += int(_release_orphan_job_hold(res))
+        return
+    entry = _ledger_for_hold(team_id, hold_id)
+    if entry is None:
+        created = budgets.hold_created_ms(hold_id) or 0
+        entry = LedgerEntry(team_id, sort_key(created, f"abandoned-{hold_id}"),
+                            request_id=f"abandoned-{hold_id}", model="-", upstream_model="-",
+                            endpoint="-", status=0, created_at=created // 1000, kind="abandoned",
+                            outcome="abandoned", reserved_micro=micro, hold_id=hold_id)
+        _put(entry)
+        kind = "abandoned"
+    else:
+        kind = "settled"
+    if budgets.settle(res, entry.cost_micro):
+        report[kind] += 1
+        logger.warning("expired hold repaired", extra={"team_id": team_id, "hold_id": hold_id, "outcome": kind})
 
 
 def _release_orphan_job_hold(res: budgets.Reservation) -> bool:
@@ -237,7 +320,13 @@ def aggregate_team(team_id: str, max_batches: int | None = None) -> int:
 
 
 def aggregate_all() -> int:
-    return sum(aggregate_team(t.team_id) for t in Team.scan())
+    counted = 0
+    for team in Team.scan():
+        try:
+            counted += aggregate_team(team.team_id)
+        except (ApiError, PynamoDBException) as exc:   # one team's failure never stops the others
+            logger.warning("usage not aggregated", extra={"team_id": team.team_id, "error": type(exc).__name__})
+    return counted
 
 
 # ---- reading -----------------------------------------------------------------------------------
