@@ -28,7 +28,8 @@ def run(n: int = N) -> dict:
     from app import app
     from bench.common import new_team
     from chalicelib.dataplane.app import _handle
-    from chalicelib.services import budgets, gateway, metering
+    from chalicelib.spend import budgets, metering
+    from chalicelib.inference import gateway
 
     team_id, key = new_team(admin_key, "bench-breakdown")
     with Client(app, stage_name="local", project_dir=str(ROOT)) as c:

@@ -87,7 +87,7 @@ def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
     import openai
 
     from chalicelib.domain import budget as budget_rules, pricing
-    from chalicelib.services import budgets, metering
+    from chalicelib.spend import budgets, metering
     from chalicelib.store.models import BudgetPeriod, LedgerEntry, UsageDaily
 
     team_id, key = new_team(admin_key, f"money-{covered}")
@@ -192,7 +192,7 @@ def ddb_size(value: dict) -> int:
 def hot_item(c, admin_key, worst: int) -> dict:
     """The team's budget item with 10/100/1000 holds open, and the ceiling it sets."""
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.services import budgets
+    from chalicelib.spend import budgets
     from chalicelib.store.models import BudgetPeriod
 
     team_id, _ = new_team(admin_key, "money-scale")

@@ -21,7 +21,7 @@ def run(jobs: int = JOBS) -> dict:
     from aws_bedrock_token_generator import provide_token
 
     from chalicelib.domain import ids
-    from chalicelib.services import lifecycle
+    from chalicelib.training import lifecycle
     from chalicelib.store.models import Job
     from sample_data import arithmetic_rows, jsonl
 

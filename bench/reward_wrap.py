@@ -31,7 +31,8 @@ def run(rounds: int = ROUNDS) -> dict:
     stack, _ = start_stack(fault_layer=False)
     from chalicelib.adapters import lambdas
     from chalicelib.domain import ids
-    from chalicelib.services import graders, hosted_grader, rollouts
+    from chalicelib.grading import graders
+    from chalicelib.training import hosted_grader, rollouts
     from chalicelib.store.models import Job
     from local.example_graders import arn
 

@@ -1,7 +1,7 @@
 """The training watch's false-alarm benchmark (issue #24): scripted honest and hacking policies,
 graded by the real graders (chalicelib/domain/graders; LLM judges are scripted functions behind
 the real `score_model` grader), replayed window by window through domain/watch.py exactly as the
-hosted grader and services/watch.py feed it (the first and newest MAX_SPAN windows).
+hosted grader and training/watch.py feed it (the first and newest MAX_SPAN windows).
 
 Deterministic: every run is seeded by (family, seed). Pure: no I/O, no stack.
 
@@ -30,7 +30,7 @@ from chalicelib.domain.graders.templates import make_sample  # noqa: E402
 
 WINDOWS, PROMPTS, K = 12, 8, 4          # one reward invocation (PROMPTS x K samples) per window
 HACK_START, LATE_START = 3, WINDOWS - 2  # windows 1-2 are the honest baseline; the late hack starts 3 before the end
-AUDIT_PER_INVOCATION = 32               # the hosted grader's default (services/hosted_grader.py)
+AUDIT_PER_INVOCATION = 32               # the hosted grader's default (training/hosted_grader.py)
 WITHIN = 3
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def invocation(family: tuple, w: int, rng: random.Random, audits: int = AUDIT_PE
 
 
 def replay(name: str, family: tuple, seed: int, audits: int = AUDIT_PER_INVOCATION) -> list[tuple[int, list[dict]]]:
-    """(window, findings) after every window, fed as services/watch.py feeds the analysis."""
+    """(window, findings) after every window, fed as training/watch.py feeds the analysis."""
     rng = random.Random(f"{name}/{seed}")
     windows: list[tuple[int, dict]] = []
     out = []

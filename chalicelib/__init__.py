@@ -1,9 +1,8 @@
 """rft-hub: reinforcement fine-tuning on Amazon Bedrock as an internal service.
 
-Layout (outer layers depend on inner ones, never the reverse):
-  domain/    pure logic: validation, state machine, pricing. No I/O.
-  store/     PynamoDB models (DynamoDB tables).
-  adapters/  thin clients for AWS, Bedrock (Mantle) and Slack, created lazily.
-  services/  use cases: combine domain rules, the store and adapters.
-  api/       Chalice blueprints: request parsing and responses only.
+One package per bounded context, stacked one way (a package imports only those below it):
+api/ dataplane/ > slack/ wiring > evaluation/ > training/ > grading/ > inference/ > spend/ >
+platform/ > outbox bus cache failures > domain/ store/ adapters/ config. Reactions of a lower
+context to a higher one are domain events (domain/events.py) handled through wiring.py.
+tests/unit/test_layers.py keeps it so.
 """

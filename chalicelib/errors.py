@@ -51,6 +51,12 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class Forbidden(ApiError):
+    status = 403
+    code = "permission_denied"
+    should_retry = False
+
+
 class Conflict(ApiError):
     status = 409
     code = "conflict"

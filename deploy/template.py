@@ -471,7 +471,7 @@ def policies(stage: str) -> dict[str, dict]:
         "reconcile_jobs": [ddb_rw, logs, token, bus,
                            _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"],
                                       "BedrockMantle"),
-                           # DeleteObject: the sweep of files past their expires_after (services/files.py).
+                           # DeleteObject: the sweep of files past their expires_after (platform/files.py).
                            _statement(["s3:GetObject", "s3:DeleteObject"], [f"{bucket}/files/*"], "Datasets"),
                            _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
                            sqs(["ledger-dlq"], consume, "LedgerDeadLetters"), evals_send,

@@ -19,7 +19,7 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     _event_bus()
     _slack_queues()
     _ledger_queue()
-    from chalicelib.services import slack
+    from chalicelib.slack import notifications as slack
     _secret(s.admin_key_secret_id, admin_key)
     _secret(slack.settings_secret_id(), slack_signing_secret)
     _console_sessions()
@@ -30,7 +30,7 @@ def _console_sessions() -> None:
     so a restarted `make run` signs everyone out), as the template declares it."""
     import secrets
 
-    from chalicelib.services import console_sessions
+    from chalicelib.platform import console_sessions
 
     sm = boto3.client("secretsmanager", region_name=settings().region)
     try:
@@ -49,8 +49,8 @@ def _secret(name: str, value: str) -> None:
 
 def _slack_queues() -> None:
     """As the template declares them: notifications from the bus with a dead-letter queue, and commands."""
-    from chalicelib.services import slack
-    from chalicelib.services.outbox import SOURCE, bus_name
+    from chalicelib.slack import notifications as slack
+    from chalicelib.outbox import SOURCE, bus_name
 
     sqs = boto3.client("sqs", region_name=settings().region)
     events = boto3.client("events", region_name=settings().region)
@@ -71,7 +71,7 @@ def _slack_queues() -> None:
 def _ledger_queue() -> None:
     """Where a served call's ledger entry waits when DynamoDB refuses it (the reconciler drains it),
     and the job worker's and the eval worker's queues."""
-    from chalicelib.services import metering
+    from chalicelib.spend import metering
 
     from chalicelib.config import evals_queue, jobs_queue
 
@@ -86,7 +86,7 @@ def _ledger_queue() -> None:
 
 def _event_bus() -> None:
     """rft-hub's bus, plus a queue subscribed to all of it so outbound events can be watched."""
-    from chalicelib.services.outbox import SOURCE, bus_name
+    from chalicelib.outbox import SOURCE, bus_name
 
     events = boto3.client("events", region_name=settings().region)
     sqs = boto3.client("sqs", region_name=settings().region)

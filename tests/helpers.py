@@ -88,7 +88,7 @@ def drain_notifications(api):
     """Feeds everything on the Slack notification queue to the real handler (what the pump does)."""
     import boto3
 
-    from chalicelib.services import slack
+    from chalicelib.slack import notifications as slack
 
     sqs = boto3.client("sqs", region_name="us-west-2")
     url = sqs.get_queue_url(QueueName=slack.notify_queue())["QueueUrl"]
@@ -107,7 +107,7 @@ def settled(team_id, calls=0, timeout=20.0):
     open: a plain call's hold is settled just after its answer is sent, a stream's when its
     upstream ends (which can be after the caller has gone)."""
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.services import budgets
+    from chalicelib.spend import budgets
     from chalicelib.store.models import LedgerEntry
 
     deadline = time.monotonic() + timeout
@@ -133,7 +133,7 @@ def wait_run(client, eval_id, run_id, timeout=90):
 
 def reconcile_until_ended(client, job_id, timeout):
     """Runs the reconciler until the job has ended (what its schedule does), and returns the job."""
-    from chalicelib.services import lifecycle
+    from chalicelib.training import lifecycle
 
     deadline = time.monotonic() + timeout
     while True:

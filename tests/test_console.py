@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from chalicelib.services import console_sessions
+from chalicelib.platform import console_sessions
 from helpers import http, start_job, wait_for, wait_run
 from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows
@@ -511,7 +511,7 @@ def test_the_signed_out_page_logs_no_console_error_and_the_probe_says_signed_out
 
 
 def test_the_alias_pattern_compiles_as_browsers_compile_it_and_validates(world, browser):
-    from chalicelib.services.registry import ALIAS_RE
+    from chalicelib.inference.registry import ALIAS_RE
 
     c = Console(browser, world["base"], strict=True)
     c.sign_in(world["key_a"], "/console/models")

@@ -17,7 +17,7 @@ from chalicelib import deadline
 from chalicelib.adapters import aws
 from chalicelib.domain import evals as rules
 from chalicelib.errors import ServiceUnavailable
-from chalicelib.services import evals
+from chalicelib.evaluation import evals
 
 
 class Stalled:
@@ -112,7 +112,8 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
     from helpers import http
 
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.services import budgets, gateway
+    from chalicelib.spend import budgets
+    from chalicelib.inference import gateway
     from local.harness import ADMIN_KEY
 
     assert gateway.upstream_deadline() < 8.0 < gateway.STREAM_IDLE_SECONDS
@@ -141,7 +142,7 @@ def test_after_the_first_answer_a_stream_waits_the_idle_limit_not_the_first_byte
     from helpers import http
     from test_streaming import first_within
 
-    from chalicelib.services import gateway
+    from chalicelib.inference import gateway
 
     upstream(stream_hold=True)
     stream = client.chat.completions.create(model="openai.gpt-oss-20b", stream=True,

@@ -10,7 +10,7 @@ from test_evals import JUDGE, TUNED, _eval, _inline, _team_id
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain.graders.templates import compile_template, make_sample
-from chalicelib.services import eval_worker
+from chalicelib.evaluation import worker as eval_worker
 from chalicelib.store.models import EvalRunRecord, LedgerEntry
 
 FILLER = "Context. " * 3_000          # 27,000 characters of fixed text in every call

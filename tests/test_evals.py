@@ -17,7 +17,9 @@ import pytest
 
 import openai_spec
 from chalicelib import deadline
-from chalicelib.services import budgets, eval_worker, evals, outbox
+from chalicelib.spend import budgets
+from chalicelib.evaluation import worker as eval_worker, evals
+from chalicelib import outbox
 from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
 from helpers import http, register_graders, rft, start_job, wait_for, wait_run
 from local import servers

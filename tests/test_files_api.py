@@ -137,7 +137,8 @@ def test_expires_after_sets_expires_at_and_an_expired_file_is_gone_then_swept(cl
     from helpers import register_graders, rft
 
     from chalicelib.config import settings
-    from chalicelib.services import files, lifecycle
+    from chalicelib.platform import files
+    from chalicelib.training import lifecycle
     from chalicelib.store.models import File
 
     team_id = register_graders(client)
@@ -215,7 +216,7 @@ def test_expires_after_is_parsed_strictly_whatever_it_holds():
     from hypothesis import strategies as st
 
     from chalicelib.errors import InvalidRequest
-    from chalicelib.services import files
+    from chalicelib.platform import files
 
     digits = st.text(alphabet=st.sampled_from("0123456789²³¹٣٠٦۰০߀𝟘𝟙 .-+e\ud800"), max_size=12)
     numbers = st.integers(min_value=-10**400, max_value=10**400) | st.floats(allow_nan=True, allow_infinity=True)

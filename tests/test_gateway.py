@@ -10,7 +10,7 @@ import pytest
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib.services import outbox
+from chalicelib import outbox
 from chalicelib.store.models import BudgetPeriod
 from helpers import settled, start_job, wait_for
 

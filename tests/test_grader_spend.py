@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from chalicelib.domain import budget as budget_rules
-from chalicelib.services import budgets
+from chalicelib.spend import budgets
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry
 from helpers import reconcile_until_ended, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl

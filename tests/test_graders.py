@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from chalicelib.domain.graders import Deps, GraderSpecError, build, run_text
 from chalicelib.domain.graders.contract import check_response
-from chalicelib.services import hosted_grader
+from chalicelib.training import hosted_grader
 from helpers import register_graders, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
@@ -128,7 +128,7 @@ def test_contract_violations_are_all_reported():
 # ---- the hosted grader Lambda (through the real handler) -----------------------------------
 
 def _ref(spec):
-    from chalicelib.services import graders
+    from chalicelib.grading import graders
     return graders.store_spec(spec)
 
 

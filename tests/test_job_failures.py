@@ -4,7 +4,7 @@ classified once -- not found and other 4xx fail the job and release its hold; on
 
 The job is recorded with its queue unreachable (RFT_JOBS_QUEUE names no queue: creation goes on,
 as documented, and leaves the job to the reconciler), so the test decides what happens before the
-worker's step, which it then runs as the worker and the reconciler do (`jobs.prepare`)."""
+worker's step, which it then runs as the worker and the reconciler do (`submit.prepare`)."""
 import json
 import time
 
@@ -28,7 +28,9 @@ from chalicelib.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
-from chalicelib.services import budgets, jobs, lifecycle
+from chalicelib.spend import budgets
+from chalicelib.training import lifecycle
+from chalicelib.training import submit
 from chalicelib.store.models import Job
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
@@ -66,7 +68,7 @@ def test_a_job_whose_file_is_deleted_before_submission_fails_and_releases_its_ho
     job = Job.get(team_id, created.id, consistent_read=True)
     assert job.submit_state == "pending" and job.budget_hold_id in _holds(team_id)
     client.files.delete(f.id)                                    # deleted before the worker submits
-    jobs.prepare(team_id, created.id)                            # the worker's (or reconciler's) step
+    submit.prepare(team_id, created.id)                            # the worker's (or reconciler's) step
     job = Job.get(team_id, created.id, consistent_read=True)
     assert job.status == "failed" and job.submit_state == "rejected", (job.status, job.submit_state)
     assert f.id in job.error["message"]                         # the deleted file is named, not "unavailable"
@@ -91,7 +93,7 @@ def test_a_job_whose_judge_is_retired_before_the_preflight_fails_and_releases_it
     job = Job.get(team_id, created.id, consistent_read=True)
     assert job.preflight_state == "queued" and job.budget_hold_id in _holds(team_id)
     client.models.delete(first.fine_tuned_model)                 # the judge retired before the preflight
-    assert jobs.prepare(team_id, created.id) == "failed"
+    assert submit.prepare(team_id, created.id) == "failed"
     job = Job.get(team_id, created.id, consistent_read=True)
     assert job.status == "failed" and job.preflight_state == "failed" and job.preflight_lease_until is None
     assert job.error["param"] == "method.reinforcement.grader"
@@ -109,11 +111,11 @@ def test_a_throttled_or_unavailable_submission_releases_its_lease(api, admin_hea
         model="openai.gpt-oss-20b", training_file=f.id,
         extra_body={"method": {"type": "reinforcement", "reinforcement": {"grader": EXACT}}}))
     bedrock.faults = [{"status": 503, "count": 1000, "path": "/v1/files", "method": "POST"}]
-    assert jobs.prepare(team_id, created.id) == "pending"
+    assert submit.prepare(team_id, created.id) == "pending"
     job = Job.get(team_id, created.id, consistent_read=True)
     assert job.status != "failed" and job.submit_lease_until is None and job.budget_hold_id in _holds(team_id)
     bedrock.faults = []
-    assert jobs.prepare(team_id, created.id) == "submitted"
+    assert submit.prepare(team_id, created.id) == "submitted"
 
 
 _RETRIED = st.sampled_from([RateLimited("x"), ServiceUnavailable("x"), GatewayTimeout("x"), UpstreamError("x"),
@@ -127,9 +129,9 @@ _FAILED = st.sampled_from([NotFound("x"), InvalidRequest("x"), Conflict("x"), In
 def test_every_failure_is_classified_once(retried, failed, status):
     from chalicelib.adapters.bedrock import BedrockRejected, UpstreamStatus
 
-    assert jobs.retryable(retried) and not jobs.retryable(failed)
-    assert not jobs.retryable(BedrockRejected("x"))
-    assert jobs.retryable(UpstreamStatus(status, "x", None, None)) == (status == 429 or status >= 500)
+    assert submit.retryable(retried) and not submit.retryable(failed)
+    assert not submit.retryable(BedrockRejected("x"))
+    assert submit.retryable(UpstreamStatus(status, "x", None, None)) == (status == 429 or status >= 500)
 
 
 @pytest.fixture(autouse=True)

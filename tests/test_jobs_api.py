@@ -124,9 +124,9 @@ def test_bedrock_outage_defers_submission_without_losing_the_job(client, trainin
     assert job.model_extra["rft_bedrock_job_id"] is None
     bedrock.faults = []
     # A retry of the same create (or the reconciler) finishes the submission.
-    from chalicelib.services import jobs as jobs_service
-    record = jobs_service.get_job(job.organization_id, job.id)
-    submitted = jobs_service.submit(record)
+    from chalicelib.training import record as job_record, submit
+    record = job_record.get_job(job.organization_id, job.id)
+    submitted = submit.submit(record)
     assert submitted.submit_state == "submitted" and submitted.bedrock_job_id
 
 

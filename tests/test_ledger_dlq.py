@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from test_money import MESSAGES, MODEL, ledger, period_of_now, priced_team
 
 from chalicelib.config import settings as app_settings
-from chalicelib.services import budgets, lifecycle, metering
+from chalicelib.spend import budgets, metering
+from chalicelib.training import lifecycle
 from chalicelib.store.models import LedgerEntry
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
-from chalicelib.services import outbox
+from chalicelib import outbox
 from chalicelib.store.models import Alias, Job, TunedModel
 from helpers import start_job, wait_submitted
 DETAIL_TYPE = "Model Customization Job State Change"
@@ -182,7 +182,7 @@ def test_reconciler_submits_jobs_left_pending(api, client, bedrock):
         assert time.monotonic() < deadline, job.submit_state
         time.sleep(0.1)
     bedrock.faults = []
-    from chalicelib.services import lifecycle
+    from chalicelib.training import lifecycle
     lifecycle.reconcile()
     job = Job.get(created.organization_id, created.id)
     assert job.submit_state == "submitted" and job.bedrock_job_id in bedrock.jobs
@@ -192,7 +192,7 @@ def test_stalled_job_is_flagged_once(api, client, bedrock, monkeypatch):
     bedrock.clock.update({"validating_seconds": 3600})
     created = wait_submitted(client, start_job(client).id)
     job = Job.get(created.organization_id, created.id)
-    from chalicelib.services import lifecycle
+    from chalicelib.training import lifecycle
     lifecycle.reconcile()                                               # copies the events there are
     job.update(actions=[Job.last_progress_at.set(ids.now() - 7200)])   # then two hours without progress
     first, second = lifecycle.reconcile(), lifecycle.reconcile()

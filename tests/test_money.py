@@ -18,7 +18,8 @@ from botocore.exceptions import ReadTimeoutError
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib.services import budgets, lifecycle, metering
+from chalicelib.spend import budgets, metering
+from chalicelib.training import lifecycle
 from chalicelib.store import dynamo
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry, UsageDaily
 from helpers import settled, wait_for

@@ -189,7 +189,8 @@ def _nova_job(client, grader=EQ, suffix=None, **hyperparameters):
 
 
 def _wait_deployment(team_id, model_id, status="Active", timeout=20):
-    from chalicelib.services import lifecycle, nova
+    from chalicelib.inference import deployments as nova
+    from chalicelib.training import lifecycle
 
     deadline = time.monotonic() + timeout
     while True:
@@ -202,7 +203,7 @@ def _wait_deployment(team_id, model_id, status="Active", timeout=20):
 
 
 def _tap_events(detail_type, predicate, timeout=10):
-    from chalicelib.services import outbox
+    from chalicelib import outbox
 
     sqs = boto3.client("sqs", region_name="us-west-2")
     url = sqs.get_queue_url(QueueName=f"{outbox.bus_name()}-outbound-tap")["QueueUrl"]
@@ -369,7 +370,8 @@ def test_cancel_stops_the_native_job(client, bedrock, stack):
 
 
 def test_deployments_follow_aliases_and_retirement(client, bedrock, stack, event_pump, api):
-    from chalicelib.services import nova, registry
+    from chalicelib.inference import deployments as nova
+    from chalicelib.inference import registry
 
     first = _nova_job(client, suffix="helper")
     second = _nova_job(client)
@@ -411,7 +413,7 @@ def test_deployments_follow_aliases_and_retirement(client, bedrock, stack, event
 
 
 def test_a_failed_deployment_is_recorded_and_announced(client, bedrock, stack, event_pump):
-    from chalicelib.services import nova
+    from chalicelib.inference import deployments as nova
 
     bedrock.clock.update({"deployment_seconds": 60})
     job = _wait_job(_nova_job(client, suffix="flaky"), {"succeeded"})
@@ -431,7 +433,7 @@ def test_a_failed_deployment_is_recorded_and_announced(client, bedrock, stack, e
 def test_an_open_weight_job_converges_with_no_eventbridge_event(client, bedrock, stack, event_pump):
     """AWS documents no state-change event for OpenAI-compatible jobs; the local Bedrock publishes
     none by default, so the reconciler alone finishes the job (rft_source: poll)."""
-    from chalicelib.services import lifecycle
+    from chalicelib.training import lifecycle
 
     created = wait_submitted(client, start_job(client).id)
     bid = created.model_extra["rft_bedrock_job_id"]
@@ -494,7 +496,7 @@ def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedroc
     events, inference on its tuned model, a judge) carries that project; another team's project
     cannot see any of it."""
     from helpers import wait_for
-    from chalicelib.services import teams
+    from chalicelib.platform import teams
 
     (team_a, key_a), (team_b, _) = make_team("proj-a"), make_team("proj-b")
     tagged = {p["tags"].get("rft-hub-team"): p["id"] for p in bedrock.projects.values()}
@@ -530,7 +532,8 @@ def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedroc
 def test_a_team_made_while_bedrock_is_down_gets_its_project_from_the_reconciler(stack, api, make_team, bedrock):
     """Team creation does not fail when Bedrock cannot make the team's project; the team's
     calls are a 503 (never sent in the default project) until the reconciler makes it."""
-    from chalicelib.services import lifecycle, teams
+    from chalicelib.training import lifecycle
+    from chalicelib.platform import teams
 
     with bedrock.lock:
         bedrock.faults.append({"path": "/v1/organization/projects", "status": 503, "count": 1000})

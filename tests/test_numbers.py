@@ -155,7 +155,7 @@ def test_to_micro_is_a_value_error_or_exact(value):
 @pytest.mark.parametrize("field", ["²", "٣", "１", "\ud800", "9" * 40])
 def test_template_item_reference_with_unicode_digits_is_invalid_variable(field):
     with pytest.raises(templates.InvalidVariable):
-        templates._walk({"messages": [{"role": "user", "content": "x"}]}, ("messages", field), "item.messages")
+        templates.walk({"messages": [{"role": "user", "content": "x"}]}, ("messages", field), "item.messages")
 
 
 @FAST

@@ -18,7 +18,7 @@ from sample_data import arithmetic_rows, jsonl
 
 from chalicelib import deadline
 from chalicelib.errors import InvalidRequest
-from chalicelib.services import console_sessions
+from chalicelib.platform import console_sessions
 from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import (
     Alias,

@@ -19,8 +19,9 @@ import pytest
 from pynamodb.connection import base as ddb_base
 
 from chalicelib.domain import ids
-from chalicelib.services import jobs as jobs_service
-from chalicelib.services import registry, slack
+from chalicelib.training import record as job_record, state
+from chalicelib.training import rewards as job_rewards
+from chalicelib.slack import notifications as slack
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, SlackChannel
 
@@ -212,7 +213,7 @@ def test_metadata_filter_pages_on_until_limit_matches_within_a_bounded_read(stac
     assert sorted(j.id for j in seen) == sorted(j.job_id for j in expected)
     assert len(seen) == len({j.id for j in seen}) == 143
     assert [j.created_at for j in seen] == sorted((j.created_at for j in seen), reverse=True)
-    budget = jobs_service.METADATA_PAGES * jobs_service.METADATA_PAGE_SIZE
+    budget = state.METADATA_PAGES * state.METADATA_PAGE_SIZE
     per_page = [_items(pages.reads_of(r, about=team_id, table=Job.Meta.table_name)) for r in pages.requests]
     assert all(n <= budget + 1 for n in per_page), per_page
     print(f"\njobs metadata[group]=a (1 in 7), limit 20: items read per page {per_page}")
@@ -273,12 +274,12 @@ def test_events_page_newest_first_with_after_ids_of_both_kinds(api, stack, reads
                 {"step": i // 5 + 1, "critic_rewards_mean": reward}, "bedrock"
         else:
             event_id, kind, data, source = ids.new_id("ftevent"), "message", None, "rft-hub"
-        jobs_service._save_event(job.job_id, seq, event_id=event_id, created_at=job.created_at + i, level="info",
+        job_record.save_event(job.job_id, seq, event_id=event_id, created_at=job.created_at + i, level="info",
                                  message=f"event {i}", type_=kind, data=data, source=source)
         written.append((seq, event_id))
         if i == 120:        # a concurrent sync copied this Bedrock event twice, next to each other
             seq += 1
-            jobs_service._save_event(job.job_id, seq, event_id=event_id, created_at=job.created_at + i,
+            job_record.save_event(job.job_id, seq, event_id=event_id, created_at=job.created_at + i,
                                      level="info", message=f"event {i}", type_=kind, data=data, source=source)
     Job(team_id, job.job_id).update(actions=[Job.event_seq.set(seq)])
 
@@ -310,11 +311,11 @@ def test_events_page_newest_first_with_after_ids_of_both_kinds(api, stack, reads
 
     # The reward readers: best from the summary (one GetItem), final from the newest metrics event.
     mark = reads.mark()
-    final, best = registry.rewards(job.job_id)
+    final, best = job_rewards.rewards(job.job_id)
     calls = reads.since(mark, this_thread=True)
     assert (final, best) == (rewards[-1], max(rewards))
-    assert _items(calls) <= 1 + registry.REWARD_WINDOW and len(calls) <= 2 + registry.REWARD_WINDOW // 50
-    assert registry.reward_curve(job.job_id, 5) == rewards[-5:]
+    assert _items(calls) <= 1 + job_rewards.REWARD_WINDOW and len(calls) <= 2 + job_rewards.REWARD_WINDOW // 50
+    assert job_rewards.reward_curve(job.job_id, 5) == rewards[-5:]
     mark = reads.mark()
     assert slack._best(job.job_id) == f"{max(rewards):.3f}"
     assert [c["op"] for c in reads.since(mark, this_thread=True)] == ["GetItem"]
@@ -330,23 +331,23 @@ def test_reward_readers_are_bounded_for_long_and_legacy_histories(api, reads):
                                 message="m", type="metrics", source="bedrock",
                                 data={"step": seq, "critic_rewards_mean": 1.0 if seq == 3 else seq / 10_000}))
     mark = reads.mark()
-    final, best = registry.rewards(job.job_id)
+    final, best = job_rewards.rewards(job.job_id)
     calls = reads.since(mark, this_thread=True)
     assert final == 0.15
     # The old all-time best (step 3) is outside the bounded window; the window's best is reported.
     assert best == pytest.approx(0.15)
-    assert _items(calls) <= 2 + 2 * registry.REWARD_WINDOW, calls
+    assert _items(calls) <= 2 + 2 * job_rewards.REWARD_WINDOW, calls
     print(f"\nrewards of a 1,500-event legacy job: {_items(calls)} items read in {len(calls)} calls")
 
     # Saved through rft-hub's write path, the best survives any history length.
-    jobs_service._save_event(job.job_id, 1501, event_id="ev-1501", created_at=1501, level="info", message="m",
+    job_record.save_event(job.job_id, 1501, event_id="ev-1501", created_at=1501, level="info", message="m",
                              type_="metrics", data={"critic_rewards_mean": 0.9}, source="bedrock")
-    jobs_service._save_event(job.job_id, 1502, event_id="ev-1502", created_at=1502, level="info", message="m",
+    job_record.save_event(job.job_id, 1502, event_id="ev-1502", created_at=1502, level="info", message="m",
                              type_="metrics", data={"critic_rewards_mean": 0.4}, source="bedrock")
-    jobs_service._best_noted.clear()     # another process: the conditional write keeps the max
-    jobs_service._save_event(job.job_id, 1503, event_id="ev-1503", created_at=1503, level="info", message="m",
+    job_record._best_noted.clear()     # another process: the conditional write keeps the max
+    job_record.save_event(job.job_id, 1503, event_id="ev-1503", created_at=1503, level="info", message="m",
                              type_="metrics", data={"critic_rewards_mean": 0.5}, source="bedrock")
-    assert registry.rewards(job.job_id) == (0.5, 0.9)
+    assert job_rewards.rewards(job.job_id) == (0.5, 0.9)
 
 
 def test_checkpoints_page_with_first_and_last_ids(api, stack, reads):

@@ -14,8 +14,10 @@ import pytest
 from flask import Flask, jsonify, request
 
 from chalicelib.adapters import lambdas
-from chalicelib.services import graders, hosted_grader
+from chalicelib.grading import graders
+from chalicelib.training import hosted_grader
 from chalicelib.store.models import LedgerEntry
+from chalicelib.domain.graders import rows as row_fields
 from helpers import http, wait_for
 from local import servers
 from local.example_graders import arn, exact_match
@@ -58,7 +60,7 @@ def spy(stack):
 
 def wrapped(batch, spec):
     ref = graders.store_spec(spec)
-    return hosted_grader.handle([{**r, graders.REF_FIELD: ref, hosted_grader.PROMPT_FIELD: r["id"]} for r in batch])
+    return hosted_grader.handle([{**r, row_fields.REF_FIELD: ref, row_fields.PROMPT_FIELD: r["id"]} for r in batch])
 
 
 def test_a_team_lambda_behind_the_wrapper_scores_exactly_as_called_directly(stack, spy):

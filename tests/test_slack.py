@@ -8,7 +8,8 @@ import pytest
 from slack_sdk.signature import SignatureVerifier
 
 from chalicelib.domain import slack_messages as messages
-from chalicelib.services import outbox, slack
+from chalicelib import outbox
+from chalicelib.slack import notifications as slack
 from chalicelib.store.models import SlackConfig
 from local.harness import SLACK_SIGNING_SECRET
 from helpers import http, start_job, wait_for, drain_notifications

@@ -16,7 +16,7 @@ import pytest
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib.services import budgets
+from chalicelib.spend import budgets
 from chalicelib.store.models import LedgerEntry
 from helpers import http, settled, start_job, wait_for
 from local.bedrock_state import DEFAULT_STREAM

@@ -26,7 +26,7 @@ REFERENCE = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclud
 
 
 def _report(spec, references):
-    """The preflight's probe statistics and findings, exactly as services/preflight.py computes them."""
+    """The preflight's probe statistics and findings, exactly as grading/preflight.py computes them."""
     grader = build(spec)
     items = [{"id": f"row-{i}", "messages": [{"role": "user", "content": f"Question {i}?"}],
               "reference_answer": ref} for i, ref in enumerate(references)]

@@ -18,7 +18,7 @@ from helpers import http, reconcile_until_ended, register_graders, wait_submitte
 from sample_data import arithmetic_rows, jsonl
 from test_watch import AUDIT, PROMPTS, K, PolicyServer, verbose_grader
 
-from chalicelib.services import outbox
+from chalicelib import outbox
 from local.example_graders import arn
 
 TOTAL = 10

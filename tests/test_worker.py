@@ -11,7 +11,9 @@ import pytest
 from chalicelib.domain.graders import Deps, build
 from chalicelib.domain.graders.contract import MAX_INVOKE_BYTES
 from chalicelib.domain.graders.templates import make_sample
-from chalicelib.services import graders, hosted_grader
+from chalicelib.grading import graders
+from chalicelib.training import hosted_grader
+from chalicelib.domain.graders import rows
 from helpers import wait_for
 from sample_data import arithmetic_rows, jsonl
 
@@ -34,8 +36,8 @@ def test_a_slow_judge_never_delays_job_creation(client, bedrock):
 
 
 def _rows(team_id, n, ref):
-    return [{"id": f"s{i}", "reference_answer": "42", graders.REF_FIELD: ref,
-             hosted_grader.JOB_FIELD: f"{team_id}/ftjob-deadline",
+    return [{"id": f"s{i}", "reference_answer": "42", rows.REF_FIELD: ref,
+             rows.JOB_FIELD: f"{team_id}/ftjob-deadline",
              "messages": [{"role": "user", "content": "6 x 7?"}, {"role": "assistant", "content": "42"}]}
             for i in range(n)]
 

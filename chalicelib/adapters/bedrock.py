@@ -1,7 +1,7 @@
 """Amazon Bedrock's OpenAI-compatible ("Mantle") endpoint, through the openai SDK.
 
 Thin on purpose: token handling, retries with backoff and jitter inside a
-deadline, and error mapping. What to send is decided by services/domain.
+deadline, and error mapping. What to send is decided by the contexts and domain.
 
 Endpoint: AWS_ENDPOINT_URL_BEDROCK_MANTLE when set (local stack), otherwise
 https://bedrock-mantle.<region>.api.aws, the documented host; `/v1` is appended.
@@ -9,7 +9,7 @@ Auth: a short-term `bedrock-api-key-...` bearer token from aws-bedrock-token-gen
 cached and re-minted before expiry and on a 401/403.
 Projects (issue #15): every team-scoped call takes `project`, sent as `OpenAI-Project` (the SDK's
 `project=`). That this header selects the project on AWS is UNCONFIRMED, so callers pass None
-unless RFT_MANTLE_PROJECTS is on (services/teams.mantle_project), and None means Bedrock's default.
+unless RFT_MANTLE_PROJECTS is on (platform/teams.mantle_project), and None means Bedrock's default.
 """
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def list_checkpoints(bedrock_job_id: str, limit: int = 100, project: str | None 
 
 class ProjectJobs:
     """The job operations of one project, for code that holds a job (`jobs.upstream`): the same
-    names as services/nova's, so a job's Bedrock API is picked once."""
+    names as training/nova's, so a job's Bedrock API is picked once."""
 
     def __init__(self, project: str | None) -> None:
         self.project = project

@@ -5,7 +5,7 @@ ConverseStream).
 Thin on purpose: lazily created clients (endpoints from AWS_ENDPOINT_URL_BEDROCK and
 AWS_ENDPOINT_URL_BEDROCK_RUNTIME when set, AWS's otherwise), botocore's own standard retries on
 throttling and 5xx, and one error mapping onto rft-hub's errors. What to send is decided by
-services/nova.py and domain/{nova,converse}.py.
+training/nova.py, inference/deployments.py, inference/converse.py and domain/{nova,converse}.py.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ from chalice import Blueprint
 from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
-from chalicelib.services import lambda_graders, registry, teams
+from chalicelib.grading import lambda_graders
+from chalicelib.evaluation import promotion
+from chalicelib.platform import teams
 
 bp = Blueprint(__name__)
 
@@ -53,7 +55,7 @@ def revoke_key(req: Request, key_id: str):
     return teams.revoke_key(key_id)
 
 
-# A team may use only the Lambda graders registered to it (chalicelib/services/lambda_graders.py).
+# A team may use only the Lambda graders registered to it (chalicelib/grading/lambda_graders.py).
 @route(bp, "/v1/admin/teams/{team_id}/lambda_graders", ("POST",), auth="admin", body=RegisterLambdaGrader)
 def register_lambda_grader(req: Request, team_id: str):
     teams.get_team(team_id)
@@ -77,4 +79,4 @@ def unregister_lambda_grader(req: Request, team_id: str, name: str):
 @route(bp, "/v1/admin/teams/{team_id}/model_releases", ("POST",), auth="admin", body=ReleaseModel)
 def release_model(req: Request, team_id: str):
     teams.get_team(team_id)
-    return registry.release(team_id, req.body.model, req.body.reason.strip() or req.body.reason)
+    return promotion.release(team_id, req.body.model, req.body.reason.strip() or req.body.reason)

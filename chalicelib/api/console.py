@@ -6,7 +6,7 @@ shell is served at each page's URL (so links and the evals' `report_url` open di
 routes itself from the path. `<base href>` carries the API Gateway stage prefix when there is one,
 so the same files work at https://<api>/<stage>/console and at http://127.0.0.1:8000/console.
 
-Sign-in exchanges a team key or the admin key for a session cookie (services/console_sessions.py);
+Sign-in exchanges a team key or the admin key for a session cookie (platform/console_sessions.py);
 the key is never stored in the browser.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 from chalice import Blueprint, Response
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, _authenticate, route
+from chalicelib.api.http import Request, StrictModel, authenticate, route
 from chalicelib.errors import NotFound, UnsupportedMediaType
-from chalicelib.services import console_sessions
+from chalicelib.platform import console_sessions
 
 bp = Blueprint(__name__)
 
@@ -143,7 +143,7 @@ def console_session(req: Request):
     with `signed_in: false`, so the sign-in page's probe logs nothing in the browser. A bearer key
     is checked as on any route (a wrong one is a 401)."""
     if "authorization" in req.headers:
-        p = _authenticate("any", req.headers, "GET")
+        p = authenticate("any", req.headers, "GET")
         return {"object": "console.session", "signed_in": True, "principal": "admin" if p.is_admin else "team",
                 "team_id": p.team_id, "key_id": p.key_id, "expires_at": None, "csrf_token": None}
     session = console_sessions.current(req.headers)

@@ -6,7 +6,7 @@ from chalice import Blueprint
 
 from chalicelib.api.http import Request, query_int, route, validation_error
 from chalicelib.domain import evals as rules
-from chalicelib.services import evals
+from chalicelib.evaluation import evals
 
 bp = Blueprint(__name__)
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from chalicelib.api.http import Request, StrictModel, query_int, route
 from chalicelib.domain import multipart
 from chalicelib.errors import InvalidRequest
-from chalicelib.services import files
+from chalicelib.platform import files
 
 bp = Blueprint(__name__)
 

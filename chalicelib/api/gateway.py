@@ -10,7 +10,7 @@ from __future__ import annotations
 from chalice import Blueprint, Response
 
 from chalicelib.api.http import Request, route
-from chalicelib.services import gateway
+from chalicelib.inference import gateway
 
 bp = Blueprint(__name__)
 

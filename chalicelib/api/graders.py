@@ -8,7 +8,7 @@ from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
 from chalicelib.domain.jobs import SampleBase
-from chalicelib.services import graders, preflight
+from chalicelib.grading import graders, preflight
 
 bp = Blueprint(__name__)
 

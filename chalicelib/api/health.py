@@ -4,7 +4,7 @@ from __future__ import annotations
 from chalice import Blueprint
 
 from chalicelib.api.http import Request, route
-from chalicelib.services import health, teams
+from chalicelib.platform import health, teams
 
 bp = Blueprint(__name__)
 

@@ -33,8 +33,8 @@ from chalicelib.domain.keys import bearer_token
 from chalicelib.log import logger
 from chalicelib.store import dynamo
 from pynamodb.exceptions import PynamoDBException
-from chalicelib.services import console_sessions, teams
-from chalicelib.services.teams import Principal
+from chalicelib.platform import console_sessions, teams
+from chalicelib.platform.teams import Principal
 
 ANY_CONTENT = ["*/*"]
 MAX_ID_CHARS = 256
@@ -158,7 +158,7 @@ def _request_id(current) -> str:
     return context.get("requestId") or str(uuid.uuid4())
 
 
-def _authenticate(auth: str | None, headers: dict[str, str], method: str | None = None) -> Principal | None:
+def authenticate(auth: str | None, headers: dict[str, str], method: str | None = None) -> Principal | None:
     if auth is None:
         return None
     token = bearer_token(headers.get("authorization"))
@@ -203,7 +203,7 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                 # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow,
                 # authentication's reads included (a console cookie's two reads took 25 s each without).
                 with deadline.running(deadline.budget_from_context(_lambda_context(bp))):
-                    req.principal = _authenticate(auth, headers, current.method)
+                    req.principal = authenticate(auth, headers, current.method)
                     team_id = req.principal.team_id if req.principal else None
                     check_path_params(path_params)
                     if body is not None or json_body:

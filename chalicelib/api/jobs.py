@@ -8,7 +8,7 @@ from chalicelib.api.http import Request, query_int, route, validation_error
 from chalicelib.domain.datasets import parse_json
 from chalicelib.domain.jobs import CreateJob
 from chalicelib.errors import InvalidRequest
-from chalicelib.services import jobs
+from chalicelib.training import create, mirror, state
 
 bp = Blueprint(__name__)
 
@@ -22,7 +22,7 @@ def create_job(req: Request):
     key = req.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidRequest("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-    return jobs.create_job(req.team_id, parsed, req.body, key)
+    return create.create_job(req.team_id, parsed, req.body, key)
 
 
 @route(bp, "/v1/fine_tuning/jobs", query={"limit": "integer", "after": "string"})
@@ -39,27 +39,27 @@ def list_jobs(req: Request):
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise InvalidRequest("metadata must be a JSON object of strings, e.g. metadata={\"team\":\"search\"}.",
                                  param="metadata")
-    return jobs.list_jobs(req.team_id, query_int(req, "limit", 20, 1, 100), req.query.get("after"), metadata)
+    return state.list_jobs(req.team_id, query_int(req, "limit", 20, 1, 100), req.query.get("after"), metadata)
 
 
 @route(bp, "/v1/fine_tuning/jobs/{job_id}")
 def retrieve_job(req: Request, job_id: str):
-    return jobs.retrieve(req.team_id, job_id)
+    return state.retrieve(req.team_id, job_id)
 
 
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/cancel", ("POST",))
 def cancel_job(req: Request, job_id: str):
-    return jobs.cancel(req.team_id, job_id)
+    return state.cancel(req.team_id, job_id)
 
 
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/events", query={"limit": "integer", "after": "string"})
 def list_job_events(req: Request, job_id: str):
-    return jobs.list_events(req.team_id, job_id, query_int(req, "limit", 20, 1, 1000), req.query.get("after"))
+    return mirror.list_events(req.team_id, job_id, query_int(req, "limit", 20, 1, 1000), req.query.get("after"))
 
 
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/checkpoints", query={"limit": "integer", "after": "string"})
 def list_job_checkpoints(req: Request, job_id: str):
-    return jobs.list_checkpoints(req.team_id, job_id, query_int(req, "limit", 10, 1, 100), req.query.get("after"))
+    return mirror.list_checkpoints(req.team_id, job_id, query_int(req, "limit", 10, 1, 100), req.query.get("after"))
 
 
 # ---- the training watch (rft-hub extras) ---------------------------------------------------------
@@ -68,7 +68,7 @@ def list_job_checkpoints(req: Request, job_id: str):
        query={"window": "integer", "order": "string", "limit": "integer", "after": "string"})
 def list_job_rollouts(req: Request, job_id: str):
     """A window's kept rollouts (full text), by reward or in a fixed random order, paged."""
-    from chalicelib.services import rollouts
+    from chalicelib.training import rollouts
 
     window = query_int(req, "window", 0, 1, 10**8) if req.query.get("window") not in (None, "") else None
     order = req.query.get("order") or "reward_desc"
@@ -79,6 +79,6 @@ def list_job_rollouts(req: Request, job_id: str):
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/watch", query={"limit": "integer", "after": "string"})
 def get_job_watch(req: Request, job_id: str):
     """The training watch: per-window series (paged, oldest first) and its findings."""
-    from chalicelib.services import watch
+    from chalicelib.training import watch
 
     return watch.view(req.team_id, job_id, query_int(req, "limit", 50, 1, 200), req.query.get("after"))

@@ -8,7 +8,8 @@ from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
 from chalicelib.errors import InvalidRequest, NotFound
-from chalicelib.services import models, registry
+from chalicelib.evaluation import promotion
+from chalicelib.inference import models, registry
 
 bp = Blueprint(__name__)
 
@@ -56,8 +57,8 @@ def point_alias(req: Request):
             raise InvalidRequest("'team_id' is only for the admin key; a team key moves its own team's aliases.",
                                  param="team_id")
         team_id, changed_by = principal.team_id, f"key:{principal.key_id}"
-    gate = body.gate if "gate" in body.model_fields_set else registry.KEEP_GATE
-    return registry.point_alias(team_id, body.alias, body.model, changed_by=changed_by, gate=gate,
+    gate = body.gate if "gate" in body.model_fields_set else promotion.KEEP_GATE
+    return promotion.point_alias(team_id, body.alias, body.model, changed_by=changed_by, gate=gate,
                                 override_reason=body.override_reason, admin=principal.is_admin)
 
 
@@ -68,4 +69,4 @@ def list_aliases(req: Request):
 
 @route(bp, "/v1/models/aliases/{alias}/history")
 def alias_history(req: Request, alias: str):
-    return registry.alias_history(req.team_id, alias)
+    return promotion.alias_history(req.team_id, alias)

@@ -7,7 +7,8 @@ from decimal import Decimal
 from chalice import Blueprint, Response
 
 from chalicelib.api.http import Request, route
-from chalicelib.services import budgets, metering, prices, teams
+from chalicelib.spend import budgets, metering, prices
+from chalicelib.platform import teams
 
 bp = Blueprint(__name__)
 

@@ -2,7 +2,7 @@
 
 A request is handled in two steps. First, in a worker thread, exactly what a Chalice route does
 (api/http.py: the team key, the JSON body rules, the OpenAI error envelope, a deadline) and the
-gateway call itself (services/gateway.py): a plain call comes back answered; a streamed call
+gateway call itself (inference/gateway.py): a plain call comes back answered; a streamed call
 comes back opened -- its worst case held against the budget and Bedrock's 200 in hand -- or as
 an error (a 429 insufficient_quota, a 404, Bedrock's own error ...) before any byte is sent.
 Second, a streamed call is relayed: one thread reads Bedrock's events and hands each to the
@@ -40,7 +40,7 @@ from chalicelib.dataplane import READY_PATH, ROUTES
 from chalicelib.domain import ids
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
-from chalicelib.services import gateway
+from chalicelib.inference import gateway
 
 # A streamed integration may run 15 minutes (API Gateway's and Lambda's limit); the function's
 # own remaining time, when Lambda Web Adapter passes it, is used instead.
@@ -122,7 +122,7 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
         # Authentication (a console cookie reads DynamoDB twice) answers within API Gateway's 29 s,
         # whatever a stream may be allowed afterwards.
         with deadline.running(min(seconds, deadline.budget_from_context(None))):
-            principal = http._authenticate("team", headers)
+            principal = http.authenticate("team", headers)
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
             result = SERVICES[path](principal, request_id, body, defer_settle=True)

@@ -1,6 +1,6 @@
 """Evals in OpenAI's shapes (the Evals API) as rft-hub runs them: the request rules, testing
 criteria and their pass thresholds, item schemas, input templates, a run's tallies, comparisons
-between runs and promotion gates. Pure: no I/O (services/evals.py does that)."""
+between runs and promotion gates. Pure: no I/O (evaluation/evals.py does that)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pydantic
 from pydantic import Field
 
 from chalicelib.domain import numbers
-from chalicelib.domain.graders.templates import TemplateError, _walk, compile_template, InvalidVariable
+from chalicelib.domain.graders.templates import TemplateError, walk, compile_template, InvalidVariable
 
 TERMINAL = frozenset({"completed", "failed", "canceled"})
 STATUSES = ("queued", "in_progress", "completed", "failed", "canceled")
@@ -470,7 +470,7 @@ def input_renderer(input_messages: dict) -> Callable[[dict], list[dict]]:
         path = tuple(input_messages["item_reference"].split(".")[1:])
 
         def by_reference(item: dict) -> list[dict]:
-            value = _walk(item, path, input_messages["item_reference"])
+            value = walk(item, path, input_messages["item_reference"])
             if not isinstance(value, list) or not value or not all(
                     isinstance(m, dict) and m.get("role") in ROLES for m in value):
                 raise InvalidVariable(f"{input_messages['item_reference']}: not a list of chat messages")

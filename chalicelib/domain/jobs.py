@@ -68,7 +68,7 @@ class CreateJob(_Strict):
     preflight: Literal["block", "warn"] = "block"   # rft-hub extra (grader preflight)
     sample_base: SampleBase | None = None            # rft-hub extra: base-model sampling in that preflight
     watch: Watch | None = None                       # rft-hub extra (training watch)
-    rft_eval: dict[str, Any] | None = None           # rft-hub extra: eval to run on success (services/evals.py)
+    rft_eval: dict[str, Any] | None = None           # rft-hub extra: eval to run on success (evaluation/evals.py)
 
 
 def check_create(req: CreateJob, allowed_models: tuple[str, ...]) -> dict:

@@ -1,5 +1,5 @@
 """The training watch: what every reward invocation says about the policy, and when it looks
-like reward hacking. Pure (no I/O): services/rollouts.py records, services/watch.py raises.
+like reward hacking. Pure (no I/O): training/rollouts.py records, training/watch.py raises.
 
 Per reward invocation each sample becomes a `Sample` (reward, errors, response length, a text
 fingerprint, whether the text is degenerate, the audit grader's score when it was audited). An

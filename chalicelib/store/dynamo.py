@@ -133,6 +133,11 @@ def is_condition(exc: BaseException) -> bool:
     return classify(exc) == CONDITION
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Throttled, conflicted or silent: nothing decided, the same write may succeed when repeated."""
+    return classify(exc) in (BUSY, UNKNOWN)
+
+
 def put_once(item, key_attribute, what: str) -> bool:
     """Writes `item` only if its key is new; retried as an idempotent write. True if this call
     wrote it, False if it was there already (a repeat, a replay, a racing writer)."""

@@ -641,7 +641,7 @@ class EvalRunRecord(_Base):
     lease_until = NumberAttribute(null=True)
     enqueued_at = NumberAttribute(null=True)
     attempts = NumberAttribute(default=0)
-    data_sha256 = UnicodeAttribute(null=True)     # the rows it ran on (services/evals.rows_sha256): gates pin it
+    data_sha256 = UnicodeAttribute(null=True)     # the rows it ran on (evaluation/evals.rows_sha256): gates pin it
 
 
 class EvalOutputItem(_Base):

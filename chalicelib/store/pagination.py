@@ -49,6 +49,18 @@ class Page(Generic[T]):
     calls: int = 0                    # Query calls made
 
 
+def envelope(data: list, page: Page | None = None, *, first_last: bool = False, **extra) -> dict:
+    """A list answer as OpenAI shapes it, plus rft-hub's `rft_next_cursor`; `first_last` adds OpenAI's
+    `first_id`/`last_id` ("" on an empty page), which the Evals API's lists require."""
+    out: dict = {"object": "list", "data": data}
+    if first_last:
+        out.update(first_id=data[0]["id"] if data else "", last_id=data[-1]["id"] if data else "")
+    more = bool(page is not None and page.has_more)
+    out.update(has_more=more, **extra)
+    out["rft_next_cursor"] = page.cursor if more else None
+    return out
+
+
 # ---- cursors ----------------------------------------------------------------------------------
 
 def is_cursor(after: str | None) -> bool:

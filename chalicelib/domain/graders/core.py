@@ -19,7 +19,7 @@ from chalicelib.domain.graders.formula import FormulaError, compile_formula
 from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, make_sample
 
 # Bedrock's LambdaGraderConfig.lambdaArn pattern (botocore), ASCII digits only, used with fullmatch (`$`
-# would let a trailing newline through). Who may use which function: services/lambda_graders.py.
+# would let a trailing newline through). Who may use which function: grading/lambda_graders.py.
 LAMBDA_ARN = re.compile(
     r"arn:(aws[a-zA-Z-]*)?:lambda:[a-z]{2}(-gov)?-[a-z]+-[0-9]:[0-9]{12}:function:[a-zA-Z0-9-_\.]+"
     r"(:(\$LATEST|[a-zA-Z0-9-_]+))?")

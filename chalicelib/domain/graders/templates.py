@@ -46,16 +46,16 @@ def _lookup(path: tuple[str, ...], name: str) -> Callable[[dict, dict], Any]:
                 value = sample.get("output_json")
                 if value is None:
                     raise InvalidVariable(f"{name}: the sample is not valid JSON")
-                return _walk(value, rest, name)
+                return walk(value, rest, name)
             return from_json
         raise TemplateError(f"unsupported variable '{name}' (use sample.output_text or sample.output_json.<path>)")
 
     def from_item(item, sample):
-        return _walk(item, fields, name)
+        return walk(item, fields, name)
     return from_item
 
 
-def _walk(value: Any, fields: tuple[str, ...], name: str) -> Any:
+def walk(value: Any, fields: tuple[str, ...], name: str) -> Any:
     for field in fields:
         if isinstance(value, dict) and field in value:
             value = value[field]

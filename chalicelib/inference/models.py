@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from chalicelib.domain import pricing
-from chalicelib.services import registry
+from chalicelib.inference import registry
 
 
 def base_models() -> list[dict]:

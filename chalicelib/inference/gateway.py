@@ -6,7 +6,7 @@ write on the team's budget item), forward to Bedrock, write the ledger entry (on
 put), settle the hold at the exact cost (one write; for a plain call on the data plane, after
 the answer is sent: `Reply.after`). Three DynamoDB round trips on the warm path with a budget
 (one without), two of them before a plain answer, no read for auth, prices or models, and no
-transaction: daily totals are derived from the ledger later (services/metering.py).
+transaction: daily totals are derived from the ledger later (spend/metering.py).
 
 One metering path for every call: `_hold` (reserve, before anything reaches Bedrock) and its
 `finish` (ledger, then settle) or `fail`. A plain call runs them around one upstream call
@@ -30,8 +30,11 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from chalicelib.log import logger
-from chalicelib.services import budgets, metering, nova, prices, registry, teams
-from chalicelib.services.teams import Principal
+from chalicelib.spend import budgets, metering, prices
+from chalicelib.inference import converse as nova_converse
+from chalicelib.inference import registry
+from chalicelib.platform import teams
+from chalicelib.platform.teams import Principal
 from chalicelib.store.models import LedgerEntry
 
 # The longest a stream may wait for Bedrock's next event (API Gateway ends a stream idle for 5 minutes).
@@ -440,11 +443,11 @@ def _idle_limit(request, seconds: float) -> None:
 
 
 def send(team_id: str, target: Target, endpoint: str, body: dict,
-         converse: nova.ConverseCall | None = None) -> tuple[int, str, bytes]:
+         converse: nova_converse.ConverseCall | None = None) -> tuple[int, str, bytes]:
     """One plain upstream call for a team: Converse for a model Converse serves (Amazon Nova),
     otherwise Bedrock's OpenAI-compatible endpoint in the team's project. Returns (status,
     content type, raw body); an upstream error keeps Bedrock's status and type."""
-    converse = converse or nova.converse_call(team_id, target, endpoint, body)
+    converse = converse or nova_converse.converse_call(team_id, target, endpoint, body)
     if converse:
         return converse.call(upstream_deadline())
     return bedrock.forward(endpoint, body, upstream_deadline(), project=teams.mantle_project(team_id))
@@ -460,8 +463,8 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
     upstream_body = {**body, "model": target.upstream}
-    # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (services/nova.py).
-    converse = nova.converse_call(principal.team_id, target, endpoint, upstream_body)
+    # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).
+    converse = nova_converse.converse_call(principal.team_id, target, endpoint, upstream_body)
     if stream:
         hold = _hold(principal.team_id, principal.key_id, request_id, target, price, worst, endpoint=endpoint,
                      stream=True)
@@ -505,7 +508,7 @@ def check_judges(team_id: str, spec, param: str) -> None:
         sampling = spec_.get("sampling_params") or {}
         for ours in sampling:
             try:
-                nova.check_translatable(target, "/chat/completions",
+                nova_converse.check_translatable(target, "/chat/completions",
                                         _judge_body(target, [{"role": "user", "content": "-"}], {ours: sampling[ours]}))
             except InvalidRequest as err:
                 raise InvalidRequest(f"The judge model '{model}': {err.message}", param=f"{where}.sampling_params.{ours}",
@@ -534,7 +537,7 @@ def metered_judge(team_id: str, key_id: str | None, request_id: str, model: str,
     budgets.OverBudget."""
     target, price = priced(team_id, model, "grader.model")
     body = _judge_body(target, messages, sampling)
-    converse = nova.converse_call(team_id, target, "/chat/completions", body)   # refuses before the hold
+    converse = nova_converse.converse_call(team_id, target, "/chat/completions", body)   # refuses before the hold
     worst = budget_rules.worst_case_micro(price, budget_rules.prompt_tokens_estimate(messages),
                                           sampling.get("max_completion_tokens"))
 

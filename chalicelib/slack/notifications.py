@@ -21,7 +21,10 @@ from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import ids, jobs as job_rules, slack_messages as messages, urls
 from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
 from chalicelib.log import logger
-from chalicelib.services import budgets, jobs, registry
+from chalicelib.spend import budgets
+from chalicelib.training import state as job_state
+from chalicelib.inference import registry
+from chalicelib.training import rewards as job_rewards
 from chalicelib.store import dynamo
 from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 
@@ -183,7 +186,7 @@ def _settle(event_id: str, status: str, error: str | None = None) -> None:
 def _order(detail_type: str, detail: dict) -> tuple[str, int, int | None] | None:
     """(job key, rank, seq) of a job state change; None for events that are not ordered.
 
-    A job's status only moves forward (domain/jobs.py: monotonic, a terminal status is final, one
+    A job's status only moves forward (the rules in domain/jobs: monotonic, a terminal status is final, one
     terminal status per job), so the status's place in STATUSES orders a job's state changes. When
     the producer sends `status_seq` (the new status's position in the job's status_path), it is
     used as well.
@@ -224,7 +227,7 @@ def _job_message(detail: dict) -> dict:
     try:
         job = Job.get(detail["team_id"], job_id)
         path = list(job.status_path or [])
-        rewards = registry.reward_curve(job_id, 40)      # bounded read, whatever the job's history
+        rewards = job_rewards.reward_curve(job_id, 40)      # bounded read, whatever the job's history
         view = budgets.view(detail["team_id"])
         estimate = (job.estimate or {}).get("estimated_usd")
         budget_line = f"~${estimate} (estimate)" if estimate else "unpriced"
@@ -382,7 +385,7 @@ def command(form: dict) -> dict:
     if name == "help":
         return messages.ephemeral("rft-hub commands:", HELP)
     if name == "jobs":
-        recent = jobs.list_jobs(team_id, 10, None)["data"]   # one query of 11 items, newest first
+        recent = job_state.list_jobs(team_id, 10, None)["data"]   # one query of 11 items, newest first
         lines = [f"`{j['id']}` {j['model']} *{j['status']}* best reward {_best(j['id'])}" for j in recent]
         return messages.ephemeral(f"{len(recent)} most recent jobs:" if recent else "No jobs yet.", lines)
     if name == "status":
@@ -419,7 +422,7 @@ def truncate_word(word: str) -> str:
 
 
 def _best(job_id: str) -> str:
-    best = registry.best_reward(job_id)   # one GetItem (or a bounded window for older jobs)
+    best = job_rewards.best_reward(job_id)   # one GetItem (or a bounded window for older jobs)
     return f"{best:.3f}" if best is not None else "—"
 
 
@@ -438,7 +441,7 @@ def finish_command(body: str) -> str:
     if task.get("command") != "cancel":
         return "ignored"
     try:
-        job = jobs.cancel(task["team_id"], task["job_id"])
+        job = job_state.cancel(task["team_id"], task["job_id"])
         text = f"`{job['id']}` is now *{job['status']}*."
     except Exception as exc:  # noqa: BLE001 - the user gets an answer either way
         text = f"Could not cancel `{task['job_id']}`: {getattr(exc, 'message', type(exc).__name__)}"

@@ -14,7 +14,7 @@ transaction on this team-wide item, which DynamoDB would cancel under concurrenc
   Repeating it is a no-op, so settlements are retried, never skipped.
 
 Holds carry their creation time in their id. The reconciler settles an expired call hold
-from the ledger, or releases it as abandoned (services/metering.py); a job's hold is the job's
+from the ledger, or releases it as abandoned (spend/metering.py); a job's hold is the job's
 to settle, unless no job was recorded with it (a crash between reserve and save).
 Threshold crossings are announced once per threshold per period (a deterministic outbox id).
 """
@@ -29,8 +29,8 @@ from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
-from chalicelib.services import outbox
-from chalicelib.services.cache import TTLCache
+from chalicelib import outbox
+from chalicelib.cache import TTLCache
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, BudgetPeriod
 

@@ -24,7 +24,8 @@ from chalicelib.domain.graders.preflight import (CRITICAL, PROBES, base_findings
                                                  stats)
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.errors import ApiError, InvalidRequest
-from chalicelib.services import files, graders
+from chalicelib.platform import files
+from chalicelib.grading import graders
 
 LAMBDA_BATCH = 100
 BASE_PARAM = "sample_base"
@@ -115,7 +116,7 @@ def check_base_plan(team_id: str, options: dict) -> None:
 
 def _base_plan(team_id: str, options: dict) -> dict:
     """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
-    from chalicelib.services import gateway
+    from chalicelib.inference import gateway
 
     model = options.get("model") or settings().rft_models[0]
     try:
@@ -133,8 +134,8 @@ def _sample_base(team_id: str, key_id: str | None, grader: Grader, items: list[d
     the team, held to its budget: out of budget is the 429); the sampling stops before `max_usd`
     could be passed (each call counts at its worst case until its real cost is known), and before
     the request runs out of time."""
-    from chalicelib.services import gateway
-    from chalicelib.services.teams import Principal
+    from chalicelib.inference import gateway
+    from chalicelib.platform.teams import Principal
 
     model, cap, price = options["model"], options["cap"], options["price"]
     k = int(options.get("k") or 4)

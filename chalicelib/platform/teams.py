@@ -13,7 +13,7 @@ from chalicelib.config import settings
 from chalicelib.domain import ids, keys
 from chalicelib.errors import ApiError, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from chalicelib.log import logger
-from chalicelib.services.cache import TTLCache
+from chalicelib.cache import TTLCache
 from chalicelib.store.models import ApiKey, Team
 from chalicelib.store import dynamo
 

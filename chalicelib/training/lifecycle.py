@@ -1,6 +1,6 @@
 """Job state from Bedrock: EventBridge events and the polling reconciler.
 
-Both end in `jobs.apply_status`, the one transition function: idempotent, monotonic,
+Both end in `job_state.apply_status`, the one transition function: idempotent, monotonic,
 recorded with its source. Events are best effort: native (Amazon Nova) jobs emit them; AWS
 documents none for OpenAI-compatible (Mantle) jobs, which converge through the reconciler
 alone. The reconciler is what guarantees convergence; events only make it faster.
@@ -20,7 +20,9 @@ from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
-from chalicelib.services import jobs, metering, outbox
+from chalicelib.training import mirror, record, state as job_state, submit
+from chalicelib.spend import metering
+from chalicelib import outbox
 from chalicelib.store.models import Job, connection
 
 DETAIL_TYPE = "Model Customization Job State Change"
@@ -61,16 +63,16 @@ def handle_bedrock_event(event: dict, account_id: str | None) -> str:
         if observed == "succeeded":
             # The event does not carry the OpenAI-compatible fine_tuned_model: ask Bedrock.
             try:
-                remote = jobs.upstream(job).retrieve_job(job.bedrock_job_id)
+                remote = record.upstream(job).retrieve_job(job.bedrock_job_id)
             except ApiError as err:
                 logger.warning("enrichment failed; the reconciler will finish", extra={"job_id": job.job_id,
                                                                                       "error": err.message})
                 return "deferred"
-            changed = jobs.apply_remote(job, remote, source="event")
+            changed = job_state.apply_remote(job, remote, source="event")
         else:
             error = {"code": "bedrock_failed", "message": detail.get("failureMessage") or "Job failed.",
                      "param": None} if observed == "failed" else None
-            changed = jobs.apply_status(job, observed, source="event", error=error)
+            changed = job_state.apply_status(job, observed, source="event", error=error)
         return "applied" if changed else "no-op"
     except Exception:  # noqa: BLE001 - a handler that raises is retried forever; log and drop
         logger.exception("bedrock event failed", extra={"event_id": event.get("id")})
@@ -118,37 +120,37 @@ def _reconcile_one(team_id: str, job_id: str, report: RunReport) -> None:
     if job.status in rules.TERMINAL:
         if job.submit_state in ("pending", "submitting"):   # cancelled before it was ever submitted
             job.update(actions=[Job.submit_state.set("cancelled")])
-        jobs.finalize(job)
+        job_state.finalize(job)
         report.add("finalized")
         return
     if job.submit_state == "rejected":
-        jobs.apply_status(job, "failed", source="poll", error=job.error)
+        job_state.apply_status(job, "failed", source="poll", error=job.error)
         report.add("changed")
         return
     if job.submit_state == "pending" or (job.submit_state == "submitting" and (job.submit_lease_until or 0) < now):
-        outcome = jobs.prepare(job.team_id, job.job_id)   # repairs "recorded, never prepared or submitted"
+        outcome = submit.prepare(job.team_id, job.job_id)   # repairs "recorded, never prepared or submitted"
         report.add("submitted", int(outcome == "submitted"))
         return
     if not job.bedrock_job_id:
         return
     try:
-        remote = jobs.upstream(job).retrieve_job(job.bedrock_job_id)
+        remote = record.upstream(job).retrieve_job(job.bedrock_job_id)
     except NotFound:
         # Bedrock no longer knows the job. Right after creation that can be lag; later it is final.
         if now - job.created_at > MISSING_AFTER_SECONDS:
-            jobs.apply_status(job, "failed", source="poll", error={
+            job_state.apply_status(job, "failed", source="poll", error={
                 "code": "bedrock_job_missing", "param": None,
                 "message": f"Amazon Bedrock no longer knows job {job.bedrock_job_id}."})
             report.add("changed")
         return
-    if jobs.apply_remote(job, remote, source="poll"):
+    if job_state.apply_remote(job, remote, source="poll"):
         report.add("changed")
-    if jobs.enforce_stop(job):        # rft-hub asked it to stop (e.g. the budget ran out)
+    if job_state.enforce_stop(job):        # rft-hub asked it to stop (e.g. the budget ran out)
         report.add("changed")
-    if jobs.sync_events(job):
+    if mirror.sync_events(job):
         job.update(actions=[Job.last_progress_at.set(now), Job.stalled_at.remove()])
     if job.status == "running":
-        jobs.sync_checkpoints(job)
+        mirror.sync_checkpoints(job)
     _flag_stall(job, now, report)
 
 
@@ -156,7 +158,7 @@ def _flag_stall(job: Job, now: int, report: RunReport) -> None:
     since = job.last_progress_at or job.created_at
     if job.status in rules.TERMINAL or job.stalled_at or now - since < settings().stall_seconds:
         return
-    event = outbox.stage("rft-hub.job.stalled", job.team_id, job=jobs._job_summary(job), status=job.status,
+    event = outbox.stage("rft-hub.job.stalled", job.team_id, job=record.summary(job), status=job.status,
                          no_progress_seconds=now - since)
     try:
         with TransactWrite(connection=connection()) as tx:
@@ -164,7 +166,7 @@ def _flag_stall(job: Job, now: int, report: RunReport) -> None:
             tx.save(event)
     except TransactWriteError:
         return   # flagged already (by a concurrent run)
-    jobs.record_event(job, f"No progress for {now - since} s: job looks stalled.", level="warn", source="poll")
+    record.record_event(job, f"No progress for {now - since} s: job looks stalled.", level="warn", source="poll")
     outbox.publish([event])
     report.add("stalled")
 
@@ -194,21 +196,21 @@ def _money(report: RunReport) -> None:
 
 def _deployments(report: RunReport) -> None:
     """Amazon Nova custom-model deployments: Creating -> Active | Failed, and what Bedrock refused."""
-    from chalicelib.services import nova
+    from chalicelib.inference import deployments
 
-    report.deployments = _repair(report, "nova deployments", nova.reconcile) or {}
+    report.deployments = _repair(report, "nova deployments", deployments.reconcile) or {}
 
 
 def _projects(report: RunReport) -> None:
     """Teams whose Mantle project could not be made when they were created (Bedrock down)."""
-    from chalicelib.services import teams
+    from chalicelib.platform import teams
 
     report.projects_made = _repair(report, "team projects", teams.ensure_projects) or 0
 
 
 def _files(report: RunReport) -> None:
     """Files past their expires_after: S3 object and row deleted (already unreadable since expires_at)."""
-    from chalicelib.services import files
+    from chalicelib.platform import files
 
     report.files_expired = _repair(report, "expired files", files.delete_expired) or 0
 
@@ -231,7 +233,7 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
             logger.warning("reconcile failed", extra={"job_id": key.job_id, "error": type(exc).__name__})
 
     with ThreadPoolExecutor(max_workers=concurrency or settings().reconcile_concurrency) as pool:
-        list(pool.map(work, Job.active.query(jobs.ACTIVE)))
+        list(pool.map(work, Job.active.query(record.ACTIVE)))
     report.published = outbox.drain()
     _money(report)
     _deployments(report)

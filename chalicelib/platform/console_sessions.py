@@ -7,7 +7,7 @@ Secrets Manager (`rfthub/<stage>/console-session`, `RFT_CONSOLE_SESSION_SECRET_I
 team key's id, or for the admin a fingerprint of the admin key (rotating the admin key ends every
 admin session).
 
-A request authenticated by the cookie (chalicelib/api/http.py `_authenticate`, only when there is
+A request authenticated by the cookie (chalicelib/api/http.py `authenticate`, only when there is
 no Authorization header) is accepted while:
 * the signature holds and `exp` is in the future (RFT_CONSOLE_SESSION_SECONDS, default 8 hours);
 * the session was not signed out: sign-out writes a revocation item (session id, TTL at the
@@ -36,9 +36,9 @@ from pynamodb.exceptions import DoesNotExist
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.config import settings
 from chalicelib.domain import keys
-from chalicelib.errors import ApiError, Unauthorized
-from chalicelib.services import teams
-from chalicelib.services.teams import Principal
+from chalicelib.errors import Forbidden, Unauthorized
+from chalicelib.platform import teams
+from chalicelib.platform.teams import Principal
 from chalicelib.store import dynamo
 from chalicelib.store.models import ApiKey, ConsoleSessionRevocation
 
@@ -57,9 +57,9 @@ def session_seconds() -> int:
     return int(os.environ.get("RFT_CONSOLE_SESSION_SECONDS", str(8 * 3600)))
 
 
-class Forbidden(ApiError):
-    status = 403
+class CsrfInvalid(Forbidden):
     code = "csrf_token_invalid"
+    should_retry = None        # as before Forbidden was shared: no x-should-retry header
 
 
 class Session:
@@ -244,7 +244,7 @@ def authenticate(headers: dict[str, str], auth: str, method: str | None) -> Prin
     if (method or "POST").upper() not in SAFE_METHODS:
         sent = headers.get(CSRF_HEADER) or ""
         if not sent.isascii() or not hmac.compare_digest(sent.encode(), csrf_token(session.sid).encode()):
-            raise Forbidden("Missing or wrong X-CSRF-Token header: a request authenticated by the console's "
+            raise CsrfInvalid("Missing or wrong X-CSRF-Token header: a request authenticated by the console's "
                             "session cookie must send the token GET /console/session returns.",
                             param="X-CSRF-Token")
     return session.principal()

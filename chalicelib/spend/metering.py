@@ -3,7 +3,7 @@ it, repair of holds a crash left open, and usage reports. Money in exact micro-d
 
 Per served call, on the request path, no transaction and no team-wide item but the budget:
   1. the ledger entry: one conditional PutItem keyed by the request (a retry is a no-op);
-  2. the budget settlement: one UpdateItem on the team's period item (services/budgets.py).
+  2. the budget settlement: one UpdateItem on the team's period item (spend/budgets.py).
 If the ledger write still fails after retries, the entry goes to a dead-letter queue that
 the reconciler drains into the ledger; the hold stays open until then, so the budget never
 forgets the money. Daily totals are added up later by `aggregate` (sparse index of entries
@@ -30,7 +30,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.log import logger
-from chalicelib.services import budgets
+from chalicelib.spend import budgets
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, Job, LedgerEntry, Team, UsageDaily, connection
 

@@ -18,11 +18,10 @@ from chalicelib.adapters import lambdas
 from chalicelib.domain import ids, numbers
 from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text)
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
-from chalicelib.services import lambda_graders
+from chalicelib.grading import lambda_graders
 from chalicelib.store import dynamo
 from chalicelib.store.models import GraderSpec, GraderVersion, SavedGrader
 
-REF_FIELD = "rft_grader_ref"
 PARAM = "method.reinforcement.grader"
 
 
@@ -30,7 +29,7 @@ def deps(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
          spent: list | None = None) -> Deps:
     """What a team's graders may call: judges through the gateway's metering and budget (the
     team's models only), and Lambda graders (registered to the team, checked at compile time)."""
-    from chalicelib.services import gateway   # the gateway's imports are not needed by every grader path
+    from chalicelib.inference import gateway   # the gateway's imports are not needed by every grader path
 
     return Deps(judge=gateway.judge(team_id, key_id=key_id, job_id=job_id, spent=spent),
                 invoke_lambda=lambdas.invoke)
@@ -41,11 +40,11 @@ def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -
         grader = build(spec, param)
     except GraderSpecError as exc:
         raise InvalidRequest(f"Invalid grader: {exc}.", param=exc.param, code="invalid_grader") from None
-    # Lambda graders: only functions registered to the team (services/lambda_graders.py); without a
+    # Lambda graders: only functions registered to the team (grading/lambda_graders.py); without a
     # team_id, still only functions registered to some team.
     lambda_graders.check(team_id, grader, param)
     if team_id is not None:
-        from chalicelib.services import gateway
+        from chalicelib.inference import gateway
         gateway.check_judges(team_id, spec, param)
     return grader
 
@@ -171,7 +170,7 @@ def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None
     Every reward goes through rft-hub: Bedrock is always given the hosted grader, and every row
     references the spec (stored by hash). A team's own Lambda grader (type `lambda`) is such a
     spec too: it names the team's function, which the hosted grader invokes with Bedrock's
-    contract (services/hosted_grader.py), so the rollouts are recorded and watched."""
+    contract (training/hosted_grader.py), so the rollouts are recorded and watched."""
     if isinstance(grader, dict) and grader.get("type") == "saved":
         extra = set(grader) - {"type", "id", "version"}
         if extra or not isinstance(grader.get("id"), str):

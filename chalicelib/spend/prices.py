@@ -9,7 +9,7 @@ from pynamodb.exceptions import DoesNotExist
 from chalicelib.domain import ids, pricing
 from chalicelib.domain.budget import MAX_PRICE_PER_1M
 from chalicelib.errors import InvalidRequest, NotFound
-from chalicelib.services.cache import TTLCache
+from chalicelib.cache import TTLCache
 from chalicelib.store.models import PriceOverride
 from chalicelib.store import dynamo
 

@@ -5,10 +5,10 @@ queries (the job's first and newest windows, at most domain/watch.py MAX_SPAN ea
 analysis. A new finding (per code and severity) is recorded once -- a conditional put in the
 same transaction as its outbound event (`rft-hub.job.watch_finding`, posted to Slack like every
 job event) -- then as a job event (`type: message`, level warn or error). When the job asked for
-`"watch": {"on_critical": "cancel"}`, a critical finding stops it: `jobs.request_stop` records the
+`"watch": {"on_critical": "cancel"}`, a critical finding stops it: `record.request_stop` records the
 reason and the same invocation asks Bedrock to cancel (`enforce_stop`; the reconciler repeats it if
 that fails). If Bedrock finishes first the job still ends `cancelled` and its model is registered
-quarantined (services/registry.py: never served until the admin releases it; docs/watch.md).
+quarantined (inference/registry.py: never served until the admin releases it; docs/watch.md).
 """
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from chalicelib.domain import ids, numbers
 from chalicelib.domain import watch as rules
 from chalicelib.errors import InvalidRequest
 from chalicelib.log import logger
-from chalicelib.services import outbox, rollouts
+from chalicelib import outbox
+from chalicelib.inference import registry
+from chalicelib.training import record as job_record
+from chalicelib.training import rollouts
 from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import Job, JobEvent, Rollout, RolloutWindow, WatchFinding, connection
 
@@ -34,7 +37,7 @@ def audit_ref(team_id: str, spec: dict | None) -> str | None:
     registered) and stores it by hash; None without one."""
     if spec is None:
         return None
-    from chalicelib.services import graders
+    from chalicelib.grading import graders
 
     graders.compile_spec(spec, AUDIT_PARAM, team_id)
     return graders.store_spec(spec)
@@ -104,8 +107,6 @@ def _examples(team_id: str, job_id: str, finding: dict) -> list[dict]:
 
 
 def _raise(job: Job, cfg: rules.Config, finding: dict, window: int) -> bool:
-    from chalicelib.services import jobs
-
     team_id, job_id = job.team_id, job.job_id
     code, severity = finding["code"], finding["severity"]
     try:
@@ -118,7 +119,7 @@ def _raise(job: Job, cfg: rules.Config, finding: dict, window: int) -> bool:
     record = WatchFinding(rollouts.job_key(team_id, job_id), f"{code}#{severity}", code=code, severity=severity,
                           title=finding["title"], message=finding["message"], evidence=finding["evidence"],
                           window=window, action=action, event_id=event_id, created_at=now)
-    event = outbox.stage(DETAIL_TYPE, team_id, event_id=event_id, job=jobs._job_summary(job), code=code,
+    event = outbox.stage(DETAIL_TYPE, team_id, event_id=event_id, job=job_record.summary(job), code=code,
                          severity=severity, title=finding["title"], message=finding["message"], window=window,
                          windows=finding["evidence"]["windows"], examples=finding["evidence"]["examples"],
                          action=action)
@@ -129,47 +130,46 @@ def _raise(job: Job, cfg: rules.Config, finding: dict, window: int) -> bool:
     except TransactWriteError:
         return False        # raised already (a concurrent invocation)
     level = "error" if severity == rules.CRITICAL else "warn"
-    jobs.record_event(job, f"Training watch ({severity}): {finding['title']}. {finding['message']}", level=level,
+    job_record.record_event(job, f"Training watch ({severity}): {finding['title']}. {finding['message']}", level=level,
                       source="rft-hub", data={"code": code, "severity": severity, "window": window, "action": action,
                                               "evidence": finding["evidence"]})
     outbox.publish([event])
     if action == "cancel":
-        jobs.request_stop(team_id, job_id, STOP_CODE,
+        job_record.request_stop(team_id, job_id, STOP_CODE,
                           f"The training watch found '{code}' ({severity}) and the job asked to be cancelled on a "
                           f"critical finding: {finding['message']}")
-        _stop_now(team_id, job_id)
     if severity == rules.CRITICAL:
         _late_verdict(team_id, job_id)
+    finding["action"] = action        # the hosted grader stops the job at once on a cancel
     logger.warning("training watch finding", extra={"job_id": job_id, "code": code, "severity": severity,
                                                     "action": action})
     return True
 
 
-def _stop_now(team_id: str, job_id: str) -> None:
-    """Asks Bedrock to stop the job at once, within this reward invocation's time (the invocation's
-    deadline bounds the call), rather than at the reconciler's next pass: a finding in the last
-    steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
-    from chalicelib import deadline
-    from chalicelib.config import settings
-    from chalicelib.services import jobs
-
-    if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:
-        return      # Bedrock calls retry for up to that long: not within this invocation, so the reconciler's
-    try:
-        job = Job.get(team_id, job_id, consistent_read=True)
-        jobs.enforce_stop(job)
-    except Exception:  # noqa: BLE001 - the reconciler's enforce_stop repeats it; and the verdict holds anyway
-        logger.warning("immediate stop failed; the reconciler will cancel", extra={"job_id": job_id})
+def verdict(job: Job) -> dict | None:
+    """The watch's verdict on a finished job's model, from its critical findings (a consistent
+    read: a finding is recorded before the stop it causes); the catalog keeps it on the model
+    (inference/registry.py: quarantined, flagged or released)."""
+    critical = [f for f in WatchFinding.query(rollouts.job_key(job.team_id, job.job_id), consistent_read=True)
+                if f.severity == "critical"]
+    stopped = bool(job.cancel_requested) and (job.error or {}).get("code") == STOP_CODE
+    if not critical and not stopped:
+        return None
+    cancel = stopped or job.status != "succeeded" or any(f.action == "cancel" for f in critical)
+    return {"state": registry.QUARANTINED if cancel else registry.FLAGGED,
+            "on_critical": "cancel" if cancel else "alert", "job_id": job.job_id, "since": ids.now(),
+            "findings": [{"code": f.code, "severity": f.severity, "title": f.title, "window": int(f.window),
+                          "event_id": f.event_id} for f in critical]}
 
 
 def _late_verdict(team_id: str, job_id: str) -> None:
-    """A critical finding recorded after the job's model was registered: the model takes the verdict."""
-    from chalicelib.services import registry
-
+    """A critical finding recorded after the job's model was registered (Bedrock finished first):
+    the model takes the verdict now (the catalog never weakens one)."""
     try:
         job = Job.get(team_id, job_id, consistent_read=True)
-        if job.fine_tuned_model:
-            registry.apply_verdict(job)
+        found = verdict(job) if job.fine_tuned_model else None
+        if found is not None:
+            registry.set_verdict(team_id, job.fine_tuned_model, found)
     except Exception:  # noqa: BLE001 - logged; the finding itself is recorded
         logger.exception("late watch verdict failed", extra={"job_id": job_id})
 
@@ -195,9 +195,7 @@ def _metrics_steps(job_id: str) -> dict[int, tuple[int, dict]]:
 def view(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
     """The job's windows, oldest first, one page at a time (`after`: a window number or
     rft_next_cursor), with its findings and the watch's settings and thresholds."""
-    from chalicelib.services import jobs
-
-    job = jobs.get_job(team_id, job_id)    # another team's job is a 404
+    job = job_record.get_job(team_id, job_id)    # another team's job is a 404
     key = rollouts.job_key(team_id, job_id)
     start = None
     if pagination.is_cursor(after):

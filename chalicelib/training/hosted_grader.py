@@ -39,17 +39,15 @@ from chalicelib.adapters import lambdas
 from chalicelib.domain.graders import Deps, Grader, JudgeRefused, Result, build, run
 from chalicelib.domain.graders.contract import check_response, size_batches
 from chalicelib.domain.graders.core import LambdaGrader
+from chalicelib.domain.graders.rows import JOB_FIELD, OWN_FIELDS, REF_FIELD
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.log import logger
-from chalicelib.services import graders
+from chalicelib.grading import graders
 
 SAMPLE_TIME_LIMIT_S = 60.0
 LAMBDA_TIME_LIMIT_S = lambdas.LAMBDA_TIMEOUT_S + 5.0   # one invocation of a team's Lambda
 BATCH_MARGIN_MS = 3_000       # kept to return the scores after the last sample
 WORKERS = 16                  # judge calls are I/O: graded in parallel, bounded
-JOB_FIELD = "rft_job"         # "<team id>/<job id>", written into every training row with REF_FIELD
-PROMPT_FIELD = "rft_prompt"   # the row's id or line, written into every row: groups a prompt's samples
-OWN_FIELDS = frozenset({graders.REF_FIELD, JOB_FIELD, PROMPT_FIELD})
 AUDIT_PER_INVOCATION = 32     # samples per job and invocation scored by its audit grader (default)
 AUDIT_MAX = 64                # ... at most (each audit may be a metered judge call)
 AUDIT_GRACE_S = 5.0           # the longest the scores wait for audits once the grading is done
@@ -137,9 +135,9 @@ def grade_one(sample: Any, spent: dict | None = None, refused: set | None = None
     if not isinstance(sample, dict):
         return _failed(sample_id, "sample_parse_error", "sample is not an object")
     try:
-        grader = grader or _grader(sample.get(graders.REF_FIELD))
+        grader = grader or _grader(sample.get(REF_FIELD))
     except Exception:  # noqa: BLE001
-        return _failed(sample_id, "other_error", f"no grader for {graders.REF_FIELD}={sample.get(graders.REF_FIELD)!r}")
+        return _failed(sample_id, "other_error", f"no grader for {REF_FIELD}={sample.get(REF_FIELD)!r}")
     owner = job_of(sample)
     if owner is None:
         deps = Deps()          # no team to bill: judge calls are graded as errors
@@ -209,7 +207,7 @@ def _resolve(sample: Any) -> Grader | None:
     if not isinstance(sample, dict):
         return None
     try:
-        return _grader(sample.get(graders.REF_FIELD))
+        return _grader(sample.get(REF_FIELD))
     except Exception:  # noqa: BLE001 - graded (as an error) by grade_one
         return None
 
@@ -227,7 +225,7 @@ def _plan(samples: list, spent: dict, refused: set) -> list[_Task]:
     for i, sample in enumerate(samples):
         grader = _resolve(sample)
         if isinstance(grader, LambdaGrader) and isinstance(sample.get("id"), str):
-            by_lambda[sample[graders.REF_FIELD]].append(i)
+            by_lambda[sample[REF_FIELD]].append(i)
         else:
             tasks.append(_Task("sample", [i], SAMPLE_TIME_LIMIT_S,
                                lambda s=sample, g=grader: [grade_one(s, spent, refused, g)]))
@@ -248,7 +246,7 @@ def _plan(samples: list, spent: dict, refused: set) -> list[_Task]:
 
 def _plan_audits(samples: list, spent: dict) -> list[_Task]:
     """A few random samples per job with an audit grader, scored by it (metered to the job)."""
-    from chalicelib.services import rollouts
+    from chalicelib.training import rollouts
 
     by_job: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
@@ -369,7 +367,7 @@ def _watch(samples: list, out: list[dict], audits: dict[int, float | None]) -> N
     graded = []
     try:
         from chalicelib.domain import watch as rules
-        from chalicelib.services import rollouts, watch
+        from chalicelib.training import rollouts, watch
 
         for i, (sample, answer) in enumerate(zip(samples, out)):
             owner = job_of(sample) if isinstance(sample, dict) else None
@@ -386,21 +384,40 @@ def _watch(samples: list, out: list[dict], audits: dict[int, float | None]) -> N
             return
         for (team_id, job_id), cfg, window in rollouts.record(graded):
             try:
-                watch.check(team_id, job_id, cfg, window)
+                raised = watch.check(team_id, job_id, cfg, window)
+                if any(f.get("action") == "cancel" for f in raised):
+                    _stop_now(team_id, job_id)
             except Exception:  # noqa: BLE001 - the next invocation checks again
                 logger.exception("training watch failed", extra={"job_id": job_id})
     except Exception:  # noqa: BLE001 - the scores must reach Bedrock
         logger.exception("rollout recording failed", extra={"samples": len(graded)})
 
 
+def _stop_now(team_id: str, job_id: str) -> None:
+    """Asks Bedrock to stop the job at once, within this reward invocation's time (the invocation's
+    deadline bounds the call), rather than at the reconciler's next pass: a finding in the last
+    steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
+    from chalicelib.config import settings
+    from chalicelib.store.models import Job
+    from chalicelib.training import state as job_state   # the hosted grader's training path only
+
+    if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:
+        return      # Bedrock calls retry for up to that long: not within this invocation, so the reconciler's
+    try:
+        job = Job.get(team_id, job_id, consistent_read=True)
+        job_state.enforce_stop(job)
+    except Exception:  # noqa: BLE001 - the reconciler's enforce_stop repeats it; and the verdict holds anyway
+        logger.warning("immediate stop failed; the reconciler will cancel", extra={"job_id": job_id})
+
+
 def _account(spent: dict, refused: set) -> None:
     """One write per job per invocation: the judge cost on the job, and a stop when refused."""
-    from chalicelib.services import jobs   # only the hosted grader's training path needs the jobs service
+    from chalicelib.training import record   # only the hosted grader's training path needs the jobs service
 
     for (team_id, job_id), costs in spent.items():
         if costs:
-            jobs.add_judge_cost(team_id, job_id, sum(costs))
+            record.add_judge_cost(team_id, job_id, sum(costs))
     for team_id, job_id in refused:
-        jobs.request_stop(team_id, job_id, "budget_exhausted",
+        record.request_stop(team_id, job_id, "budget_exhausted",
                           "The team's budget ran out during training, so the grader's judge calls were refused; "
                           "rft-hub stopped the job rather than train on zero rewards.")

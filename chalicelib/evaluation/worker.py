@@ -1,5 +1,5 @@
 """The eval worker (an SQS-triggered function, `eval_worker`): runs the eval runs that
-services/evals.py queues.
+evaluation/evals.py queues.
 
 A message names a run; the worker takes the run's lease, reads its rows, and for each row not
 yet stored samples the model through the gateway's metering (`gateway._metered`: held to the
@@ -37,8 +37,10 @@ from chalicelib.domain.graders import run as run_grader
 from chalicelib.domain.graders.templates import InvalidVariable, compile_template, make_sample
 from chalicelib.errors import ApiError
 from chalicelib.log import logger
-from chalicelib.services import budgets, evals, outbox, prices
-from chalicelib.services.failures import retryable
+from chalicelib.spend import budgets, prices
+from chalicelib.evaluation import after_training, evals
+from chalicelib import outbox
+from chalicelib.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord, connection
 
@@ -75,7 +77,7 @@ class StopRun(Exception):
 class _Worker:
     def __init__(self, run: EvalRunRecord, ev: EvalDefinition, token: str, criteria: list, compiled: list,
                  ds: rules.DataSource, tally: rules.Tally):
-        from chalicelib.services import gateway
+        from chalicelib.inference import gateway
 
         self.gateway = gateway
         self.run, self.ev, self.token, self.ds, self.tally = run, ev, token, ds, tally
@@ -278,7 +280,7 @@ class _Worker:
         if now - self.checked_at < CHECK_EVERY_S:
             return None
         self.checked_at = now
-        fresh = evals._run(self.run.eval_id, self.run_id)
+        fresh = evals.run_record(self.run.eval_id, self.run_id)
         if fresh is None:
             return StopRun(None, "deleted", "The run was deleted.")
         if fresh.lease_token != self.token:
@@ -374,7 +376,7 @@ def _release(run: EvalRunRecord, token: str, continued: bool = False) -> None:
 
 def execute(team_id: str, eval_id: str, run_id: str) -> str:
     """Runs (or resumes) one run. Safe to repeat: the lease admits one worker, stored items are skipped."""
-    run = evals._run(eval_id, run_id)
+    run = evals.run_record(eval_id, run_id)
     if run is None or run.team_id != team_id:
         return "gone"
     if run.status in rules.TERMINAL:
@@ -410,14 +412,14 @@ def execute(team_id: str, eval_id: str, run_id: str) -> str:
 def _execute(run: EvalRunRecord, ev: EvalDefinition, token: str) -> str:
     try:
         criteria = rules.criteria_from_stored(ev.testing_criteria)
-        compiled = evals._compile(run.team_id, criteria)
+        compiled = evals.compile_criteria(run.team_id, criteria)
         ds = rules.data_source_from_stored(run.data_source)
-        rows = evals._rows(run.team_id, ds)
+        rows = evals.source_rows(run.team_id, ds)
     except (ApiError, rules.EvalRuleError) as err:
         raise StopRun("failed", getattr(err, "code", None) or "invalid_run", err.message) from None
     tally = rules.Tally([c.name for c in criteria])
     done = set()
-    for item in evals._stored(run.run_id):
+    for item in evals.stored_items(run.run_id):
         done.add(int(item.item_index))
         tally.add(item.status, bool(item.errored), item.results or [], item.usage or {}, int(item.cost_micro or 0))
     try:
@@ -524,16 +526,16 @@ def _finish(run: EvalRunRecord, token: str, status: str | None, error: dict | No
 def _after(run: EvalRunRecord) -> None:
     if run.job_id:
         try:
-            evals.report_job(run.team_id, run.job_id)
+            after_training.report_job(run.team_id, run.job_id)
         except (ApiError, PynamoDBException) as exc:
             logger.warning("job eval report deferred", extra={"job_id": run.job_id, "error": type(exc).__name__})
 
 
 def purge_run(eval_id: str, run_id: str) -> str:
     """Deletes a deleted run's items (the run record is already gone)."""
-    if evals._run(eval_id, run_id) is not None:
+    if evals.run_record(eval_id, run_id) is not None:
         return "exists"
-    keys = [EvalOutputItem(run_id, int(i.item_index)) for i in evals._stored(run_id)]
+    keys = [EvalOutputItem(run_id, int(i.item_index)) for i in evals.stored_items(run_id)]
     with EvalOutputItem.batch_write() as batch:
         for key in keys:
             batch.delete(key)

@@ -224,9 +224,9 @@ def rollout_view(r: Rollout, line: dict | None) -> dict:
 
 def list_rollouts(team_id: str, job_id: str, window: int | None, order: str, limit: int,
                   after: str | None) -> dict:
-    from chalicelib.services import jobs   # the API's path only
+    from chalicelib.training import record as job_record   # the API's path only
 
-    jobs.get_job(team_id, job_id)          # another team's job is a 404
+    job_record.get_job(team_id, job_id)          # another team's job is a 404
     if order not in ORDERS:
         raise InvalidRequest(f"order must be one of {', '.join(ORDERS)}.", param="order")
     index = ORDERS[order]

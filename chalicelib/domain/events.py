@@ -1,0 +1,23 @@
+"""Domain events: facts in the past tense that one context announces and a higher one reacts to
+(chalicelib/bus.py calls the handlers chalicelib/wiring.py lists). Ids only, and what the reaction
+needs that is not stored yet."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    """A fine-tuning job is about to be recorded (before its record exists): a handler may still
+    refuse it with a 400 naming the field (an `rft_eval` that names no eval of the team)."""
+    team_id: str
+    job_id: str
+    rft_eval: dict | None
+
+
+@dataclass(frozen=True)
+class JobSucceeded:
+    """A job's model is registered and servable (not quarantined by the training watch). Emitted
+    by every finalize until it completes, so handlers are idempotent."""
+    team_id: str
+    job_id: str
