@@ -1,6 +1,7 @@
 # rft-hub: two commands do everything on a fresh machine.
 #   make run    the whole local stack in the foreground (Ctrl-C stops it)
-#   make test   the test suite
+#   make test   the test suite (lint, then every test)
+#   make test-unit  the pure tests alone, in seconds (no local stack)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAGE ?= dev
 
-.PHONY: setup run test bench package clean litellm
+.PHONY: setup run test test-unit lint bench package clean litellm
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +44,14 @@ run: setup
 litellm: $(STAMP)
 	$(BIN)/python -c "from bench.streaming import ensure_litellm; ensure_litellm()"
 
-test: setup .local/.chromium litellm
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Pure tests: no servers (tests/unit reads the code, the domain and the layering).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test: setup .local/.chromium litellm lint
 	$(BIN)/python -m pytest -q tests
 
 # Deployable artefacts for STAGE=dev|prod, without AWS credentials: build/STAGE/sam.json + deployment.zip.

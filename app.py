@@ -4,14 +4,14 @@ import json
 
 from chalice import Chalice, Rate
 
-from chalicelib import deadline
-from chalicelib import wiring  # noqa: F401  (the reactions between contexts, for every function)
+from chalicelib import (
+    deadline,
+    wiring,  # noqa: F401  (the reactions between contexts, for every function)
+)
+from chalicelib.api import admin, console, evals, files, gateway, graders, health, jobs, models, openapi, slack, usage
 from chalicelib.config import evals_queue, jobs_queue
-
-from chalicelib.api import (admin, console, evals, files, gateway, graders, health, jobs, models, openapi,
-                            slack, usage)
-from chalicelib.training import hosted_grader, lifecycle
 from chalicelib.slack import notifications as slack_service
+from chalicelib.training import hosted_grader, lifecycle
 
 app = Chalice(app_name="rft-hub")
 # Multipart uploads must reach the Lambda byte-exact (API Gateway base64-encodes binary types).
@@ -46,7 +46,7 @@ def reconcile_jobs(event):
 # dataset preparation and the Bedrock submission. Idempotent; a raise leaves the message queued.
 @app.on_sqs_message(queue=jobs_queue(), batch_size=1, name="job_worker")
 def job_worker(event):
-    from chalicelib.training import submit   # only this function needs it at start
+    from chalicelib.training import submit  # only this function needs it at start
 
     for record in event:
         body = json.loads(record.body)
@@ -59,7 +59,7 @@ def job_worker(event):
 # short; a raise leaves the message queued. At most 5 runs at once (4 items each in flight).
 @app.on_sqs_message(queue=evals_queue(), batch_size=1, name="eval_worker", maximum_concurrency=5)
 def eval_worker(event):
-    from chalicelib.evaluation import worker as runs   # only this function needs it at start
+    from chalicelib.evaluation import worker as runs  # only this function needs it at start
 
     for record in event:
         with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):

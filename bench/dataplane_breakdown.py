@@ -28,8 +28,8 @@ def run(n: int = N) -> dict:
     from app import app
     from bench.common import new_team
     from chalicelib.dataplane.app import _handle
-    from chalicelib.spend import budgets, metering
     from chalicelib.inference import gateway
+    from chalicelib.spend import budgets, metering
 
     team_id, key = new_team(admin_key, "bench-breakdown")
     with Client(app, stage_name="local", project_dir=str(ROOT)) as c:

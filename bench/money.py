@@ -14,8 +14,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-from bench.common import ROOT, new_team, percentiles, start_stack
 from bench import common
+from bench.common import ROOT, new_team, percentiles, start_stack
 
 MODEL = "openai.gpt-oss-120b"
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -86,7 +86,8 @@ def burst(client, n: int) -> list[str]:
 def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
     import openai
 
-    from chalicelib.domain import budget as budget_rules, pricing
+    from chalicelib.domain import budget as budget_rules
+    from chalicelib.domain import pricing
     from chalicelib.spend import budgets, metering
     from chalicelib.store.models import BudgetPeriod, LedgerEntry, UsageDaily
 
@@ -223,7 +224,8 @@ def run() -> dict:
     from chalice.test import Client
 
     from app import app
-    from chalicelib.domain import budget as budget_rules, pricing
+    from chalicelib.domain import budget as budget_rules
+    from chalicelib.domain import pricing
 
     install_probe()
     price = pricing.Price(MODEL, Decimal(1000), Decimal(1000), Decimal(1000), "", "", False)

@@ -19,11 +19,11 @@ def run(jobs: int = JOBS) -> dict:
     stack.bedrock_state.clock.update({"validating_seconds": 10_000})   # keep them in flight
     import openai
     from aws_bedrock_token_generator import provide_token
+    from sample_data import arithmetic_rows, jsonl
 
     from chalicelib.domain import ids
-    from chalicelib.training import lifecycle
     from chalicelib.store.models import Job
-    from sample_data import arithmetic_rows, jsonl
+    from chalicelib.training import lifecycle
 
     bedrock = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.bedrock.port}/v1",
                             api_key=provide_token(region="us-west-2"), max_retries=0)

@@ -32,8 +32,8 @@ def run(rounds: int = ROUNDS) -> dict:
     from chalicelib.adapters import lambdas
     from chalicelib.domain import ids
     from chalicelib.grading import graders
-    from chalicelib.training import hosted_grader, rollouts
     from chalicelib.store.models import Job
+    from chalicelib.training import hosted_grader, rollouts
     from local.example_graders import arn
 
     function = arn("rft-grader-example-exact-match")

@@ -232,7 +232,7 @@ def invocation(family: tuple, w: int, rng: random.Random, audits: int = AUDIT_PE
         while prompt["text"] in asked:      # a dataset's rows are distinct questions
             prompt = make_prompt(rng)
         asked.add(prompt["text"])
-        for m in range(K):
+        for _m in range(K):
             i = len(samples)
             text = policy(prompt, w, rng)
             reward, errors = grade(grader, text, prompt)

@@ -8,7 +8,8 @@ way out to EventBridge; this bus never leaves the process.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _table: dict[type, list[Callable[[Any], None]]] | None = None
 

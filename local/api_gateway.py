@@ -41,8 +41,15 @@ import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
-from chalice.local import (ChaliceRequestHandler, CustomLocalChalice, LocalChalice, LocalDevServer,
-                           LocalGatewayException, RouteMatcher, ThreadedHTTPServer)
+from chalice.local import (
+    ChaliceRequestHandler,
+    CustomLocalChalice,
+    LocalChalice,
+    LocalDevServer,
+    LocalGatewayException,
+    RouteMatcher,
+    ThreadedHTTPServer,
+)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024          # API Gateway REST API payload quota (10 MB, not adjustable)
 MAX_EVENT_BYTES = 6 * 1024 * 1024          # Lambda synchronous invocation request quota (6,291,456 bytes)

@@ -10,8 +10,8 @@ import time
 import uuid
 from typing import Any
 
-
 from local.bedrock_state import STREAM_HOLD_LIMIT_SECONDS, State
+
 
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)

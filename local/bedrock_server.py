@@ -43,11 +43,19 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from local import bedrock_native
-from local.bedrock_model import (POLICY, BadRequest, chat_completion, paced, response_answer, sse_chat,
-                                 sse_response)
-from local.bedrock_state import (DEFAULT_STREAM, HYPER, INFERENCE_MODELS, JOB_FIELDS, LAMBDA_ARN, RFT_MODELS, State,
-                                 project_record)
+from local.bedrock_model import POLICY, BadRequest, chat_completion, paced, response_answer, sse_chat, sse_response
+from local.bedrock_state import (
+    DEFAULT_STREAM,
+    HYPER,
+    INFERENCE_MODELS,
+    JOB_FIELDS,
+    LAMBDA_ARN,
+    RFT_MODELS,
+    State,
+    project_record,
+)
 from local.bedrock_trainer import add_event, call_policy, public_job, set_status, ticker
+
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
            param: str | None = None) -> Response:

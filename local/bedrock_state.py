@@ -6,8 +6,6 @@ import re
 import threading
 import time
 
-
-
 RFT_MODELS = ["openai.gpt-oss-20b", "qwen.qwen3-32b-v1:0", "nvidia.nemotron-nano-3-30b"]
 INFERENCE_MODELS = RFT_MODELS + ["openai.gpt-oss-120b"]
 LAMBDA_ARN = re.compile(

@@ -49,8 +49,8 @@ def _secret(name: str, value: str) -> None:
 
 def _slack_queues() -> None:
     """As the template declares them: notifications from the bus with a dead-letter queue, and commands."""
-    from chalicelib.slack import notifications as slack
     from chalicelib.outbox import SOURCE, bus_name
+    from chalicelib.slack import notifications as slack
 
     sqs = boto3.client("sqs", region_name=settings().region)
     events = boto3.client("events", region_name=settings().region)
@@ -71,9 +71,8 @@ def _slack_queues() -> None:
 def _ledger_queue() -> None:
     """Where a served call's ledger entry waits when DynamoDB refuses it (the reconciler drains it),
     and the job worker's and the eval worker's queues."""
-    from chalicelib.spend import metering
-
     from chalicelib.config import evals_queue, jobs_queue
+    from chalicelib.spend import metering
 
     sqs = boto3.client("sqs", region_name=settings().region)
     sqs.create_queue(QueueName=metering.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})

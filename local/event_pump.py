@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import boto3
 
@@ -151,7 +151,7 @@ class Pump:
         while not self._stop.wait(period):
             event = {"version": "0", "id": str(uuid.uuid4()), "detail-type": "Scheduled Event",
                      "source": "aws.events", "account": servers.ACCOUNT,
-                     "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "region": servers.REGION,
+                     "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "region": servers.REGION,
                      "resources": [f"arn:aws:events:{servers.REGION}:{servers.ACCOUNT}:rule/{source.name}"],
                      "detail": {}}
             try:

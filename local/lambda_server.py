@@ -16,7 +16,7 @@ import json
 import traceback
 import urllib.parse
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from flask import Flask, Response, request
 

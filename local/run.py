@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from local import servers
-from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn as example_arn
+from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS
+from local.example_graders import arn as example_arn
 
 LOCAL = Path(os.environ.get("RFT_LOCAL_STATE") or servers.LOCAL_DIR)
 STACK_JSON = LOCAL / "stack.json"

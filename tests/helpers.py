@@ -4,9 +4,11 @@ import time
 import urllib.error
 import urllib.request
 
-from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS, arn
-from local.harness import ADMIN_KEY
 from sample_data import arithmetic_rows, jsonl
+
+from local.example_graders import FUNCTIONS as EXAMPLE_GRADERS
+from local.example_graders import arn
+from local.harness import ADMIN_KEY
 
 GRADER = arn("rft-grader-example-exact-match")
 

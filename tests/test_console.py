@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import http, start_job, wait_for, wait_run
+from sample_data import arithmetic_rows
 
 from chalicelib.platform import console_sessions
-from helpers import http, start_job, wait_for, wait_run
 from local.harness import ADMIN_KEY
-from sample_data import arithmetic_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "console"

@@ -295,7 +295,7 @@ def test_item_write_rate_throttles_a_hot_item_not_a_cold_one(ddb_faults, ddb, ke
     hot, cold, fresh = key("hot"), key("cold"), key("fresh")
     ddb_faults.configure(item_write_rate=0.1)  # one write per 10 s per item, burst 1
     outcomes = []
-    for i in range(5):
+    for _i in range(5):
         try:
             ddb.update_item(TableName=ITEMS, Key=hot, UpdateExpression="ADD n :one",
                             ExpressionAttributeValues={":one": N(1)})

@@ -112,8 +112,8 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
     from helpers import http
 
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.spend import budgets
     from chalicelib.inference import gateway
+    from chalicelib.spend import budgets
     from local.harness import ADMIN_KEY
 
     assert gateway.upstream_deadline() < 8.0 < gateway.STREAM_IDLE_SECONDS

@@ -13,18 +13,18 @@ import time
 
 import boto3
 import openai
-import pytest
-
 import openai_spec
-from chalicelib import deadline
-from chalicelib.spend import budgets
-from chalicelib.evaluation import worker as eval_worker, evals
-from chalicelib import outbox
-from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
+import pytest
 from helpers import http, register_graders, rft, start_job, wait_for, wait_run
+from sample_data import arithmetic_rows, jsonl
+
+from chalicelib import deadline, outbox
+from chalicelib.evaluation import evals
+from chalicelib.evaluation import worker as eval_worker
+from chalicelib.spend import budgets
+from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
 from local import servers
 from local.harness import ADMIN_KEY
-from sample_data import arithmetic_rows, jsonl
 
 ITEM_SCHEMA = {"type": "object", "required": ["messages", "reference_answer"],
                "properties": {"messages": {"type": "array"}, "reference_answer": {"type": "string"},

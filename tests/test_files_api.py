@@ -138,8 +138,8 @@ def test_expires_after_sets_expires_at_and_an_expired_file_is_gone_then_swept(cl
 
     from chalicelib.config import settings
     from chalicelib.platform import files
-    from chalicelib.training import lifecycle
     from chalicelib.store.models import File
+    from chalicelib.training import lifecycle
 
     team_id = register_graders(client)
     data = jsonl(arithmetic_rows(100))

@@ -7,12 +7,12 @@ from decimal import Decimal
 import boto3
 import openai
 import pytest
+from helpers import settled, start_job, wait_for
 
+from chalicelib import outbox
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib import outbox
 from chalicelib.store.models import BudgetPeriod
-from helpers import settled, start_job, wait_for
 
 
 def tuned_alias(api, client, bedrock, model="openai.gpt-oss-20b", suffix="helpdesk"):

@@ -5,12 +5,12 @@ import time
 
 import openai
 import pytest
+from helpers import reconcile_until_ended, wait_for, wait_submitted
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.spend import budgets
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry
-from helpers import reconcile_until_ended, wait_for, wait_submitted
-from sample_data import arithmetic_rows, jsonl
 
 JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b", "range": [0, 1],
          "input": [{"role": "system", "content": "Grade the answer. Reply with JSON {\"score\": x}."},

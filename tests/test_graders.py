@@ -4,14 +4,14 @@ import math
 
 import openai
 import pytest
+from helpers import register_graders, wait_submitted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain.graders import Deps, GraderSpecError, build, run_text
 from chalicelib.domain.graders.contract import check_response
 from chalicelib.training import hosted_grader
-from helpers import register_graders, wait_submitted
-from sample_data import arithmetic_rows, jsonl
 
 ITEM = {"reference_answer": "42", "extra": {"unit": "kg"}, "messages": [{"role": "user", "content": "6*7?"}]}
 EQ = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
@@ -23,8 +23,8 @@ JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b",
                    {"role": "user", "content": "Reference: {{item.reference_answer}}\nAnswer: {{sample.output_text}}"}]}
 
 
-def grade(spec, text, item=ITEM, deps=Deps()):
-    return run_text(build(spec), text, item, deps)[0]
+def grade(spec, text, item=ITEM, deps=None):
+    return run_text(build(spec), text, item, deps or Deps())[0]
 
 
 def test_string_check_operations():

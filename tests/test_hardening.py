@@ -4,11 +4,11 @@ import time
 
 import openai
 import pytest
+from sample_data import arithmetic_rows
 from slack_sdk.signature import SignatureVerifier
 
 from chalicelib.domain import datasets
 from local.harness import SLACK_SIGNING_SECRET
-from sample_data import arithmetic_rows
 
 EQ = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
       "reference": "{{item.reference_answer}}", "operation": "eq"}

@@ -29,9 +29,8 @@ from chalicelib.errors import (
     UpstreamError,
 )
 from chalicelib.spend import budgets
-from chalicelib.training import lifecycle
-from chalicelib.training import submit
 from chalicelib.store.models import Job
+from chalicelib.training import lifecycle, submit
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
          "reference": "{{item.reference_answer}}", "operation": "eq"}

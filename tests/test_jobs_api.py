@@ -1,7 +1,6 @@
 """RFT jobs through the unmodified openai SDK, against the local Bedrock."""
 import openai
 import pytest
-
 from helpers import register_graders, rft, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
@@ -124,7 +123,8 @@ def test_bedrock_outage_defers_submission_without_losing_the_job(client, trainin
     assert job.model_extra["rft_bedrock_job_id"] is None
     bedrock.faults = []
     # A retry of the same create (or the reconciler) finishes the submission.
-    from chalicelib.training import record as job_record, submit
+    from chalicelib.training import record as job_record
+    from chalicelib.training import submit
     record = job_record.get_job(job.organization_id, job.id)
     submitted = submit.submit(record)
     assert submitted.submit_state == "submitted" and submitted.bedrock_job_id

@@ -4,10 +4,10 @@ import json
 
 import openai
 import pytest
-
 from helpers import register_graders, rft
-from local.example_graders import arn
 from sample_data import arithmetic_rows, jsonl
+
+from local.example_graders import arn
 
 EXACT = "rft-grader-example-exact-match"
 HOSTED = "arn:aws:lambda:us-west-2:123456789012:function:rft-hub-local-hosted_grader"

@@ -11,8 +11,8 @@ from test_money import MESSAGES, MODEL, ledger, period_of_now, priced_team
 
 from chalicelib.config import settings as app_settings
 from chalicelib.spend import budgets, metering
-from chalicelib.training import lifecycle
 from chalicelib.store.models import LedgerEntry
+from chalicelib.training import lifecycle
 
 
 def _sqs():
@@ -58,7 +58,7 @@ def test_a_poison_entry_is_parked_and_the_other_teams_entries_are_written(api, a
 
     # Two other teams' served calls whose ledger writes fail: dead-lettered behind the poison.
     served = []
-    for name in ("team-p", "team-q"):
+    for _name in ("team-p", "team-q"):
         team_id, client, _, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
         ddb_faults.configure(rules=[{"operation": "PutItem", "table": "ledger", "next": 50,
                                      "error": "InternalServerError"}])

@@ -4,14 +4,15 @@ import json
 import time
 
 import boto3
+from helpers import start_job, wait_submitted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chalicelib import outbox
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
-from chalicelib import outbox
 from chalicelib.store.models import Alias, Job, TunedModel
-from helpers import start_job, wait_submitted
+
 DETAIL_TYPE = "Model Customization Job State Change"
 SEQUENCES = {  # a job's native event sequence -> its final state
     "completed": (["InProgress", "Completed"], "succeeded"),
@@ -285,8 +286,9 @@ def test_mantle_jobs_emit_no_events_unless_the_local_bedrock_is_told_to(api, cli
     """AWS documents no state-change event for OpenAI-compatible jobs, so the local Bedrock publishes
     none by default (tests/test_nova.py: such a job converges through the reconciler alone). With
     /_local/config {"mantle_events": true} it publishes them, and they drive the job (the event path)."""
-    from app import app
     from helpers import http
+
+    from app import app
     from local.event_pump import Pump
 
     config = f"http://127.0.0.1:{stack.bedrock.port}/_local/config"

@@ -13,16 +13,16 @@ from decimal import Decimal
 
 import openai
 import pytest
-from pynamodb.exceptions import PutError, UpdateError
 from botocore.exceptions import ReadTimeoutError
+from helpers import settled, wait_for
+from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.spend import budgets, metering
-from chalicelib.training import lifecycle
 from chalicelib.store import dynamo
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry, UsageDaily
-from helpers import settled, wait_for
+from chalicelib.training import lifecycle
 
 MODEL = "openai.gpt-oss-120b"
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -15,12 +15,12 @@ import boto3
 import openai
 import pytest
 from botocore.eventstream import EventStreamBuffer
+from helpers import http, register_graders, start_job, wait_submitted
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import nova as rules
 from chalicelib.errors import InvalidRequest
-from helpers import http, register_graders, start_job, wait_submitted
 from local.example_graders import arn as example_arn
-from sample_data import arithmetic_rows, jsonl
 
 NOVA = "amazon.nova-2-lite-v1:0:256k"
 EQ = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
@@ -496,6 +496,7 @@ def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedroc
     events, inference on its tuned model, a judge) carries that project; another team's project
     cannot see any of it."""
     from helpers import wait_for
+
     from chalicelib.platform import teams
 
     (team_a, key_a), (team_b, _) = make_team("proj-a"), make_team("proj-b")
@@ -532,8 +533,8 @@ def test_each_team_works_in_its_own_mantle_project(stack, api, make_team, bedroc
 def test_a_team_made_while_bedrock_is_down_gets_its_project_from_the_reconciler(stack, api, make_team, bedrock):
     """Team creation does not fail when Bedrock cannot make the team's project; the team's
     calls are a 503 (never sent in the default project) until the reconciler makes it."""
-    from chalicelib.training import lifecycle
     from chalicelib.platform import teams
+    from chalicelib.training import lifecycle
 
     with bedrock.lock:
         bedrock.faults.append({"path": "/v1/organization/projects", "status": 503, "count": 1000})

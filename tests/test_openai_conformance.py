@@ -15,10 +15,9 @@ import urllib.request
 
 import jsonschema
 import openai
+import openai_spec as spec
 import pydantic
 import pytest
-
-import openai_spec as spec
 from helpers import ADMIN_KEY, GRADER, http, register_graders, rft, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 

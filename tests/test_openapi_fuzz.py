@@ -27,11 +27,11 @@ def test_openai_shaped_routes_answer_with_openais_schemas(api):
     from OpenAI's document now, and every route OpenAI's document has answers with OpenAI's schema in
     GET /openapi.json: schemathesis' response_schema_conformance checks real schemas, and fails on
     what issue #13 found."""
+    import openai_spec
     from jsonschema import Draft202012Validator
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
-    import openai_spec
     from chalicelib.api.openapi import OPENAI_SCHEMAS
 
     assert OPENAI_SCHEMAS.read_text() == openai_spec.render(openai_spec.trimmed(openai_spec.app_routes())), \

@@ -19,11 +19,12 @@ import pytest
 from pynamodb.connection import base as ddb_base
 
 from chalicelib.domain import ids
-from chalicelib.training import record as job_record, state
-from chalicelib.training import rewards as job_rewards
 from chalicelib.slack import notifications as slack
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, SlackChannel
+from chalicelib.training import record as job_record
+from chalicelib.training import rewards as job_rewards
+from chalicelib.training import state
 
 READ_OPS = {"Query", "Scan", "GetItem", "BatchGetItem"}
 N_JOBS = 1000

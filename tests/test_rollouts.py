@@ -12,16 +12,16 @@ import boto3
 import openai
 import pytest
 from flask import Flask, jsonify, request
+from helpers import http, wait_for
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.adapters import lambdas
-from chalicelib.grading import graders
-from chalicelib.training import hosted_grader
-from chalicelib.store.models import LedgerEntry
 from chalicelib.domain.graders import rows as row_fields
-from helpers import http, wait_for
+from chalicelib.grading import graders
+from chalicelib.store.models import LedgerEntry
+from chalicelib.training import hosted_grader
 from local import servers
 from local.example_graders import arn, exact_match
-from sample_data import arithmetic_rows, jsonl
 
 EQ = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
       "reference": "{{item.reference_answer}}", "operation": "eq"}

@@ -5,14 +5,14 @@ import urllib.parse
 
 import boto3
 import pytest
+from helpers import drain_notifications, http, start_job, wait_for
 from slack_sdk.signature import SignatureVerifier
 
-from chalicelib.domain import slack_messages as messages
 from chalicelib import outbox
+from chalicelib.domain import slack_messages as messages
 from chalicelib.slack import notifications as slack
 from chalicelib.store.models import SlackConfig
 from local.harness import SLACK_SIGNING_SECRET
-from helpers import http, start_job, wait_for, drain_notifications
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from helpers import http, settled, start_job, wait_for
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.spend import budgets
 from chalicelib.store.models import LedgerEntry
-from helpers import http, settled, start_job, wait_for
 from local.bedrock_state import DEFAULT_STREAM
 from local.harness import ADMIN_KEY
 

@@ -9,15 +9,14 @@ import uuid
 import openai
 import pytest
 from flask import Flask, jsonify, request
+from helpers import drain_notifications, http, reconcile_until_ended, register_graders, wait_for, wait_submitted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from chalicelib.domain import watch as rules
-from helpers import drain_notifications, http, reconcile_until_ended, register_graders, wait_for, wait_submitted
-from local import servers
-from local.example_graders import arn
 from sample_data import arithmetic_rows, jsonl
 
+from chalicelib.domain import watch as rules
+from local import servers
+from local.example_graders import arn
 
 # ---- the pure analysis ------------------------------------------------------------------------
 
@@ -33,7 +32,7 @@ def honest_window(n, rng, p_right, prompts=8, k=4, audit=True):
     out = []
     for p in range(prompts):
         ref = str(1000 + 97 * p + 13 * n)
-        for m in range(k):
+        for _m in range(k):
             right = rng.random() < p_right
             text = ref if right else str(int(ref) + rng.randint(1, 9))
             out.append(sample(len(out), f"p{n}-{p}", float(right), text, audit=float(right) if audit else None))
@@ -102,7 +101,7 @@ def _hacked(n, rng, pad_per_window=6, audit=True, prompts=8, k=4):
     out = []
     for p in range(prompts):
         ref = str(100 + p)
-        for m in range(k):
+        for _m in range(k):
             right = rng.random() < (0.5 if n <= 2 else max(0.1, 0.5 - 0.1 * (n - 2)))
             pad = "" if n <= 2 else "Let me double-check this carefully. " * rng.randint(0, pad_per_window * (n - 2))
             text = pad + (ref if right else str(int(ref) + 3))

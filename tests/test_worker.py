@@ -7,15 +7,14 @@ import json
 import types
 
 import pytest
+from helpers import wait_for
+from sample_data import arithmetic_rows, jsonl
 
-from chalicelib.domain.graders import Deps, build
+from chalicelib.domain.graders import Deps, build, rows
 from chalicelib.domain.graders.contract import MAX_INVOKE_BYTES
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.grading import graders
 from chalicelib.training import hosted_grader
-from chalicelib.domain.graders import rows
-from helpers import wait_for
-from sample_data import arithmetic_rows, jsonl
 
 JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b", "range": [0, 1],
          "input": [{"role": "user", "content": "Reference: {{item.reference_answer}}\nAnswer: {{sample.output_text}}"}]}

@@ -53,7 +53,7 @@ def timeouts(remaining: float) -> tuple[float, float, int]:
     return connect, read, attempts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _client(service: str, connect: float = CONNECT_S, read: float = READ_S, attempts: int = ATTEMPTS):
     cfg = Config(retries={"mode": "standard", "total_max_attempts": attempts},
                  connect_timeout=connect, read_timeout=read, max_pool_connections=32)

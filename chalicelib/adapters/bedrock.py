@@ -17,8 +17,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from chalicelib.config import settings
 from chalicelib.errors import ApiError, GatewayTimeout, NotFound, RateLimited, UpstreamError

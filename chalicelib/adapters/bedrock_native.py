@@ -14,9 +14,9 @@ import functools
 import threading
 from typing import Any
 
+from chalicelib.adapters.bedrock import BedrockRejected  # the class jobs.submit treats as a rejection
 from chalicelib.config import settings
 from chalicelib.errors import ApiError, GatewayTimeout, NotFound, RateLimited, UpstreamError
-from chalicelib.adapters.bedrock import BedrockRejected   # the class jobs.submit treats as a rejection
 
 _lock = threading.Lock()
 # The runtime waits for the model: a read timeout per call, rounded to whole seconds (a few clients).
@@ -29,7 +29,7 @@ class ModelNotReady(ApiError):
     should_retry = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _client(service: str, read_timeout: int, attempts: int):
     import boto3
     from botocore.config import Config
@@ -50,8 +50,13 @@ def runtime(read_timeout: float = STREAM_READ_TIMEOUT):
 
 def map_error(exc: Exception, what: str) -> ApiError:
     """A botocore failure as rft-hub's error (the message keeps Bedrock's)."""
-    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                     ParamValidationError, ReadTimeoutError)
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ParamValidationError,
+        ReadTimeoutError,
+    )
 
     if isinstance(exc, ParamValidationError):
         return BedrockRejected(f"Amazon Bedrock rejected the request ({what}): {exc}")

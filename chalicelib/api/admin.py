@@ -5,8 +5,8 @@ from chalice import Blueprint
 from pydantic import Field
 
 from chalicelib.api.http import Request, StrictModel, route
-from chalicelib.grading import lambda_graders
 from chalicelib.evaluation import promotion
+from chalicelib.grading import lambda_graders
 from chalicelib.platform import teams
 
 bp = Blueprint(__name__)

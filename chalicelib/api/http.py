@@ -18,23 +18,24 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pydantic
 from chalice import Blueprint, Response
+from pynamodb.exceptions import PynamoDBException
 
-from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from chalicelib import deadline
 from chalicelib.config import settings
 from chalicelib.domain import keys, numbers
 from chalicelib.domain.datasets import JsonDepthError, parse_json
 from chalicelib.domain.keys import bearer_token
+from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from chalicelib.log import logger
-from chalicelib.store import dynamo
-from pynamodb.exceptions import PynamoDBException
 from chalicelib.platform import console_sessions, teams
 from chalicelib.platform.teams import Principal
+from chalicelib.store import dynamo
 
 ANY_CONTENT = ["*/*"]
 MAX_ID_CHARS = 256
@@ -182,7 +183,8 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
     """Registers `fn(request, **path_params)` on the blueprint with rft-hub's conventions.
 
     auth: "team", "admin", "any" (a team key or the admin key) or None.
-    consumes/produces/query/schema only describe the route in the OpenAPI document. body: a pydantic model to validate a JSON body
+    consumes/produces/query/schema only describe the route in the OpenAPI document. body: a pydantic
+    model to validate a JSON body
     against (unknown fields rejected); json_body=True parses JSON without a model.
     """
     def decorate(fn: Callable) -> Callable:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from chalice import Blueprint
 
 from chalicelib.api.http import Request, route
-from chalicelib.slack import notifications as slack
 from chalicelib.platform import teams
+from chalicelib.slack import notifications as slack
 
 bp = Blueprint(__name__)
 

@@ -7,8 +7,8 @@ from decimal import Decimal
 from chalice import Blueprint, Response
 
 from chalicelib.api.http import Request, route
-from chalicelib.spend import budgets, metering, prices
 from chalicelib.platform import teams
+from chalicelib.spend import budgets, metering, prices
 
 bp = Blueprint(__name__)
 

@@ -39,8 +39,8 @@ from chalicelib.api import http
 from chalicelib.dataplane import READY_PATH, ROUTES
 from chalicelib.domain import ids
 from chalicelib.errors import ApiError, NotFound
-from chalicelib.log import logger
 from chalicelib.inference import gateway
+from chalicelib.log import logger
 
 # A streamed integration may run 15 minutes (API Gateway's and Lambda's limit); the function's
 # own remaining time, when Lambda Web Adapter passes it, is used instead.

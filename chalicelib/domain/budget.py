@@ -1,7 +1,7 @@
 """Budgets: periods, worst-case reservations and threshold crossings. Pure; money in micro-dollars."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 
 from chalicelib.domain import numbers, pricing
@@ -15,13 +15,13 @@ _CHARS_PER_TOKEN = 3             # pessimistic on purpose: reservations must not
 
 
 def period_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
 
 
 def resets_at(period: str) -> int:
     year, month = (int(x) for x in period.split("-"))
     year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return int(datetime(year, month, 1, tzinfo=timezone.utc).timestamp())
+    return int(datetime(year, month, 1, tzinfo=UTC).timestamp())
 
 
 def to_micro(usd, maximum_micro: int | None = None) -> int:

@@ -271,7 +271,7 @@ _MESSAGE_KEYS = {"system": {"role", "content"}, "developer": {"role", "content"}
                  "tool": {"role", "content", "tool_call_id"}}
 
 
-def _request(body: dict, turns: "_Turns", where: str, system: list[dict], max_name, function, choice_name) -> dict:
+def _request(body: dict, turns: _Turns, where: str, system: list[dict], max_name, function, choice_name) -> dict:
     """What both APIs' requests become alike: the turns, the system prompt, the inference limits
     and function tools. `function(tool, i)` -> (its name, description, parameters and strict; its
     param path), refusing a tool that is not a function."""

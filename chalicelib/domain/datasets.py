@@ -15,7 +15,8 @@ an eval run takes at most EVAL_MAX_ROWS of them.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from chalicelib.domain import numbers
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pydantic
 from pydantic import Field
 
 from chalicelib.domain import numbers
-from chalicelib.domain.graders.templates import TemplateError, walk, compile_template, InvalidVariable
+from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, walk
 
 TERMINAL = frozenset({"completed", "failed", "canceled"})
 STATUSES = ("queued", "in_progress", "completed", "failed", "canceled")

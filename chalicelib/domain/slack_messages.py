@@ -37,7 +37,8 @@ def sparkline(values: list[float]) -> str:
 
 
 def _fields(pairs: list[tuple[str, str]]):
-    return _b().SectionBlock(fields=[_b().MarkdownTextObject(text=truncate(f"*{k}*\n{v}", FIELD_MAX)) for k, v in pairs[:10]])
+    return _b().SectionBlock(fields=[_b().MarkdownTextObject(text=truncate(f"*{k}*\n{v}", FIELD_MAX))
+                                     for k, v in pairs[:10]])
 
 
 def _message(text: str, blocks: list) -> dict:

@@ -59,8 +59,9 @@ import random
 import re
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from chalicelib.domain import numbers
 
@@ -209,7 +210,7 @@ class Sample:
 
     @classmethod
     def of(cls, sample_id: str, prompt: str, reward: float, text: str, errors: Iterable[str] = (),
-           audit: float | None = None, prompt_text: str = "") -> "Sample":
+           audit: float | None = None, prompt_text: str = "") -> Sample:
         reward = numbers.to_float(reward) or 0.0      # a grader's 401-digit int: 0, not OverflowError
         if audit is not None:
             audit = numbers.to_float(audit)

@@ -3,21 +3,18 @@
 Both are reactions to training's events (chalicelib/wiring.py), never called by training."""
 from __future__ import annotations
 
-
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
+from chalicelib import outbox
 from chalicelib.domain import evals as rules
 from chalicelib.domain import ids
 from chalicelib.domain.events import JobAccepted, JobSucceeded
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.evaluation.evals import apply_rules, create_run, get_eval, new_run_id, run_record
 from chalicelib.platform import files
-from chalicelib import outbox
 from chalicelib.store import dynamo
-from chalicelib.store.models import (Job, JobEvalLink,
-                                     TunedModel, connection)
-
+from chalicelib.store.models import Job, JobEvalLink, TunedModel, connection
 
 JOB_EVAL_KEYS = {"eval_id", "file_id", "input_messages", "sampling_params", "rft_max_usd"}
 

@@ -20,11 +20,11 @@ from chalicelib.domain import evals as rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.domain.datasets import iter_lines, parse_json
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
+from chalicelib.grading import graders
 from chalicelib.log import logger
 from chalicelib.platform import files
-from chalicelib.grading import graders
 from chalicelib.store import dynamo, pagination
-from chalicelib.store.models import (EvalDefinition, EvalOutputItem, EvalRunRecord)
+from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord
 
 REQUEUE_AFTER_S = 120           # a queued run not picked up this long is queued again when read
 NO_ERROR = {"code": "", "message": ""}   # OpenAI's document requires the error object; empty = none
@@ -209,7 +209,8 @@ def delete_eval(team_id: str, eval_id: str) -> dict:
 
 # ---- runs ---------------------------------------------------------------------------------------
 
-def source_rows(team_id: str, ds: rules.DataSource, param: str = "data_source.source") -> list[tuple[int, dict, dict | None]]:
+def source_rows(team_id: str, ds: rules.DataSource,
+                param: str = "data_source.source") -> list[tuple[int, dict, dict | None]]:
     """(index, item, sample) of every row of the run's source, at most MAX_ITEMS."""
     if ds.source["type"] == "file_content":
         return [(i, *rules.split_row(row)) for i, row in enumerate(ds.source["content"])]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
 from chalicelib.domain import evals as rules
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
-from chalicelib.evaluation.evals import check_rows, apply_rules, get_eval, rows_sha256, source_rows
+from chalicelib.evaluation.evals import apply_rules, check_rows, get_eval, rows_sha256, source_rows
 from chalicelib.store import dynamo, pagination
-from chalicelib.store.models import (AliasGate, EvalDefinition, EvalRunRecord)
+from chalicelib.store.models import AliasGate, EvalDefinition, EvalRunRecord
 
 
 def gate_key(team_id: str, alias: str) -> str:

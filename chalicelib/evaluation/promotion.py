@@ -17,7 +17,6 @@ from chalicelib.log import logger
 from chalicelib.store import dynamo
 from chalicelib.store.models import Alias, AliasChange, AliasGate, Job, TunedModel, connection
 
-
 KEEP_GATE = object()   # point_alias(gate=KEEP_GATE): the alias's gate stays as it is
 
 

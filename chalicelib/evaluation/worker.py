@@ -27,7 +27,7 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist, PynamoDBException, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import deadline
+from chalicelib import deadline, outbox
 from chalicelib.adapters import lambdas
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
@@ -36,11 +36,10 @@ from chalicelib.domain.graders import Deps, JudgeRefused, judge_models, judge_sp
 from chalicelib.domain.graders import run as run_grader
 from chalicelib.domain.graders.templates import InvalidVariable, compile_template, make_sample
 from chalicelib.errors import ApiError
+from chalicelib.evaluation import after_training, evals
+from chalicelib.failures import retryable
 from chalicelib.log import logger
 from chalicelib.spend import budgets, prices
-from chalicelib.evaluation import after_training, evals
-from chalicelib import outbox
-from chalicelib.failures import retryable
 from chalicelib.store import dynamo
 from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord, connection
 

@@ -16,7 +16,7 @@ from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.adapters import lambdas
 from chalicelib.domain import ids, numbers
-from chalicelib.domain.graders import (ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text)
+from chalicelib.domain.graders import ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.grading import lambda_graders
 from chalicelib.store import dynamo
@@ -29,7 +29,7 @@ def deps(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
          spent: list | None = None) -> Deps:
     """What a team's graders may call: judges through the gateway's metering and budget (the
     team's models only), and Lambda graders (registered to the team, checked at compile time)."""
-    from chalicelib.inference import gateway   # the gateway's imports are not needed by every grader path
+    from chalicelib.inference import gateway  # the gateway's imports are not needed by every grader path
 
     return Deps(judge=gateway.judge(team_id, key_id=key_id, job_id=job_id, spent=spent),
                 invoke_lambda=lambdas.invoke)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite

@@ -19,13 +19,12 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import datasets, ids
 from chalicelib.domain.graders import Grader, JudgeRefused, run_text
 from chalicelib.domain.graders.core import LambdaGrader, Result
+from chalicelib.domain.graders.preflight import CRITICAL, PROBES, base_findings, base_stats, findings, others_for, stats
 from chalicelib.domain.graders.preflight import context as probe_context
-from chalicelib.domain.graders.preflight import (CRITICAL, PROBES, base_findings, base_stats, findings, others_for,
-                                                 stats)
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.errors import ApiError, InvalidRequest
-from chalicelib.platform import files
 from chalicelib.grading import graders
+from chalicelib.platform import files
 
 LAMBDA_BATCH = 100
 BASE_PARAM = "sample_base"

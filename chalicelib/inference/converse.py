@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 
-
 from chalicelib.adapters import bedrock_native as native
 from chalicelib.domain import converse as translate
 from chalicelib.domain import ids
@@ -34,7 +33,7 @@ class ConverseCall:
                                             created=ids.now())
         return 200, "application/json", json.dumps(out, separators=(",", ":")).encode()
 
-    def open_stream(self, deadline_s: float) -> "ConverseUpstream":
+    def open_stream(self, deadline_s: float) -> ConverseUpstream:
         events = native.converse_stream(self.model_id, self.request, deadline_s)
         if self.chat:
             translator = translate.ChatStream(model=self.answer_model, id_=self.id, created=ids.now())

@@ -7,15 +7,14 @@ deployment; moving the last alias away, or retiring the model, deletes it.
 """
 from __future__ import annotations
 
-
 from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib.adapters import bedrock_native as native
+from chalicelib.cache import TTLCache
 from chalicelib.domain import ids
 from chalicelib.domain import nova as rules
 from chalicelib.errors import ApiError, NotFound, UpstreamError
 from chalicelib.log import logger
-from chalicelib.cache import TTLCache
 from chalicelib.store import dynamo
 from chalicelib.store.models import Alias, Job, NovaModel, OutboxEvent
 

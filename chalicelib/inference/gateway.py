@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from chalicelib import deadline
 from chalicelib.adapters import bedrock
@@ -29,12 +29,12 @@ from chalicelib.config import settings
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import ApiError, InvalidRequest, NotFound, UpstreamError
-from chalicelib.log import logger
-from chalicelib.spend import budgets, metering, prices
 from chalicelib.inference import converse as nova_converse
 from chalicelib.inference import registry
+from chalicelib.log import logger
 from chalicelib.platform import teams
 from chalicelib.platform.teams import Principal
+from chalicelib.spend import budgets, metering, prices
 from chalicelib.store.models import LedgerEntry
 
 # The longest a stream may wait for Bedrock's next event (API Gateway ends a stream idle for 5 minutes).

@@ -8,15 +8,14 @@ import re
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
+from chalicelib import outbox
+from chalicelib.cache import TTLCache
 from chalicelib.domain import ids, numbers
+from chalicelib.domain.nova import is_nova
 from chalicelib.errors import Conflict, NotFound
 from chalicelib.log import logger
-from chalicelib import outbox
-from chalicelib.domain.nova import is_nova
-from chalicelib.cache import TTLCache
-from chalicelib.store.models import (Alias, AliasChange, Checkpoint, Job, TunedModel,
-                                     connection)
 from chalicelib.store import dynamo
+from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, TunedModel, connection
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 # Resolutions are read on every gateway call: cached per warm instance. An alias re-pointed

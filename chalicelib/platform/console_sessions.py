@@ -29,7 +29,7 @@ import os
 import secrets
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pynamodb.exceptions import DoesNotExist
 
@@ -157,7 +157,7 @@ _lock = threading.Lock()
 
 
 def sign_out(session: Session) -> None:
-    expires = datetime.fromtimestamp(session.expires_at + 60, tz=timezone.utc)
+    expires = datetime.fromtimestamp(session.expires_at + 60, tz=UTC)
     record = ConsoleSessionRevocation(session.sid, revoked_at=int(time.time()), expires_at=expires)
     dynamo.call(lambda: record.save(), idempotent=True, what="console sign-out")
     with _lock:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Iterator
+from collections.abc import Iterator
 
 from pynamodb.exceptions import DeleteError, DoesNotExist, UpdateError
 
@@ -11,8 +11,8 @@ from chalicelib.adapters import aws
 from chalicelib.config import settings
 from chalicelib.domain import datasets, ids
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from chalicelib.store.models import File, Upload
 from chalicelib.store import dynamo, pagination
+from chalicelib.store.models import File, Upload
 
 PURPOSE = datasets.FINE_TUNE
 PURPOSES = (datasets.FINE_TUNE, datasets.EVALS)   # training data; OpenAI's eval rows ({"item", "sample"})

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from chalicelib.adapters import aws
 from chalicelib.config import settings

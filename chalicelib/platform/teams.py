@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
 from chalicelib.adapters.secrets import get_secret
+from chalicelib.cache import TTLCache
 from chalicelib.config import settings
 from chalicelib.domain import ids, keys
 from chalicelib.errors import ApiError, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from chalicelib.log import logger
-from chalicelib.cache import TTLCache
-from chalicelib.store.models import ApiKey, Team
 from chalicelib.store import dynamo
+from chalicelib.store.models import ApiKey, Team
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,20 @@ from datetime import timedelta
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
-from chalicelib.adapters import aws, slack as slack_http
+from chalicelib.adapters import aws
+from chalicelib.adapters import slack as slack_http
 from chalicelib.adapters.secrets import get_secret
-from chalicelib.domain import ids, jobs as job_rules, slack_messages as messages, urls
+from chalicelib.domain import ids, urls
+from chalicelib.domain import jobs as job_rules
+from chalicelib.domain import slack_messages as messages
 from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
+from chalicelib.inference import registry
 from chalicelib.log import logger
 from chalicelib.spend import budgets
-from chalicelib.training import state as job_state
-from chalicelib.inference import registry
-from chalicelib.training import rewards as job_rewards
 from chalicelib.store import dynamo
 from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
+from chalicelib.training import rewards as job_rewards
+from chalicelib.training import state as job_state
 
 NOTIFY = ("job", "budget", "model", "eval")
 LEASE_SECONDS = 60
@@ -359,7 +362,7 @@ def verify(raw_body: bytes, headers: dict) -> dict:
         raise failed
     secret = get_secret(settings_secret_id())
     try:
-        from slack_sdk.signature import SignatureVerifier   # only slash commands pay its import
+        from slack_sdk.signature import SignatureVerifier  # only slash commands pay its import
 
         valid = SignatureVerifier(secret).is_valid(raw_body, timestamp, signature)
     except (ValueError, TypeError):   # e.g. a body that is not UTF-8

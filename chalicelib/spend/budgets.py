@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
+from chalicelib import outbox
+from chalicelib.cache import TTLCache
 from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
-from chalicelib import outbox
-from chalicelib.cache import TTLCache
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, BudgetPeriod
 
@@ -72,7 +72,7 @@ def hold_job_id(hold_id: str) -> str | None:
 
 
 def hold_created_ms(hold_id: str) -> int | None:
-    if not hold_id[:1] in ("c", "j"):
+    if hold_id[:1] not in ("c", "j"):
         return None
     try:
         return int(hold_id[1:].split(".", 1)[0], 16)
@@ -227,7 +227,7 @@ def announce_thresholds(res: Reservation, spent: int, alerted: list) -> None:
                              resets_at=rules.resets_at(res.period),
                              event_id=ids.stable_id("evt", "budget", res.team_id, res.period, str(t)))
         try:
-            dynamo.call(lambda: event.save(condition=type(event).event_id.does_not_exist()),
+            dynamo.call(lambda event=event: event.save(condition=type(event).event_id.does_not_exist()),
                         idempotent=True, what="threshold event")
             fresh = True
         except PutError as exc:

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PynamoDBException, TransactWriteError
 from pynamodb.transactions import TransactWrite
@@ -158,7 +158,8 @@ def _park(sqs, body: str, reason: str) -> None:
     entry) leaves one copy. SQS deduplicates for 5 minutes; a later repeat is a second copy
     of the same entry, whose replay is idempotent (keyed by its request)."""
     sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=ledger_parked_queue())["QueueUrl"], MessageBody=body,
-                     MessageGroupId="ledger", MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
+                     MessageGroupId="ledger",
+                     MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
                      MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
 
 
@@ -279,7 +280,7 @@ def _release_orphan_job_hold(res: budgets.Reservation) -> bool:
 # ---- daily totals ------------------------------------------------------------------------------
 
 def _bucket(entry: LedgerEntry) -> tuple[str, str, str, str]:
-    day = datetime.fromtimestamp(entry.created_at, timezone.utc).strftime("%Y-%m-%d")
+    day = datetime.fromtimestamp(entry.created_at, UTC).strftime("%Y-%m-%d")
     return day, entry.model, entry.key_id or "-", entry.kind or "inference"
 
 
@@ -343,7 +344,7 @@ def _day(value: str | None, default: datetime, param: str) -> str:
 def report(team_ids: list[str], start: str | None, end: str | None, group_by: str) -> dict:
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
-    today = datetime.now(timezone.utc)
+    today = datetime.now(UTC)
     start_day = _day(start, today.replace(day=1), "start")
     end_day = _day(end, today, "end")
     if start_day > end_day:
@@ -369,13 +370,14 @@ def report(team_ids: list[str], start: str | None, end: str | None, group_by: st
              "cost_usd": pricing.usd(values["cost_micro"])} for (team, key), values in sorted(groups.items())]
     totals = {c: sum(d[c] for d in data) for c in _COUNTERS}
     totals["cost_usd"] = pricing.usd(totals["cost_micro"])
-    return {"object": "usage", "spend_by_kind": by_kind, "start": start_day, "end": end_day, "group_by": group_by, "data": data,
+    return {"object": "usage", "spend_by_kind": by_kind, "start": start_day, "end": end_day, "group_by": group_by,
+            "data": data,
             "totals": totals, "training": _training(team_ids, start_day, end_day)}
 
 
 def _training(team_ids: list[str], start_day: str, end_day: str) -> list[dict]:
-    lo = int(datetime.strptime(start_day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp())
-    hi = int((datetime.strptime(end_day, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)).timestamp())
+    lo = int(datetime.strptime(start_day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+    hi = int((datetime.strptime(end_day, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)).timestamp())
     out = []
     for team_id in team_ids:
         for job in Job.query(team_id, filter_condition=Job.created_at.between(lo, hi - 1)):

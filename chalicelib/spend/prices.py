@@ -6,12 +6,12 @@ from decimal import Decimal, InvalidOperation
 
 from pynamodb.exceptions import DoesNotExist
 
+from chalicelib.cache import TTLCache
 from chalicelib.domain import ids, pricing
 from chalicelib.domain.budget import MAX_PRICE_PER_1M
 from chalicelib.errors import InvalidRequest, NotFound
-from chalicelib.cache import TTLCache
-from chalicelib.store.models import PriceOverride
 from chalicelib.store import dynamo
+from chalicelib.store.models import PriceOverride
 
 _cache = TTLCache(60)
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 import functools
 
 from pynamodb.attributes import (
-    BooleanAttribute, JSONAttribute, ListAttribute, MapAttribute, NumberAttribute, TTLAttribute, UnicodeAttribute,
+    BooleanAttribute,
+    JSONAttribute,
+    ListAttribute,
+    MapAttribute,
+    NumberAttribute,
+    TTLAttribute,
+    UnicodeAttribute,
 )
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.connection import Connection
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
 
 from chalicelib.config import settings, table_name
@@ -199,8 +205,8 @@ class Job(_Base):
     status_path = ListAttribute(default=list)
     last_progress_at = NumberAttribute(null=True)   # a status change or new Bedrock events
     stalled_at = NumberAttribute(null=True)
-    event_seq = NumberAttribute(default=0)
-    bedrock_event_cursor = UnicodeAttribute(null=True)   # newest Bedrock event copied   # orders job events as rft-hub recorded them
+    event_seq = NumberAttribute(default=0)               # orders job events as rft-hub recorded them
+    bedrock_event_cursor = UnicodeAttribute(null=True)   # newest Bedrock event copied
     active = ActiveJobs()
     by_bedrock_id = JobsByBedrockId()
     by_created = JobsByCreated()

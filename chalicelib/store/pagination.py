@@ -23,8 +23,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pynamodb.attributes import NumberAttribute
 
@@ -44,7 +45,7 @@ MAX_KEY_BYTES = 1024                                  # DynamoDB: a sort key is 
 class Page(Generic[T]):
     items: list[T]
     has_more: bool
-    cursor: Optional[str] = None      # resume after the page's last item (None: nothing after it)
+    cursor: str | None = None      # resume after the page's last item (None: nothing after it)
     read: int = 0                     # items DynamoDB evaluated for this page (ScannedCount)
     calls: int = 0                    # Query calls made
 

@@ -7,24 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 
-
 from pynamodb.exceptions import DoesNotExist, PutError
 
+from chalicelib import bus
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS
-from chalicelib.domain.graders import calls_out, judge_models
-from chalicelib.grading.graders import PARAM
-from chalicelib.errors import Conflict, InvalidRequest, NotFound
-from chalicelib.spend import budgets, prices
-from chalicelib.platform import files
-from chalicelib.grading import graders, preflight
-from chalicelib.training import watch
-from chalicelib import bus
 from chalicelib.domain.events import JobAccepted
+from chalicelib.domain.graders import calls_out, judge_models
+from chalicelib.errors import Conflict, InvalidRequest, NotFound
+from chalicelib.grading import graders, preflight
+from chalicelib.grading.graders import PARAM
+from chalicelib.platform import files
+from chalicelib.spend import budgets, prices
 from chalicelib.store import dynamo
 from chalicelib.store.models import File, Job
+from chalicelib.training import watch
 from chalicelib.training.record import ACTIVE, get_job, job_view, record_event
 from chalicelib.training.submit import PREFLIGHT_ROWS, blocking, enqueue, record_preflight, release_hold
 

@@ -31,8 +31,9 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Callable
+from typing import Any
 
 from chalicelib import deadline
 from chalicelib.adapters import lambdas
@@ -41,8 +42,8 @@ from chalicelib.domain.graders.contract import check_response, size_batches
 from chalicelib.domain.graders.core import LambdaGrader
 from chalicelib.domain.graders.rows import JOB_FIELD, OWN_FIELDS, REF_FIELD
 from chalicelib.domain.graders.templates import make_sample
-from chalicelib.log import logger
 from chalicelib.grading import graders
+from chalicelib.log import logger
 
 SAMPLE_TIME_LIMIT_S = 60.0
 LAMBDA_TIME_LIMIT_S = lambdas.LAMBDA_TIMEOUT_S + 5.0   # one invocation of a team's Lambda
@@ -292,7 +293,7 @@ def _run(tasks: list[_Task], started: float, usable: float) -> tuple[list, dict[
         while True:
             now = time.monotonic()
 
-            def live(kind_is_audit: bool) -> list:
+            def live(kind_is_audit: bool, now: float = now) -> list:
                 # Still worth waiting for: not done, and not past its own limit (counted from its start).
                 return [f for t, f in enumerate(futures) if (tasks[t].kind == "audit") == kind_is_audit
                         and not f.done() and (t not in began or now - began[t] <= tasks[t].limit)]
@@ -399,7 +400,7 @@ def _stop_now(team_id: str, job_id: str) -> None:
     steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
     from chalicelib.config import settings
     from chalicelib.store.models import Job
-    from chalicelib.training import state as job_state   # the hosted grader's training path only
+    from chalicelib.training import state as job_state  # the hosted grader's training path only
 
     if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:
         return      # Bedrock calls retry for up to that long: not within this invocation, so the reconciler's
@@ -412,7 +413,7 @@ def _stop_now(team_id: str, job_id: str) -> None:
 
 def _account(spent: dict, refused: set) -> None:
     """One write per job per invocation: the judge cost on the job, and a stop when refused."""
-    from chalicelib.training import record   # only the hosted grader's training path needs the jobs service
+    from chalicelib.training import record  # only the hosted grader's training path needs the jobs service
 
     for (team_id, job_id), costs in spent.items():
         if costs:

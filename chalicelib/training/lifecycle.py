@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
+from chalicelib import outbox
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.log import logger
-from chalicelib.training import mirror, record, state as job_state, submit
 from chalicelib.spend import metering
-from chalicelib import outbox
 from chalicelib.store.models import Job, connection
+from chalicelib.training import mirror, record, submit
+from chalicelib.training import state as job_state
 
 DETAIL_TYPE = "Model Customization Job State Change"
 MISSING_AFTER_SECONDS = 600

@@ -3,18 +3,23 @@ and listed.
 """
 from __future__ import annotations
 
-
-
 from pynamodb.exceptions import UpdateError
 
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError
 from chalicelib.log import logger
-from chalicelib.store import dynamo
-from chalicelib.store import pagination
+from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import Checkpoint, Job, JobEvent
-from chalicelib.training.record import MAX_EVENT_PAGES, checkpoint_view, event_view, get_job, next_seqs, save_event, upstream
+from chalicelib.training.record import (
+    MAX_EVENT_PAGES,
+    checkpoint_view,
+    event_view,
+    get_job,
+    next_seqs,
+    save_event,
+    upstream,
+)
 
 
 def sync_events(job: Job) -> int:

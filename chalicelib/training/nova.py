@@ -15,15 +15,14 @@ import json
 import tempfile
 import time
 
-
 from chalicelib.adapters import aws
 from chalicelib.adapters import bedrock_native as native
 from chalicelib.adapters.bedrock import BedrockRejected
 from chalicelib.config import settings
 from chalicelib.domain import ids
-from chalicelib.domain.graders import rows
 from chalicelib.domain import nova as rules
 from chalicelib.domain.datasets import iter_lines
+from chalicelib.domain.graders import rows
 from chalicelib.errors import NotFound, UpstreamError
 from chalicelib.store.models import Job
 

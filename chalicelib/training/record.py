@@ -5,19 +5,15 @@ evaluation, Slack).
 """
 from __future__ import annotations
 
-
-
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.adapters import bedrock
 from chalicelib.domain import ids
-from chalicelib.errors import NotFound
-from chalicelib.training import rewards
-from chalicelib.training import nova
 from chalicelib.domain.nova import is_nova
+from chalicelib.errors import NotFound
 from chalicelib.store import dynamo
 from chalicelib.store.models import Checkpoint, Job, JobEvent
-
+from chalicelib.training import nova, rewards
 
 ACTIVE = "active"
 

@@ -224,7 +224,7 @@ def rollout_view(r: Rollout, line: dict | None) -> dict:
 
 def list_rollouts(team_id: str, job_id: str, window: int | None, order: str, limit: int,
                   after: str | None) -> dict:
-    from chalicelib.training import record as job_record   # the API's path only
+    from chalicelib.training import record as job_record  # the API's path only
 
     job_record.get_job(team_id, job_id)          # another team's job is a 404
     if order not in ORDERS:

@@ -6,28 +6,23 @@ from __future__ import annotations
 
 import json
 
-
 from pynamodb.exceptions import PynamoDBException, TransactWriteError, UpdateError
 from pynamodb.expressions.operand import Path
 from pynamodb.transactions import TransactWrite
 
+from chalicelib import bus, outbox
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
+from chalicelib.domain.events import JobSucceeded
+from chalicelib.domain.nova import is_nova
 from chalicelib.errors import ApiError, Conflict, NotFound
+from chalicelib.inference import deployments, registry
 from chalicelib.log import logger
 from chalicelib.spend import budgets
-from chalicelib.training import watch
-from chalicelib import outbox
-from chalicelib.inference import registry
-from chalicelib import bus
-from chalicelib.domain.events import JobSucceeded
-from chalicelib.training import rewards
-from chalicelib.inference import deployments
-from chalicelib.domain.nova import is_nova
-from chalicelib.store import dynamo
-from chalicelib.store import pagination
+from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import Job, connection
+from chalicelib.training import rewards, watch
 from chalicelib.training.mirror import sync_checkpoints, sync_events
 from chalicelib.training.record import get_job, job_view, record_event, summary, upstream
 

@@ -8,30 +8,28 @@ from __future__ import annotations
 import json
 import tempfile
 
-
 from pynamodb.exceptions import PynamoDBException, UpdateError
 
 from chalicelib.adapters import aws, bedrock
 from chalicelib.config import jobs_queue
 from chalicelib.domain import ids
-from chalicelib.domain.graders import rows
 from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import iter_lines
-from chalicelib.errors import ApiError
-from chalicelib.log import logger
-from chalicelib.spend import budgets
-from chalicelib.platform import files
-from chalicelib.grading import graders, preflight
-from chalicelib.training import nova
+from chalicelib.domain.graders import rows
 from chalicelib.domain.nova import is_nova
-from chalicelib.platform import teams
+from chalicelib.errors import ApiError
 from chalicelib.failures import retryable
+from chalicelib.grading import graders, preflight
+from chalicelib.log import logger
+from chalicelib.platform import files, teams
+from chalicelib.spend import budgets
 from chalicelib.store import dynamo
 from chalicelib.store.models import File, Job
-
-PREFLIGHT_ROWS = 8
+from chalicelib.training import nova
 from chalicelib.training.record import get_job, record_event, upstream
 from chalicelib.training.state import apply_remote, apply_status
+
+PREFLIGHT_ROWS = 8
 
 
 def blocking(report: dict, mode: str) -> str | None:

@@ -15,16 +15,16 @@ from __future__ import annotations
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
+from chalicelib import outbox
 from chalicelib.domain import ids, numbers
 from chalicelib.domain import watch as rules
 from chalicelib.errors import InvalidRequest
-from chalicelib.log import logger
-from chalicelib import outbox
 from chalicelib.inference import registry
-from chalicelib.training import record as job_record
-from chalicelib.training import rollouts
+from chalicelib.log import logger
 from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import Job, JobEvent, Rollout, RolloutWindow, WatchFinding, connection
+from chalicelib.training import record as job_record
+from chalicelib.training import rollouts
 
 AUDIT_PARAM = "method.reinforcement.audit_grader"
 STOP_CODE = "reward_hacking_suspected"

@@ -20,8 +20,8 @@ from __future__ import annotations
 import ast
 import math
 import operator as op
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 MAX_CHARS = 1000
 MAX_NODES = 200          # expression nodes (names, numbers, operations, calls)
@@ -113,7 +113,7 @@ FUNCTIONS = {name: _numeric(fn) for name, fn in {
 def _evaluate(node: ast.expr, values: dict) -> float:
     try:
         # A fresh evaluator per call: graders are shared across threads.
-        from simpleeval import SimpleEval   # imported where formulas run, not at every cold start
+        from simpleeval import SimpleEval  # imported where formulas run, not at every cold start
 
         result = SimpleEval(operators=OPERATORS, functions=FUNCTIONS, names=values).eval("", previously_parsed=node)
         return float(_value(result))   # float() of a 1,024-bit integer can overflow

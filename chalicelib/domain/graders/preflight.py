@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 CRITICAL, WARNING, INFO = "critical", "warning", "info"

@@ -3,7 +3,7 @@
 Libraries: rapidfuzz (fuzzy_match), NLTK (bleu, gleu, meteor; Porter stemmer only), and ROUGE
 (rouge_1..5, rouge_l, F-measure) in pure Python below: Google's rouge-score with
 use_stemmer=True, re-implemented without numpy, which it needs only to import (64 MB of the
-deployment package). tests/test_similarity.py proves the scores identical to rouge-score's on
+deployment package). tests/unit/test_similarity.py proves the scores identical to rouge-score's on
 random texts (rouge-score stays a development dependency, as the oracle). Every library is
 imported where it is used, not when the app is imported. Nothing downloads data at run time:
 METEOR runs without WordNet synonyms (exact and stem matches only), and `cosine` (embeddings)

@@ -4,11 +4,11 @@ against OpenAI's published document."""
 import base64
 import json
 
+import openai_spec as spec
 import pytest
 from botocore.session import get_session
 from botocore.validate import ParamValidator
 
-import openai_spec as spec
 from chalicelib.domain import converse
 from chalicelib.errors import InvalidRequest
 

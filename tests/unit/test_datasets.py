@@ -3,9 +3,9 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import datasets
-from sample_data import arithmetic_rows, jsonl
 
 
 def test_valid_file_counts_rows_bytes_tokens():

@@ -24,7 +24,7 @@ texts = st.one_of(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(rouge_type: str):
     return rouge_scorer.RougeScorer([rouge_type], use_stemmer=True)
 
