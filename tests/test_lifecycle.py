@@ -4,6 +4,7 @@ import json
 import time
 
 import boto3
+import pytest
 from helpers import start_job, wait_submitted
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -311,3 +312,26 @@ def test_mantle_jobs_emit_no_events_unless_the_local_bedrock_is_told_to(api, cli
     finally:
         pump.stop()
         http("POST", config, body={"mantle_events": False})
+
+
+def test_a_busy_dynamodb_while_giving_the_suffix_alias_never_loses_it(api, client, bedrock, ddb_faults):
+    """The suffix alias is a reaction to JobSucceeded (evaluation/promotion.give_suffix_alias): a
+    throttled alias write fails the finalize, which the reconciler repeats until the alias exists.
+    Before, any cancelled transaction was read as "the alias exists" and the step was lost for good."""
+    job, bid = real_job(client, bedrock, suffix="kept-alias")
+    ddb_faults.configure(rules=[{"operation": "TransactWriteItems", "table": "aliases", "next": 1,
+                                 "error": "ThrottlingException"}])
+    deliver(api, event_for(api, bid, "InProgress"))
+    deliver(api, event_for(api, bid, "Completed"))
+    job.refresh()
+    assert ddb_faults.counters()["faults"], "the alias write was not throttled"
+    assert job.status == "succeeded" and job.active_shard is not None     # finalize is not done: repeated
+    assert TunedModel.get(job.team_id, job.fine_tuned_model).job_id == job.job_id
+    with pytest.raises(Alias.DoesNotExist):
+        Alias.get(job.team_id, "kept-alias")
+    report = api.lambda_.invoke("reconcile_jobs", api.events.generate_cw_event(
+        source="aws.events", detail_type="Scheduled Event", detail={}, resources=[])).payload
+    assert report["errors"] == 0, report["problems"]
+    job.refresh()
+    assert job.active_shard is None
+    assert Alias.get(job.team_id, "kept-alias").model_id == job.fine_tuned_model
