@@ -87,8 +87,8 @@ def test_parking_is_idempotent(stack):
     _take_all(metering.ledger_parked_queue())
     body = _poison("team-x", "req-park-twice")
     # A park repeated (its DLQ delete failed, or SQS delivered the message twice) leaves one copy.
-    metering._park(_sqs(), body, "test")
-    metering._park(_sqs(), body, "test")
+    metering._park(body, "test")
+    metering._park(body, "test")
     assert _take_all(metering.ledger_parked_queue()) == [body]
 
 

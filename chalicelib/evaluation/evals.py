@@ -14,7 +14,7 @@ import secrets
 
 from pynamodb.exceptions import DeleteError, DoesNotExist, PutError, UpdateError
 
-from chalicelib.adapters import aws
+from chalicelib.adapters import queues
 from chalicelib.config import evals_queue
 from chalicelib.domain import evals as rules
 from chalicelib.domain import ids, numbers, pricing
@@ -103,15 +103,9 @@ def item_view(i: EvalOutputItem) -> dict:
             "sample": i.sample, "rft_cost_usd": pricing.usd(int(i.cost_micro or 0))}
 
 
-def _list(data: list[dict], page: pagination.Page) -> dict:
+def _list(data: list[dict], page: pagination.Page | None = None) -> dict:
     # OpenAI's list objects require first_id and last_id as strings: "" on an empty page.
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else "",
-            "last_id": data[-1]["id"] if data else "", "has_more": page.has_more,
-            "rft_next_cursor": page.cursor if page.has_more else None}
-
-
-def _empty() -> dict:
-    return {"object": "list", "data": [], "first_id": "", "last_id": "", "has_more": False, "rft_next_cursor": None}
+    return pagination.envelope(data, page, first_last="")
 
 
 def _order(order: str | None) -> bool:
@@ -187,7 +181,7 @@ def list_evals(team_id: str, limit: int, after: str | None, order: str | None, o
                                  anchor=lambda eval_id: dynamo.get_or_none(EvalDefinition, team_id, eval_id,
                                                                            what="eval list"))
     if start is pagination.NOWHERE:
-        return _empty()
+        return _list([])
     page = pagination.query(EvalDefinition, team_id, index="by_created", limit=limit, start=start,
                             newest_first=newest_first, what="eval list")
     return _list([eval_view(e) for e in page.items], page)
@@ -343,7 +337,7 @@ def list_runs(team_id: str, eval_id: str, limit: int, after: str | None, order: 
     newest_first = _order(order)
     start = pagination.resume_at(after, EvalRunRecord, hash_value=eval_id, anchor=lambda rid: run_record(eval_id, rid))
     if start is pagination.NOWHERE:
-        return _empty()
+        return _list([])
     if status:
         page = pagination.query(EvalRunRecord, eval_id, limit=limit, start=start, newest_first=newest_first,
                                 filter_condition=EvalRunRecord.status == status, page_size=100, what="eval runs")
@@ -401,7 +395,7 @@ def list_items(team_id: str, eval_id: str, run_id: str, limit: int, after: str |
     elif after:
         index = _item_index(run_id, after)
         if index is None:
-            return _empty()
+            return _list([])
         start = {"run_id": {"S": run_id}, "item_index": {"N": str(index)}}
     if status:
         page = pagination.query(EvalOutputItem, run_id, limit=limit, start=start, newest_first=newest_first,
@@ -461,16 +455,9 @@ def compare(team_id: str, eval_id: str, runs: str | None, limit: int) -> dict:
 
 # ---- the queue ----------------------------------------------------------------------------------
 
-_queue_url: dict[str, str] = {}
-
-
 def _send(body: dict, delay: int = 0) -> bool:
     try:
-        sqs = aws.sqs()
-        name = evals_queue()
-        if name not in _queue_url:
-            _queue_url[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        sqs.send_message(QueueUrl=_queue_url[name], MessageBody=json.dumps(body), DelaySeconds=delay)
+        queues.send(evals_queue(), json.dumps(body), delay=delay)
         return True
     except Exception as exc:  # noqa: BLE001 - callers decide (reads repair a lost message)
         logger.warning("eval worker message not sent", extra={"error": type(exc).__name__})

@@ -40,7 +40,7 @@ from chalicelib.evaluation import after_training, evals
 from chalicelib.failures import retryable
 from chalicelib.log import logger
 from chalicelib.spend import budgets, prices
-from chalicelib.store import dynamo
+from chalicelib.store import dynamo, lease
 from chalicelib.store.models import EvalDefinition, EvalOutputItem, EvalRunRecord, connection
 
 CONCURRENCY = 4                 # items of one run in flight at once
@@ -345,20 +345,11 @@ def _fit(item: dict) -> dict:
 
 def _lease(run: EvalRunRecord, token: str) -> bool:
     now = ids.now()
-    actions = [EvalRunRecord.status.set("in_progress"), EvalRunRecord.lease_token.set(token),
-               EvalRunRecord.lease_until.set(now + int(deadline.remaining()) + 30), EvalRunRecord.attempts.add(1),
-               EvalRunRecord.updated_at.set(now)]
+    extra = [EvalRunRecord.lease_token.set(token), EvalRunRecord.attempts.add(1), EvalRunRecord.updated_at.set(now)]
     if not run.started_at:
-        actions.append(EvalRunRecord.started_at.set(now))
-    condition = (EvalRunRecord.status == "queued") | ((EvalRunRecord.status == "in_progress") & (
-        EvalRunRecord.lease_until.does_not_exist() | (EvalRunRecord.lease_until < now)))
-    try:
-        dynamo.call(lambda: run.update(actions=actions, condition=condition), idempotent=False, what="eval run lease")
-        return True
-    except UpdateError as exc:
-        if dynamo.is_condition(exc):
-            return False
-        raise
+        extra.append(EvalRunRecord.started_at.set(now))
+    return lease.take(run, EvalRunRecord.status, EvalRunRecord.lease_until, free="queued", taken="in_progress",
+                      seconds=int(deadline.remaining()) + 30, extra=extra, open_ended=True, what="eval run lease")
 
 
 def _release(run: EvalRunRecord, token: str, continued: bool = False) -> None:

@@ -70,9 +70,7 @@ def file_view(f: File) -> dict:
 def _file_list(data: list[dict], has_more: bool, cursor: str | None) -> dict:
     # OpenAI's ListFilesResponse requires `first_id` and `last_id` as strings, also on an empty
     # page: there they are "" (not null, which the document does not allow).
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else "", "last_id": data[-1]["id"] if data else "",
-            "rft_next_cursor": cursor if has_more else None}
+    return pagination.envelope(data, pagination.Page(data, has_more, cursor), first_last="")
 
 
 def _rejected(report: dict, purpose: str = PURPOSE) -> InvalidRequest:

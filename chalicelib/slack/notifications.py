@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
-from chalicelib.adapters import aws
+from chalicelib.adapters import aws, queues
 from chalicelib.adapters import slack as slack_http
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import ids, urls
@@ -325,24 +325,20 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     raise RetryLater(f"Slack answered {result.status}; retrying")
 
 
-def _queue_url(name: str) -> str:
-    return aws.sqs().get_queue_url(QueueName=name)["QueueUrl"]
-
-
 def _delay(receipt_handle: str | None, seconds: float | None) -> None:
     """Honours Retry-After (or backs off) by hiding the message for that long."""
     if not receipt_handle:
         return
     try:
-        aws.sqs().change_message_visibility(QueueUrl=_queue_url(notify_queue()), ReceiptHandle=receipt_handle,
+        aws.sqs().change_message_visibility(QueueUrl=queues.url(notify_queue()), ReceiptHandle=receipt_handle,
                                             VisibilityTimeout=int(min(900, max(1, seconds or 30))))
     except Exception:  # noqa: BLE001 - the queue's own visibility timeout applies instead
         logger.warning("could not delay the notification")
 
 
 def _dead_letter(body: str, reason: str) -> None:
-    aws.sqs().send_message(QueueUrl=_queue_url(dead_letter_queue()), MessageBody=body,
-                           MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:250]}})
+    queues.send(dead_letter_queue(), body,
+                MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:250]}})
 
 
 # ---- slash commands -----------------------------------------------------------------------------
@@ -414,7 +410,7 @@ def command(form: dict) -> dict:
         job = _job_arg(team_id, args)
         if isinstance(job, dict):
             return job
-        aws.sqs().send_message(QueueUrl=_queue_url(commands_queue()), MessageBody=json.dumps(
+        queues.send(commands_queue(), json.dumps(
             {"command": "cancel", "team_id": team_id, "job_id": job.job_id, "response_url": form.get("response_url")}))
         return messages.ephemeral(f"Cancelling `{job.job_id}`… I will post here when it is done.")
     return messages.ephemeral(f"Unknown command `{truncate_word(name)}`.", HELP)

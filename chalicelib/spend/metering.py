@@ -25,7 +25,7 @@ from pynamodb.exceptions import PynamoDBException, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib import deadline
-from chalicelib.adapters import aws
+from chalicelib.adapters import aws, queues
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.errors import ApiError, InvalidRequest
@@ -99,8 +99,7 @@ def settle_call(res: budgets.Reservation, entry: LedgerEntry) -> None:
 def _dead_letter(entry: LedgerEntry, exc: Exception) -> None:
     body = _entry_json(entry)
     try:
-        sqs = aws.sqs()
-        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=ledger_dlq())["QueueUrl"], MessageBody=body)
+        queues.send(ledger_dlq(), body)
         logger.warning("ledger write failed; entry dead-lettered", extra={"request_id": entry.request_id,
                                                                            "error": type(exc).__name__})
     except Exception:  # noqa: BLE001 - the last resort: the whole entry in the logs, for replay
@@ -152,15 +151,14 @@ def _replay(body: str) -> None:
         logger.warning("dead-letter replay: settlement deferred", extra={"hold_id": entry.hold_id})
 
 
-def _park(sqs, body: str, reason: str) -> None:
+def _park(body: str, reason: str) -> None:
     """Into the parked queue (its depth alarms an operator), deduplicated by the body's hash so
     a park that is repeated (the DLQ delete failed, a second delivery or copy of the same
     entry) leaves one copy. SQS deduplicates for 5 minutes; a later repeat is a second copy
     of the same entry, whose replay is idempotent (keyed by its request)."""
-    sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=ledger_parked_queue())["QueueUrl"], MessageBody=body,
-                     MessageGroupId="ledger",
-                     MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
-                     MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
+    queues.send(ledger_parked_queue(), body, MessageGroupId="ledger",
+                MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
+                MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
 
 
 def drain_dead_letters(max_messages: int = 500) -> dict:
@@ -170,7 +168,7 @@ def drain_dead_letters(max_messages: int = 500) -> dict:
     writable (a validation error, an unreadable body) -> parked in the parked queue and deleted.
     A served call is always on the ledger or in one of the two queues."""
     sqs = aws.sqs()
-    url = sqs.get_queue_url(QueueName=ledger_dlq())["QueueUrl"]
+    url = queues.url(ledger_dlq())
     report = {"written": 0, "parked": 0, "left": 0}
     seen = 0
     while seen < max_messages and deadline.remaining() > 2.0:
@@ -185,7 +183,7 @@ def drain_dead_letters(max_messages: int = 500) -> dict:
                     _replay(body)
                     outcome = "written"
                 except _Unwritable as exc:
-                    _park(sqs, body, str(exc))
+                    _park(body, str(exc))
                     logger.error("ledger entry parked: it can never be written", extra={
                         "message_id": message["MessageId"], "reason": str(exc), "queue": ledger_parked_queue()})
                     outcome = "parked"

@@ -50,12 +50,16 @@ class Page(Generic[T]):
     calls: int = 0                    # Query calls made
 
 
-def envelope(data: list, page: Page | None = None, *, first_last: bool = False, **extra) -> dict:
-    """A list answer as OpenAI shapes it, plus rft-hub's `rft_next_cursor`; `first_last` adds OpenAI's
-    `first_id`/`last_id` ("" on an empty page), which the Evals API's lists require."""
+_NO_IDS = object()
+
+
+def envelope(data: list, page: Page | None = None, *, first_last=_NO_IDS, **extra) -> dict:
+    """The one list answer, as OpenAI shapes it, plus rft-hub's `rft_next_cursor` and `extra` fields.
+    `first_last`: add OpenAI's `first_id`/`last_id`, this value on an empty page ("" where OpenAI's
+    document requires strings: files, evals; None where it allows null: checkpoints)."""
     out: dict = {"object": "list", "data": data}
-    if first_last:
-        out.update(first_id=data[0]["id"] if data else "", last_id=data[-1]["id"] if data else "")
+    if first_last is not _NO_IDS:
+        out.update(first_id=data[0]["id"] if data else first_last, last_id=data[-1]["id"] if data else first_last)
     more = bool(page is not None and page.has_more)
     out.update(has_more=more, **extra)
     out["rft_next_cursor"] = page.cursor if more else None

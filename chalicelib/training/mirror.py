@@ -112,9 +112,7 @@ def list_checkpoints(team_id: str, job_id: str, limit: int, after: str | None) -
 
     start = pagination.resume_at(after, Checkpoint, hash_value=job_id, anchor=anchor)
     if start is pagination.NOWHERE:
-        return pagination.envelope([], None, first_id=None, last_id=None)
+        return pagination.envelope([], first_last=None)
     page = pagination.query(Checkpoint, job_id, limit=limit, start=start, what="job checkpoints")
     data = [checkpoint_view(c) for c in page.items]
-    return {"object": "list", "data": data, "has_more": page.has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-            "rft_next_cursor": page.cursor if page.has_more else None}
+    return pagination.envelope(data, page, first_last=None)

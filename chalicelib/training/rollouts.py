@@ -232,8 +232,7 @@ def list_rollouts(team_id: str, job_id: str, window: int | None, order: str, lim
     index = ORDERS[order]
     if window is None:
         window = latest_window(team_id, job_id)
-    empty = {"object": "list", "data": [], "has_more": False, "window": window or None, "order": order,
-             "rft_next_cursor": None}
+    empty = pagination.envelope([], window=window or None, order=order)
     if not window:
         return empty
     wkey = window_key(team_id, job_id, window)
@@ -255,5 +254,4 @@ def list_rollouts(team_id: str, job_id: str, window: int | None, order: str, lim
     for r in page.items:
         lines = texts.get(r.s3_key) or []
         data.append(rollout_view(r, lines[int(r.line)] if int(r.line) < len(lines) else None))
-    return {**empty, "data": data, "has_more": page.has_more,
-            "rft_next_cursor": page.cursor if page.has_more else None}
+    return pagination.envelope(data, page, window=window or None, order=order)

@@ -10,7 +10,7 @@ import tempfile
 
 from pynamodb.exceptions import PynamoDBException, UpdateError
 
-from chalicelib.adapters import aws, bedrock
+from chalicelib.adapters import bedrock, queues
 from chalicelib.config import jobs_queue
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
@@ -23,7 +23,7 @@ from chalicelib.grading import graders, preflight
 from chalicelib.log import logger
 from chalicelib.platform import files, teams
 from chalicelib.spend import budgets
-from chalicelib.store import dynamo
+from chalicelib.store import dynamo, lease
 from chalicelib.store.models import File, Job
 from chalicelib.training import nova
 from chalicelib.training.record import get_job, record_event, upstream
@@ -58,9 +58,7 @@ def enqueue(job: Job) -> None:
     """Hands the job to the worker. If the queue cannot be reached, the reconciler's next pass
     finds the job pending and does the same work: nothing is lost, only later."""
     try:
-        sqs = aws.sqs()
-        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=jobs_queue())["QueueUrl"],
-                         MessageBody=json.dumps({"team_id": job.team_id, "job_id": job.job_id}))
+        queues.send(jobs_queue(), json.dumps({"team_id": job.team_id, "job_id": job.job_id}))
     except Exception as exc:  # noqa: BLE001 - see above
         logger.warning("job not queued; the reconciler will prepare it", extra={"job_id": job.job_id,
                                                                                "error": type(exc).__name__})
@@ -90,16 +88,9 @@ def prepare(team_id: str, job_id: str) -> str:
 
 
 def _deferred_preflight(job: Job) -> str:
-    now = ids.now()
-    try:
-        job.update(actions=[Job.preflight_state.set("running"), Job.preflight_lease_until.set(
-            now + PREFLIGHT_LEASE_SECONDS)],
-                   condition=(Job.preflight_state == "queued") |
-                             ((Job.preflight_state == "running") & (Job.preflight_lease_until < now)))
-    except UpdateError as exc:
-        if dynamo.is_condition(exc):
-            return "preflight running elsewhere"
-        raise
+    if not lease.take(job, Job.preflight_state, Job.preflight_lease_until, free="queued", taken="running",
+                      seconds=PREFLIGHT_LEASE_SECONDS):
+        return "preflight running elsewhere"
     # The lease is taken: from here every way out releases it or fails the job (never left held).
     try:
         # Inside: a judge retired since creation no longer resolves (a 4xx: the job cannot train).
@@ -166,18 +157,8 @@ def release_hold(held: budgets.Reservation | None) -> None:
 
 
 def _acquire_lease(job: Job) -> bool:
-    now = ids.now()
-    try:
-        job.update(actions=[Job.submit_state.set("submitting"),
-                            Job.submit_lease_until.set(now + SUBMIT_LEASE_SECONDS),
-                            Job.submit_attempts.add(1), Job.updated_at.set(now)],
-                   condition=(Job.submit_state == "pending") |
-                             ((Job.submit_state == "submitting") & (Job.submit_lease_until < now)))
-        return True
-    except UpdateError as exc:
-        if dynamo.is_condition(exc):
-            return False
-        raise
+    return lease.take(job, Job.submit_state, Job.submit_lease_until, free="pending", taken="submitting",
+                      seconds=SUBMIT_LEASE_SECONDS, extra=[Job.submit_attempts.add(1), Job.updated_at.set(ids.now())])
 
 
 def _bedrock_file_id(team_id: str, file_id: str, grader_ref: str | None, job_id: str) -> str:

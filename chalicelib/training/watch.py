@@ -221,10 +221,8 @@ def view(team_id: str, job_id: str, limit: int, after: str | None) -> dict:
         series.append(entry)
     cfg = rollouts.config(team_id, job_id) or rules.Config()
     findings = sorted((finding_view(f) for f in WatchFinding.query(key)), key=lambda f: (f["created_at"], f["code"]))
-    return {"object": "list", "data": series, "has_more": page.has_more,
-            "rft_next_cursor": page.cursor if page.has_more else None,
-            "job_id": job.job_id, "status": job.status, "findings": findings,
-            "watch": {"on_critical": cfg.on_critical, "audit_grader": cfg.audit_ref is not None,
-                      "invocations_per_window": cfg.per_window,
-                      "windowing": "bedrock_steps_where_aligned_else_invocation_count"},
-            "thresholds": rules.THRESHOLDS}
+    return pagination.envelope(series, page, job_id=job.job_id, status=job.status, findings=findings,
+                               watch={"on_critical": cfg.on_critical, "audit_grader": cfg.audit_ref is not None,
+                                      "invocations_per_window": cfg.per_window,
+                                      "windowing": "bedrock_steps_where_aligned_else_invocation_count"},
+                               thresholds=rules.THRESHOLDS)
