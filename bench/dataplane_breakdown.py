@@ -50,7 +50,7 @@ def run(n: int = N) -> dict:
                 spent.setdefault(label, []).append((time.perf_counter() - started) * 1000)
         setattr(owner, name, wrapper)
 
-    for owner, name, label in ((budgets, "reserve", "hold"), (gateway, "_open_upstream", "upstream"),
+    for owner, name, label in ((budgets, "reserve", "hold"), (gateway, "open_upstream", "upstream"),
                                (gateway, "send", "upstream"), (metering, "_put", "ledger"),
                                (metering, "settle_call", "settle")):
         timed(owner, name, label)

@@ -112,7 +112,7 @@ def test_a_stalled_bedrock_stream_is_a_504_within_the_upstream_deadline(client, 
     from helpers import http
 
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.inference import gateway
+    from chalicelib.inference import upstream as gateway
     from chalicelib.spend import budgets
     from local.harness import ADMIN_KEY
 
@@ -142,7 +142,7 @@ def test_after_the_first_answer_a_stream_waits_the_idle_limit_not_the_first_byte
     from helpers import http
     from test_streaming import first_within
 
-    from chalicelib.inference import gateway
+    from chalicelib.inference import upstream as gateway
 
     upstream(stream_hold=True)
     stream = client.chat.completions.create(model="openai.gpt-oss-20b", stream=True,

@@ -11,12 +11,13 @@ from chalice import Blueprint, Response
 
 from chalicelib.api.http import Request, route
 from chalicelib.inference import gateway
+from chalicelib.inference.stream import Stream
 
 bp = Blueprint(__name__)
 
 
-def _reply(reply: gateway.Reply | gateway.Stream) -> Response:
-    body = reply.read_all() if isinstance(reply, gateway.Stream) else reply.body
+def _reply(reply: gateway.Reply | Stream) -> Response:
+    body = reply.read_all() if isinstance(reply, Stream) else reply.body
     return Response(body=body.decode("utf-8"), status_code=reply.status,
                     headers={"Content-Type": reply.content_type, **reply.headers})
 

@@ -40,6 +40,7 @@ from chalicelib.dataplane import READY_PATH, ROUTES
 from chalicelib.domain import ids
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.inference import gateway
+from chalicelib.inference.stream import Stream
 from chalicelib.log import logger
 
 # A streamed integration may run 15 minutes (API Gateway's and Lambda's limit); the function's
@@ -117,7 +118,7 @@ def _envelope(response) -> Response:
 
 def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, seconds: float):
     """Worker thread: auth, body, the gateway call. Returns a Starlette Response (answered or
-    refused) or an opened gateway.Stream."""
+    refused) or an opened Stream."""
     try:
         # Authentication (a console cookie reads DynamoDB twice) answers within API Gateway's 29 s,
         # whatever a stream may be allowed afterwards.
@@ -126,7 +127,7 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
             result = SERVICES[path](principal, request_id, body, defer_settle=True)
-        if isinstance(result, gateway.Stream):
+        if isinstance(result, Stream):
             return result
         # The call is on the ledger; its hold is settled once the answer is sent (a background
         # task: the response, with its Content-Length, is complete before it runs).
@@ -143,11 +144,11 @@ def _settle(after, seconds: float) -> None:
 
 
 class StreamedCall(Response):
-    """Sends a gateway.Stream's events as they come. A thread iterates the stream (reading
+    """Sends a Stream's events as they come. A thread iterates the stream (reading
     Bedrock, metering at the end); the event loop only forwards. The response completes when
     the stream is metered, even if the caller has gone (sending to a closed connection is a no-op)."""
 
-    def __init__(self, stream: gateway.Stream, request_id: str, seconds: float) -> None:
+    def __init__(self, stream: Stream, request_id: str, seconds: float) -> None:
         # No body and so no Content-Length (as starlette's StreamingResponse): the answer is chunked.
         self.status_code, self.media_type, self.background = stream.status, stream.content_type, None
         self.init_headers({**stream.headers, "x-request-id": request_id, "cache-control": "no-cache"})
@@ -201,7 +202,7 @@ async def _serve(request: Request) -> Response:
     seconds = _seconds(adapter)
     raw = await request.body()
     outcome = await run_in_threadpool(_handle, request.url.path, headers, raw, request_id, seconds)
-    streamed = isinstance(outcome, gateway.Stream)
+    streamed = isinstance(outcome, Stream)
     logger.info("request", extra={"method": request.method, "path": request.url.path, "request_id": request_id,
                                   "status": outcome.status if streamed else outcome.status_code, "stream": streamed,
                                   "latency_ms": round((time.perf_counter() - started) * 1000, 2)})

@@ -272,10 +272,10 @@ def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | 
     check_rows(ev, ds, rows)
     upstream = base = alias = None
     if ds.type == "completions":
-        from chalicelib.inference import gateway
+        from chalicelib.inference import targets
 
         try:
-            target, _ = gateway.priced(team_id, ds.model, "data_source.model")
+            target, _ = targets.priced(team_id, ds.model, "data_source.model")
         except NotFound as err:
             raise InvalidRequest(err.message, param="data_source.model", code="model_not_found") from None
         upstream, base, alias = target.upstream, target.base_model, target.alias

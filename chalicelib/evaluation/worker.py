@@ -2,7 +2,7 @@
 evaluation/evals.py queues.
 
 A message names a run; the worker takes the run's lease, reads its rows, and for each row not
-yet stored samples the model through the gateway's metering (`gateway._metered`: held to the
+yet stored samples the model through the gateway's metering (`metered.metered_call`: held to the
 team's budget, on the ledger as kind `inference`, request id `<run id>.<item index>`), grades it
 with the eval's testing criteria (judges metered as kind `grader`, `<run id>.<index>.j<n>`), and
 stores the item's result once (a conditional put, in a transaction that also checks the run
@@ -38,6 +38,7 @@ from chalicelib.domain.graders.templates import InvalidVariable, compile_templat
 from chalicelib.errors import ApiError
 from chalicelib.evaluation import after_training, evals
 from chalicelib.failures import retryable
+from chalicelib.inference import judge, metered, targets, upstream
 from chalicelib.log import logger
 from chalicelib.spend import budgets, prices
 from chalicelib.store import dynamo, lease
@@ -76,9 +77,6 @@ class StopRun(Exception):
 class _Worker:
     def __init__(self, run: EvalRunRecord, ev: EvalDefinition, token: str, criteria: list, compiled: list,
                  ds: rules.DataSource, tally: rules.Tally):
-        from chalicelib.inference import gateway
-
-        self.gateway = gateway
         self.run, self.ev, self.token, self.ds, self.tally = run, ev, token, ds, tally
         self.criteria, self.compiled = criteria, compiled
         self.team_id, self.run_id = run.team_id, run.run_id
@@ -90,7 +88,7 @@ class _Worker:
         self.target = self.price = None
         self.render = None
         if ds.type == "completions":
-            self.target = gateway.Target(run.model, run.upstream_model, run.base_model, run.alias)
+            self.target = targets.Target(run.model, run.upstream_model, run.base_model, run.alias)
             self.price = prices.price(run.upstream_model, run.base_model)
             if self.price is None:
                 raise StopRun("failed", "model_not_priced", f"Model '{run.model}' has no price, so its calls cannot "
@@ -100,7 +98,7 @@ class _Worker:
         for i, c in enumerate(criteria):
             path = f"testing_criteria[{i}]"
             for (model, param, cap), (spec, _) in zip(judge_models(c.spec, path), judge_specs(c.spec, path)):
-                self.judges.append((gateway.priced(self.team_id, model, param)[1], cap, _judge_input(spec)))
+                self.judges.append((targets.priced(self.team_id, model, param)[1], cap, _judge_input(spec)))
 
     # -- money -----------------------------------------------------------------------------------
     def worst(self, item: dict, sample: dict | None) -> int:
@@ -139,11 +137,11 @@ class _Worker:
             [messages, s.get("tools")]), self.ds.max_completion_tokens)
 
         def invoke():
-            _, _, raw = self.gateway.send(self.team_id, self.target, "/chat/completions", body)
+            _, _, raw = upstream.send(self.team_id, self.target, "/chat/completions", body)
             data = json.loads(raw)
-            return data, self.gateway._tokens(data.get("usage"), "chat")
+            return data, metered.tokens(data.get("usage"), "chat")
 
-        data, entry = self.gateway._metered(self.team_id, self.key_id, f"{self.run_id}.{index}", self.target,
+        data, entry = metered.metered_call(self.team_id, self.key_id, f"{self.run_id}.{index}", self.target,
                                             self.price, worst, endpoint="/chat/completions", stream=False,
                                             invoke=invoke, kind="inference")
         choice = (data.get("choices") or [{}])[0]
@@ -157,11 +155,10 @@ class _Worker:
         """A judge for the graders: the gateway's metering path (kind `grader`), with request ids
         tied to the run and item, and each call's usage counted per model."""
         numbers = itertools.count()
-        gateway = self.gateway
 
         def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
             try:
-                text, used, entry = gateway.metered_judge(self.team_id, self.key_id,
+                text, used, entry = judge.metered_judge(self.team_id, self.key_id,
                                                           f"{self.run_id}.{index}.j{next(numbers)}", model, messages,
                                                           sampling)
             except budgets.OverBudget as err:

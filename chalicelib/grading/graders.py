@@ -29,9 +29,9 @@ def deps(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
          spent: list | None = None) -> Deps:
     """What a team's graders may call: judges through the gateway's metering and budget (the
     team's models only), and Lambda graders (registered to the team, checked at compile time)."""
-    from chalicelib.inference import gateway  # the gateway's imports are not needed by every grader path
+    from chalicelib.inference import judge  # the gateway's imports are not needed by every grader path
 
-    return Deps(judge=gateway.judge(team_id, key_id=key_id, job_id=job_id, spent=spent),
+    return Deps(judge=judge.judge(team_id, key_id=key_id, job_id=job_id, spent=spent),
                 invoke_lambda=lambdas.invoke)
 
 
@@ -44,8 +44,8 @@ def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -
     # team_id, still only functions registered to some team.
     lambda_graders.check(team_id, grader, param)
     if team_id is not None:
-        from chalicelib.inference import gateway
-        gateway.check_judges(team_id, spec, param)
+        from chalicelib.inference import judge
+        judge.check_judges(team_id, spec, param)
     return grader
 
 

@@ -115,14 +115,14 @@ def check_base_plan(team_id: str, options: dict) -> None:
 
 def _base_plan(team_id: str, options: dict) -> dict:
     """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
-    from chalicelib.inference import gateway
+    from chalicelib.inference import targets
 
     model = options.get("model") or settings().rft_models[0]
     try:
         cap = budget_rules.to_micro(options.get("max_usd") or "1.00", maximum_micro=10_000 * 1_000_000)
     except ValueError as exc:
         raise InvalidRequest(f"{BASE_PARAM}.max_usd {exc}.", param=f"{BASE_PARAM}.max_usd") from None
-    _, price = gateway.priced(team_id, model, f"{BASE_PARAM}.model")
+    _, price = targets.priced(team_id, model, f"{BASE_PARAM}.model")
     return {**options, "model": model, "cap": cap, "price": price}
 
 

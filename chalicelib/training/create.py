@@ -60,9 +60,9 @@ def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
 
 def _judge_prices(team_id: str, spec: dict) -> list:
     """(price, output cap) of each LLM judge in the grader, priced as the gateway prices them."""
-    from chalicelib.inference import gateway
+    from chalicelib.inference import targets
 
-    return [(gateway.priced(team_id, model, param)[1], cap) for model, param, cap in judge_models(spec, PARAM)]
+    return [(targets.priced(team_id, model, param)[1], cap) for model, param, cap in judge_models(spec, PARAM)]
 
 
 def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None) -> tuple[int, dict]:
