@@ -150,7 +150,7 @@ def test_event_stream_frames_decode_with_botocore():
 
 @pytest.fixture
 def event_pump(stack):
-    """EventBridge -> on_bedrock_job_event, as tests/test_lifecycle.py drives it (rule on moto's bus)."""
+    """EventBridge -> on_bedrock_job_event, as tests/stack/training/test_lifecycle.py drives it (rule on moto's bus)."""
     from app import app
     from local.event_pump import Pump
 

@@ -21,7 +21,7 @@ from sample_data import arithmetic_rows
 from chalicelib.platform import console_sessions
 from local.harness import ADMIN_KEY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "console"
 CHROMIUM = os.environ.get("RFT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]     # tests/, where openai_spec.py lives
 
 # Two tests reading the document through different entry points (validate and validate_component).
 PROBE = """

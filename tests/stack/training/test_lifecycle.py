@@ -285,7 +285,7 @@ def test_local_event_pump_delivers_eventbridge_events_to_the_handler(stack):
 
 def test_mantle_jobs_emit_no_events_unless_the_local_bedrock_is_told_to(api, client, bedrock, stack):
     """AWS documents no state-change event for OpenAI-compatible jobs, so the local Bedrock publishes
-    none by default (tests/test_nova.py: such a job converges through the reconciler alone). With
+    none by default (tests/stack/training/test_nova.py: such a job converges through the reconciler alone). With
     /_local/config {"mantle_events": true} it publishes them, and they drive the job (the event path)."""
     from helpers import http
 

@@ -22,7 +22,7 @@ from chalicelib.store.models import LedgerEntry
 from local.bedrock_state import DEFAULT_STREAM
 from local.harness import ADMIN_KEY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = "openai.gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "tell me about streams and rivers"}]
 LITELLM_PYTHON = ROOT / ".local" / "litellm-venv" / "bin" / "python"
@@ -291,7 +291,7 @@ def test_litellm_as_a_client_streams_from_rft_hub(alias):
 # ---- deployed: the data plane's function and its streamed integrations --------------------------
 
 def test_the_template_streams_the_two_routes_from_the_data_plane_function():
-    """What `make package` merges (tests/test_deploy.py packages and lints the whole template)."""
+    """What `make package` merges (tests/deploy/test_deploy.py packages and lints the whole template)."""
     from chalicelib.dataplane import READY_PATH, ROUTES
     from deploy import template
 
