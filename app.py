@@ -10,6 +10,7 @@ from chalicelib import (
 )
 from chalicelib.api import admin, console, evals, files, gateway, graders, health, jobs, models, openapi, slack, usage
 from chalicelib.config import evals_queue, jobs_queue
+from chalicelib.slack import commands as slash_commands
 from chalicelib.slack import notifications as slack_service
 from chalicelib.training import hosted_grader, lifecycle
 
@@ -84,4 +85,4 @@ def slack_notifier(event):
 @app.on_sqs_message(queue=slack_service.commands_queue(), batch_size=1, name="slack_commands")
 def slack_commands(event):
     for record in event:
-        slack_service.finish_command(record.body)
+        slash_commands.finish_command(record.body)

@@ -19,9 +19,9 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     _event_bus()
     _slack_queues()
     _ledger_queue()
-    from chalicelib.slack import notifications as slack
+    from chalicelib.slack import commands as slash_commands
     _secret(s.admin_key_secret_id, admin_key)
-    _secret(slack.settings_secret_id(), slack_signing_secret)
+    _secret(slash_commands.settings_secret_id(), slack_signing_secret)
     _console_sessions()
 
 

@@ -5,6 +5,7 @@ from chalice import Blueprint
 
 from chalicelib.api.http import Request, route
 from chalicelib.platform import teams
+from chalicelib.slack import commands as slack_commands
 from chalicelib.slack import notifications as slack
 
 bp = Blueprint(__name__)
@@ -13,7 +14,7 @@ bp = Blueprint(__name__)
 @route(bp, "/slack/commands", ("POST",), auth=None, consumes="application/x-www-form-urlencoded")
 def slash_command(req: Request):
     # Verified against the raw body with the app's signing secret; 401 on any failure.
-    return slack.command(slack.verify(req.raw_body, req.headers))
+    return slack_commands.command(slack_commands.verify(req.raw_body, req.headers))
 
 
 @route(bp, "/v1/admin/teams/{team_id}/slack", ("PUT",), auth="admin", json_body=True)

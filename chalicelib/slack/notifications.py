@@ -1,4 +1,4 @@
-"""Slack: per-team configuration, notifications from rft-hub's events, and slash commands.
+"""Slack: per-team configuration and notifications from rft-hub's events (slash commands: slack/commands.py).
 
 Notifications are decoupled: rft-hub's bus -> an SQS queue -> `deliver` (a queue consumer).
 A state change is committed long before Slack is involved; Slack being down delays
@@ -11,25 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.parse
 from datetime import timedelta
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.adapters import aws, queues
 from chalicelib.adapters import slack as slack_http
-from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import ids, urls
 from chalicelib.domain import jobs as job_rules
 from chalicelib.domain import slack_messages as messages
-from chalicelib.errors import InvalidRequest, NotFound, Unauthorized
-from chalicelib.inference import registry
+from chalicelib.errors import InvalidRequest, NotFound
 from chalicelib.log import logger
 from chalicelib.spend import budgets
 from chalicelib.store import dynamo
 from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 from chalicelib.training import rewards as job_rewards
-from chalicelib.training import state as job_state
 
 NOTIFY = ("job", "budget", "model", "eval")
 LEASE_SECONDS = 60
@@ -39,23 +35,23 @@ class RetryLater(Exception):
     """Slack asked us to wait (429) or failed (5xx): leave the message on the queue."""
 
 
-def _stage() -> str:
+def stage() -> str:
     return os.environ.get("RFT_STAGE", "local")
 
 
 def notify_queue() -> str:
-    return os.environ.get("RFT_SLACK_QUEUE", f"rfthub-{_stage()}-slack-notify")
+    return os.environ.get("RFT_SLACK_QUEUE", f"rfthub-{stage()}-slack-notify")
 
 
 def commands_queue() -> str:
-    return os.environ.get("RFT_SLACK_COMMANDS_QUEUE", f"rfthub-{_stage()}-slack-commands")
+    return os.environ.get("RFT_SLACK_COMMANDS_QUEUE", f"rfthub-{stage()}-slack-commands")
 
 
 def dead_letter_queue() -> str:
-    return os.environ.get("RFT_SLACK_DLQ", f"rfthub-{_stage()}-slack-dlq")
+    return os.environ.get("RFT_SLACK_DLQ", f"rfthub-{stage()}-slack-dlq")
 
 
-def _allowed_url(url: str) -> bool:
+def allowed_url(url: str) -> bool:
     prefixes = os.environ.get("RFT_SLACK_URL_PREFIXES", "https://hooks.slack.com/").split(",")
     return urls.allowed(url, prefixes)   # parsed: scheme, host and port equal, no userinfo
 
@@ -78,7 +74,7 @@ def configure(team_id: str, body: dict) -> dict:
     if extra:
         raise InvalidRequest(f"Invalid '{extra[0]}': unknown field.", param=extra[0])
     url = body.get("webhook_url")
-    if url is not None and (not isinstance(url, str) or not _allowed_url(url)):
+    if url is not None and (not isinstance(url, str) or not allowed_url(url)):
         raise InvalidRequest("webhook_url must be a Slack incoming-webhook URL (https://hooks.slack.com/services/...).",
                              param="webhook_url")
     notify = body.get("notify", list(NOTIFY))
@@ -116,7 +112,7 @@ def _store_webhook(team_id: str, url: str) -> str:
     instance caches webhook URLs by that reference, and a version's value never changes, so a
     rotation applies to the very next message everywhere (no cache to wait out or invalidate).
     """
-    name = f"rfthub/{_stage()}/slack-webhook/{team_id}"
+    name = f"rfthub/{stage()}/slack-webhook/{team_id}"
     sm = aws.secrets()
     try:
         version = sm.put_secret_value(SecretId=name, SecretString=url)["VersionId"]
@@ -339,114 +335,3 @@ def _delay(receipt_handle: str | None, seconds: float | None) -> None:
 def _dead_letter(body: str, reason: str) -> None:
     queues.send(dead_letter_queue(), body,
                 MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:250]}})
-
-
-# ---- slash commands -----------------------------------------------------------------------------
-
-HELP = ["`/rft help` this list", "`/rft jobs` recent jobs", "`/rft status <job>` one job",
-        "`/rft usage` month-to-date spend against the budget", "`/rft models` tuned models and aliases",
-        "`/rft cancel <job>` cancel a running job"]
-
-
-def verify(raw_body: bytes, headers: dict) -> dict:
-    failed = Unauthorized("Request verification failed.", code="invalid_signature")
-    timestamp, signature = headers.get("x-slack-request-timestamp"), headers.get("x-slack-signature")
-    # Slack sends Unix seconds and "v0=<hex>"; anything else (e.g. "abc", "1e9", 5,000 digits, "") would
-    # make the verifier raise (int(), UTF-8 decoding, compare_digest on non-ASCII) instead of saying no.
-    if not (isinstance(timestamp, str) and re.fullmatch(r"[0-9]{1,12}", timestamp)
-            and isinstance(signature, str) and re.fullmatch(r"v0=[0-9a-f]{64}", signature)):
-        raise failed
-    secret = get_secret(settings_secret_id())
-    try:
-        from slack_sdk.signature import SignatureVerifier  # only slash commands pay its import
-
-        valid = SignatureVerifier(secret).is_valid(raw_body, timestamp, signature)
-    except (ValueError, TypeError):   # e.g. a body that is not UTF-8
-        valid = False
-    if not valid:
-        raise failed
-    form = urllib.parse.parse_qs(raw_body.decode("utf-8", errors="replace"))
-    return {k: v[0] for k, v in form.items()}
-
-
-def settings_secret_id() -> str:
-    return os.environ.get("RFT_SLACK_SIGNING_SECRET_ID", f"rfthub/{_stage()}/slack-signing-secret")
-
-
-def command(form: dict) -> dict:
-    try:
-        team_id = SlackChannel.get(form.get("team_id", ""), form.get("channel_id", "")).team_id
-    except DoesNotExist:
-        return messages.ephemeral("This channel is not linked to an rft-hub team yet. Ask your rft-hub admin to "
-                                  "add it to the team's Slack settings.")
-    words = (form.get("text") or "").split()
-    name, args = (words[0].lower(), words[1:]) if words else ("help", [])
-    if name == "help":
-        return messages.ephemeral("rft-hub commands:", HELP)
-    if name == "jobs":
-        recent = job_state.list_jobs(team_id, 10, None)["data"]   # one query of 11 items, newest first
-        lines = [f"`{j['id']}` {j['model']} *{j['status']}* best reward {_best(j['id'])}" for j in recent]
-        return messages.ephemeral(f"{len(recent)} most recent jobs:" if recent else "No jobs yet.", lines)
-    if name == "status":
-        job = _job_arg(team_id, args)
-        if isinstance(job, dict):
-            return job
-        path = " → ".join(job.status_path or [job.status])
-        return messages.ephemeral(f"`{job.job_id}` ({job.model}) is *{job.status}*.",
-                                  [f"Path: {path}", f"Best reward: {_best(job.job_id)}",
-                                   f"Model: `{job.fine_tuned_model or '—'}`"] +
-                                  ([f"Error: {job.error.get('message')}"] if job.error else []))
-    if name == "usage":
-        view = budgets.view(team_id)
-        limit = f"${view['limit_usd']}" if view["limit_usd"] else "no budget set"
-        return messages.ephemeral(f"Spent ${view['spent_usd']} in {view['current_period']} ({limit}).",
-                                  [f"Reserved in flight: ${view['reserved_usd']}",
-                                   f"Resets: <!date^{view['resets_at']}^{{date_short}}|next month>"])
-    if name == "models":
-        lines = [f"`{a['id']}` → `{a['rft_target']}` (v{a['rft_version']})" for a in registry.list_aliases(team_id)]
-        lines += [f"`{m['id']}` best reward {m['rft_best_reward']}" for m in registry.list_tuned(team_id)]
-        return messages.ephemeral("Your models:" if lines else "No tuned models yet.", lines)
-    if name == "cancel":
-        job = _job_arg(team_id, args)
-        if isinstance(job, dict):
-            return job
-        queues.send(commands_queue(), json.dumps(
-            {"command": "cancel", "team_id": team_id, "job_id": job.job_id, "response_url": form.get("response_url")}))
-        return messages.ephemeral(f"Cancelling `{job.job_id}`… I will post here when it is done.")
-    return messages.ephemeral(f"Unknown command `{truncate_word(name)}`.", HELP)
-
-
-def truncate_word(word: str) -> str:
-    return messages.truncate(re.sub(r"[`*_~<>]", "", word), 40)
-
-
-def _best(job_id: str) -> str:
-    best = job_rewards.best_reward(job_id)   # one GetItem (or a bounded window for older jobs)
-    return f"{best:.3f}" if best is not None else "—"
-
-
-def _job_arg(team_id: str, args: list[str]):
-    if not args:
-        return messages.ephemeral("Which job? Try `/rft jobs` for ids.")
-    try:
-        return Job.get(team_id, args[0])
-    except DoesNotExist:   # another team's job looks exactly like a missing one
-        return messages.ephemeral(f"No job `{truncate_word(args[0])}` in this team.")
-
-
-def finish_command(body: str) -> str:
-    """Queue consumer for slow commands: do the work, answer through response_url."""
-    task = json.loads(body)
-    if task.get("command") != "cancel":
-        return "ignored"
-    try:
-        job = job_state.cancel(task["team_id"], task["job_id"])
-        text = f"`{job['id']}` is now *{job['status']}*."
-    except Exception as exc:  # noqa: BLE001 - the user gets an answer either way
-        text = f"Could not cancel `{task['job_id']}`: {getattr(exc, 'message', type(exc).__name__)}"
-    url = task.get("response_url") or ""
-    if _allowed_url(url):
-        slack_http.post(url, messages.ephemeral(text))
-    return text
-
-

@@ -19,7 +19,7 @@ import pytest
 from pynamodb.connection import base as ddb_base
 
 from chalicelib.domain import ids
-from chalicelib.slack import notifications as slack
+from chalicelib.slack import commands as slack_commands
 from chalicelib.store import pagination
 from chalicelib.store.models import Checkpoint, File, Job, JobEvent, SlackChannel
 from chalicelib.training import record as job_record
@@ -239,7 +239,7 @@ def test_slack_rft_jobs_answers_from_one_bounded_query(big_team, reads):
     team_id, _, written = big_team
     SlackChannel("TPAGES", "CPAGES", team_id=team_id).save()
     mark = reads.mark()
-    answer = slack.command({"team_id": "TPAGES", "channel_id": "CPAGES", "text": "jobs"})
+    answer = slack_commands.command({"team_id": "TPAGES", "channel_id": "CPAGES", "text": "jobs"})
     calls = reads.since(mark, this_thread=True)
     text = json.dumps(answer)
     newest = sorted(written.values(), key=lambda j: j.created_at, reverse=True)[:10]
@@ -318,7 +318,7 @@ def test_events_page_newest_first_with_after_ids_of_both_kinds(api, stack, reads
     assert _items(calls) <= 1 + job_rewards.REWARD_WINDOW and len(calls) <= 2 + job_rewards.REWARD_WINDOW // 50
     assert job_rewards.reward_curve(job.job_id, 5) == rewards[-5:]
     mark = reads.mark()
-    assert slack._best(job.job_id) == f"{max(rewards):.3f}"
+    assert slack_commands._best(job.job_id) == f"{max(rewards):.3f}"
     assert [c["op"] for c in reads.since(mark, this_thread=True)] == ["GetItem"]
     print(f"rewards of a 251-event job: {_items(calls)} items read in {len(calls)} calls; "
           f"Slack _best: 1 GetItem")
