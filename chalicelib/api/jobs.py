@@ -8,7 +8,7 @@ from chalicelib.api.http import Request, query_int, route, validation_error
 from chalicelib.domain.datasets import parse_json
 from chalicelib.domain.jobs import CreateJob
 from chalicelib.errors import InvalidRequest
-from chalicelib.training import create, mirror, state
+from chalicelib.training import create, mirror, rollouts, state, watch
 
 bp = Blueprint(__name__)
 
@@ -68,7 +68,6 @@ def list_job_checkpoints(req: Request, job_id: str):
        query={"window": "integer", "order": "string", "limit": "integer", "after": "string"})
 def list_job_rollouts(req: Request, job_id: str):
     """A window's kept rollouts (full text), by reward or in a fixed random order, paged."""
-    from chalicelib.training import rollouts
 
     window = query_int(req, "window", 0, 1, 10**8) if req.query.get("window") not in (None, "") else None
     order = req.query.get("order") or "reward_desc"
@@ -79,6 +78,5 @@ def list_job_rollouts(req: Request, job_id: str):
 @route(bp, "/v1/fine_tuning/jobs/{job_id}/watch", query={"limit": "integer", "after": "string"})
 def get_job_watch(req: Request, job_id: str):
     """The training watch: per-window series (paged, oldest first) and its findings."""
-    from chalicelib.training import watch
 
     return watch.view(req.team_id, job_id, query_int(req, "limit", 50, 1, 200), req.query.get("after"))

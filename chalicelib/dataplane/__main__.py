@@ -7,7 +7,7 @@ import argparse
 def main() -> None:
     import uvicorn
 
-    from chalicelib.dataplane.app import create_app
+    from chalicelib.dataplane.app import create_app  # built when run, not when this entry module is imported
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")

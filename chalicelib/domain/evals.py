@@ -12,6 +12,7 @@ from typing import Any
 import pydantic
 from pydantic import Field
 
+from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import numbers
 from chalicelib.domain.graders.templates import InvalidVariable, TemplateError, compile_template, walk
 
@@ -484,7 +485,6 @@ def input_renderer(input_messages: dict) -> Callable[[dict], list[dict]]:
 
 def cap_micro(run: CreateRun) -> int | None:
     """The run's cost cap in micro-dollars: `rft_max_usd` or metadata["rft_max_usd"]; None if unset."""
-    from chalicelib.domain import budget as budget_rules
 
     raw = run.rft_max_usd
     param = "rft_max_usd"

@@ -15,6 +15,7 @@ from chalicelib.evaluation.evals import apply_rules, create_run, get_eval, new_r
 from chalicelib.platform import files
 from chalicelib.store import dynamo
 from chalicelib.store.models import Job, JobEvalLink, TunedModel, connection
+from chalicelib.training import record as job_record
 
 JOB_EVAL_KEYS = {"eval_id", "file_id", "input_messages", "sampling_params", "rft_max_usd"}
 
@@ -58,7 +59,6 @@ def start_for_job(team_id: str, job_id: str) -> None:
     """A succeeded job's `rft_eval`: one run on the base model, the tuned model and each checkpoint.
     Idempotent (deterministic run ids); raises ServiceUnavailable when a run could not be queued,
     so the job's finalize is repeated by the reconciler."""
-    from chalicelib.training import record as job_record
 
     try:
         link = dynamo.call(lambda: JobEvalLink.get(team_id, job_id, consistent_read=True), idempotent=True,
@@ -113,7 +113,6 @@ def start_for_job(team_id: str, job_id: str) -> None:
 def report_job(team_id: str, job_id: str) -> None:
     """When every run a job started has finished: the comparison (base vs tuned, and each checkpoint),
     once, as a job event and an outbound event."""
-    from chalicelib.training import record as job_record
 
     try:
         link = JobEvalLink.get(team_id, job_id, consistent_read=True)

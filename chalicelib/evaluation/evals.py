@@ -21,6 +21,7 @@ from chalicelib.domain import ids, numbers, pricing
 from chalicelib.domain.datasets import iter_lines, parse_json
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.grading import graders
+from chalicelib.inference import targets
 from chalicelib.log import logger
 from chalicelib.platform import files
 from chalicelib.store import dynamo, pagination
@@ -272,7 +273,6 @@ def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | 
     check_rows(ev, ds, rows)
     upstream = base = alias = None
     if ds.type == "completions":
-        from chalicelib.inference import targets
 
         try:
             target, _ = targets.priced(team_id, ds.model, "data_source.model")

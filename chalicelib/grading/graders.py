@@ -19,6 +19,7 @@ from chalicelib.domain import ids, numbers
 from chalicelib.domain.graders import ERROR_KINDS, Deps, Grader, GraderSpecError, JudgeRefused, build, run_text
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from chalicelib.grading import lambda_graders
+from chalicelib.inference import judge
 from chalicelib.store import dynamo
 from chalicelib.store.models import GraderSpec, GraderVersion, SavedGrader
 
@@ -44,7 +45,6 @@ def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -
     # team_id, still only functions registered to some team.
     lambda_graders.check(team_id, grader, param)
     if team_id is not None:
-        from chalicelib.inference import judge
         judge.check_judges(team_id, spec, param)
     return grader
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from chalicelib import deadline
 from chalicelib.config import settings
 from chalicelib.domain import budget as budget_rules
-from chalicelib.domain import datasets, ids
+from chalicelib.domain import datasets, ids, pricing
 from chalicelib.domain.graders import Grader, JudgeRefused, run_text
 from chalicelib.domain.graders.core import LambdaGrader, Result
 from chalicelib.domain.graders.preflight import CRITICAL, PROBES, base_findings, base_stats, findings, others_for, stats
@@ -24,7 +24,9 @@ from chalicelib.domain.graders.preflight import context as probe_context
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.grading import graders
+from chalicelib.inference import gateway, targets
 from chalicelib.platform import files
+from chalicelib.platform.teams import Principal
 
 LAMBDA_BATCH = 100
 BASE_PARAM = "sample_base"
@@ -115,7 +117,6 @@ def check_base_plan(team_id: str, options: dict) -> None:
 
 def _base_plan(team_id: str, options: dict) -> dict:
     """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
-    from chalicelib.inference import targets
 
     model = options.get("model") or settings().rft_models[0]
     try:
@@ -133,8 +134,6 @@ def _sample_base(team_id: str, key_id: str | None, grader: Grader, items: list[d
     the team, held to its budget: out of budget is the 429); the sampling stops before `max_usd`
     could be passed (each call counts at its worst case until its real cost is known), and before
     the request runs out of time."""
-    from chalicelib.inference import gateway
-    from chalicelib.platform.teams import Principal
 
     model, cap, price = options["model"], options["cap"], options["price"]
     k = int(options.get("k") or 4)
@@ -191,7 +190,6 @@ def _sample_base(team_id: str, key_id: str | None, grader: Grader, items: list[d
             grading_errors += 1
         else:
             scores[p].append(result.reward)
-    from chalicelib.domain import pricing
 
     return {"model": model, "k": k, "max_tokens": max_tokens, "max_usd": pricing.usd(cap),
             "spent_usd": pricing.usd(ledger["spent"]), "calls": ledger["calls"], "call_errors": ledger["errors"],

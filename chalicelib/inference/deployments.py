@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pynamodb.exceptions import PutError, UpdateError
 
+from chalicelib import outbox
 from chalicelib.adapters import bedrock_native as native
 from chalicelib.cache import TTLCache
 from chalicelib.domain import ids
@@ -144,7 +145,6 @@ def on_alias_moved(team_id: str, model_id: str, previous: str | None) -> None:
 
 def _announce(record: NovaModel, status: str, arn: str | None) -> None:
     """One bus event per deployment and status (`rft-hub.model.deployment_changed`)."""
-    from chalicelib import outbox
 
     key = f"{arn}#{status}"
     if record.announced == key:

@@ -7,6 +7,7 @@ import json
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids
+from chalicelib.domain.graders import JudgeRefused, judge_specs
 from chalicelib.errors import InvalidRequest, NotFound, UpstreamError
 from chalicelib.inference import converse as nova_converse
 from chalicelib.inference.metered import metered_call, tokens
@@ -20,7 +21,6 @@ def check_judges(team_id: str, spec, param: str) -> None:
     """A grader's judge models resolve exactly as the gateway resolves them for the team (priced
     base models, the team's own tuned models and aliases), and a judge served by Converse has no
     sampling parameter Converse lacks; anything else is a 400 naming it."""
-    from chalicelib.domain.graders import judge_specs
 
     for spec_, where in judge_specs(spec, param):
         model = spec_.get("model")
@@ -85,7 +85,6 @@ def judge(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
     """A `Deps.judge` for one team: every call metered on the ledger (kind `grader`, with the job
     id when there is one) and held to the team's budget; over budget raises JudgeRefused.
     `spent`, when given, collects each call's cost in micro-dollars."""
-    from chalicelib.domain.graders import JudgeRefused
 
     def call(model: str, messages: list[dict], sampling: dict) -> tuple[str, int]:
         try:

@@ -13,6 +13,7 @@ from chalicelib.cache import TTLCache
 from chalicelib.domain import ids, numbers
 from chalicelib.domain.nova import is_nova
 from chalicelib.errors import Conflict, NotFound
+from chalicelib.inference import deployments
 from chalicelib.log import logger
 from chalicelib.store import dynamo
 from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, TunedModel, connection
@@ -273,7 +274,6 @@ def resolve(team_id: str, name: str) -> dict | None:
 def deployments_follow(team_id: str, record: Alias, previous: Alias | None) -> None:
     """The alias's new model is deployed if it has no deployment; the model it left loses its
     deployment if no alias points at it any more. Only Nova models have deployments."""
-    from chalicelib.inference import deployments
 
     if is_nova(record.base_model) or (previous is not None and is_nova(previous.base_model)):
         deployments.on_alias_moved(team_id, record.model_id, previous.model_id if previous else None)
@@ -283,7 +283,6 @@ def retire(team_id: str, model_id: str) -> dict:
     """Retires a team's tuned model: no longer listed or callable by its id (its alias history
     keeps it). Refused (409 `model_in_use`) while an alias points at it; an Amazon Nova model's
     deployment is deleted. The answer is OpenAI's model deletion object."""
-    from chalicelib.inference import deployments
 
     try:
         model = TunedModel.get(team_id, model_id, consistent_read=True)

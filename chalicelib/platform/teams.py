@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pynamodb.exceptions import DoesNotExist, PutError, UpdateError
 
+from chalicelib.adapters import bedrock
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.cache import TTLCache
 from chalicelib.config import settings
@@ -80,7 +81,6 @@ def ensure_projects() -> int:
 
 
 def _load_or_make_project(team_id: str, make: bool) -> str:
-    from chalicelib.adapters import bedrock
 
     team = dynamo.call(lambda: get_team(team_id), idempotent=True, what="team lookup")
     if team.mantle_project:

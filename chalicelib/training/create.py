@@ -19,6 +19,7 @@ from chalicelib.domain.graders import calls_out, judge_models
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.grading import graders, preflight
 from chalicelib.grading.graders import PARAM
+from chalicelib.inference import targets
 from chalicelib.platform import files
 from chalicelib.spend import budgets, prices
 from chalicelib.store import dynamo
@@ -60,7 +61,6 @@ def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
 
 def _judge_prices(team_id: str, spec: dict) -> list:
     """(price, output cap) of each LLM judge in the grader, priced as the gateway prices them."""
-    from chalicelib.inference import targets
 
     return [(targets.priced(team_id, model, param)[1], cap) for model, param, cap in judge_models(spec, PARAM)]
 

@@ -37,6 +37,8 @@ from typing import Any
 
 from chalicelib import deadline
 from chalicelib.adapters import lambdas
+from chalicelib.config import settings
+from chalicelib.domain import watch as rules
 from chalicelib.domain.graders import Deps, Grader, JudgeRefused, Result, build, run
 from chalicelib.domain.graders.contract import check_response, size_batches
 from chalicelib.domain.graders.core import LambdaGrader
@@ -44,6 +46,8 @@ from chalicelib.domain.graders.rows import JOB_FIELD, OWN_FIELDS, REF_FIELD
 from chalicelib.domain.graders.templates import make_sample
 from chalicelib.grading import graders
 from chalicelib.log import logger
+from chalicelib.store.models import Job
+from chalicelib.training import rollouts, watch
 
 SAMPLE_TIME_LIMIT_S = 60.0
 LAMBDA_TIME_LIMIT_S = lambdas.LAMBDA_TIMEOUT_S + 5.0   # one invocation of a team's Lambda
@@ -247,7 +251,6 @@ def _plan(samples: list, spent: dict, refused: set) -> list[_Task]:
 
 def _plan_audits(samples: list, spent: dict) -> list[_Task]:
     """A few random samples per job with an audit grader, scored by it (metered to the job)."""
-    from chalicelib.training import rollouts
 
     by_job: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
@@ -367,8 +370,6 @@ def _watch(samples: list, out: list[dict], audits: dict[int, float | None]) -> N
     """Records the rollouts and runs the training watch; never fails the invocation."""
     graded = []
     try:
-        from chalicelib.domain import watch as rules
-        from chalicelib.training import rollouts, watch
 
         for i, (sample, answer) in enumerate(zip(samples, out)):
             owner = job_of(sample) if isinstance(sample, dict) else None
@@ -398,8 +399,6 @@ def _stop_now(team_id: str, job_id: str) -> None:
     """Asks Bedrock to stop the job at once, within this reward invocation's time (the invocation's
     deadline bounds the call), rather than at the reconciler's next pass: a finding in the last
     steps must not let training finish first (issue #24). A failure leaves it to the reconciler."""
-    from chalicelib.config import settings
-    from chalicelib.store.models import Job
     from chalicelib.training import state as job_state  # the hosted grader's training path only
 
     if deadline.remaining() < settings().bedrock_retry_deadline_seconds + 1:

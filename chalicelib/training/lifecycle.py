@@ -20,7 +20,9 @@ from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError, NotFound
+from chalicelib.inference import deployments
 from chalicelib.log import logger
+from chalicelib.platform import files, teams
 from chalicelib.spend import metering
 from chalicelib.store.models import Job, connection
 from chalicelib.training import mirror, record, submit
@@ -197,21 +199,18 @@ def _money(report: RunReport) -> None:
 
 def _deployments(report: RunReport) -> None:
     """Amazon Nova custom-model deployments: Creating -> Active | Failed, and what Bedrock refused."""
-    from chalicelib.inference import deployments
 
     report.deployments = _repair(report, "nova deployments", deployments.reconcile) or {}
 
 
 def _projects(report: RunReport) -> None:
     """Teams whose Mantle project could not be made when they were created (Bedrock down)."""
-    from chalicelib.platform import teams
 
     report.projects_made = _repair(report, "team projects", teams.ensure_projects) or 0
 
 
 def _files(report: RunReport) -> None:
     """Files past their expires_after: S3 object and row deleted (already unreadable since expires_at)."""
-    from chalicelib.platform import files
 
     report.files_expired = _repair(report, "expired files", files.delete_expired) or 0
 

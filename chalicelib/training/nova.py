@@ -24,6 +24,7 @@ from chalicelib.domain import nova as rules
 from chalicelib.domain.datasets import iter_lines
 from chalicelib.domain.graders import rows
 from chalicelib.errors import NotFound, UpstreamError
+from chalicelib.platform import files
 from chalicelib.store.models import Job
 
 PENDING = "pending"
@@ -41,7 +42,6 @@ def data_prefix(team_id: str, job_id: str) -> str:
 def _write_rows(job: Job, file_id: str, name: str) -> str:
     """The dataset as Bedrock reads it, in S3; every row carries rft-hub's grader fields (as the
     Mantle upload does: training/submit.py `_bedrock_file_id`). Returns its s3:// URI."""
-    from chalicelib.platform import files
 
     record = files.get_file(job.team_id, file_id)
     bucket, key = settings().datasets_bucket, data_prefix(job.team_id, job.job_id) + name

@@ -19,6 +19,7 @@ from chalicelib import outbox
 from chalicelib.domain import ids, numbers
 from chalicelib.domain import watch as rules
 from chalicelib.errors import InvalidRequest
+from chalicelib.grading import graders
 from chalicelib.inference import registry
 from chalicelib.log import logger
 from chalicelib.store import dynamo, pagination
@@ -37,7 +38,6 @@ def audit_ref(team_id: str, spec: dict | None) -> str | None:
     registered) and stores it by hash; None without one."""
     if spec is None:
         return None
-    from chalicelib.grading import graders
 
     graders.compile_spec(spec, AUDIT_PARAM, team_id)
     return graders.store_spec(spec)
