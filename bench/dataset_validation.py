@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from sample_data import arithmetic_rows, jsonl  # noqa: E402
+from sample_data import arithmetic_rows, jsonl  # noqa: E402 - after sys.path is set
 
-from chalicelib.domain import datasets  # noqa: E402
+from chalicelib.domain import datasets  # noqa: E402 - after sys.path is set
 
 CHUNK = 1024 * 1024
 

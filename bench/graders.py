@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chalicelib.domain.graders import (  # noqa: E402
+from chalicelib.domain.graders import (  # noqa: E402 - after sys.path is set
     Deps,
     build,
-    similarity,  # noqa: E402
+    similarity,  # noqa: E402 - after sys.path is set
 )
-from chalicelib.domain.graders import run as grade  # noqa: E402
-from chalicelib.domain.graders.templates import make_sample  # noqa: E402
+from chalicelib.domain.graders import run as grade  # noqa: E402 - after sys.path is set
+from chalicelib.domain.graders.templates import make_sample  # noqa: E402 - after sys.path is set
 
 N = 100_000
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chalicelib.domain import watch as rules  # noqa: E402
-from chalicelib.domain.graders import Deps, build, run  # noqa: E402
-from chalicelib.domain.graders.templates import make_sample  # noqa: E402
+from chalicelib.domain import watch as rules  # noqa: E402 - after sys.path is set
+from chalicelib.domain.graders import Deps, build, run  # noqa: E402 - after sys.path is set
+from chalicelib.domain.graders.templates import make_sample  # noqa: E402 - after sys.path is set
 
 WINDOWS, PROMPTS, K = 12, 8, 4          # one reward invocation (PROMPTS x K samples) per window
 HACK_START, LATE_START = 3, WINDOWS - 2  # windows 1-2 are the honest baseline; the late hack starts 3 before the end

@@ -21,8 +21,8 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quickstart import GRADER_ARN  # noqa: E402
-from sample_data import arithmetic_rows, jsonl  # noqa: E402
+from quickstart import GRADER_ARN  # noqa: E402 - after sys.path is set
+from sample_data import arithmetic_rows, jsonl  # noqa: E402 - after sys.path is set
 
 NOVA = "amazon.nova-2-lite-v1:0:256k"
 ALIAS = "nova-calc"

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_data import arithmetic_rows, jsonl  # noqa: E402
+from sample_data import arithmetic_rows, jsonl  # noqa: E402 - after sys.path is set
 
 # A team's own reward Lambda, named rft-grader-*; `make run` registers it to the demo team (an admin's step).
 GRADER_ARN = "arn:aws:lambda:us-west-2:123456789012:function:rft-grader-example-exact-match"

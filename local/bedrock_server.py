@@ -437,7 +437,7 @@ def _add_projects(app: Flask, state: State) -> None:
             if known is None or known["status"] != "active":
                 return _error(404, f"No active project {project!r}.", code="project_not_found")
             g.project = project
-            mine = lambda rid: state.owners.get(rid, "default") == project   # noqa: E731
+            mine = lambda rid: state.owners.get(rid, "default") == project   # noqa: E731 - a one-line predicate, local to this route
             parts = path.split("/")
             if path.startswith("/v1/files/") and len(parts) >= 4 and parts[3] in state.files and not mine(parts[3]):
                 return _error(404, f"No such file: {parts[3]}")

@@ -223,7 +223,7 @@ def invoke_grader(state: State, arn: str, samples: list[dict]) -> tuple[list[flo
         resp = client.invoke(FunctionName=arn, Payload=json.dumps(samples).encode())
     except client.exceptions.ResourceNotFoundException:
         return [], "function not found"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - as Bedrock does: any invoke failure fails the step, named
         return [], f"invoke failed: {type(exc).__name__}"
     payload = resp["Payload"].read()
     if resp.get("FunctionError"):

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from local.harness import ADMIN_KEY, Stack, configure_environment  # noqa: E402
+from local.harness import ADMIN_KEY, Stack, configure_environment  # noqa: E402 - after ROOT is on sys.path
 
 configure_environment(POWERTOOLS_LOG_LEVEL="WARNING", RFT_BEDROCK_RETRY_DEADLINE="3", RFT_JOB_POLL_MIN_SECONDS="0")
 

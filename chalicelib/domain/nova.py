@@ -198,7 +198,7 @@ def job_status(native: dict) -> str:
     if status != "InProgress":
         return status or ""
     details = native.get("statusDetails") or {}
-    phase = lambda key: (details.get(key) or {}).get("status")   # noqa: E731
+    phase = lambda key: (details.get(key) or {}).get("status")   # noqa: E731 - a one-line reader, local to this function
     if phase("validationDetails") == "InProgress":
         return "validating_files"
     if phase("dataProcessingDetails") == "InProgress" or \

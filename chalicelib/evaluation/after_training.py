@@ -140,7 +140,7 @@ def report_job(team_id: str, job_id: str) -> None:
     event = outbox.stage("rft-hub.eval.compared", team_id, job_id=job_id, **comparison)
     try:   # once: the flag and the outbound event in one transaction
         with TransactWrite(connection=connection()) as tx:
-            tx.update(link, actions=[JobEvalLink.reported.set(True)], condition=JobEvalLink.reported == False)  # noqa: E712
+            tx.update(link, actions=[JobEvalLink.reported.set(True)], condition=JobEvalLink.reported == False)  # noqa: E712 - a PynamoDB condition, not a Python test
             tx.save(event)
     except TransactWriteError as exc:
         if dynamo.is_condition(exc):

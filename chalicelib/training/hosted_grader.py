@@ -141,7 +141,7 @@ def grade_one(sample: Any, spent: dict | None = None, refused: set | None = None
         return _failed(sample_id, "sample_parse_error", "sample is not an object")
     try:
         grader = grader or _grader(sample.get(REF_FIELD))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any failure to load the grader is this sample's error, never the batch's
         return _failed(sample_id, "other_error", f"no grader for {REF_FIELD}={sample.get(REF_FIELD)!r}")
     owner = job_of(sample)
     if owner is None:

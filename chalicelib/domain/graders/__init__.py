@@ -1,5 +1,5 @@
 """Graders: OpenAI-format specs compiled to runnable reward functions (pure)."""
-from chalicelib.domain.graders.core import (  # noqa: F401
+from chalicelib.domain.graders.core import (  # noqa: F401 - the package's public names
     ERROR_KINDS,
     Deps,
     Grader,

@@ -109,7 +109,7 @@ def test_names_fit_bedrocks_patterns_and_statuses_map():
     arn = "arn:aws:bedrock:us-east-1:123456789012:custom-model/amazon.nova-2-lite-v1:0:256k/abcdef123456"
     assert rules.tuned_model_id(NOVA, arn) == f"{NOVA}:ft:abcdef123456"
     assert rules.MODEL_NAME.fullmatch(rules.deployment_name(arn, 3))
-    phases = lambda v, d, t: {"status": "InProgress", "statusDetails": {   # noqa: E731
+    phases = lambda v, d, t: {"status": "InProgress", "statusDetails": {   # noqa: E731 - a one-line fixture builder
         "validationDetails": {"status": v}, "dataProcessingDetails": {"status": d}, "trainingDetails": {"status": t}}}
     assert rules.job_status(phases("InProgress", "NotStarted", "NotStarted")) == "validating_files"
     assert rules.job_status(phases("Completed", "InProgress", "NotStarted")) == "queued"
