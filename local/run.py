@@ -24,7 +24,7 @@ from local.example_graders import arn as example_arn
 LOCAL = Path(os.environ.get("RFT_LOCAL_STATE") or servers.LOCAL_DIR)
 STACK_JSON = LOCAL / "stack.json"
 DEFAULT_PORTS = {"api": 8000, "dynamodb": 8001, "moto": 8002, "bedrock": 8003, "lambda": 8004, "slack": 8005,
-                 "ddb_faults": 8006}
+                 "ddb_faults": 8006, "dataplane": 8007}
 DEMO_SLACK = {"slack_team_id": "TLOCALDEMO", "channel_ids": ["CDEMO"]}
 APP_ENV = servers.local_stage_env()
 
@@ -122,9 +122,11 @@ def main() -> int:
         children.module("local.event_pump", "--lambda-port", str(ports["lambda"]), env=env)
         # `chalice local --stage local --no-autoreload`, behind the local API Gateway's limits and
         # 404/405 answers (local/api_gateway.py).
+        # The data plane on a port of its own too (services.dataplane in stack.json), so the gateway's cost
+        # can be measured without the local API Gateway's hop.
         children.module("local.api_gateway", "--stage", "local", "--host", "127.0.0.1", "--port", str(ports["api"]),
-                        env=env)
-        for name in ("lambda", "api"):
+                        "--dataplane-port", str(ports["dataplane"]), env=env)
+        for name in ("lambda", "api", "dataplane"):
             servers.wait_for_port(ports[name], 60)
 
         base_url = f"http://127.0.0.1:{ports['api']}"

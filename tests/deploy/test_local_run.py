@@ -8,13 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from local import servers
 
-NAMES = ("api", "dynamodb", "moto", "bedrock", "lambda", "slack", "ddb_faults")
+NAMES = ("api", "dynamodb", "moto", "bedrock", "lambda", "slack", "ddb_faults", "dataplane")
 
 
 def _ports() -> dict[str, int]:
@@ -71,6 +73,12 @@ def test_sigint_while_saving_the_bucket_ends_every_child_and_the_next_run_stops_
     record = json.loads((tmp_path / "children.json").read_text())
     pids = {entry["args"][2] if entry["args"][0] == sys.executable else "java": entry["pid"] for entry in record}
     assert len(record) == 7 and all(servers.alive(entry["pid"]) for entry in record)
+    # The data plane answers on its own port too (measured without the local API Gateway's hop).
+    stack = json.loads((tmp_path / "stack.json").read_text())
+    assert stack["services"]["dataplane"] == f"http://127.0.0.1:{ports['dataplane']}"
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(stack["services"]["dataplane"] + "/v1/chat/completions", timeout=10)
+    assert answer.value.code == 405 and json.loads(answer.value.read())["error"]["type"] == "invalid_request_error"
 
     # moto paused: the save (after a child's exit stops the run) waits on it, so the signals below
     # arrive while the bucket is being saved, whatever the machine's speed.
