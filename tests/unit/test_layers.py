@@ -2,7 +2,7 @@
 
 Contexts are stacked one way: a package imports only packages on its own floor or below, no
 import circle anywhere in chalicelib/ or local/, and no module uses another module's `_private`
-name. docs/architecture.md draws the stack; a reaction of a lower context to a higher one goes
+name. The README's Layout draws the stack; a reaction of a lower context to a higher one goes
 through the bus (chalicelib/bus.py, wired in chalicelib/wiring.py), not an import.
 """
 from __future__ import annotations
