@@ -4,6 +4,7 @@ alias is evaluation/promotion.py (gates decide it)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
@@ -147,9 +148,10 @@ def release_model(team_id: str, model_id: str, reason: str, released_by: str) ->
 
 # ---- registration (from a finished job) -------------------------------------------------------
 
-def register(job: Job, *, final: float | None, best: float | None, verdict: dict | None) -> TunedModel | None:
-    """Idempotent: registers the job's model once, with its rewards and the training watch's
-    verdict (training hands both in). The job's suffix alias is training's event's business
+def register(job: Job, details: Callable[[], tuple[float | None, float | None, dict | None]]) -> TunedModel | None:
+    """Idempotent: registers the job's model once, with its rewards and the training watch's verdict
+    (training hands in `details`, () -> (final, best, verdict), read only when the model is new: a
+    repeated finalize costs one read). The job's suffix alias is training's event's business
     (evaluation/promotion.give_suffix_alias), never given here."""
     if not job.fine_tuned_model:
         logger.warning("finished job without a model", extra={"job_id": job.job_id})
@@ -158,6 +160,7 @@ def register(job: Job, *, final: float | None, best: float | None, verdict: dict
                                   consistent_read=True)
     if existing is not None:
         return existing
+    final, best, verdict = details()
     checkpoints = [{"id": c.checkpoint_id, "model": c.fine_tuned_model_checkpoint, "step": c.step_number}
                    for c in Checkpoint.query(job.job_id)]
     model = TunedModel(job.team_id, job.fine_tuned_model, base_model=job.model, job_id=job.job_id,

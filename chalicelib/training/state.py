@@ -101,9 +101,8 @@ def finalize(job: Job) -> None:
         return
     model = None
     if job.status == "succeeded" or (job.fine_tuned_model and _watch_stopped(job)):
-        final, best = rewards.rewards(job.job_id)
-        # with the training watch's verdict (quarantined: never served)
-        model = registry.register(job, final=final, best=best, verdict=watch.verdict(job))
+        # with its rewards and the training watch's verdict (quarantined: never served)
+        model = registry.register(job, lambda: (*rewards.rewards(job.job_id), watch.verdict(job)))
         if model is None:
             return
     served = job.status == "succeeded" and not registry.quarantined(model)
