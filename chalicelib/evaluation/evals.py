@@ -188,17 +188,23 @@ def list_evals(team_id: str, limit: int, after: str | None, order: str | None, o
     return _list([eval_view(e) for e in page.items], page)
 
 
-def delete_eval(team_id: str, eval_id: str) -> dict:
-    record = get_eval(team_id, eval_id)
+def _delete_then_purge(record, key_attribute, what: str, purge: dict, unqueued: str, extra: dict) -> None:
+    """Deletes `record` (idempotent: already gone is fine), then queues the purge of what hangs off
+    it, off the request path; a purge not queued leaves that unreachable, never visible."""
     try:
-        dynamo.call(lambda: record.delete(condition=EvalDefinition.eval_id.exists()), idempotent=True,
-                    what="eval delete")
+        dynamo.call(lambda: record.delete(condition=key_attribute.exists()), idempotent=True, what=what)
     except DeleteError as exc:
         if not dynamo.is_condition(exc):
             raise
-    # Its runs (a running one stops at its next item: the run is gone) and their items, off the request path.
-    if not _send({"purge_eval": eval_id, "team_id": team_id}):
-        logger.warning("eval purge not queued; its runs stay unreachable until purged", extra={"eval_id": eval_id})
+    if not _send(purge):
+        logger.warning(unqueued, extra=extra)
+
+
+def delete_eval(team_id: str, eval_id: str) -> dict:
+    # Its runs (a running one stops at its next item: the run is gone) and their items.
+    _delete_then_purge(get_eval(team_id, eval_id), EvalDefinition.eval_id, "eval delete",
+                       {"purge_eval": eval_id, "team_id": team_id},
+                       "eval purge not queued; its runs stay unreachable until purged", {"eval_id": eval_id})
     return {"object": "eval.deleted", "deleted": True, "eval_id": eval_id}
 
 
@@ -371,15 +377,9 @@ def cancel_run(team_id: str, eval_id: str, run_id: str, base_url: str = "") -> d
 
 
 def delete_run(team_id: str, eval_id: str, run_id: str) -> dict:
-    record = get_run(team_id, eval_id, run_id)
-    try:
-        dynamo.call(lambda: record.delete(condition=EvalRunRecord.run_id.exists()), idempotent=True,
-                    what="eval run delete")
-    except DeleteError as exc:
-        if not dynamo.is_condition(exc):
-            raise
-    if not _send({"purge_run": run_id, "eval_id": eval_id, "team_id": team_id}):
-        logger.warning("run purge not queued; its items stay unreachable", extra={"run_id": run_id})
+    _delete_then_purge(get_run(team_id, eval_id, run_id), EvalRunRecord.run_id, "eval run delete",
+                       {"purge_run": run_id, "eval_id": eval_id, "team_id": team_id},
+                       "run purge not queued; its items stay unreachable", {"run_id": run_id})
     return {"object": "eval.run.deleted", "deleted": True, "run_id": run_id}
 
 
