@@ -9,7 +9,7 @@ from pynamodb.exceptions import DeleteError, DoesNotExist, UpdateError
 
 from chalicelib.adapters import aws
 from chalicelib.config import settings
-from chalicelib.domain import datasets, ids
+from chalicelib.domain import datasets, ids, numbers
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import File, Upload
@@ -41,8 +41,8 @@ def expires_after_seconds(raw) -> int | None:
     if raw["anchor"] != "created_at":
         raise InvalidRequest("expires_after.anchor must be 'created_at'.", param="expires_after.anchor")
     seconds = raw["seconds"]
-    if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 8:
-        seconds = int(seconds)
+    if isinstance(seconds, str):        # a form field: ASCII digits only, through the one strict parser
+        seconds = numbers.ascii_int(seconds, max_digits=8)
     if isinstance(seconds, bool) or not isinstance(seconds, int) or not EXPIRES_MIN <= seconds <= EXPIRES_MAX:
         raise InvalidRequest(f"expires_after.seconds must be an integer from {EXPIRES_MIN} (1 hour) to "
                              f"{EXPIRES_MAX} (30 days).", param="expires_after.seconds")
@@ -67,10 +67,10 @@ def file_view(f: File) -> dict:
     return view
 
 
-def _file_list(data: list[dict], has_more: bool, cursor: str | None) -> dict:
+def _file_list(data: list[dict], page: pagination.Page | None = None) -> dict:
     # OpenAI's ListFilesResponse requires `first_id` and `last_id` as strings, also on an empty
     # page: there they are "" (not null, which the document does not allow).
-    return pagination.envelope(data, pagination.Page(data, has_more, cursor), first_last="")
+    return pagination.envelope(data, page, first_last="")
 
 
 def _rejected(report: dict, purpose: str = PURPOSE) -> InvalidRequest:
@@ -146,7 +146,7 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
                order: str = "desc") -> dict:
     """One bounded query on the `by_created` index, in `order` of creation: `after` is a file id
     (its created_at, from one GetItem, positions the query) or an rft_next_cursor."""
-    empty = _file_list([], False, None)
+    empty = _file_list([])
     if purpose is not None and purpose not in PURPOSES:
         return empty           # every stored file has one of PURPOSES (create and uploads check it)
     now = ids.now()
@@ -167,7 +167,7 @@ def list_files(team_id: str, purpose: str | None, limit: int, after: str | None,
         start = pagination.start_key(File, anchor, "by_created")
     page = pagination.query(File, team_id, index="by_created", limit=limit, start=start, filter_condition=keep,
                             newest_first=order != "asc", what="file list")
-    return _file_list([file_view(f) for f in page.items], page.has_more, page.cursor)
+    return _file_list([file_view(f) for f in page.items], page)
 
 
 def delete_file(team_id: str, file_id: str) -> dict:
