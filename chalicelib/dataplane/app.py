@@ -37,7 +37,7 @@ from starlette.routing import Route
 from chalicelib import deadline
 from chalicelib.api import http
 from chalicelib.dataplane import READY_PATH, ROUTES
-from chalicelib.domain import ids
+from chalicelib.domain import ids, numbers
 from chalicelib.errors import ApiError, NotFound
 from chalicelib.inference import gateway
 from chalicelib.inference.stream import Stream
@@ -104,8 +104,8 @@ def _seconds(headers: dict[str, str]) -> float:
             return self.ms
 
     try:
-        at_ms = float(json.loads(headers.get("x-amzn-lambda-context") or "{}")["deadline"])
-        context = _Context(at_ms - time.time() * 1000)
+        at_ms = numbers.to_float(json.loads(headers.get("x-amzn-lambda-context") or "{}")["deadline"])
+        context = _Context(at_ms - time.time() * 1000) if at_ms is not None else None
     except (ValueError, KeyError, TypeError, AttributeError):
         context = None
     return deadline.budget_from_context(context, cap=STREAM_SECONDS)
