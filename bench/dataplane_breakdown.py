@@ -1,17 +1,16 @@
 """Where the data plane's time goes (issue #14): one call handled in-process, exactly as the data
 plane's worker thread handles it (`chalicelib/dataplane/app._handle`: the key, the body, the gateway),
-against DynamoDB Local and the local Bedrock, the team under a budget. The budget's DynamoDB writes
-and the upstream call are timed apart (by wrapping them, for this measurement only); what is left
-is rft-hub's own code.
+against DynamoDB Local and the local Bedrock, the team under a budget. The admission against the
+budget, the upstream call and the ledger write are timed apart (by wrapping them, for this
+measurement only); what is left is rft-hub's own code.
 
-- streamed: to the first event in hand = the hold (one UpdateItem) + opening the upstream (to its
-  first event) + the rest;
-- plain: to the answer = the hold + the upstream call + the ledger entry (one PutItem) + the rest;
-  the settlement (one UpdateItem) runs after the answer is sent, timed on its own.
+- streamed: to the first event in hand = the admission (in memory against the instance's slice; a
+  DynamoDB write only when a slice is taken) + opening the upstream (to its first event) + the rest;
+- plain: to the answer = the admission + the upstream call + the rest; the booking (the ledger
+  entry, one PutItem, and the cost on the slice) runs after the answer is sent, timed on its own.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -29,7 +28,7 @@ def run(n: int = N) -> dict:
     from bench.common import new_team
     from chalicelib.dataplane.app import _handle
     from chalicelib.inference import gateway
-    from chalicelib.spend import budgets, metering
+    from chalicelib.spend import ledger, slices
 
     team_id, key = new_team(admin_key, "bench-breakdown")
     with Client(app, stage_name="local", project_dir=str(ROOT)) as c:
@@ -50,9 +49,8 @@ def run(n: int = N) -> dict:
                 spent.setdefault(label, []).append((time.perf_counter() - started) * 1000)
         setattr(owner, name, wrapper)
 
-    for owner, name, label in ((budgets, "reserve", "hold"), (gateway, "open_upstream", "upstream"),
-                               (gateway, "send", "upstream"), (metering, "_put", "ledger"),
-                               (metering, "settle_call", "settle")):
+    for owner, name, label in ((slices.Lender, "admit", "admission"), (gateway, "open_upstream", "upstream"),
+                               (gateway, "send", "upstream"), (ledger, "put", "ledger")):
         timed(owner, name, label)
     headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
 
@@ -69,7 +67,9 @@ def run(n: int = N) -> dict:
             return took
         took = (time.perf_counter() - started) * 1000
         assert result.status_code == 200, result.body
-        asyncio.run(result.background())         # the settlement, after the answer (timed apart)
+        booking = time.perf_counter()
+        result.book()                            # the booking, after the answer (timed apart)
+        spent.setdefault("booking", []).append((time.perf_counter() - booking) * 1000)
         return took
 
     out = {}
@@ -79,13 +79,14 @@ def run(n: int = N) -> dict:
                 call(stream)
             spent.clear()
             totals = [call(stream) for _ in range(n)]
-            parts = ("hold", "upstream") if stream else ("hold", "upstream", "ledger")
+            parts = ("admission", "upstream")
             rest = [t - sum(spent[p][i] for p in parts) for i, t in enumerate(totals)]
             name = "streamed_first_event" if stream else "plain_answer"
             out[name] = {"total_ms": percentiles(totals), **{f"{p}_ms": percentiles(spent[p]) for p in parts},
                          "rft_hub_code_ms": percentiles(rest)}
             if not stream:
-                out[name]["settle_after_answer_ms"] = percentiles(spent["settle"])
+                out[name]["booking_after_answer_ms"] = percentiles(spent["booking"])
+                out[name]["ledger_write_ms"] = percentiles(spent["ledger"])
     finally:
         stack.stop()
     return {"benchmark": "dataplane_breakdown", "calls_each": n, **out}

@@ -1,8 +1,10 @@
-"""Money under DynamoDB faults (issue #11): 200 simultaneous chat calls against a team budget with
+"""Money under DynamoDB faults (issues #11, #28): 200 simultaneous chat calls against a team budget with
 AWS-style conflicts and 5% throttles on every table, then the repairs and the invariants (exit 1 if one
-fails): spend within the limit, every served call on the ledger once, daily totals = ledger, no hold
-left, `insufficient_quota` only when the budget was really short, other refusals 503. Also the warm
-path (faults off vs on) and the budget item's size and per-team ceiling with 10/100/1000 holds open."""
+fails): spend within the limit, every served call on the ledger once, daily totals = ledger, nothing
+left set aside, `insufficient_quota` only when the budget was really short, other refusals 503. Also
+the warm path (faults off vs on), one team's throughput against a per-partition-key write limit (the
+fault layer's `partition_write_rate`, AWS's ~1,000 writes a second per key scaled down to 50), and
+the per-team ceiling on AWS, on paper, from the measured writes per call."""
 from __future__ import annotations
 
 import json
@@ -23,6 +25,8 @@ MAX_TOKENS = 10
 CALLS, COVERED, COVERED_AMPLE, LATENCY_N = 200, 50, 10_000, 200
 FAULTS = {"conflicts": True, "rules": [{"operation": "*", "table": "*", "rate": 0.05, "error": "ThrottlingException"}]}
 ITEM_WCU_PER_S = 1000          # on-demand: what one item (one partition key value) takes per second
+PARTITION_RATE = 20            # the same, scaled down for this machine (the fault layer's partition_write_rate)
+OLD_CEILING = PARTITION_RATE // 2   # before slices every call wrote the team's period item twice
 PROBE: dict = {}
 
 
@@ -88,8 +92,8 @@ def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
 
     from chalicelib.domain import budget as budget_rules
     from chalicelib.domain import pricing
-    from chalicelib.spend import budgets, metering
-    from chalicelib.store.models import BudgetPeriod, LedgerEntry, UsageDaily
+    from chalicelib.spend import budgets, ledger, metering, slices
+    from chalicelib.store.models import BudgetPeriod, UsageDaily
 
     team_id, key = new_team(admin_key, f"money-{covered}")
     limit = covered * worst
@@ -101,11 +105,12 @@ def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
     outcomes, seconds = dict(sorted(Counter(burst(client, CALLS)).items())), time.perf_counter() - started
     faults, errors, refused = stack.ddb_faults.counters()["faults"], Counter(PROBE["errors"]), PROBE["refused"]
     stack.ddb_faults.reset()
+    slices.lender().give_back_all()                      # the instance goes idle
     dead = metering.drain_dead_letters()
     repaired = metering.release_expired_holds(now=time.time() + budgets.HOLD_TTL_SECONDS + 60, team_ids=[team_id])
     metering.aggregate_team(team_id)
     item = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
-    entries, daily = list(LedgerEntry.query(team_id, consistent_read=True)), list(UsageDaily.query(team_id))
+    entries, daily = ledger.entries(team_id), list(UsageDaily.query(team_id))
     served = [e for e in entries if e.outcome == "served"]
     quota = outcomes.get("429 insufficient_quota", 0)
     with_room = [r for r in refused if not r[1] and r[0] + worst <= limit]
@@ -117,6 +122,7 @@ def phase(stack, c, admin_key, covered: int, worst: int, seed: int) -> dict:
         and sum(int(d.requests) for d in daily) == len(entries),
         "no_hold_left": not budgets.open_holds(item) and item.committed == item.spent,
         "refusals_are_quota_or_503": set(outcomes) <= {"ok", "429 insufficient_quota", "503 service_unavailable"},
+        "nothing_left_set_aside": not budgets.open_holds(item),
         "each_quota_refusal_seen_by_dynamodb": all(r[2] for r in refused) and sum(not r[1] for r in refused) >= quota,
         "no_insufficient_quota_with_room": not with_room and (covered < CALLS or quota == 0),
     }
@@ -176,47 +182,81 @@ def warm_path(stack, c, admin_key) -> dict:
     return result
 
 
-def ddb_size(value: dict) -> int:
-    """A value's size by DynamoDB's rules (Developer Guide, "Item sizes and formats")."""
-    (kind, v), = value.items()
-    if kind == "S":
-        return len(v.encode())
-    if kind == "N":
-        return (len(v.lstrip("-").replace(".", "").strip("0") or "0") + 1) // 2 + 1
-    if kind == "M":
-        return 3 + sum(len(k.encode()) + ddb_size(x) + 1 for k, x in v.items())
-    if kind == "L":
-        return 3 + sum(ddb_size(x) + 1 for x in v)
-    return 1  # BOOL, NULL
+def throughput(stack, c, admin_key, worst: int, threads: int = 24, calls: int = 3000) -> dict:
+    """One team as fast as this machine drives it, every partition key limited to PARTITION_RATE writes
+    a second, the budget running out on the way: calls a second, throttled calls, overshoot."""
+    import openai
 
-
-def hot_item(c, admin_key, worst: int) -> dict:
-    """The team's budget item with 10/100/1000 holds open, and the ceiling it sets."""
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.spend import budgets
+    from chalicelib.domain import pricing
+    from chalicelib.spend import ledger, metering, slices
     from chalicelib.store.models import BudgetPeriod
 
-    team_id, _ = new_team(admin_key, "money-scale")
-    admin(c, admin_key, "put", f"/v1/admin/teams/{team_id}/budget", {"limit_usd": "1000000"})
-    rows = []
-    for before, in_flight in ((0, 10), (10, 100), (100, 1000)):
-        for _ in range(in_flight - before):
-            budgets.reserve(team_id, worst)
-        raw = BudgetPeriod._get_connection().get_item(team_id, budget_rules.period_of(time.time()),
-                                                      consistent_read=True)["Item"]
-        size = sum(len(k.encode()) + ddb_size(v) for k, v in raw.items())
-        wcu = 2 * math.ceil(size / 1024)     # reserve + settle, each billed on the larger image
-        rows.append({"holds_open": in_flight, "item_bytes": size, "item_json_bytes": len(json.dumps(raw)),
-                     "bytes_per_hold": round(ddb_size(raw["holds"]) / in_flight, 1), "wcu_per_call": wcu,
-                     "team_calls_per_s_ceiling": ITEM_WCU_PER_S // wcu})
-    base = rows[0]["item_bytes"] - rows[0]["bytes_per_hold"] * rows[0]["holds_open"]
-    per_hold = rows[-1]["bytes_per_hold"]
+    team_id, key = new_team(admin_key, "money-throughput")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.dataplane_port}/v1", api_key=key, max_retries=0)
+    admin(c, admin_key, "put", f"/v1/admin/teams/{team_id}/budget", {"limit_usd": "1000"})
+    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+    cost = budget_rules.to_micro(first.headers["x-rft-cost-usd"], 10**12)
+    slices.lender().give_back_all()
+    limit = cost * (calls * 2 // 3)                  # runs out about two thirds of the way
+    admin(c, admin_key, "put", f"/v1/admin/teams/{team_id}/budget", {"limit_usd": pricing.usd(limit + cost)})
+    stack.ddb_faults.reset()
+    stack.ddb_faults.configure(partition_write_rate=PARTITION_RATE)
+    outcomes: Counter = Counter()
+    served_at: list[float] = []
+    lock = threading.Lock()
 
-    def steady(seconds: float) -> int:    # in flight = rate x call duration (Little's law)
-        return max(r for r in range(1, ITEM_WCU_PER_S + 1)
-                   if r * 2 * math.ceil((base + per_hold * r * seconds) / 1024) <= ITEM_WCU_PER_S)
-    return {"by_holds_open": rows, "steady_state_calls_per_s_by_call_seconds": {s: steady(s) for s in (1, 2, 5, 10)},
-            "holds_before_400kb_item_limit": int((400 * 1024 - base) // per_hold)}
+    def one(_):
+        try:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+            outcome = "ok"
+        except Exception as err:  # noqa: BLE001 - every outcome is counted
+            outcome = f"{getattr(err, 'status_code', type(err).__name__)} {getattr(err, 'code', '')}"
+        with lock:
+            outcomes[outcome] += 1
+            if outcome == "ok":
+                served_at.append(time.perf_counter())
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(calls)))
+    counters = stack.ddb_faults.counters()
+    stack.ddb_faults.reset()
+    slices.lender().give_back_all()
+    metering.aggregate_team(team_id)
+    item = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
+    entries = ledger.entries(team_id)
+    seconds = max(served_at) - started
+    rate = round(outcomes["ok"] / seconds, 1)
+    throttled = sum(n for o, n in outcomes.items() if o not in ("ok", "429 insufficient_quota"))
+    checks = {"no_throttled_call": throttled == 0,
+              "no_overshoot": item.spent <= limit + cost and sum(int(e.cost_micro) for e in entries) == item.spent,
+              "budget_ran_out": outcomes["429 insufficient_quota"] > 0,
+              "served_on_ledger_once": len(entries) == outcomes["ok"] + 1,
+              "several_times_the_old_ceiling": rate >= 3 * OLD_CEILING}
+    return {"partition_write_rate": PARTITION_RATE, "threads": threads, "calls": calls, "outcomes": dict(outcomes),
+            "served_calls_per_s": rate,
+            "old_ceiling_calls_per_s": OLD_CEILING,
+            "dynamodb_throttles_injected": counters["faults"], "hottest_partitions_writes": counters["hottest_partitions"],
+            "writes_forwarded_per_served_call": round(
+                sum(counters["forwarded"].get(op, 0) for op in ("PutItem", "UpdateItem")) / outcomes["ok"], 3),
+            "invariants_failed": [k for k, ok in checks.items() if not ok]}
+
+
+def on_paper(writes_per_call: float) -> dict:
+    """The per-team ceiling on AWS, from AWS's per-partition write limit and what a call writes."""
+    from chalicelib.spend import budgets, ledger
+
+    shards = ledger.shards()
+    slice_bytes = 30                                 # one slice in the period item's map: id + amount
+    window = budgets.SLICE_WINDOW_SECONDS * 0.8      # renewed ahead of its window's end
+    # The period item: one renewal per instance per window, each billed on the item's size.
+    instances = max(n for n in range(1, 100_000)
+                    if (n / window) * math.ceil((200 + n * slice_bytes) / 1024) <= ITEM_WCU_PER_S)
+    return {"ledger_shards": shards, "ledger_calls_per_s": shards * ITEM_WCU_PER_S,
+            "period_item_max_instances_holding_slices": instances,
+            "calls_per_s_by_call_seconds": {s: min(shards * ITEM_WCU_PER_S, int(instances / s))
+                                            for s in (0.05, 0.1, 0.5, 1, 2)},
+            "measured_dynamodb_writes_per_call": writes_per_call}
 
 
 def run() -> dict:
@@ -236,7 +276,9 @@ def run() -> dict:
         out = {"benchmark": "money", "faults": FAULTS,
                "budget_covers_50": phase(stack, c, admin_key, COVERED, worst, seed=11),
                "budget_covers_10000": phase(stack, c, admin_key, COVERED_AMPLE, worst, seed=12),
-               "warm_path": warm_path(stack, c, admin_key), "budget_item_scale": hot_item(c, admin_key, worst)}
+               "warm_path": warm_path(stack, c, admin_key)}
+        out["throughput"] = throughput(stack, c, admin_key, worst)
+        out["per_team_ceiling_on_aws"] = on_paper(out["warm_path"]["faults_off"]["dynamodb_forwarded_per_call"])
     stack.stop()
     return out
 
@@ -244,4 +286,5 @@ def run() -> dict:
 if __name__ == "__main__":
     result = run()
     print(json.dumps(result, indent=2))
-    sys.exit(1 if any(result[k]["invariants_failed"] for k in ("budget_covers_50", "budget_covers_10000")) else 0)
+    sys.exit(1 if any(result[k]["invariants_failed"] for k in ("budget_covers_50", "budget_covers_10000",
+                                                                "throughput")) else 0)

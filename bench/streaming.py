@@ -11,8 +11,12 @@ runs it, in its own process (the local API Gateway with the data plane behind it
 URL), and its data plane alone in its own process, as Lambda Web Adapter runs it deployed
 (`python -m chalicelib.dataplane`): the first pays a loopback hop through the local stand-in for
 API Gateway, which AWS replaces, and which LiteLLM, run bare, does not pay either. Both against
-DynamoDB Local (no fault layer), the team under a budget (three DynamoDB writes a call: for a
-plain call two before the answer, the settlement after it).
+DynamoDB Local behind the fault layer (pass-through, counting), the team under a budget: a call is
+admitted against the instance's budget slice in memory and its ledger entry written after the
+answer, so in steady state the caller waits for no DynamoDB write. That is measured too: the
+same short calls with every DynamoDB write held 200 ms (on fresh connections, so a call never
+waits for the previous call's booking on its connection): the p50 moves by 200 ms per write a
+caller waits for.
 Every client is the openai SDK in this process asking for usage in the stream (`include_usage`,
 which rft-hub always asks the upstream for), so all three read the same upstream events. Paths
 are interleaved call by call, and "added" is taken per round (this path's call minus the direct
@@ -32,6 +36,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import httpx
 
 from bench.common import ROOT, percentiles, start_stack
 
@@ -156,9 +162,27 @@ def short(client) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def waited_writes(stack, clients: dict, n: int = 15, delay_ms: int = 200) -> dict:
+    """DynamoDB writes each caller waits for: the p50 of fresh-connection short calls with every
+    write held `delay_ms`, minus without, over `delay_ms`."""
+    def p50(name):
+        return statistics.median(short(clients[name]) for _ in range(n))
+    out = {}
+    for name in ("rft_hub", "rft_hub_dataplane"):
+        p50(name)                                        # warm, and a slice taken
+        plain = p50(name)
+        stack.ddb_faults.configure(write_delay_ms=delay_ms)
+        try:
+            held = p50(name)
+        finally:
+            stack.ddb_faults.reset()
+        out[name] = round((held - plain) / delay_ms, 2)
+    return out
+
+
 def run(n_streams: int = N_STREAMS, n_short: int = N_SHORT) -> dict:
     python = ensure_litellm()
-    stack, admin_key = start_stack(fault_layer=False)
+    stack, admin_key = start_stack()
     import openai
     from chalice.test import Client
 
@@ -205,9 +229,17 @@ def run(n_streams: int = N_STREAMS, n_short: int = N_SHORT) -> dict:
                 first, end = streamed(client)
                 ttft[name].append(first)
                 total[name].append(end)
+        writes_before = stack.ddb_faults.counters()["forwarded"]
         for _ in range(n_short):
             for name, client in clients.items():
                 plain[name].append(short(client))
+        time.sleep(1)                           # the last call's booking, after its answer
+        writes_after = stack.ddb_faults.counters()["forwarded"]
+        ops = {op: writes_after.get(op, 0) - writes_before.get(op, 0) for op in writes_after}
+        fresh = {name: openai.OpenAI(base_url=clients[name].base_url, api_key=key, max_retries=0,
+                                     http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)))
+                 for name in ("rft_hub", "rft_hub_dataplane")}
+        waited = waited_writes(stack, fresh)
     finally:
         for proc in procs:
             proc.terminate()
@@ -243,7 +275,11 @@ def run(n_streams: int = N_STREAMS, n_short: int = N_SHORT) -> dict:
         "benchmark": "streaming", "upstream": UPSTREAM, "streams_each": n_streams, "short_calls_each": n_short,
         "litellm": LITELLM, **p,
         "added_ttft_ms": added_ttft, "added_short_call_ms": added_short, "stream_total_vs_direct_median_ratio": total_ratio,
-        "targets": targets,
+        "dynamodb_operations_per_short_call": {op: round(n / (2 * n_short), 3) for op, n in sorted(ops.items()) if n},
+        "dynamodb_operations_per_short_call_all": round(sum(ops.values()) / (2 * n_short), 3),
+        "dynamodb_writes_the_caller_waits_for": waited,
+        "targets": {**targets, "dynamodb_operations_per_call_at_most_1_2": sum(ops.values()) / (2 * n_short) <= 1.2,
+                    "no_dynamodb_write_waited_for": all(w < 0.5 for w in waited.values())},
     }
 
 

@@ -296,8 +296,9 @@ def dataplane_policy(stage: str) -> list[dict]:
         _statement(["bedrock:CallWithBearerToken"], ["*"], "BedrockToken"),
         _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "BedrockMantle"),
         _statement(["events:PutEvents"], [f"arn:aws:events:*:*:event-bus/rfthub-{stage}"], "OwnBus"),
-        _statement(["sqs:SendMessage", "sqs:GetQueueUrl"], [f"arn:aws:sqs:*:*:rfthub-{stage}-ledger-dlq"],
-                   "LedgerDeadLetters"),
+        # GetQueueAttributes: a slice is closed from the ledger only while no entry is dead-lettered.
+        _statement(["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+                   [f"arn:aws:sqs:*:*:rfthub-{stage}-ledger-dlq"], "LedgerDeadLetters"),
         # The auth rules of api/http.py accept the console's session cookie (CSRF-checked) here too.
         _statement(["secretsmanager:GetSecretValue"],
                    [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/console-session-*"], "ConsoleSessions"),
@@ -439,7 +440,8 @@ def policies(stage: str) -> dict[str, dict]:
         return _statement(actions, arns + [f"{a}/index/*" for a in arns], sid)
 
     send = ["sqs:SendMessage", "sqs:GetQueueUrl"]
-    ledger_dlq = sqs(["ledger-dlq"], send, "LedgerDeadLetters")
+    # GetQueueAttributes: a slice is closed from the ledger only while no entry is dead-lettered.
+    ledger_dlq = sqs(["ledger-dlq"], send + ["sqs:GetQueueAttributes"], "LedgerDeadLetters")
     # The hosted grader meters its judge calls like the gateway: resolve the team's model, read
     # prices and budgets, reserve/settle, write the ledger; and flags the job when money runs out.
     grader_tables = tables(["grader_specs", "prices", "budgets", "models", "aliases", "alias_history"],

@@ -72,12 +72,12 @@ def _ledger_queue() -> None:
     """Where a served call's ledger entry waits when DynamoDB refuses it (the reconciler drains it),
     and the job worker's and the eval worker's queues."""
     from chalicelib.config import evals_queue, jobs_queue
-    from chalicelib.spend import metering
+    from chalicelib.spend import ledger
 
     sqs = boto3.client("sqs", region_name=settings().region)
-    sqs.create_queue(QueueName=metering.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})
+    sqs.create_queue(QueueName=ledger.ledger_dlq(), Attributes={"MessageRetentionPeriod": "1209600"})
     # Entries that can never be written (the drain parks them; the template alarms on its depth).
-    sqs.create_queue(QueueName=metering.ledger_parked_queue(), Attributes={
+    sqs.create_queue(QueueName=ledger.ledger_parked_queue(), Attributes={
         "FifoQueue": "true", "MessageRetentionPeriod": "1209600"})
     sqs.create_queue(QueueName=jobs_queue(), Attributes={"VisibilityTimeout": "960"})
     sqs.create_queue(QueueName=evals_queue(), Attributes={"VisibilityTimeout": "960"})   # the eval worker's

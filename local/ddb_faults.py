@@ -48,7 +48,7 @@ CONFLICT = "Transaction is ongoing for the item"
 PLAIN_WRITES = {"PutItem", "UpdateItem", "DeleteItem"}
 TX = "TransactWriteItems"
 DEFAULTS = {"conflicts": False, "tx_delay_ms": 0, "write_delay_ms": 0, "rules": [], "item_write_rate": None,
-            "seed": None}
+            "partition_write_rate": None, "seed": None}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade"}
 # werkzeug's server writes its own Date and Server and computes Content-Length from the body.
@@ -103,6 +103,7 @@ class FaultProxy:
             self.buckets: dict[tuple, tuple[float, float]] = {}
             self.faults: Counter = Counter()     # (fault, operation) -> n
             self.forwarded: Counter = Counter()  # operation -> n
+            self.writes_by_partition: Counter = Counter()   # (table, partition key) -> writes admitted
             self.generation += 1
             self.cond.notify_all()
 
@@ -111,8 +112,10 @@ class FaultProxy:
             faults: dict[str, dict[str, int]] = {}
             for (fault, op), n in sorted(self.faults.items()):
                 faults.setdefault(fault, {})[op] = n
+            hottest = {f"{table} {key}": n for (table, key), n in self.writes_by_partition.most_common(3)}
             return {"faults": faults, "forwarded": dict(self.forwarded),
-                    "in_flight": {op: n for op, n in self.in_flight.items() if n}}
+                    "in_flight": {op: n for op, n in self.in_flight.items() if n},
+                    "hottest_partitions": hottest}
 
     def state(self) -> dict:
         with self.lock:
@@ -246,9 +249,8 @@ class FaultProxy:
                        for i in items]
             if any(reasons):
                 return self._cancelled(op, reasons)
-        if self.config["item_write_rate"] is not None:
-            for item in set(items):
-                self.buckets[item] = (self._tokens(item, now) - 1, now)
+        for item in set(items):
+            self._take_token(item, now)
         return None
 
     def _cancelled(self, op: str, reasons: list) -> Response:
@@ -261,23 +263,38 @@ class FaultProxy:
             "CancellationReasons": [{"Code": r[0], "Message": r[1]} if r else {"Code": "None"} for r in reasons]})
 
     def _tokens(self, item, now: float) -> float:
-        """A token bucket per item standing in for a hot partition: `item_write_rate` writes a second,
-        burst = the rate but at least one write, so a rate below 1/s still lets a cold item be written."""
-        rate = self.config["item_write_rate"]
+        """What `item` may still write now: the smaller of its own bucket (`item_write_rate`) and its
+        partition key's (`partition_write_rate`, shared by every item with that partition key)."""
+        return min(self._bucket(("item", item), "item_write_rate", now),
+                   self._bucket(("partition", item[0], item[2]), "partition_write_rate", now))
+
+    def _bucket(self, name, setting: str, now: float) -> float:
+        """A token bucket standing in for a partition's write limit: `setting` writes a second,
+        burst = the rate but at least one write, so a rate below 1/s still lets a cold key be written."""
+        rate = self.config[setting]
         if rate is None:
             return float("inf")
-        tokens, last = self.buckets.get(item, (max(rate, 1.0), now))
+        tokens, last = self.buckets.get(name, (max(rate, 1.0), now))
         return min(max(rate, 1.0), tokens + (now - last) * rate)
+
+    def _take_token(self, item, now: float) -> None:
+        self.writes_by_partition[(item[0], item[2])] += 1
+        for name, setting in ((("item", item), "item_write_rate"),
+                              (("partition", item[0], item[2]), "partition_write_rate")):
+            if self.config[setting] is not None:
+                self.buckets[name] = (self._bucket(name, setting, now) - 1, now)
 
     def _throttle_message(self, item: tuple[str, str]) -> str:
         on_demand = next((v[1] for k, v in self.tables.items() if k[1] == item[0]), False)
         return THROTTLE_ON_DEMAND if on_demand else THROTTLE_PROVISIONED
 
-    def _items(self, op: str, payload: dict, auth: dict) -> list[tuple[str, str]] | None:
-        """Each written item as (table, canonical JSON of its key), in request order; [] when nothing
-        is judged per item (conflicts and item throttles off), None when the request is malformed."""
+    def _items(self, op: str, payload: dict, auth: dict) -> list[tuple[str, str, str]] | None:
+        """Each written item as (table, canonical JSON of its key, of its partition key), in request
+        order; [] when nothing is judged per item (conflicts and write limits off), None when the
+        request is malformed."""
         with self.lock:
-            if not self.config["conflicts"] and self.config["item_write_rate"] is None:
+            if not self.config["conflicts"] and self.config["item_write_rate"] is None \
+                    and self.config["partition_write_rate"] is None:
                 return []
         items = []
         try:
@@ -288,7 +305,8 @@ class FaultProxy:
                 if info is None:
                     return None
                 key = {name: spec["Item"][name] for name in info[0]} if kind == "Put" else spec["Key"]
-                items.append((spec["TableName"], json.dumps(key, sort_keys=True, separators=(",", ":"))))
+                items.append((spec["TableName"], json.dumps(key, sort_keys=True, separators=(",", ":")),
+                              json.dumps(key[info[0][0]], sort_keys=True, separators=(",", ":"))))
         except (KeyError, TypeError, AttributeError, ValueError, urllib3.exceptions.HTTPError):
             return None
         return items

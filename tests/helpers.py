@@ -105,16 +105,16 @@ def drain_notifications(api):
 
 
 def settled(team_id, calls=0, timeout=20.0):
-    """The team's ledger and budget period once the ledger holds `calls` entries and no hold is
-    open: a plain call's hold is settled just after its answer is sent, a stream's when its
-    upstream ends (which can be after the caller has gone)."""
+    """The team's ledger and budget period once the ledger holds `calls` entries and nothing is
+    set aside: a plain call is booked just after its answer is sent, a stream when its upstream
+    ends (which can be after the caller has gone); this instance's idle slices are given back."""
     from chalicelib.domain import budget as budget_rules
-    from chalicelib.spend import budgets
-    from chalicelib.store.models import LedgerEntry
+    from chalicelib.spend import budgets, ledger, slices
 
     deadline = time.monotonic() + timeout
     while True:
-        entries = list(LedgerEntry.query(team_id, consistent_read=True))
+        entries = ledger.entries(team_id)
+        slices.lender().give_back_all()        # what an idle instance's timer does
         item = budgets.period_item(team_id, budget_rules.period_of(time.time()))
         if len(entries) >= calls and not budgets.open_holds(item):
             return entries, item

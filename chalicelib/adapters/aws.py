@@ -16,7 +16,6 @@ import functools
 import math
 import threading
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError
@@ -59,6 +58,7 @@ def _client(service: str, connect: float = CONNECT_S, read: float = READ_S, atte
                  connect_timeout=connect, read_timeout=read, max_pool_connections=32)
     # boto3.client is not thread-safe while it builds the client; the reconciler uses threads.
     with _lock:
+        import boto3  # on first use: a data plane call that never needs a client never pays for it
         return boto3.session.Session().client(service, region_name=settings().region, config=cfg)
 
 

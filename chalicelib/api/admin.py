@@ -4,7 +4,8 @@ from __future__ import annotations
 from chalice import Blueprint
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, route
+from chalicelib.api.bodies import StrictModel
+from chalicelib.api.http import Request, route
 from chalicelib.evaluation import promotion
 from chalicelib.grading import lambda_graders
 from chalicelib.platform import teams

@@ -18,7 +18,8 @@ from pathlib import Path
 from chalice import Blueprint, Response
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, authenticate, route
+from chalicelib.api.bodies import StrictModel
+from chalicelib.api.http import Request, authenticate, route
 from chalicelib.errors import NotFound, UnsupportedMediaType
 from chalicelib.platform import console_sessions
 

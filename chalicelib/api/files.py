@@ -6,7 +6,8 @@ from typing import Any
 from chalice import Blueprint, Response
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, query_int, route
+from chalicelib.api.bodies import StrictModel
+from chalicelib.api.http import Request, query_int, route
 from chalicelib.domain import multipart
 from chalicelib.errors import InvalidRequest
 from chalicelib.platform import files

@@ -20,9 +20,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydantic
 from chalice import Blueprint, Response
 from pynamodb.exceptions import PynamoDBException
 
@@ -36,6 +35,9 @@ from chalicelib.log import logger
 from chalicelib.platform import console_sessions, teams
 from chalicelib.platform.teams import Principal
 from chalicelib.store import dynamo
+
+if TYPE_CHECKING:      # pydantic is for the Chalice routes' bodies: the data plane never imports it
+    import pydantic
 
 ANY_CONTENT = ["*/*"]
 MAX_ID_CHARS = 256
@@ -141,6 +143,7 @@ def parse_json_body(raw: bytes, model: type[pydantic.BaseModel] | None) -> Any:
     check_model_field(data)
     if model is None:
         return data
+    import pydantic
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -246,7 +249,3 @@ def query_int(req: Request, name: str, default: int, lo: int, hi: int) -> int:
         raise InvalidRequest(f"Query parameter '{name}' must be between {lo} and {hi}.", param=name)
     return value
 
-
-class StrictModel(pydantic.BaseModel):
-    """Request bodies: unknown fields are an error, never silently dropped."""
-    model_config = pydantic.ConfigDict(extra="forbid", strict=False, defer_build=True)

@@ -6,7 +6,8 @@ from typing import Any
 from chalice import Blueprint
 from pydantic import Field
 
-from chalicelib.api.http import Request, StrictModel, route
+from chalicelib.api.bodies import StrictModel
+from chalicelib.api.http import Request, route
 from chalicelib.errors import InvalidRequest, NotFound
 from chalicelib.evaluation import promotion
 from chalicelib.inference import models, registry

@@ -9,11 +9,16 @@ Second, a streamed call is relayed: one thread reads Bedrock's events and hands 
 event loop, which sends it on at once. The call is metered when the upstream ends, and the
 response ends only after that, so the function is never frozen with a hold open; a caller who
 goes away stops the sending, never the reading (the usage is in the upstream's last event).
-A plain call is on the ledger before its answer is sent; its hold is settled just after (one
-DynamoDB round trip off the caller's clock). Lambda may freeze the function before that
-settlement runs: it then runs when the function next thaws, or the reconciler settles the
-expired hold from the ledger entry -- meanwhile the hold keeps the worst case reserved, so the
-budget errs on the side of refusing, never of overspending.
+A plain call's answer is sent whole (with its Content-Length) and then, before the response ends,
+the call is booked: its ledger entry written, its cost put on the instance's slice
+(`AnsweredThenBooked`). The caller has every byte before the ledger write starts; the invocation
+does not end before it: with Lambda Web Adapter in response-stream mode the invocation lasts as
+long as the response, and Lambda freezes the environment only once it has ended ("Once you send
+the response from the function, the Lambda service freezes the runtime environment", AWS
+Compute blog; LWA's maintainer: background work after the handler returns does not run,
+aws-lambda-web-adapter#404). So no booking is left to a frozen environment: the worst that can
+happen is that a slice is not given back (the instance froze idle, or was killed), and then its
+money stays set aside until the reconciler settles it from the ledger -- reserved, never unbilled.
 """
 from __future__ import annotations
 
@@ -27,7 +32,6 @@ import time
 import uuid
 
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -126,21 +130,45 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
             principal = http.authenticate("team", headers)
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
-            result = SERVICES[path](principal, request_id, body, defer_settle=True)
+            result = SERVICES[path](principal, request_id, body, defer=True)
         if isinstance(result, Stream):
             return result
-        # The call is on the ledger; its hold is settled once the answer is sent (a background
-        # task: the response, with its Content-Length, is complete before it runs).
-        return Response(result.body, status_code=result.status, media_type=result.content_type,
-                        headers={**result.headers, "x-request-id": request_id},
-                        background=BackgroundTask(_settle, result.after, seconds) if result.after else None)
+        return AnsweredThenBooked(result.body, result.status, result.content_type,
+                                  {**result.headers, "x-request-id": request_id}, result.after, seconds)
     except Exception as exc:  # noqa: BLE001 - mapped as the Chalice routes map it (api/http.py)
         return _envelope(http.error_response(http.error_for(exc, path, request_id), request_id))
 
 
-def _settle(after, seconds: float) -> None:
+def _book(book, seconds: float) -> None:
     with deadline.running(seconds):
-        after()
+        book()
+
+
+class AnsweredThenBooked(Response):
+    """The whole answer first (a caller reading to its Content-Length is done), then the call's
+    booking, then the end of the response -- and with it of the invocation."""
+
+    def __init__(self, body: bytes, status: int, media_type: str, headers: dict, book, seconds: float) -> None:
+        super().__init__(body, status_code=status, media_type=media_type, headers=headers)
+        self.book, self.seconds = book, seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        sending = True
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body, "more_body": self.book is not None})
+        except OSError:             # the caller went away: the call was served all the same
+            sending = False
+        if self.book is None:
+            return
+        try:
+            await run_in_threadpool(_book, self.book, self.seconds)
+        finally:
+            if sending:
+                try:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except OSError:
+                    pass
 
 
 class StreamedCall(Response):

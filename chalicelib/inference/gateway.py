@@ -1,19 +1,19 @@
 """The inference gateway: OpenAI-compatible calls to base models, tuned models and aliases,
 metered per team and held to the team's budget.
 
-Per call: resolve the model (cached), price it (cached), hold the worst case (one conditional
-write on the team's budget item), forward to Bedrock, write the ledger entry (one conditional
-put), settle the hold at the exact cost (one write; for a plain call on the data plane, after
-the answer is sent: `Reply.after`). Three DynamoDB round trips on the warm path with a budget
-(one without), two of them before a plain answer, no read for auth, prices or models, and no
-transaction: daily totals are derived from the ledger later (spend/metering.py).
+Per call: resolve the model (cached), price it (cached), admit the worst case against the
+budget (in memory, against this instance's slice: spend/slices.py), forward to Bedrock, then
+book the call: its ledger entry (one conditional put, after the answer is sent on the data
+plane: `Reply.after`) and its real cost on the slice. In steady state one DynamoDB write per
+call, none of it before the answer, no read for auth, prices or models, and no transaction:
+daily totals are derived from the ledger later (spend/metering.py).
 
-One metering path for every call: `hold` (reserve, before anything reaches Bedrock) and its
-`finish` (ledger, then settle) or `fail`. A plain call runs them around one upstream call
-(`metered_call`); a streamed call (`Stream`) takes the hold and opens the upstream before its
-first byte, relays Bedrock's events as they come, and finishes the hold when the upstream
-ends, whatever the caller does meanwhile (a caller that goes away does not stop the reading:
-the usage is in the upstream's last event).
+One metering path for every call: `metered.reserve` (admission, before anything reaches
+Bedrock) and its `finish` (ledger, slice) or `fail`. A plain call runs them around one upstream
+call; a streamed call (`Stream`) is admitted and opens the upstream before its first byte,
+relays Bedrock's events as they come, and books the call when the upstream ends, whatever the
+caller does meanwhile (a caller that goes away does not stop the reading: the usage is in the
+upstream's last event).
 """
 from __future__ import annotations
 
@@ -39,9 +39,8 @@ class Reply:
     content_type: str
     body: bytes
     headers: dict
-    # With defer_settle (the data plane): the call's settlement, to run once the answer is sent.
-    # The ledger entry is written before the answer, so a settlement that never runs (a frozen
-    # function) is finished by the reconciler from the ledger.
+    # With `defer` (the data plane): the call's booking (ledger entry, slice), to run once the
+    # answer is sent and before the invocation ends (dataplane/app.py).
     after: Callable[[], None] | None = None
 
 
@@ -79,10 +78,10 @@ def _stream_flag(body: dict) -> bool:
 
 def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, style: str, prompt,
           max_output: int | None, stream: bool, client_wants_usage: bool, choices: int = 1,
-          defer_settle: bool = False) -> Reply | Stream:
+          defer: bool = False) -> Reply | Stream:
     """One gateway call: a plain one answered whole (Reply), or a streamed one opened (Stream).
-    `defer_settle`: a plain call's settlement is left in `Reply.after` for the caller to run once
-    it has answered (the data plane); otherwise it is done before returning."""
+    `defer`: a plain call's booking is left in `Reply.after` for the caller to run once it has
+    answered (the data plane); otherwise it is done before returning."""
     target, price = priced(principal.team_id, body.get("model"))
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
@@ -111,13 +110,13 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
 
     hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
                            endpoint=endpoint, stream=False)
-    (status, content_type, raw), entry = hold.run(invoke, defer_settle=defer_settle)
+    (status, content_type, raw), entry = hold.run(invoke, defer=defer)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
-    return Reply(status, content_type, raw, headers, after=hold.settle_later)
+    return Reply(status, content_type, raw, headers, after=hold.book_later)
 
 
 def chat_completions(principal: Principal, request_id: str, body: dict, *,
-                     defer_settle: bool = False) -> Reply | Stream:
+                     defer: bool = False) -> Reply | Stream:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise InvalidRequest("messages must be a non-empty list.", param="messages")
     _check_numbers(body)
@@ -137,10 +136,10 @@ def chat_completions(principal: Principal, request_id: str, body: dict, *,
     return _call(principal, request_id, body, endpoint="/chat/completions", style="chat",
                  prompt=[body["messages"], body.get("tools")],
                  max_output=_max_output(body, "max_completion_tokens", "max_tokens"),
-                 stream=stream, client_wants_usage=wants_usage, choices=choices, defer_settle=defer_settle)
+                 stream=stream, client_wants_usage=wants_usage, choices=choices, defer=defer)
 
 
-def responses(principal: Principal, request_id: str, body: dict, *, defer_settle: bool = False) -> Reply | Stream:
+def responses(principal: Principal, request_id: str, body: dict, *, defer: bool = False) -> Reply | Stream:
     if body.get("input") is None:
         raise InvalidRequest("input is required.", param="input")
     _check_numbers(body)
@@ -151,4 +150,4 @@ def responses(principal: Principal, request_id: str, body: dict, *, defer_settle
     return _call(principal, request_id, body, endpoint="/responses", style="responses",
                  prompt=[body.get("instructions"), body["input"], body.get("tools")],
                  max_output=_max_output(body, "max_output_tokens"), stream=stream, client_wants_usage=True,
-                 defer_settle=defer_settle)
+                 defer=defer)

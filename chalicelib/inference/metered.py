@@ -1,5 +1,6 @@
-"""The one metering path: a call's worst case held against the budget, the served call's ledger
-entry, the hold settled at its real cost. Used by the gateway's routes, judges and the eval worker.
+"""The one metering path: a call admitted against the team's budget for its worst case (in
+memory, against this instance's slice: spend/slices.py), the served call's ledger entry, and its
+real cost kept on the slice. Used by the gateway's routes, judges and the eval worker.
 """
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from chalicelib import deadline
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError
 from chalicelib.inference.targets import Target
 from chalicelib.log import logger
-from chalicelib.spend import budgets, metering
+from chalicelib.spend import budgets, ledger, slices
 from chalicelib.store.models import LedgerEntry
 
 
@@ -36,30 +38,30 @@ def count(usage: dict, style: str) -> tuple[int, int, int]:
 
 @dataclass
 class Hold:
-    """One metered call between its reservation and its ledger entry."""
-    reservation: budgets.Reservation
+    """One metered call between its admission and its ledger entry."""
+    admission: slices.Admission
     entry: LedgerEntry
     price: pricing.Price
     worst: int
     started: float = field(default_factory=time.perf_counter)
-    settle_later: Callable[[], None] | None = None
+    book_later: Callable[[], None] | None = None
 
-    def run(self, invoke, *, defer_settle: bool = False):
+    def run(self, invoke, *, defer: bool = False):
         """Runs `invoke()` -> (result, (input, cached, output) tokens or None) under the hold;
-        returns (result, ledger entry). `defer_settle`: the ledger is written now and the
-        settlement left in `settle_later`, for the caller to run after answering."""
+        returns (result, ledger entry). `defer`: the ledger write is left in `book_later`, for the
+        caller to run once the answer is sent (and before its invocation ends)."""
         try:
             result, counted = invoke()
         except BaseException as exc:
             self.fail(exc)
             raise
-        return result, self.finish(counted, defer_settle=defer_settle)
+        return result, self.finish(counted, defer=defer)
 
     def finish(self, counted: tuple[int, int, int] | None, *, estimated: bool = False,
-               failure: ApiError | None = None, defer_settle: bool = False) -> LedgerEntry:
-        """Writes the ledger and settles the hold at the call's cost: the reported usage's exact
-        cost; without usage, the reservation (never a call at $0); `estimated` counts (a stream
-        cut short) are charged at most the reservation. `failure`: an upstream error after the
+               failure: ApiError | None = None, defer: bool = False) -> LedgerEntry:
+        """Prices the call and books it (ledger, then the slice): the reported usage's exact
+        cost; without usage, the worst case (never a call at $0); `estimated` counts (a stream
+        cut short) are charged at most the worst case. `failure`: an upstream error after the
         answer started (a stream): recorded as an error, with what was generated charged."""
         entry, worst = self.entry, self.worst
         entry.latency_ms = int((time.perf_counter() - self.started) * 1000)
@@ -77,40 +79,47 @@ class Hold:
         if entry.cost_micro > worst:
             logger.warning("call cost more than its hold", extra={"request_id": entry.request_id,
                                                                   "cost": entry.cost_micro, "reserved": worst})
-        # never raises: DLQ and reconciler behind it
-        on_ledger = metering.record(self.reservation, entry, settle=not defer_settle)
-        if defer_settle and on_ledger and self.reservation.hold_id:     # no budget: no hold to settle
-            self.settle_later = lambda: metering.settle_call(self.reservation, entry)
+        if defer:
+            self.book_later = self.book
+        else:
+            self.book()
         return entry
 
+    def book(self) -> None:
+        """The entry on the ledger (or the dead-letter queue: never lost), then its cost on the
+        slice it was admitted against. Never raises."""
+        ledger.write(self.entry)
+        slices.lender().finish(self.admission, int(self.entry.cost_micro or 0))
+
     def fail(self, exc: BaseException) -> None:
-        """Nothing was served: an ApiError goes on the ledger (and releases the hold); anything
-        else releases the hold."""
+        """Nothing was served: an ApiError goes on the ledger at no cost; anything else leaves
+        no entry. Either way the worst case goes back to the slice."""
         if isinstance(exc, ApiError):
             self.entry.status, self.entry.outcome = exc.status, "error"
             self.entry.latency_ms = int((time.perf_counter() - self.started) * 1000)
-            metering.record(self.reservation, self.entry)   # the failure is on the ledger; the hold is released
+            self.book()
         else:
-            budgets.settle(self.reservation, 0)             # never leave the hold
+            slices.lender().finish(self.admission, 0)
 
 
 def reserve(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
-          *, endpoint: str, stream: bool, kind: str = "inference", job_id: str | None = None) -> Hold:
-    """Holds `worst` against the team's budget: 429 insufficient_quota (really over) or 503
-    (DynamoDB busy) before anything reaches the upstream or the caller."""
+            *, endpoint: str, stream: bool, kind: str = "inference", job_id: str | None = None) -> Hold:
+    """Admits the call for `worst`: 429 insufficient_quota (really over), 429 budget_held (the room
+    is in other instances' slices) or 503 (DynamoDB busy) before anything reaches the upstream.
+    A call that may run longer than a short slice admits (a stream, a long deadline) takes a long one."""
     created_ms = ids.now_ms()
-    reservation = budgets.reserve(team_id, worst, budgets.call_hold_id(created_ms))
-    entry = LedgerEntry(team_id, metering.sort_key(created_ms, request_id), request_id=request_id,
-                        key_id=key_id, model=target.requested, upstream_model=target.upstream,
-                        alias=target.alias, endpoint=endpoint, reserved_micro=worst, stream=stream,
-                        created_at=created_ms // 1000, status=200, kind=kind, job_id=job_id)
-    return Hold(reservation, entry, price, worst)
+    short = not stream and deadline.remaining() <= budgets.CALL_SECONDS["s"]
+    admission = slices.lender().admit(team_id, worst, "s" if short else "u")
+    entry = ledger.new_entry(team_id, created_ms, request_id, admission.hold_id, key_id=key_id, model=target.requested,
+                             upstream_model=target.upstream, alias=target.alias, endpoint=endpoint,
+                             reserved_micro=worst, stream=stream, status=200, kind=kind, job_id=job_id)
+    return Hold(admission, entry, price, worst)
 
 
 def metered_call(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
-             *, endpoint: str, stream: bool, invoke, kind: str = "inference", job_id: str | None = None):
-    """Holds `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), writes
-    the ledger and settles the hold at the exact cost: the metering of every plain model call
-    rft-hub makes for a team (gateway calls and grader judges alike). Returns (result, entry)."""
+                 *, endpoint: str, stream: bool, invoke, kind: str = "inference", job_id: str | None = None):
+    """Admits `worst`, runs `invoke()` -> (result, (input, cached, output) tokens or None), and
+    books the call at its exact cost: the metering of every plain model call rft-hub makes for a
+    team (gateway calls and grader judges alike). Returns (result, entry)."""
     return reserve(team_id, key_id, request_id, target, price, worst, endpoint=endpoint, stream=stream, kind=kind,
-                 job_id=job_id).run(invoke)
+                   job_id=job_id).run(invoke)

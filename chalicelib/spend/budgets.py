@@ -1,21 +1,20 @@
-"""Team budgets: hold the worst case before any upstream call, settle to the actual cost.
+"""Team budgets: money is set aside before any upstream call and settled at the actual cost.
 
-Every team has one item per period holding `committed` (spent + open holds), `spent` and the
-open holds themselves ({hold id: micro}). Both writes are single UpdateItems -- never a
-transaction on this team-wide item, which DynamoDB would cancel under concurrency:
+Every team has one item per period holding `committed` (spent + everything set aside), `spent`
+and what is set aside, as a map {id: micro}: training jobs' holds and instances' slices
+(spend/slices.py: a warm instance takes a slice in one write and admits calls against it in
+memory). Every write on this team-wide item is a single UpdateItem, never a transaction, which
+DynamoDB would cancel under concurrency:
 
-- reserve: `SET holds.<id> = m, ADD committed m` if `committed <= limit - m` and the hold does
-  not exist. So 50 concurrent calls against a budget that covers 10 admit at most 10. It is
-  retried only when DynamoDB surely did not apply it (throttle, conflict): after an unknown
-  outcome (timeout, 5xx) the call is answered 503, because a delayed first attempt could land
-  after the call was settled and hold the money again; a hold that lands that way is never
-  followed by a ledger entry, so the reconciler releases it as abandoned.
-- settle: `REMOVE holds.<id>, ADD committed (actual - m), spent actual` if the hold exists.
+- take: `SET holds.<id> = m, ADD committed m` if `committed <= limit - m` and the id is new, so
+  what is set aside can never pass the limit, and a repeat is a no-op. A slice's renewal gives
+  the old slice back in the same write (`release`).
+- settle: `REMOVE holds.<id>, ADD committed (actual - m), spent actual` if the id exists.
   Repeating it is a no-op, so settlements are retried, never skipped.
 
-Holds carry their creation time in their id. The reconciler settles an expired call hold
-from the ledger, or releases it as abandoned (spend/metering.py); a job's hold is the job's
-to settle, unless no job was recorded with it (a crash between reserve and save).
+Ids carry their kind and creation time, so the reconciler knows when the calls admitted against
+one have surely ended (`closable_at`) and settles what was never given back from the ledger
+(spend/metering.py); a job's hold is the job's to settle, unless no job was recorded with it.
 Threshold crossings are announced once per threshold per period (a deterministic outbox id).
 """
 from __future__ import annotations
@@ -35,7 +34,10 @@ from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, BudgetPeriod
 
 _config = TTLCache(30)   # a changed budget is honoured within 30 s on other instances
-HOLD_TTL_SECONDS = 20 * 60   # longer than any call may run (a stream may take 15 minutes)
+HOLD_TTL_SECONDS = 20 * 60   # a job's hold (and a per-call hold of an older version): longer than any call
+SLICE_WINDOW_SECONDS = 60    # a slice admits calls for this long after it is taken
+CALL_SECONDS = {"s": 30, "u": 900}   # the longest call a short (s) or long (u) slice admits
+CLOSE_MARGIN_SECONDS = 60    # for the ledger write after the answer (with its retries) and clock skew
 
 
 class OverBudget(RateLimited):
@@ -57,8 +59,13 @@ class Reservation:
 # ---- hold ids ------------------------------------------------------------------------------------
 
 def call_hold_id(created_ms: int) -> str:
-    """`c<created ms, hex>.<random>`: short (it is stored in the hot item) and self-dating."""
+    """`c<created ms, hex>.<random>`: one call's own hold (short: it is stored in the hot item)."""
     return f"c{created_ms:x}.{secrets.token_hex(4)}"
+
+
+def slice_id(kind: str, created_ms: int) -> str:
+    """`s...` admits calls of at most 30 s, `u...` of at most 15 minutes (streams)."""
+    return f"{kind}{created_ms:x}.{secrets.token_hex(4)}"
 
 
 def job_hold_id(job_id: str, created_ms: int) -> str:
@@ -71,8 +78,12 @@ def hold_job_id(hold_id: str) -> str | None:
     return hold_id.split(".", 1)[1] if hold_id.startswith("j") and "." in hold_id else None
 
 
+def is_slice(hold_id: str) -> bool:
+    return hold_id[:1] in CALL_SECONDS
+
+
 def hold_created_ms(hold_id: str) -> int | None:
-    if hold_id[:1] not in ("c", "j"):
+    if hold_id[:1] not in ("c", "j", *CALL_SECONDS):
         return None
     try:
         return int(hold_id[1:].split(".", 1)[0], 16)
@@ -80,11 +91,20 @@ def hold_created_ms(hold_id: str) -> int | None:
         return None
 
 
-def hold_expired(hold_id: str, now_s: float) -> bool:
-    """A call's hold past its time to live, or a job's hold old enough that its job, if it was
-    ever recorded, is surely there (the reconciler then checks which)."""
+def closable_at(hold_id: str) -> float | None:
+    """When every call admitted against this id has surely ended and written its ledger entry
+    (unix seconds): a slice admits for SLICE_WINDOW_SECONDS calls of at most its kind's length."""
     created = hold_created_ms(hold_id)
-    return created is not None and created / 1000 + HOLD_TTL_SECONDS < now_s
+    if created is None:
+        return None
+    if is_slice(hold_id):
+        return created / 1000 + SLICE_WINDOW_SECONDS + CALL_SECONDS[hold_id[0]] + CLOSE_MARGIN_SECONDS
+    return created / 1000 + HOLD_TTL_SECONDS
+
+
+def hold_expired(hold_id: str, now_s: float) -> bool:
+    at = closable_at(hold_id)
+    return at is not None and at < now_s
 
 
 # ---- config and view -----------------------------------------------------------------------------
@@ -139,7 +159,7 @@ def set_budget(team_id: str, body: dict) -> dict:
 
 # ---- reserve and settle --------------------------------------------------------------------------
 
-def _over_budget(micro: int, cfg: Budget, period: str) -> OverBudget:
+def over_budget(micro: int, cfg: Budget, period: str) -> OverBudget:
     return OverBudget(f"This request could cost up to ${pricing.usd(micro)}, more than what is left of the "
                       f"team's ${pricing.usd(cfg.limit_micro)} monthly budget (resets at "
                       f"{rules.resets_at(period)}). Lower max_tokens or ask an admin to raise the budget.")
@@ -163,30 +183,59 @@ def reserve(team_id: str, micro: int, hold_id: str | None = None) -> Reservation
     if cfg is None:
         return Reservation(team_id, period, 0)
     if micro > cfg.limit_micro:
-        raise _over_budget(micro, cfg, period)
-    hold_id = hold_id or call_hold_id(int(ids.now_ms()))
+        raise over_budget(micro, cfg, period)
+    res = take(team_id, cfg, period, hold_id or call_hold_id(int(ids.now_ms())), micro)
+    if res is None:
+        raise over_budget(micro, cfg, period)
+    return res
+
+
+class Released(Exception):
+    """The slice a renewal was to give back is gone (the reconciler closed it from the ledger)."""
+
+
+def take(team_id: str, cfg: Budget, period: str, hold_id: str, micro: int,
+         release: tuple[str, int, int] | None = None) -> Reservation | None:
+    """Sets `micro` aside under `hold_id` in one conditional write; None when the budget has no
+    room for it. `release` = (id, micro, used): a slice given back in the same write, its `used`
+    moved to spent. Retried only when DynamoDB surely did not apply it (throttle, conflict); after
+    an unknown outcome (timeout, 5xx) the read tells. Raises StoreBusy (503) when DynamoDB stays
+    busy, Released when `release` names a slice no longer there."""
     item = BudgetPeriod(team_id, period)
+    delta = micro - (release[1] - release[2]) if release else micro
+    actions = [BudgetPeriod.holds[hold_id].set(micro), BudgetPeriod.committed.add(delta)]
+    room = BudgetPeriod.committed <= cfg.limit_micro - delta
+    condition = BudgetPeriod.holds[hold_id].does_not_exist()
+    if release:
+        old = release[0]
+        actions += [BudgetPeriod.holds[old].remove(), BudgetPeriod.spent.add(release[2])]
+        condition &= BudgetPeriod.holds[old].exists() & room
+    else:
+        condition &= BudgetPeriod.committed.does_not_exist() | room
 
     def attempt():
-        item.update(actions=[BudgetPeriod.holds[hold_id].set(micro), BudgetPeriod.committed.add(micro)],
-                    condition=(BudgetPeriod.committed.does_not_exist()
-                               | (BudgetPeriod.committed <= cfg.limit_micro - micro))
-                    & BudgetPeriod.holds[hold_id].does_not_exist())
+        item.update(actions=actions, condition=condition)
 
     for _ in range(2):
         try:
             dynamo.call(attempt, idempotent=False, what="budget reservation")
-            return Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro)
+            res = Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro)
+            if release:
+                announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
+            return res
         except UpdateError as exc:
-            if _missing_map(exc):
+            if _missing_map(exc) and not release:
                 _ensure_period(team_id, period)
                 continue
             if not dynamo.is_condition(exc):
                 raise
             current = period_item(team_id, period)
-            if hold_id in open_holds(current):      # an earlier attempt was applied after all
+            holds = open_holds(current)
+            if hold_id in holds:      # an earlier attempt was applied after all
                 return Reservation(team_id, period, micro, hold_id, int(current.committed or 0), cfg.limit_micro)
-            raise _over_budget(micro, cfg, period) from None
+            if release and release[0] not in holds:
+                raise Released(release[0]) from None
+            return None
     raise dynamo.busy_error("budget reservation")
 
 

@@ -1,22 +1,14 @@
-"""The ledger (one entry per metered call, the record of truth), daily totals derived from
-it, repair of holds a crash left open, and usage reports. Money in exact micro-dollars.
+"""What the ledger (spend/ledger.py) is used for: repair of money set aside and never given
+back, daily totals derived from the ledger, and usage reports. Money in exact micro-dollars.
 
-Per served call, on the request path, no transaction and no team-wide item but the budget:
-  1. the ledger entry: one conditional PutItem keyed by the request (a retry is a no-op);
-  2. the budget settlement: one UpdateItem on the team's period item (spend/budgets.py).
-If the ledger write still fails after retries, the entry goes to a dead-letter queue that
-the reconciler drains into the ledger; the hold stays open until then, so the budget never
-forgets the money. Daily totals are added up later by `aggregate` (sparse index of entries
-not yet counted, drained in transactions that mark each entry counted), so they equal the
-ledger exactly and no per-call write touches a shared counter.
+Daily totals are added up later by `aggregate` (a sparse index of entries not yet counted,
+drained in transactions that mark each entry counted), so they equal the ledger exactly and no
+per-call write touches a shared counter.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
-import os
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -25,12 +17,11 @@ from pynamodb.exceptions import PynamoDBException, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib import deadline
-from chalicelib.adapters import aws, queues
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.log import logger
-from chalicelib.spend import budgets
+from chalicelib.spend import budgets, ledger
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, Job, LedgerEntry, Team, UsageDaily, connection
 
@@ -38,168 +29,16 @@ GROUPS = ("day", "model", "key", "kind")
 _COUNTERS = ("requests", "errors", "input_tokens", "cached_tokens", "output_tokens", "cost_micro")
 REPORT_AGGREGATE_BATCHES = 10  # a usage report counts at most this many batches itself
 AGGREGATE_BATCH = 40          # ledger entries per transaction (+ at most as many daily buckets <= 100 items)
-_ENTRY_FIELDS = ("team_id", "sort_key", "request_id", "key_id", "model", "upstream_model", "alias", "endpoint",
-                 "input_tokens", "cached_tokens", "output_tokens", "cost_micro", "reserved_micro", "latency_ms",
-                 "status", "stream", "created_at", "kind", "outcome", "hold_id", "job_id")
-
-
-def retention_days() -> int:
-    return int(os.environ.get("RFT_LEDGER_RETENTION_DAYS", "90"))
-
-
-def ledger_dlq() -> str:
-    return os.environ.get("RFT_LEDGER_DLQ", f"rfthub-{os.environ.get('RFT_STAGE', 'local')}-ledger-dlq")
-
-
-def sort_key(created_ms: int, request_id: str) -> str:
-    return f"{created_ms:013d}#{request_id}"
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-def _put(entry: LedgerEntry) -> None:
-    """Idempotent: the entry is written once; a repeat finds it there and is a success."""
-    entry.expires_at = timedelta(days=retention_days())
-    entry.agg_team = entry.team_id
-    dynamo.put_once(entry, LedgerEntry.sort_key, "ledger write")
-
-
-def _entry_json(entry: LedgerEntry) -> str:
-    return json.dumps({f: getattr(entry, f) for f in _ENTRY_FIELDS}, separators=(",", ":"))
-
-
-def record(res: budgets.Reservation, entry: LedgerEntry, *, settle: bool = True) -> bool:
-    """Writes the call to the ledger, then (unless `settle` is False: the caller settles after
-    answering, with `settle_call`) settles its hold at the call's cost. Never loses a served
-    call: a ledger that stays unwritable sends the entry to the dead-letter queue (the
-    reconciler writes it later and settles); a settlement that fails leaves the hold for the
-    reconciler, which settles it from the ledger. Returns whether the entry is on the ledger
-    (False: dead-lettered, and then its hold is the reconciler's to settle)."""
-    entry.hold_id = res.hold_id
-    try:
-        _put(entry)
-    except (ApiError, PynamoDBException) as exc:
-        _dead_letter(entry, exc)
-        return False
-    if settle:
-        settle_call(res, entry)
-    return True
-
-
-def settle_call(res: budgets.Reservation, entry: LedgerEntry) -> None:
-    """Settles a call's hold at its ledger cost; never raises (the ledger entry lets the
-    reconciler settle an expired hold the same way)."""
-    try:
-        budgets.settle(res, entry.cost_micro)
-    except (ApiError, PynamoDBException):
-        logger.warning("settlement deferred to the reconciler", extra={"hold_id": res.hold_id,
-                                                                       "team_id": res.team_id})
-
-
-def _dead_letter(entry: LedgerEntry, exc: Exception) -> None:
-    body = _entry_json(entry)
-    try:
-        queues.send(ledger_dlq(), body)
-        logger.warning("ledger write failed; entry dead-lettered", extra={"request_id": entry.request_id,
-                                                                           "error": type(exc).__name__})
-    except Exception:  # noqa: BLE001 - the last resort: the whole entry in the logs, for replay
-        logger.error("ledger write and dead-letter both failed", extra={"ledger_entry": body})
-
-
-def ledger_parked_queue() -> str:
-    """FIFO, so a repeated park of the same entry (a DLQ delete that failed after parking, a
-    standard queue's second delivery) is dropped by SQS's deduplication id."""
-    return os.environ.get("RFT_LEDGER_PARKED",
-                          f"rfthub-{os.environ.get('RFT_STAGE', 'local')}-ledger-parked.fifo")
-
-
-# DynamoDB refuses these for the item itself (a number of more than 38 digits, a bad type):
-# the same entry is refused on every attempt, so it is parked, never retried.
-_PERMANENT_CODES = {"ValidationException", "SerializationException"}
-
-
-class _Unwritable(Exception):
-    """A dead-lettered message that can never become a ledger entry."""
-
-
-def _entry_from(body: str) -> LedgerEntry:
-    try:
-        data = json.loads(body)
-        if not isinstance(data, dict):
-            raise TypeError("not an object")
-        return LedgerEntry(data.pop("team_id"), data.pop("sort_key"), **data)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:   # json's errors are ValueErrors
-        raise _Unwritable(f"unreadable entry: {type(exc).__name__}") from exc
-
-
-def _replay(body: str) -> None:
-    """Writes one dead-lettered entry (idempotent: keyed by its request). Raises _Unwritable when
-    it never can be; any other exception is transient (the message waits for the next pass)."""
-    entry = _entry_from(body)
-    try:
-        _put(entry)
-    except PynamoDBException as exc:
-        if dynamo.response_code(exc) in _PERMANENT_CODES:
-            raise _Unwritable(f"DynamoDB refused the entry: {dynamo.response_code(exc)}") from exc
-        raise
-    except (ValueError, TypeError) as exc:    # refused before sending (serialization): the same every time
-        raise _Unwritable(f"unserializable entry: {type(exc).__name__}") from exc
-    try:
-        _settle_from_ledger(entry)
-    except (ApiError, PynamoDBException):
-        # On the ledger now: release_expired_holds settles the hold from it when it expires.
-        logger.warning("dead-letter replay: settlement deferred", extra={"hold_id": entry.hold_id})
-
-
-def _park(body: str, reason: str) -> None:
-    """Into the parked queue (its depth alarms an operator), deduplicated by the body's hash so
-    a park that is repeated (the DLQ delete failed, a second delivery or copy of the same
-    entry) leaves one copy. SQS deduplicates for 5 minutes; a later repeat is a second copy
-    of the same entry, whose replay is idempotent (keyed by its request)."""
-    queues.send(ledger_parked_queue(), body, MessageGroupId="ledger",
-                MessageDeduplicationId=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
-                MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}})
 
 
 def drain_dead_letters(max_messages: int = 500) -> dict:
-    """Writes dead-lettered entries into the ledger and settles their holds (reconciler), each
-    message on its own: written -> deleted; a transient failure -> left for the next pass (only
-    that message; it is invisible until then, so this pass goes on with the rest); never
-    writable (a validation error, an unreadable body) -> parked in the parked queue and deleted.
-    A served call is always on the ledger or in one of the two queues."""
-    sqs = aws.sqs()
-    url = queues.url(ledger_dlq())
-    report = {"written": 0, "parked": 0, "left": 0}
-    seen = 0
-    while seen < max_messages and deadline.remaining() > 2.0:
-        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
-        if not messages:
-            break
-        for message in messages:
-            seen += 1
-            body = message.get("Body", "")
-            try:
-                try:
-                    _replay(body)
-                    outcome = "written"
-                except _Unwritable as exc:
-                    _park(body, str(exc))
-                    logger.error("ledger entry parked: it can never be written", extra={
-                        "message_id": message["MessageId"], "reason": str(exc), "queue": ledger_parked_queue()})
-                    outcome = "parked"
-                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-            except Exception as exc:  # noqa: BLE001 - transient (a park too): this one waits, the rest go on
-                # A failed delete after a write or a park is harmless: both repeat idempotently.
-                logger.warning("dead-letter replay failed; retried next pass", extra={
-                    "message_id": message["MessageId"], "error": type(exc).__name__})
-                report["left"] += 1
-                continue
-            report[outcome] += 1
-    return report
+    """Dead-lettered ledger entries into the ledger (reconciler); a per-call hold of an entry
+    written so is settled from it. Slices are not: their owner, or `close_expired`, settles them."""
+    return ledger.drain_dead_letters(max_messages, on_written=_settle_call_hold)
 
 
-def _settle_from_ledger(entry: LedgerEntry) -> None:
-    if not entry.hold_id:
+def _settle_call_hold(entry: LedgerEntry) -> None:
+    if not entry.hold_id or budgets.is_slice(entry.hold_id) or budgets.hold_job_id(entry.hold_id):
         return
     period = budget_rules.period_of(entry.created_at)
     holds = budgets.open_holds(budgets.period_item(entry.team_id, period))
@@ -210,23 +49,16 @@ def _settle_from_ledger(entry: LedgerEntry) -> None:
 
 # ---- repair of holds left open -----------------------------------------------------------------
 
-def _ledger_for_hold(team_id: str, hold_id: str) -> LedgerEntry | None:
-    created = budgets.hold_created_ms(hold_id)
-    prefix = f"{created:013d}#" if created is not None else ""
-    for entry in LedgerEntry.query(team_id, LedgerEntry.sort_key.startswith(prefix),
-                                   filter_condition=LedgerEntry.hold_id == hold_id, consistent_read=True):
-        return entry
-    return None
-
-
 def release_expired_holds(now: float | None = None, team_ids: list[str] | None = None) -> dict:
-    """Holds of calls that never settled (the function died between reserve and settle, or a
-    settlement failed): settled at the ledger's cost when the call is on the ledger, else
-    released and recorded on the ledger as `abandoned`. Job holds are the jobs' to settle."""
+    """Money set aside and never given back, once every call admitted against it has surely
+    ended: a slice is settled at what the ledger holds for it (`close_expired`); a per-call hold
+    (older versions) at its ledger entry's cost, or released and recorded as `abandoned`; a job's
+    hold only when no job was recorded with it (the job settles its own)."""
     now = now or time.time()
     periods = {budget_rules.period_of(now), budget_rules.period_of(now - 32 * 86400)}
-    report = {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0}
+    report = {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0, "slices_closed": 0}
     configs = [c for c in (budgets.config(t) for t in team_ids) if c] if team_ids is not None else Budget.scan()
+    dlq_checked: list[bool] = []
     for cfg in configs:
         for period in periods:
             item = budgets.period_item(cfg.team_id, period)
@@ -234,7 +66,11 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
                 if not budgets.hold_expired(hold_id, now):
                     continue
                 try:
-                    _repair_hold(report, budgets.Reservation(cfg.team_id, period, micro, hold_id))
+                    res = budgets.Reservation(cfg.team_id, period, micro, hold_id)
+                    if budgets.is_slice(hold_id):
+                        report["slices_closed"] += int(_close_slice(res, dlq_checked))
+                    else:
+                        _repair_hold(report, res)
                 except (ApiError, PynamoDBException) as exc:
                     # One hold that cannot be repaired now never stops the others (next pass retries it).
                     report["failed"] = report.get("failed", 0) + 1
@@ -243,22 +79,47 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
     return report
 
 
+def close_expired(team_id: str, period: str, now: float | None = None) -> int:
+    """Closes the team's slices whose calls have surely all ended (an instance that froze or died
+    with them): each settled at what the ledger holds for it. Returns how many were closed."""
+    now = now or time.time()
+    dlq_checked: list[bool] = []
+    closed = 0
+    for hold_id, micro in budgets.open_holds(budgets.period_item(team_id, period)).items():
+        if budgets.is_slice(hold_id) and budgets.hold_expired(hold_id, now):
+            closed += int(_close_slice(budgets.Reservation(team_id, period, micro, hold_id), dlq_checked))
+    return closed
+
+
+def _close_slice(res: budgets.Reservation, dlq_checked: list[bool]) -> bool:
+    """Settles a slice at the sum of its ledger entries -- only while no dead-lettered entry is
+    waiting (it may be one of this slice's calls: the slice's money waits for the next pass)."""
+    if not dlq_checked:
+        dlq_checked.append(ledger.dlq_empty())
+    if not dlq_checked[0]:
+        return False
+    used = sum(int(e.cost_micro or 0) for e in ledger.entries_for_hold(res.team_id, res.hold_id))
+    closed = budgets.settle(res, used)
+    if closed:
+        logger.warning("slice closed from the ledger", extra={"team_id": res.team_id, "hold_id": res.hold_id,
+                                                              "set_aside": res.micro, "used": used})
+    return closed
+
+
 def _repair_hold(report: dict, res: budgets.Reservation) -> None:
     team_id, hold_id, micro = res.team_id, res.hold_id, res.micro
     if budgets.hold_job_id(hold_id):
         report["orphaned_job_holds"] += int(_release_orphan_job_hold(res))
         return
-    entry = _ledger_for_hold(team_id, hold_id)
-    if entry is None:
-        created = budgets.hold_created_ms(hold_id) or 0
-        entry = LedgerEntry(team_id, sort_key(created, f"abandoned-{hold_id}"),
-                            request_id=f"abandoned-{hold_id}", model="-", upstream_model="-",
-                            endpoint="-", status=0, created_at=created // 1000, kind="abandoned",
-                            outcome="abandoned", reserved_micro=micro, hold_id=hold_id)
-        _put(entry)
-        kind = "abandoned"
+    found = ledger.entries_for_hold(team_id, hold_id)
+    if found:
+        entry, kind = found[0], "settled"
     else:
-        kind = "settled"
+        created = budgets.hold_created_ms(hold_id) or 0
+        entry = ledger.new_entry(team_id, created, f"abandoned-{hold_id}", hold_id, model="-", upstream_model="-",
+                                 endpoint="-", status=0, kind="abandoned", outcome="abandoned", reserved_micro=micro)
+        ledger.put(entry)
+        kind = "abandoned"
     if budgets.settle(res, entry.cost_micro):
         report[kind] += 1
         logger.warning("expired hold repaired", extra={"team_id": team_id, "hold_id": hold_id, "outcome": kind})
@@ -283,12 +144,19 @@ def _bucket(entry: LedgerEntry) -> tuple[str, str, str, str]:
 
 
 def aggregate_team(team_id: str, max_batches: int | None = None) -> int:
-    """Adds the team's not-yet-counted ledger entries to the daily totals, exactly once: each
-    transaction marks its entries counted (conditionally) and adds them to their buckets."""
+    """Adds the team's not-yet-counted ledger entries to the daily totals, exactly once, shard by
+    shard: each transaction marks its entries counted (conditionally) and adds them to their buckets."""
+    counted = 0
+    for pk in ledger.partitions(team_id):
+        counted += _aggregate_shard(team_id, pk, max_batches)
+    return counted
+
+
+def _aggregate_shard(team_id: str, pk: str, max_batches: int | None) -> int:
     counted, lost_races, batches = 0, 0, 0
     while deadline.remaining() > 1.0 and lost_races < 5 and (max_batches is None or batches < max_batches):
         batches += 1
-        pending = list(LedgerEntry.pending_usage.query(team_id, limit=AGGREGATE_BATCH))
+        pending = list(LedgerEntry.pending_usage.query(pk, limit=AGGREGATE_BATCH))
         if not pending:
             break
         sums: dict[tuple, dict] = defaultdict(lambda: dict.fromkeys(_COUNTERS, 0))
@@ -301,7 +169,7 @@ def aggregate_team(team_id: str, max_batches: int | None = None) -> int:
         try:
             with TransactWrite(connection=connection()) as tx:
                 for entry in pending:
-                    tx.update(LedgerEntry(team_id, entry.sort_key), actions=[LedgerEntry.agg_team.remove()],
+                    tx.update(LedgerEntry(pk, entry.sort_key), actions=[LedgerEntry.agg_team.remove()],
                               condition=LedgerEntry.agg_team.exists())
                 for (day, model, key_id, kind), totals in sums.items():
                     tx.update(UsageDaily(team_id, f"{day}#{model}#{key_id}#{kind}"), actions=[

@@ -385,7 +385,8 @@ class BudgetPeriod(_Base):
 
 
 class PendingUsage(GlobalSecondaryIndex):
-    """Sparse: ledger entries not yet added to the daily totals (the aggregator drains it)."""
+    """Sparse: ledger entries not yet added to the daily totals (the aggregator drains it), keyed
+    by the entry's own partition key so this index spreads a team's writes as the table does."""
     class Meta:
         index_name = "pending_usage"
         projection = AllProjection()
@@ -395,13 +396,19 @@ class PendingUsage(GlobalSecondaryIndex):
 
 
 class LedgerEntry(_Base):
-    """One metered call: the record of truth, written once (conditional put on the request id).
-    Kept for RFT_LEDGER_RETENTION_DAYS, then expired by TTL."""
+    """One metered call: the record of truth, written once (conditional put on its key).
+    Kept for RFT_LEDGER_RETENTION_DAYS, then expired by TTL.
+
+    A team's entries are spread over RFT_LEDGER_SHARDS partition keys (`<team>#<shard>`, the
+    shard from the request id), so no partition key takes every call of a team; the sort key
+    starts with the hold (or slice) the call was admitted against, so the entries of one slice
+    are found with one prefix query per shard (spend/ledger.py)."""
     class Meta(_Base.Meta):
         table_name = table_name("ledger")
 
-    team_id = UnicodeAttribute(hash_key=True)
-    sort_key = UnicodeAttribute(range_key=True)     # "<unix ms:013d>#<request id>"
+    pk = UnicodeAttribute(hash_key=True)            # "<team id>#<shard:02d>"
+    sort_key = UnicodeAttribute(range_key=True)     # "<hold id or ->#<unix ms:013d>#<request id>"
+    team_id = UnicodeAttribute()
     request_id = UnicodeAttribute()
     key_id = UnicodeAttribute(null=True)
     model = UnicodeAttribute()                      # what the caller asked for (alias, tuned or base)
@@ -420,9 +427,9 @@ class LedgerEntry(_Base):
     expires_at = TTLAttribute(null=True)
     kind = UnicodeAttribute(default="inference")   # inference | grader | abandoned
     outcome = UnicodeAttribute(default="served")   # served | error | abandoned
-    hold_id = UnicodeAttribute(null=True)
+    hold_id = UnicodeAttribute(null=True)          # the hold or slice it was admitted against
     job_id = UnicodeAttribute(null=True)           # grader calls made for a training job
-    agg_team = UnicodeAttribute(null=True)         # = team_id until aggregated (sparse index)
+    agg_team = UnicodeAttribute(null=True)         # = pk until aggregated (sparse index)
     pending_usage = PendingUsage()
 
 

@@ -19,6 +19,7 @@ from sample_data import arithmetic_rows, jsonl
 from chalicelib import deadline
 from chalicelib.errors import InvalidRequest
 from chalicelib.platform import console_sessions
+from chalicelib.spend import ledger
 from chalicelib.store import dynamo, pagination
 from chalicelib.store.models import (
     Alias,
@@ -222,19 +223,17 @@ def test_odd_numbers_in_bodies_are_4xx_or_served(api, world, number, where):
                                          ("max_completion_tokens", 10 ** 7), ("n", 129), ("seed", 2 ** 63),
                                          ("top_logprobs", 21), ("temperature", 10 ** 400)])
 def test_chat_numbers_out_of_range_are_400_naming_the_field_before_any_hold(api, world, field, value):
-    from chalicelib.store.models import LedgerEntry
-    before = len(list(LedgerEntry.query(world["team"], consistent_read=True)))
+    before = len(ledger.entries(world["team"]))
     body = {"model": "openai.gpt-oss-20b", "messages": [{"role": "user", "content": "x"}], field: value}
     _client_error(_json(api, "post", "/v1/chat/completions", world["key"], json.dumps(body)), field)
-    assert len(list(LedgerEntry.query(world["team"], consistent_read=True))) == before
+    assert len(ledger.entries(world["team"])) == before
 
 
 def test_responses_huge_max_output_tokens_is_400_and_not_on_the_ledger(api, world):
-    from chalicelib.store.models import LedgerEntry
-    before = len(list(LedgerEntry.query(world["team"], consistent_read=True)))
+    before = len(ledger.entries(world["team"]))
     body = {"model": "openai.gpt-oss-20b", "input": "x", "max_output_tokens": 10 ** 40}
     _client_error(_json(api, "post", "/v1/responses", world["key"], json.dumps(body)), "max_output_tokens")
-    assert len(list(LedgerEntry.query(world["team"], consistent_read=True))) == before
+    assert len(ledger.entries(world["team"])) == before
 
 
 def test_infinity_in_a_range_is_refused_so_lists_stay_json(api, world):

@@ -11,13 +11,14 @@ from test_evals import JUDGE, TUNED, _eval, _inline, _team_id
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain.graders.templates import compile_template, make_sample
 from chalicelib.evaluation import worker as eval_worker
-from chalicelib.store.models import EvalRunRecord, LedgerEntry
+from chalicelib.spend import ledger
+from chalicelib.store.models import EvalRunRecord
 
 FILLER = "Context. " * 3_000          # 27,000 characters of fixed text in every call
 
 
 def _run_entries(team_id, run_id):
-    return [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.request_id.startswith(run_id + ".")]
+    return [e for e in ledger.entries(team_id) if e.request_id.startswith(run_id + ".")]
 
 
 def test_a_run_cost_cap_counts_the_rendered_template_and_judge_inputs(client, bedrock, api, admin_headers):

@@ -21,8 +21,8 @@ from sample_data import arithmetic_rows, jsonl
 from chalicelib import deadline, outbox
 from chalicelib.evaluation import evals
 from chalicelib.evaluation import worker as eval_worker
-from chalicelib.spend import budgets
-from chalicelib.store.models import EvalOutputItem, EvalRunRecord, LedgerEntry
+from chalicelib.spend import budgets, ledger
+from chalicelib.store.models import EvalOutputItem, EvalRunRecord
 from local import servers
 from local.harness import ADMIN_KEY
 
@@ -98,7 +98,7 @@ def _inline(model, n, **extra):
 
 
 def inference_entries(team_id, run_id):
-    return [e for e in LedgerEntry.query(team_id, consistent_read=True)
+    return [e for e in ledger.entries(team_id)
             if e.kind == "inference" and e.request_id.startswith(run_id + ".")]
 
 
@@ -182,7 +182,7 @@ def _end_to_end(client, job, alias, answered):
 
     # Every model call was metered: one inference entry per item and run, on the team's ledger.
     assert len(inference_entries(team_id, base.id)) == len(inference_entries(team_id, tuned.id)) == 8
-    judges = [e for e in LedgerEntry.query(team_id, consistent_read=True)
+    judges = [e for e in ledger.entries(team_id)
               if e.kind == "grader" and e.request_id.startswith(tuned.id + ".")]
     assert len(judges) == 8 and all(e.cost_micro > 0 for e in judges)
 

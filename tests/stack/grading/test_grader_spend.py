@@ -9,8 +9,8 @@ from helpers import reconcile_until_ended, wait_for, wait_submitted
 from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import budget as budget_rules
-from chalicelib.spend import budgets
-from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry
+from chalicelib.spend import budgets, ledger, slices
+from chalicelib.store.models import BudgetPeriod, Job
 
 JUDGE = {"type": "score_model", "name": "judge", "model": "openai.gpt-oss-120b", "range": [0, 1],
          "input": [{"role": "system", "content": "Grade the answer. Reply with JSON {\"score\": x}."},
@@ -31,7 +31,7 @@ def set_budget(api, admin_headers, team_id, usd):
 
 
 def grader_entries(team_id):
-    return [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "grader"]
+    return [e for e in ledger.entries(team_id) if e.kind == "grader"]
 
 
 def test_dry_run_judge_calls_are_metered_and_budgeted(api, admin_headers, make_team, stack, bedrock):
@@ -43,6 +43,7 @@ def test_dry_run_judge_calls_are_metered_and_budgeted(api, admin_headers, make_t
     assert len(entries) == 1 and entries[0].cost_micro > 0 and entries[0].outcome == "served"
     sent = bedrock.requests[-1]["body"]
     assert sent["max_tokens"] == 1024                                      # the default output cap is sent
+    slices.lender().give_back_all()                                        # the instance goes idle
     period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
     assert period.spent == entries[0].cost_micro and not budgets.open_holds(period)
     report = client.get("/usage", cast_to=object)
@@ -101,6 +102,7 @@ def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_
     job2 = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id,
                                           extra_body={"method": method, "preflight": "warn"})
     wait_submitted(client, job2.id)           # its preflight (judge calls too) ran in the worker
+    slices.lender().give_back_all()           # committed: what is spent and the jobs' holds, no slice
     period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
     few_calls = 3 * max(e.reserved_micro for e in entries)
     set_budget(api, admin_headers, team_id, str((period.committed + few_calls) / 1_000_000))

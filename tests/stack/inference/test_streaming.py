@@ -17,8 +17,7 @@ from helpers import http, settled, start_job, wait_for
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib.spend import budgets
-from chalicelib.store.models import LedgerEntry
+from chalicelib.spend import budgets, ledger
 from local.bedrock_state import DEFAULT_STREAM
 from local.harness import ADMIN_KEY
 
@@ -231,7 +230,7 @@ def alias(stack):
 
 def test_the_openai_sdk_streams_chat_and_responses_from_an_alias_and_usage_shows_both(alias, stack):
     c, name = alias
-    started = len(list(LedgerEntry.query(c.get("/me", cast_to=object)["team"]["id"])))
+    started = len(ledger.entries(c.get("/me", cast_to=object)["team"]["id"]))
     text = "".join(ch.choices[0].delta.content or "" for ch in
                    c.chat.completions.create(model=name, messages=MESSAGES, stream=True) if ch.choices)
     assert text.endswith("rivers")

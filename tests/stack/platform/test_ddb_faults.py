@@ -321,6 +321,20 @@ def test_item_write_rate_throttles_a_hot_item_not_a_cold_one(ddb_faults, ddb, ke
     assert faults["TransactionCanceledException:ThrottlingError"] == {"TransactWriteItems": 1}
 
 
+def test_partition_write_rate_is_shared_by_every_item_of_a_partition_key(ddb_faults, ddb):
+    """Items with one partition key and different sort keys share its limit; another key has its own."""
+    hot, cold = f"team-{uuid.uuid4().hex[:6]}#00", f"team-{uuid.uuid4().hex[:6]}#01"
+    ddb_faults.configure(partition_write_rate=0.1)  # one write per 10 s per partition key, burst 1
+    ddb.put_item(TableName=ORDERS, Item={"pk": S(hot), "sk": S("a")})
+    err = error_of(ddb.put_item, TableName=ORDERS, Item={"pk": S(hot), "sk": S("b")})   # another item, same key
+    assert err.response["Error"] == {"Code": "ProvisionedThroughputExceededException",
+                                     "Message": THROTTLE_ON_DEMAND}
+    ddb.put_item(TableName=ORDERS, Item={"pk": S(cold), "sk": S("a")})                # another key: its own
+    counters = ddb_faults.counters()
+    assert counters["faults"] == {"ProvisionedThroughputExceededException": {"PutItem": 1}}
+    assert counters["hottest_partitions"] == {f'{ORDERS} {{"S":"{hot}"}}': 1, f'{ORDERS} {{"S":"{cold}"}}': 1}
+
+
 def test_reset_restores_pass_through(stack, ddb_faults, ddb, key):
     item = key("reset")
     control(stack, "POST", body={"conflicts": True, "tx_delay_ms": 5, "item_write_rate": 0.1, "seed": 3,

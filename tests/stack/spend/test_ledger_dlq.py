@@ -7,11 +7,10 @@ import time
 import boto3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_money import MESSAGES, MODEL, ledger, period_of_now, priced_team
+from test_money import MESSAGES, MODEL, booked, dead_lettered, dlq_depth, period_of_now, priced_team
 
 from chalicelib.config import settings as app_settings
-from chalicelib.spend import budgets, metering
-from chalicelib.store.models import LedgerEntry
+from chalicelib.spend import budgets, ledger, metering, slices
 from chalicelib.training import lifecycle
 
 
@@ -40,19 +39,19 @@ def _poison(team_id, request_id):
     """The finding's entry: a worst case of 41 digits (DynamoDB numbers have at most 38). Another
     change bounds max_tokens, so it is built here, as `metering.record` dead-letters it."""
     now = int(time.time() * 1000)
-    entry = LedgerEntry(team_id, metering.sort_key(now, request_id), request_id=request_id, model=MODEL,
-                        upstream_model=MODEL, endpoint="/v1/chat/completions", status=200, created_at=now // 1000,
+    entry = ledger.new_entry(team_id, now, request_id, None, model=MODEL,
+                        upstream_model=MODEL, endpoint="/v1/chat/completions", status=200,
                         kind="inference", outcome="served", input_tokens=7, output_tokens=3, cost_micro=1,
                         reserved_micro=12345678901234567890123456789012345678901 * 1000)
-    return metering._entry_json(entry)
+    return ledger.entry_json(entry)
 
 
 def test_a_poison_entry_is_parked_and_the_other_teams_entries_are_written(api, admin_headers, make_team, stack,
                                                                         bedrock, ddb_faults):
-    _take_all(metering.ledger_parked_queue())
+    _take_all(ledger.ledger_parked_queue())
     poor, _ = make_team("no-budget")
     poison = _poison(poor, "req-poison-h1")
-    dlq = _url(metering.ledger_dlq())
+    dlq = _url(ledger.ledger_dlq())
     _sqs().send_message(QueueUrl=dlq, MessageBody=poison)            # first in line
     _sqs().send_message(QueueUrl=dlq, MessageBody="{not json")        # an unreadable body too
 
@@ -62,34 +61,37 @@ def test_a_poison_entry_is_parked_and_the_other_teams_entries_are_written(api, a
         team_id, client, _, _ = priced_team(api, admin_headers, make_team, stack, calls_covered=10)
         ddb_faults.configure(rules=[{"operation": "PutItem", "table": "ledger", "next": 50,
                                      "error": "InternalServerError"}])
+        depth = dlq_depth()
         reply = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+        dead_lettered(depth)
         ddb_faults.reset()
         assert reply.parse().choices[0].message.content
-        assert not ledger(team_id) and budgets.open_holds(period_of_now(team_id))   # dead-lettered, held
+        assert not booked(team_id) and budgets.open_holds(period_of_now(team_id))   # dead-lettered, held
         served.append((team_id, reply.headers["x-request-id"]))
 
     report = lifecycle.reconcile()
     assert not [p for p in report.problems if p.startswith("ledger_dead_letters")], report.problems
     drained = report.money["ledger_dead_letters"]
     assert drained["written"] >= 2 and drained["parked"] >= 2, drained
+    slices.lender().give_back_all()                                 # the instance's idle slices
     for team_id, request_id in served:                              # written and settled
-        assert [e.request_id for e in ledger(team_id)] == [request_id]
+        assert [e.request_id for e in booked(team_id)] == [request_id]
         assert not budgets.open_holds(period_of_now(team_id))
-    assert not ledger(poor)
+    assert not booked(poor)
 
     # The poison and the unreadable body wait in the parked queue (alarmed), no longer in the DLQ.
-    parked = _take_all(metering.ledger_parked_queue())
+    parked = _take_all(ledger.ledger_parked_queue())
     assert poison in parked and "{not json" in parked
     assert metering.drain_dead_letters()["parked"] == 0        # the next pass has nothing to park
 
 
 def test_parking_is_idempotent(stack):
-    _take_all(metering.ledger_parked_queue())
+    _take_all(ledger.ledger_parked_queue())
     body = _poison("team-x", "req-park-twice")
     # A park repeated (its DLQ delete failed, or SQS delivered the message twice) leaves one copy.
-    metering._park(body, "test")
-    metering._park(body, "test")
-    assert _take_all(metering.ledger_parked_queue()) == [body]
+    ledger.park(body, "test")
+    ledger.park(body, "test")
+    assert _take_all(ledger.ledger_parked_queue()) == [body]
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -112,8 +114,8 @@ def test_no_body_stops_the_drain(stack, body):
     marker = f"req-behind-{time.time_ns()}"
     entry = json.loads(_poison("team-behind", marker))
     entry["reserved_micro"] = 1
-    dlq = _url(metering.ledger_dlq())
+    dlq = _url(ledger.ledger_dlq())
     _sqs().send_message(QueueUrl=dlq, MessageBody=body or " ")
     _sqs().send_message(QueueUrl=dlq, MessageBody=json.dumps(entry))
     metering.drain_dead_letters()
-    assert marker in [e.request_id for e in LedgerEntry.query("team-behind", consistent_read=True)]
+    assert marker in [e.request_id for e in ledger.entries("team-behind")]

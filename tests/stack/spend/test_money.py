@@ -19,7 +19,7 @@ from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
-from chalicelib.spend import budgets, metering
+from chalicelib.spend import budgets, ledger, metering, slices
 from chalicelib.store import dynamo
 from chalicelib.store.models import BudgetPeriod, Job, LedgerEntry, UsageDaily
 from chalicelib.training import lifecycle
@@ -57,8 +57,8 @@ def period_of_now(team_id):
     return BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
 
 
-def ledger(team_id, kind="inference"):
-    return [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == kind]
+def booked(team_id, kind="inference"):
+    return [e for e in ledger.entries(team_id) if e.kind == kind]
 
 
 def burst(client, n, max_tokens=10):
@@ -80,8 +80,24 @@ def burst(client, n, max_tokens=10):
     return outcomes
 
 
+def dlq_depth():
+    from chalicelib.adapters import aws, queues
+    attrs = aws.sqs().get_queue_attributes(QueueUrl=queues.url(ledger.ledger_dlq()), AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return sum(int(v) for v in attrs.values())
+
+
+def dead_lettered(before=0, timeout=30.0):
+    """Once one more ledger entry is in the dead-letter queue (it is written after the answer is sent)."""
+    end = time.monotonic() + timeout
+    while dlq_depth() <= before:
+        assert time.monotonic() < end, "no ledger entry was dead-lettered"
+        time.sleep(0.05)
+
+
 def repair(team_id):
-    """What the reconciler does for money, run now, as if every hold had expired."""
+    """What the instances' idle timers and the reconciler do for money, run now, as if every hold had expired."""
+    slices.lender().give_back_all()
     metering.drain_dead_letters()
     report = metering.release_expired_holds(now=time.time() + budgets.HOLD_TTL_SECONDS + 60, team_ids=[team_id])
     metering.aggregate_team(team_id)
@@ -89,8 +105,9 @@ def repair(team_id):
 
 
 def assert_books_balance(team_id, limit, served):
+    slices.lender().give_back_all()        # what an idle instance does
     period = period_of_now(team_id)
-    entries = ledger(team_id)
+    entries = booked(team_id)
     served_entries = [e for e in entries if e.outcome == "served"]
     assert len(served_entries) == served                                   # every served call, once
     assert len({e.request_id for e in served_entries}) == served
@@ -99,7 +116,7 @@ def assert_books_balance(team_id, limit, served):
     daily = list(UsageDaily.query(team_id))
     assert sum(d.cost_micro for d in daily) == period.spent               # totals equal the ledger
     assert sum(d.requests for d in daily) == len(entries)
-    assert not list(LedgerEntry.pending_usage.query(team_id))
+    assert not [e for pk in ledger.partitions(team_id) for e in LedgerEntry.pending_usage.query(pk)]
 
 
 def test_calls_under_conflicts_and_throttles_never_lose_or_overspend(api, admin_headers, make_team, stack,
@@ -116,8 +133,9 @@ def test_calls_under_conflicts_and_throttles_never_lose_or_overspend(api, admin_
     repair(team_id)
     assert_books_balance(team_id, limit, outcomes.count("ok"))
 
-    # A budget that covers 12 calls: refusals are insufficient_quota (really short) or 503, never more.
-    team_id, client, limit, worst = priced_team(api, admin_headers, make_team, stack, calls_covered=12)
+    # A budget that covers 6 worst cases (about 20 calls as they cost): refusals are insufficient_quota
+    # (really short) or 503, never more.
+    team_id, client, limit, worst = priced_team(api, admin_headers, make_team, stack, calls_covered=6)
     ddb_faults.configure(conflicts=True, seed=5,
                          rules=[{"operation": "*", "table": "*", "rate": 0.05, "error": "ThrottlingException"}])
     outcomes = burst(client, 40)
@@ -162,20 +180,19 @@ def test_a_crash_between_reserve_and_settle_is_repaired_by_the_reconciler(api, a
     # A call that was served and written to the ledger, but whose settlement was lost.
     lost = budgets.reserve(team_id, worst)
     created = budgets.hold_created_ms(lost.hold_id)
-    entry = LedgerEntry(team_id, metering.sort_key(created, "req-lost"), request_id="req-lost", model=MODEL,
-                        upstream_model=MODEL, endpoint="/chat/completions", status=200, created_at=created // 1000,
-                        cost_micro=worst // 3, reserved_micro=worst, hold_id=lost.hold_id)
-    metering._put(entry)
+    entry = ledger.new_entry(team_id, created, "req-lost", lost.hold_id, model=MODEL, upstream_model=MODEL,
+                             endpoint="/chat/completions", status=200, cost_micro=worst // 3, reserved_micro=worst)
+    ledger.put(entry)
     assert set(budgets.open_holds(period_of_now(team_id))) == {dead.hold_id, lost.hold_id}
     # Not yet expired: the reconciler leaves live holds alone.
-    assert metering.release_expired_holds(team_ids=[team_id]) == {"settled": 0, "abandoned": 0,
-                                                                   "orphaned_job_holds": 0}
+    nothing = {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0, "slices_closed": 0}
+    assert metering.release_expired_holds(team_ids=[team_id]) == nothing
     report = repair(team_id)
-    assert report == {"settled": 1, "abandoned": 1, "orphaned_job_holds": 0}
-    assert repair(team_id) == {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0}   # idempotent
+    assert report == {**nothing, "settled": 1, "abandoned": 1}
+    assert repair(team_id) == nothing                                                    # idempotent
     period = period_of_now(team_id)
     assert period.spent == worst // 3 and period.committed == period.spent and not budgets.open_holds(period)
-    abandoned = [e for e in ledger(team_id, kind="abandoned")]
+    abandoned = [e for e in booked(team_id, kind="abandoned")]
     assert len(abandoned) == 1 and abandoned[0].outcome == "abandoned" and abandoned[0].cost_micro == 0
 
 
@@ -189,11 +206,12 @@ def test_a_ledger_write_that_fails_is_dead_lettered_and_replayed(api, admin_head
     reply = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10)
     assert reply.parse().choices[0].message.content                          # the caller was served
     cost = reply.headers["x-rft-cost-usd"]
+    dead_lettered()                  # its ledger write (after the answer) gave up
     ddb_faults.reset()
-    assert len(ledger(team_id)) == 1                                          # only the warm-up call so far
+    assert len(booked(team_id)) == 1                                          # only the warm-up call so far
     assert len(budgets.open_holds(period_of_now(team_id))) == 1             # the budget still holds it
     assert metering.drain_dead_letters()["written"] >= 1
-    entries = ledger(team_id)
+    entries = booked(team_id)
     assert len(entries) == 2 and pricing.usd(entries[-1].cost_micro) == cost
     metering.aggregate_team(team_id)
     assert_books_balance(team_id, limit, 2)
@@ -234,7 +252,7 @@ def test_the_hold_covers_the_largest_output_limit_and_bad_stream_releases_nothin
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=1,
                                    extra_body={"max_tokens": 100})
     price = pricing.Price(MODEL, Decimal(1000), Decimal(1000), Decimal(1000), "", "", False)
-    assert ledger(team_id)[0].reserved_micro == budget_rules.worst_case_micro(
+    assert booked(team_id)[0].reserved_micro == budget_rules.worst_case_micro(
         price, budget_rules.prompt_tokens_estimate([MESSAGES, None]), 100)
     upstream_before = len(bedrock.requests)
     with pytest.raises(openai.BadRequestError) as err:
@@ -318,9 +336,9 @@ def test_an_upstream_that_cannot_finish_in_time_is_a_504_and_releases_the_hold(a
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)
     assert err.value.status_code == 504 and err.value.code == "upstream_timeout"
-    period = period_of_now(team_id)
+    _, period = settled(team_id, 1)
     assert not budgets.open_holds(period) and period.committed == period.spent == 0
-    entries = ledger(team_id)
+    entries = booked(team_id)
     assert len(entries) == 1 and entries[0].outcome == "error" and entries[0].status == 504
 
 
@@ -342,37 +360,37 @@ def test_a_stalled_dynamodb_is_a_503_and_a_late_landing_hold_is_released(api, ad
     assert report["abandoned"] <= 1                                  # it landed (or not): released either way
     period = period_of_now(team_id)
     assert not budgets.open_holds(period) and period.committed == period.spent
-    assert len([e for e in ledger(team_id) if e.outcome == "served"]) == 1
+    assert len([e for e in booked(team_id) if e.outcome == "served"]) == 1
 
 
-def test_a_plain_answer_is_sent_on_the_ledger_before_its_hold_is_settled(api, admin_headers, make_team, stack,
-                                                                          bedrock, ddb_faults):
-    """On the data plane a plain call waits for two writes, not three: the hold (before Bedrock)
-    and the ledger entry (the bill, before the answer); the settlement runs after the answer is
-    sent. Proved by order, not time: every write is held in the fault layer until the test lets
-    it go, and the caller has its whole answer while the settlement is still held."""
+def test_the_answer_reaches_the_caller_before_the_ledger_write_starts(api, admin_headers, make_team, stack,
+                                                                      bedrock, ddb_faults):
+    """With a warm slice a plain call waits for no DynamoDB write at all: admitted in memory, answered,
+    and only then booked. Proved by order, not time: every write is held in the fault layer until
+    the test lets it go, and the caller has its whole answer while the ledger write is held."""
     team_id, client, limit, worst = priced_team(api, admin_headers, make_team, stack, calls_covered=100)
-    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)     # warm caches, period item
-    settled(team_id, 1)
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10)     # warm caches and a slice
+    end = time.monotonic() + 20
+    while len(booked(team_id)) < 1:                     # its booking runs just after its answer
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    writes_before = sum(ddb_faults.counters()["forwarded"].get(op, 0) for op in ("PutItem", "UpdateItem"))
     ddb_faults.configure(write_delay_ms=20_000)         # every write waits for release() (or 20 s)
     answer = {}
     caller = threading.Thread(target=lambda: answer.update(
         reply=client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10)))
     caller.start()
     try:
-        assert ddb_faults.wait_for("UpdateItem")        # 1. the hold, before anything reaches Bedrock
-        ddb_faults.release()
-        assert ddb_faults.wait_for("PutItem")           # 2. the ledger entry, before the answer
-        ddb_faults.release()
+        assert ddb_faults.wait_for("PutItem")           # the ledger entry, held ...
         caller.join(30)
-        assert not caller.is_alive() and answer["reply"].parse().choices     # the caller has its answer ...
-        assert ddb_faults.wait_for("UpdateItem")        # 3. ... while the settlement is still held,
-        assert ddb_faults.counters()["in_flight"] == {"UpdateItem": 1}      # its first attempt (no retry yet)
-        entries = ledger(team_id)
-        assert len(entries) == 2 and entries[0].cost_micro > 0               # already billed
-        assert len(budgets.open_holds(period_of_now(team_id))) == 1          # not yet settled
+        assert not caller.is_alive() and answer["reply"].parse().choices     # ... and the caller has its answer
+        counters = ddb_faults.counters()
+        assert counters["in_flight"] == {"PutItem": 1}                       # the only write, still held
+        writes = sum(counters["forwarded"].get(op, 0) for op in ("PutItem", "UpdateItem"))
+        assert writes == writes_before                                       # nothing else was written
+        assert len(booked(team_id)) == 1                                     # not yet on the ledger
     finally:
-        ddb_faults.reset()                              # lets the settlement go
+        ddb_faults.reset()                              # lets the ledger write go
     entries, period = settled(team_id, 2)
     assert period.spent == sum(e.cost_micro for e in entries) and period.committed == period.spent
     assert answer["reply"].headers["x-rft-cost-usd"] == pricing.usd(entries[-1].cost_micro)

@@ -20,6 +20,7 @@ from sample_data import arithmetic_rows, jsonl
 
 from chalicelib.domain import nova as rules
 from chalicelib.errors import InvalidRequest
+from chalicelib.spend import ledger
 from local.example_graders import arn as example_arn
 
 NOVA = "amazon.nova-2-lite-v1:0:256k"
@@ -314,8 +315,7 @@ def test_nova_trains_through_the_native_api_and_serves_through_converse(client, 
     assert err.value.body["param"] == "seed" and err.value.body["code"] == "unsupported_parameter"
 
     # /v1/usage shows exactly what the ledger charged
-    from chalicelib.store.models import LedgerEntry
-    entries = [e for e in LedgerEntry.query(job.team_id) if e.model == "nova-bot" and e.kind == "inference"]
+    entries = [e for e in ledger.entries(job.team_id) if e.model == "nova-bot" and e.kind == "inference"]
     assert len(entries) == 7 and all(e.outcome == "served" and e.cost_micro > 0 for e in entries)   # 409 and 400: none
     report = api.http.get("/v1/usage?group_by=model", headers={"Authorization": f"Bearer {client.api_key}"}).json_body
     row = next(d for d in report["data"] if d["model"] == "nova-bot")

@@ -18,7 +18,7 @@ from sample_data import arithmetic_rows, jsonl
 from chalicelib.adapters import lambdas
 from chalicelib.domain.graders import rows as row_fields
 from chalicelib.grading import graders
-from chalicelib.store.models import LedgerEntry
+from chalicelib.spend import ledger
 from chalicelib.training import hosted_grader
 from local import servers
 from local.example_graders import arn, exact_match
@@ -251,14 +251,14 @@ def test_preflight_samples_the_base_model_through_the_gateway_within_its_cap(cli
     try:
         body = {"grader": EQ, "file_id": f.id, "sample_size": 10,
                 "sample_base": {"model": "openai.gpt-oss-20b", "k": 4, "max_usd": "1.00", "prompts": 5}}
-        before = len([e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "inference"])
+        before = len([e for e in ledger.entries(team_id) if e.kind == "inference"])
         status, report = _preflight(client, body)
         assert status == 200, report
         base = report["base"]
         assert base["calls"] == 20 and base["prompts"] == 5 and base["samples"] == 20 and base["call_errors"] == 0
         assert 0 < base["reward_floor"] < 1 and base["headroom"] == pytest.approx(1 - base["reward_floor"], abs=1e-3)
         assert 0 <= base["flat_share"] <= 1 and base["spent_usd"] != "0.000000"
-        after = [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "inference"]
+        after = [e for e in ledger.entries(team_id) if e.kind == "inference"]
         assert len(after) - before == 20                    # metered to the team like any call
 
         capped = _preflight(client, {**body, "sample_base": {**body["sample_base"], "max_usd": "0.000001"}})[1]
@@ -272,10 +272,10 @@ def test_preflight_samples_the_base_model_through_the_gateway_within_its_cap(cli
         assert codes == {**codes, "no_learning_signal": "warning", "little_headroom": "warning"}
         status, bad = _preflight(client, {**body, "sample_base": {"k": 1}})
         assert status == 400 and bad["error"]["param"] == "sample_base.k"
-        calls = len(list(LedgerEntry.query(team_id, consistent_read=True)))
+        calls = len(ledger.entries(team_id))
         status, bad = _preflight(client, {**body, "sample_base": {"max_usd": "a lot"}})
         assert status == 400 and bad["error"]["param"] == "sample_base.max_usd"
-        assert len(list(LedgerEntry.query(team_id, consistent_read=True))) == calls   # refused before any call
+        assert len(ledger.entries(team_id)) == calls   # refused before any call
     finally:
         policy.stop()
 
@@ -305,7 +305,7 @@ def test_a_job_can_sample_the_base_model_in_its_own_preflight(client, stack, bed
         codes = {x["code"] for x in done.model_extra["rft_preflight"]["findings"]}
         assert {"no_learning_signal", "little_headroom"} <= codes       # warnings: the job still trains
         assert done.model_extra["rft_submission"] == "submitted"
-        sampled = [e for e in LedgerEntry.query(team_id, consistent_read=True) if e.kind == "inference"]
+        sampled = [e for e in ledger.entries(team_id) if e.kind == "inference"]
         assert len(sampled) == 6 and all(e.cost_micro > 0 for e in sampled)
     finally:
         policy.stop()
