@@ -16,10 +16,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from deploy import operating
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = "rft-hub"
 FUNCTIONS = ("api_handler", "on_bedrock_job_event", "reconcile_jobs", "hosted_grader", "slack_notifier",
-             "slack_commands", "job_worker", "eval_worker")
+             "slack_commands", "job_worker", "eval_worker", "alarm_notifier")
 # Team grader Lambdas rft-hub may invoke for dry runs and preflight: only functions named like
 # this (an explicit allowlist, not every function in the account).
 TEAM_GRADER_PATTERN = "arn:aws:lambda:*:*:function:rft-grader-*"
@@ -252,6 +254,7 @@ def resources(stage: str) -> dict:
             "GenerateSecretString": {"PasswordLength": 64, "ExcludePunctuation": True}}},
     })
     res["BedrockServiceRole"] = bedrock_service_role(stage)
+    res.update(operating.resources(stage))       # alarms, their Slack poster, the dashboard, log groups
     # Functions: the hosted grader's ARN and the datasets bucket name reach the API at run time.
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
            "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
@@ -260,7 +263,8 @@ def resources(stage: str) -> dict:
         res[logical] = {"Properties": {"Environment": {"Variables": env}}}
     res["HostedGrader"] = {"Properties": {"Environment": {"Variables": {"RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}}}}
     # Deep-merged by `chalice package` into its AWS::Serverless::Api (logical id RestAPI).
-    res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()}}}
+    res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()},
+                                     "TracingEnabled": True}}
     return res
 
 
@@ -302,6 +306,7 @@ def dataplane_policy(stage: str) -> list[dict]:
         _statement(["secretsmanager:GetSecretValue"],
                    [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/console-session-*"], "ConsoleSessions"),
         *nova_statements(stage, submit=False, jobs=False, deployments=False, infer=True),   # Nova: Converse
+        operating.XRAY,
     ]
 
 
@@ -329,7 +334,7 @@ def add_dataplane(template: dict, stage: str) -> None:
     res["DataPlane"] = {"Type": "AWS::Serverless::Function", "Properties": {
         "Runtime": f"python{sys.version_info.major}.{sys.version_info.minor}",   # as chalice picks it
         "Handler": DATAPLANE_HANDLER, "CodeUri": "./deployment.zip", "Architectures": ["x86_64"],
-        "Timeout": STREAM_TIMEOUT_SECONDS, "MemorySize": 1024,
+        "Timeout": STREAM_TIMEOUT_SECONDS, "MemorySize": 1024, "Tracing": "Active",
         "Layers": [{"Fn::If": ["PublishedWebAdapterLayer", {"Fn::Sub": WEB_ADAPTER_LAYER},
                                {"Ref": "LambdaWebAdapterLayerArn"}]}],
         "Environment": {"Variables": env}, "Role": {"Fn::GetAtt": ["DataPlaneRole", "Arn"]},
@@ -504,9 +509,12 @@ def policies(stage: str) -> dict[str, dict]:
                            sqs(["slack-dlq"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "DeadLetters")],
         "slack_commands": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
                            sqs(["slack-commands"], consume, "CommandsQueue")],
+        "alarm_notifier": [logs, *operating.notifier_policy(stage)],
     }
     for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
         out[function] += nova_statements(stage, **needs)
+    for statements in out.values():                # every function is traced (.chalice/config.json: xray)
+        statements.append(operating.XRAY)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pynamodb.exceptions import UpdateError
 
+from chalicelib import metrics
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError
@@ -46,6 +47,8 @@ def sync_events(job: Job) -> int:
         save_event(job.job_id, seq, event_id=event["id"], created_at=int(event.get("created_at") or ids.now()),
                     level=event.get("level") or "info", message=event.get("message") or "",
                     type_=event.get("type") or "message", data=event.get("data"), source="bedrock")
+        if event.get("type") == "metrics":
+            metrics.training_step(job.job_id, job.model, event.get("data"))
     # Conditional on the cursor we started from: a concurrent sync that won keeps its own copy.
     try:
         job.update(actions=[Job.bedrock_event_cursor.set(fresh[-1]["id"])],
