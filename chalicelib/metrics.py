@@ -32,8 +32,13 @@ import threading
 from collections.abc import Callable, Iterator
 
 NAMESPACE = "RftHub"
-MAX_VALUES = 100            # EMF: at most 100 values in one metric's array
+# EMF takes at most 100 values in one metric's array; Powertools' provider prints a set by itself
+# (bypassing LINE_SINKS) the moment a metric reaches 100, so a document holds at most 99.
+MAX_VALUES = 99
 _MAX_DIM_LEN = 128          # CloudWatch allows 1024; ours are ids and names, far shorter
+# Shapes of a credential (an rft-hub key `rfth_<id>_<secret>`, a bearer header):
+# a dimension value holding one is written as "redacted", whatever the caller passed by mistake.
+_CREDENTIAL_MARKS = ("rfth_", "bearer ")
 
 # group -> its dimension sets (each also carries Stage, first). The only dimensions there are.
 DIMENSION_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -107,7 +112,7 @@ def _stage() -> str:
 def _dim(value: object) -> str:
     """A dimension value: a short printable string; never an rft-hub key, never empty."""
     text = "".join(c for c in str(value if value is not None else "") if c.isprintable()).strip()[:_MAX_DIM_LEN]
-    if text.startswith(("rfth_", "sk-")) or "Bearer" in text:
+    if any(mark in text.lower() for mark in _CREDENTIAL_MARKS):
         return "redacted"
     return text or "unknown"
 

@@ -226,10 +226,12 @@ def resources(stage: str) -> dict:
             "TopicName": f"rfthub-{stage}-alarms", "DisplayName": f"rft-hub {stage} alarms"}},
         # Any parked entry is a served call off the ledger: alarm at once.
         "LedgerParkedAlarm": queue_alarm("LedgerParkedQueue", "ApproximateNumberOfMessagesVisible", 0,
-                                         f"rft-hub {stage}: ledger entries parked (never writable); bill them by hand"),
+                                         f"rft-hub {stage}: ledger entries parked (never writable); bill them by hand "
+                                         "(docs/operating.md#ledger-parked)"),
         # Entries the drain keeps failing to write (DynamoDB refusing for an hour): look.
         "LedgerDeadLetterAgeAlarm": queue_alarm("LedgerDeadLetterQueue", "ApproximateAgeOfOldestMessage", 3600,
-                                                f"rft-hub {stage}: ledger dead letters not drained for an hour"),
+                                                f"rft-hub {stage}: ledger dead letters not drained for an hour "
+                                                "(docs/operating.md#ledger-dlq)"),
         "SlackNotifyRule": {"Type": "AWS::Events::Rule", "Properties": {
             "EventBusName": {"Ref": "EventBus"}, "State": "ENABLED",
             "EventPattern": {"source": ["rft-hub"]},
@@ -255,6 +257,9 @@ def resources(stage: str) -> dict:
     })
     res["BedrockServiceRole"] = bedrock_service_role(stage)
     res.update(operating.resources(stage))       # alarms, their Slack poster, the dashboard, log groups
+    for logical, resource in res.items():        # every alarm named as the Slack message shows it
+        if resource.get("Type") == "AWS::CloudWatch::Alarm":
+            resource["Properties"].setdefault("AlarmName", f"rft-hub-{stage}-{logical}")
     # Functions: the hosted grader's ARN and the datasets bucket name reach the API at run time.
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
            "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
