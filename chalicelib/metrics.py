@@ -244,6 +244,20 @@ def gateway_call(team_id: str, model: str, status: int, added_ms: float | None, 
     _record("gateway", {"Team": team_id, "Model": model}, values, {"status": status})
 
 
+def ledger_call(entry, upstream_ms: float | None = None, ttft_ms: float | None = None) -> None:
+    """`gateway_call` from a metered call's ledger entry (store.models.LedgerEntry, read by its
+    fields): the team, the model it resolved to (`upstream_model`), the status, tokens and exact
+    cost as the ledger has them; the gateway's added time is the entry's latency less `upstream_ms`."""
+    try:
+        latency = _number(getattr(entry, "latency_ms", None))
+        upstream = _number(upstream_ms)
+        added = max(0.0, latency - upstream) if latency is not None and upstream is not None else None
+        gateway_call(entry.team_id, entry.upstream_model or entry.model, int(entry.status or 0), added, upstream,
+                     ttft_ms, entry.input_tokens, entry.output_tokens, entry.cost_micro, bool(entry.stream))
+    except Exception:  # noqa: BLE001 - a metric never breaks its caller
+        _failed()
+
+
 def budget_refusal(team_id: str) -> None:
     _record("team", {"Team": team_id}, {"BudgetRefusals": 1})
 

@@ -79,6 +79,23 @@ def test_values_are_what_the_caller_measured():
     assert {"UpstreamLatency", "InputTokens", "CostMicroUsd", "TimeToFirstToken"}.isdisjoint(second)
 
 
+def test_a_ledger_entry_gives_the_calls_metrics_at_the_ledgers_exact_cost():
+    from chalicelib.store.models import LedgerEntry
+
+    entry = LedgerEntry("team_a", "k", request_id="req-1", key_id="0123456789abcdef", model="support-bot",
+                        upstream_model="openai.gpt-oss-20b:ft-1", status=200, stream=True, latency_ms=412,
+                        input_tokens=31, output_tokens=64, cost_micro=1234)
+    with captured() as lines:
+        metrics.ledger_call(entry, upstream_ms=400.5, ttft_ms=80.0)
+        metrics.ledger_call(object())                          # not an entry: nothing, never a raise
+    (line,) = lines
+    doc = check_emf(line)
+    assert (doc["Team"], doc["Model"]) == ("team_a", "openai.gpt-oss-20b:ft-1")    # the alias's model
+    assert doc["AddedLatency"] == [11.5] and doc["UpstreamLatency"] == [400.5] and doc["TimeToFirstToken"] == [80]
+    assert (doc["InputTokens"], doc["OutputTokens"], doc["CostMicroUsd"]) == ([31], [64], [1234])
+    assert "req-1" not in line and "0123456789abcdef" not in line and "support-bot" not in line
+
+
 def test_an_invocation_writes_once_at_its_end_one_line_per_dimension_values():
     with captured() as lines, metrics.invocation():
         for _ in range(3):

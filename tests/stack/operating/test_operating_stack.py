@@ -198,4 +198,8 @@ def test_a_slack_dead_letter_raises_its_alarm_once_and_its_clearing_follows_in_o
     # The ALARM notification delivered again, late (SNS neither orders nor deduplicates): nothing posted.
     (alarmed,) = [n for n in notified if n["AlarmName"] == alarm and n["NewStateValue"] == "ALARM"]
     assert cloudwatch.notify("local", alarmed) == ["superseded"]
+    # A change never posted but older than the one posted last (SNS delivered it late): dropped too.
+    older = {**alarmed, "NewStateValue": "INSUFFICIENT_DATA",
+             "StateChangeTime": (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S.000+0000")}
+    assert cloudwatch.notify("local", older) == ["superseded"]
     assert len(ops_messages(stack, alarm)) == before + 2
