@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 NAMESPACE = "RftHub"
@@ -74,6 +75,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "LedgerDeadLetterDepth": ("platform", "Count"), "SlackDeliveriesFailed": ("platform", "Count"),
     "AlarmsPosted": ("platform", "Count"),
 }
+
+# Training curves in high resolution (1 s): a job's steps can be seconds apart, and a 60 s metric
+# would average them into one point. Each value is stamped with the time Bedrock reported the step.
+HIGH_RESOLUTION = {"training"}
+MAX_AGE_MS, MAX_AHEAD_MS = 14 * 86_400_000, 2 * 3_600_000     # what CloudWatch takes of a timestamp
 
 LINE_SINKS: list[Callable[[str], None]] = []     # besides stdout: the local stack's collector
 
@@ -124,14 +130,15 @@ def _number(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _record(group: str, dims: dict[str, object], values: dict[str, object], props: dict | None = None) -> None:
-    """Buffers (inside an invocation) or writes one document. Never raises."""
+def _record(group: str, dims: dict[str, object], values: dict[str, object], props: dict | None = None,
+            at_ms: int | None = None) -> None:
+    """Buffers (inside an invocation) or writes one document (`at_ms`: its time, default now). Never raises."""
     try:
         clean = {name: v for name, raw in values.items() if (v := _number(raw)) is not None}
         if not clean:
             return
         key = (group, (("Stage", _stage()),) + tuple((k, _dim(dims.get(k))) for k in _names(group)),
-               tuple(sorted((props or {}).items())))
+               tuple(sorted((props or {}).items())), at_ms)
         buf = _buffer.get()
         if buf is None:
             _write(key, {k: [v] for k, v in clean.items()})
@@ -164,21 +171,25 @@ def _provider():
     provider.dimension_set.clear()
     provider.dimension_sets.clear()
     provider.metadata_set.clear()
+    provider.timestamp = None
     return provider
 
 
 def document(key: tuple, values: dict[str, list[float]]) -> dict:
     """One EMF document through Powertools' provider (unit and value checks, the EMF shape)."""
-    group, dims, props = key
+    group, dims, props, at_ms = key
     dims = dict(dims)
     sets = [("Stage", *dim_set) for dim_set in DIMENSION_SETS[group]]
     provider = _provider()
     provider.dimension_set.update({d: dims[d] for d in sets[0]})
     for dim_set in sets[1:]:
         provider.add_dimensions(**{d: dims[d] for d in dim_set})
+    resolution = 1 if group in HIGH_RESOLUTION else 60
     for name, series in values.items():
         for value in series:
-            provider.add_metric(name=name, unit=METRICS[name][1], value=value)
+            provider.add_metric(name=name, unit=METRICS[name][1], value=value, resolution=resolution)
+    if at_ms is not None:
+        provider.timestamp = at_ms
     doc = provider.serialize_metric_set(metrics=provider.metric_set, dimensions=provider.dimension_set,
                                         metadata={})
     doc.update(dict(props))        # searchable in Logs Insights, never a dimension (a step, a status code)
@@ -279,14 +290,19 @@ def throttled(team_id: str, model: str) -> None:
             {"status": 429})
 
 
-def training_step(job_id: str, model: str, data: dict | None) -> None:
-    """A Bedrock metrics event of a job (its `data`): reward mean, response length, entropy."""
+def training_step(job_id: str, model: str, data: dict | None, at: int | float | None = None) -> None:
+    """A Bedrock metrics event of a job (its `data`): reward mean, response length, entropy, at the
+    time Bedrock reported it (`at`, epoch seconds; now when missing or outside what CloudWatch takes)."""
     data = data if isinstance(data, dict) else {}
+    at_ms = None
+    if _number(at) is not None:
+        now_ms = time.time() * 1000
+        at_ms = int(at * 1000) if now_ms - MAX_AGE_MS < at * 1000 < now_ms + MAX_AHEAD_MS else None
     values = {"TrainingSteps": 1, "RewardMean": data.get("critic_rewards_mean"),
               "ResponseLength": data.get("response_length_mean"), "Entropy": data.get("actor_entropy")}
     step = data.get("step")
     _record("training", {"Job": job_id, "Model": model}, values,
-            {"step": step} if isinstance(step, int) and not isinstance(step, bool) else None)
+            {"step": step} if isinstance(step, int) and not isinstance(step, bool) else None, at_ms)
 
 
 def watch_finding(code: str, severity: str) -> None:

@@ -47,9 +47,11 @@ def datums(line: str) -> list[tuple[str, dict]]:
             for metric in directive["Metrics"]:
                 raw = doc[metric["Name"]]
                 values = [float(v) for v in (raw if isinstance(raw, list) else [raw])]
-                out.append((directive["Namespace"], {
-                    "MetricName": metric["Name"], "Dimensions": dims, "Timestamp": when, "Values": values,
-                    "Counts": [1.0] * len(values), "Unit": metric.get("Unit") or "None"}))
+                datum = {"MetricName": metric["Name"], "Dimensions": dims, "Timestamp": when, "Values": values,
+                         "Counts": [1.0] * len(values), "Unit": metric.get("Unit") or "None"}
+                if metric.get("StorageResolution") == 1:
+                    datum["StorageResolution"] = 1
+                out.append((directive["Namespace"], datum))
     return out
 
 

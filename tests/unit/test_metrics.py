@@ -96,6 +96,21 @@ def test_a_ledger_entry_gives_the_calls_metrics_at_the_ledgers_exact_cost():
     assert "req-1" not in line and "0123456789abcdef" not in line and "support-bot" not in line
 
 
+def test_a_training_step_is_stamped_with_bedrocks_time_in_high_resolution():
+    import time
+
+    reported = int(time.time()) - 3600                        # synced an hour after Bedrock reported it
+    before_ms = int(time.time() * 1000)
+    with captured() as lines:
+        metrics.training_step("ftjob-1", "m", {"step": 4, "critic_rewards_mean": 0.5}, at=reported)
+        metrics.training_step("ftjob-1", "m", {"step": 5, "critic_rewards_mean": 0.6}, at=reported - 15 * 86400)
+    fresh, stale = (check_emf(x) for x in lines)
+    assert fresh["_aws"]["Timestamp"] == reported * 1000 and fresh["step"] == 4
+    assert {m.get("StorageResolution") for m in fresh["_aws"]["CloudWatchMetrics"][0]["Metrics"]} == {1}
+    # Older than CloudWatch takes (14 days): stamped now rather than dropped by CloudWatch.
+    assert stale["_aws"]["Timestamp"] >= before_ms
+
+
 def test_an_invocation_writes_once_at_its_end_one_line_per_dimension_values():
     with captured() as lines, metrics.invocation():
         for _ in range(3):
