@@ -6,6 +6,8 @@ from chalice import Chalice, Rate
 
 from chalicelib import (
     deadline,
+    metrics,
+    tracing,
     wiring,  # noqa: F401  (the reactions between contexts, for every function)
 )
 from chalicelib.api import admin, console, evals, files, gateway, graders, health, jobs, models, openapi, slack, usage
@@ -21,6 +23,14 @@ app.api.binary_types.append("multipart/form-data")
 for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp,
                   evals.bp, slack.bp, console.bp, openapi.bp):
     app.register_blueprint(blueprint)
+
+
+# Every handler (HTTP requests included): traced, and its metrics written once at its end.
+@app.middleware("all")
+def operate(event, get_response):
+    context = getattr(event, "context", None) or getattr(event, "lambda_context", None)
+    with tracing.handler(getattr(context, "function_name", None) or "rft-hub"), metrics.invocation():
+        return get_response(event)
 
 
 def _account_id(context) -> str | None:
@@ -79,6 +89,13 @@ def hosted_grader_handler(event, context):
 def slack_notifier(event):
     for record in event:
         slack_service.deliver(record.body, record.receipt_handle)
+
+
+# CloudWatch alarms -> the OperatorAlarms topic -> here (its subscription is in deploy/operating.py, so
+# it follows the topic) -> the platform's own Slack channel, once per state change, in order.
+@app.lambda_function(name="alarm_notifier")
+def alarm_notifier(event, context):
+    return slack_service.post_alarms(event)
 
 
 # Slash commands too slow for Slack's 3 seconds, finished through response_url.

@@ -6,7 +6,7 @@ import sys
 
 MODULES = ("bench.dataset_validation", "bench.graders", "bench.gateway_overhead", "bench.reconciler",
            "bench.money", "bench.streaming", "bench.dataplane_breakdown", "bench.reward_wrap", "bench.cold_import",
-           "bench.package_size", "bench.watch_sim")
+           "bench.package_size", "bench.watch_sim", "bench.metrics_overhead")
 
 if __name__ == "__main__":
     failed = 0

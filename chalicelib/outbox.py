@@ -15,6 +15,7 @@ import os
 from chalicelib.adapters import aws
 from chalicelib.domain import ids
 from chalicelib.log import logger
+from chalicelib.store import dynamo
 from chalicelib.store.models import OutboxEvent
 
 SOURCE = "rft-hub"
@@ -62,4 +63,7 @@ def publish(events: list[OutboxEvent]) -> int:
 def drain(limit: int = 500) -> int:
     """Publishes what earlier attempts could not (called by the reconciler)."""
     pending = list(OutboxEvent.pending.query(PENDING, limit=limit))
-    return publish([OutboxEvent.get(e.event_id) for e in pending]) if pending else 0
+    # An event published meanwhile (by the change's own request, or a concurrent pass) is gone from the
+    # table while the index still lists it: skipped, never a failed pass.
+    events = [dynamo.get_or_none(OutboxEvent, e.event_id, what="outbox event") for e in pending]
+    return publish([e for e in events if e is not None]) if pending else 0

@@ -16,10 +16,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from deploy import operating
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = "rft-hub"
 FUNCTIONS = ("api_handler", "on_bedrock_job_event", "reconcile_jobs", "hosted_grader", "slack_notifier",
-             "slack_commands", "job_worker", "eval_worker")
+             "slack_commands", "job_worker", "eval_worker", "alarm_notifier")
 # Team grader Lambdas rft-hub may invoke for dry runs and preflight: only functions named like
 # this (an explicit allowlist, not every function in the account).
 TEAM_GRADER_PATTERN = "arn:aws:lambda:*:*:function:rft-grader-*"
@@ -224,10 +226,12 @@ def resources(stage: str) -> dict:
             "TopicName": f"rfthub-{stage}-alarms", "DisplayName": f"rft-hub {stage} alarms"}},
         # Any parked entry is a served call off the ledger: alarm at once.
         "LedgerParkedAlarm": queue_alarm("LedgerParkedQueue", "ApproximateNumberOfMessagesVisible", 0,
-                                         f"rft-hub {stage}: ledger entries parked (never writable); bill them by hand"),
+                                         f"rft-hub {stage}: ledger entries parked (never writable); bill them by hand "
+                                         "(docs/operating.md#ledger-parked)"),
         # Entries the drain keeps failing to write (DynamoDB refusing for an hour): look.
         "LedgerDeadLetterAgeAlarm": queue_alarm("LedgerDeadLetterQueue", "ApproximateAgeOfOldestMessage", 3600,
-                                                f"rft-hub {stage}: ledger dead letters not drained for an hour"),
+                                                f"rft-hub {stage}: ledger dead letters not drained for an hour "
+                                                "(docs/operating.md#ledger-dlq)"),
         "SlackNotifyRule": {"Type": "AWS::Events::Rule", "Properties": {
             "EventBusName": {"Ref": "EventBus"}, "State": "ENABLED",
             "EventPattern": {"source": ["rft-hub"]},
@@ -252,6 +256,10 @@ def resources(stage: str) -> dict:
             "GenerateSecretString": {"PasswordLength": 64, "ExcludePunctuation": True}}},
     })
     res["BedrockServiceRole"] = bedrock_service_role(stage)
+    res.update(operating.resources(stage))       # alarms, their Slack poster, the dashboard, log groups
+    for logical, resource in res.items():        # every alarm named as the Slack message shows it
+        if resource.get("Type") == "AWS::CloudWatch::Alarm":
+            resource["Properties"].setdefault("AlarmName", f"rft-hub-{stage}-{logical}")
     # Functions: the hosted grader's ARN and the datasets bucket name reach the API at run time.
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
            "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
@@ -260,7 +268,8 @@ def resources(stage: str) -> dict:
         res[logical] = {"Properties": {"Environment": {"Variables": env}}}
     res["HostedGrader"] = {"Properties": {"Environment": {"Variables": {"RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}}}}
     # Deep-merged by `chalice package` into its AWS::Serverless::Api (logical id RestAPI).
-    res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()}}}
+    res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()},
+                                     "TracingEnabled": True}}
     return res
 
 
@@ -303,6 +312,7 @@ def dataplane_policy(stage: str) -> list[dict]:
         _statement(["secretsmanager:GetSecretValue"],
                    [f"arn:aws:secretsmanager:*:*:secret:rfthub/{stage}/console-session-*"], "ConsoleSessions"),
         *nova_statements(stage, submit=False, jobs=False, deployments=False, infer=True),   # Nova: Converse
+        operating.XRAY,
     ]
 
 
@@ -330,7 +340,7 @@ def add_dataplane(template: dict, stage: str) -> None:
     res["DataPlane"] = {"Type": "AWS::Serverless::Function", "Properties": {
         "Runtime": f"python{sys.version_info.major}.{sys.version_info.minor}",   # as chalice picks it
         "Handler": DATAPLANE_HANDLER, "CodeUri": "./deployment.zip", "Architectures": ["x86_64"],
-        "Timeout": STREAM_TIMEOUT_SECONDS, "MemorySize": 1024,
+        "Timeout": STREAM_TIMEOUT_SECONDS, "MemorySize": 1024, "Tracing": "Active",
         "Layers": [{"Fn::If": ["PublishedWebAdapterLayer", {"Fn::Sub": WEB_ADAPTER_LAYER},
                                {"Ref": "LambdaWebAdapterLayerArn"}]}],
         "Environment": {"Variables": env}, "Role": {"Fn::GetAtt": ["DataPlaneRole", "Arn"]},
@@ -506,9 +516,12 @@ def policies(stage: str) -> dict[str, dict]:
                            sqs(["slack-dlq"], ["sqs:SendMessage", "sqs:GetQueueUrl"], "DeadLetters")],
         "slack_commands": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
                            sqs(["slack-commands"], consume, "CommandsQueue")],
+        "alarm_notifier": [logs, *operating.notifier_policy(stage)],
     }
     for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
         out[function] += nova_statements(stage, **needs)
+    for statements in out.values():                # every function is traced (.chalice/config.json: xray)
+        statements.append(operating.XRAY)
     return out
 
 

@@ -352,6 +352,8 @@ def main() -> None:
     # As `chalice local`: the stage's environment variables go into os.environ before the app is imported.
     config = CLIFactory(project_dir=str(ROOT), environ=os.environ).create_config_obj(chalice_stage_name=args.stage)
     validate_routes(config.chalice_app.routes)
+    from local import cloudwatch
+    cloudwatch.Collector().install()          # this process' EMF lines into moto's CloudWatch
     _, dataplane_port = serve_dataplane(args.host, args.dataplane_port)
     create_server(config.chalice_app, config, args.host, args.port, (args.host, dataplane_port)).serve_forever()
 

@@ -23,6 +23,15 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     _secret(s.admin_key_secret_id, admin_key)
     _secret(slash_commands.settings_secret_id(), slack_signing_secret)
     _console_sessions()
+    from local import cloudwatch
+    cloudwatch.create_alarms(s.stage)      # the template's alarms and their topic
+
+
+def ops_channel(webhook_url: str) -> None:
+    """The platform's own Slack channel (alarms): its webhook URL in the secret the notifier reads."""
+    from chalicelib.slack import notifications
+
+    _secret(notifications.ops_webhook_secret_id(), webhook_url)
 
 
 def _console_sessions() -> None:

@@ -173,6 +173,9 @@ def main() -> None:
     args = parser.parse_args()
     pump = Pump(chalice_app, args.schedule_seconds)
     pump.start()
+    from local import cloudwatch
+    cloudwatch.Collector().install()          # this process' EMF lines into moto's CloudWatch
+    cloudwatch.run_alarms(60.0)               # AWS/SQS's metrics and the alarms, each minute
     web = lambda_server.create_app(lambda_server.app_functions())
 
     @web.post("/_local/pump")

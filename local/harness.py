@@ -52,6 +52,9 @@ class Stack:
         ports["lambda"] = servers.free_port()
         os.environ.update(servers.base_env(ports))
         self.ports = ports
+        # CloudWatch Logs' part: the EMF lines the app writes become moto's metrics (local/cloudwatch.py).
+        from local import cloudwatch
+        self.cloudwatch = cloudwatch.Collector().install()
 
         from local import lambda_server
         self.lambda_app = lambda_server.create_app(lambda_server.app_functions())
@@ -62,6 +65,8 @@ class Stack:
         from local import slack_sink
         self.slack_app = slack_sink.create_app()
         self.slack = servers.ThreadServer(self.slack_app)
+        from local.bootstrap import ops_channel
+        ops_channel(f"http://127.0.0.1:{self.slack.port}/services/TLOCALOPS/BOPS/ops")
         self.api_port = self._serve_app()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         # The job and eval workers' queues, drained as Lambda's SQS trigger would (make run's pump drives all

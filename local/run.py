@@ -134,6 +134,9 @@ def main() -> int:
         webhook = f"http://127.0.0.1:{ports['slack']}/services/TLOCALDEMO/BDEMO/demo"
         _http("PUT", f"{base_url}/v1/admin/teams/{team_id}/slack", admin_key,
               {**DEMO_SLACK, "webhook_url": webhook, "notify": ["job", "budget", "model"]})
+        # Alarms go to the platform's own channel, on the same sink.
+        from local.bootstrap import ops_channel
+        ops_channel(f"http://127.0.0.1:{ports['slack']}/services/TLOCALOPS/BOPS/ops")
         for name in EXAMPLE_GRADERS:   # a team may use only Lambda graders an admin registered to it
             status, body = _http("POST", f"{base_url}/v1/admin/teams/{team_id}/lambda_graders", admin_key,
                                  {"function_arn": example_arn(name)})

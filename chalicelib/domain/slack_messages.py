@@ -206,3 +206,23 @@ def ephemeral(text: str, lines: list[str] | None = None) -> dict:
         blocks.append(_b().DividerBlock())
         blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(text=truncate("\n".join(lines), SECTION_MAX))))
     return {"response_type": "ephemeral", **_message(text, blocks)}
+
+
+ALARM_EMOJI = {"ALARM": ":rotating_light:", "OK": ":white_check_mark:", "INSUFFICIENT_DATA": ":grey_question:"}
+
+
+def alarm_message(alarm: dict) -> dict:
+    """A CloudWatch alarm's state change (its SNS notification), for the platform's own channel."""
+    state = str(alarm.get("NewStateValue") or "?")
+    name = str(alarm.get("AlarmName") or "?")
+    header = truncate(f"{ALARM_EMOJI.get(state, ':bell:')} {state}: {name}", HEADER_MAX)
+    pairs = [("State", f"{alarm.get('OldStateValue') or '?'} → {state}"),
+             ("Since", str(alarm.get("StateChangeTime") or "?"))]
+    blocks = [_b().HeaderBlock(text=_b().PlainTextObject(text=header, emoji=True)), _fields(pairs)]
+    if alarm.get("AlarmDescription"):
+        blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(
+            text=truncate(str(alarm["AlarmDescription"]), SECTION_MAX))))
+    if alarm.get("NewStateReason"):
+        blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(
+            text=truncate(f"_{alarm['NewStateReason']}_", SECTION_MAX))))
+    return _message(f"{state}: {name} ({alarm.get('OldStateValue') or '?'} → {state})", blocks)

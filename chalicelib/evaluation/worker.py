@@ -27,7 +27,7 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist, PynamoDBException, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import deadline, outbox
+from chalicelib import deadline, metrics, outbox
 from chalicelib.adapters import lambdas
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
@@ -507,6 +507,8 @@ def _finish(run: EvalRunRecord, token: str, status: str | None, error: dict | No
             raise
         return _finish(run, token, None, None, summary)     # cancelled meanwhile: keep that, save the counts
     outbox.publish([event])
+    counts = final.get("result_counts") or {}
+    metrics.eval_run_finished(run.team_id, status, int(counts.get("total") or 0), int(final.get("cost_micro") or 0))
     _after(run)
 
 

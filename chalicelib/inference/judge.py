@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from chalicelib import tracing
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import ids
 from chalicelib.domain.graders import JudgeRefused, judge_specs
@@ -66,7 +67,8 @@ def metered_judge(team_id: str, key_id: str | None, request_id: str, model: str,
                                           sampling.get("max_completion_tokens"))
 
     def invoke():
-        _, _, raw = send(team_id, target, "/chat/completions", body, converse)
+        with tracing.subsegment("judge"):
+            _, _, raw = send(team_id, target, "/chat/completions", body, converse)
         try:
             data = json.loads(raw)
             choice = (data.get("choices") or [{}])[0]

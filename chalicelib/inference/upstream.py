@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from chalicelib import deadline
+from chalicelib import deadline, tracing
 from chalicelib.adapters import bedrock
 from chalicelib.config import settings
 from chalicelib.inference import converse as nova_converse
@@ -39,8 +39,9 @@ def open_upstream(team_id: str, endpoint: str, body: dict):
             endpoint, body=body, cast_to=object, stream=True)
         _idle_limit(opened.response.request, STREAM_IDLE_SECONDS)
         return opened
-    stream = bedrock.call(op, what=f"POST {endpoint} (stream)", deadline_s=limit, passthrough=True,
-                          project=teams.mantle_project(team_id))
+    with tracing.subsegment("upstream stream open"):    # a fixed name: never the model, the body or the key
+        stream = bedrock.call(op, what=f"POST {endpoint} (stream)", deadline_s=limit, passthrough=True,
+                              project=teams.mantle_project(team_id))
     return stream.response
 
 
@@ -59,6 +60,7 @@ def send(team_id: str, target: Target, endpoint: str, body: dict,
     otherwise Bedrock's OpenAI-compatible endpoint in the team's project. Returns (status,
     content type, raw body); an upstream error keeps Bedrock's status and type."""
     converse = converse or nova_converse.converse_call(team_id, target, endpoint, body)
-    if converse:
-        return converse.call(upstream_deadline())
-    return bedrock.forward(endpoint, body, upstream_deadline(), project=teams.mantle_project(team_id))
+    with tracing.subsegment("upstream"):                # a fixed name: never the model, the body or the key
+        if converse:
+            return converse.call(upstream_deadline())
+        return bedrock.forward(endpoint, body, upstream_deadline(), project=teams.mantle_project(team_id))

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
+from chalicelib import metrics
 from chalicelib.adapters import aws, queues
 from chalicelib.adapters import slack as slack_http
 from chalicelib.domain import ids, urls
@@ -279,6 +280,9 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     except (ValueError, KeyError, TypeError):
         logger.warning("unreadable notification dropped")
         return "dropped"
+    if detail_type == "rft-hub.budget.threshold_crossed":
+        # Every rft-hub event passes through this queue (a rule on the bus), Slack configured or not.
+        metrics.budget_threshold(team_id, detail.get("threshold"))
     try:
         # consistent: a rotated webhook applies to the next message
         cfg = dynamo.call(lambda: SlackConfig.get(team_id, consistent_read=True), idempotent=True, what="slack config")
@@ -309,9 +313,11 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     if result.unknown:
         _settle(event_id, "unknown", f"{result.body}; not re-posted")
         logger.warning("slack delivery outcome unknown; not re-posted", extra={"event_id": event_id})
+        metrics.slack_delivery_failed()
         return "unknown"
     error = f"{result.status} {result.body}"[:200]
     _settle(event_id, "failed", error)
+    metrics.slack_delivery_failed()
     if result.permanent:
         _mark_health(team_id, "broken", error)
         _dead_letter(body, f"permanent: {error}")
@@ -335,3 +341,73 @@ def _delay(receipt_handle: str | None, seconds: float | None) -> None:
 def _dead_letter(body: str, reason: str) -> None:
     queues.send(dead_letter_queue(), body,
                 MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:250]}})
+
+
+# ---- the platform's own channel: CloudWatch alarms (SNS -> alarm_notifier) --------------------
+
+def ops_webhook_secret_id() -> str:
+    """The secret holding the incoming-webhook URL of the platform's own channel (a credential)."""
+    return os.environ.get("RFT_OPS_SLACK_WEBHOOK_SECRET_ID", f"rfthub/{stage()}/ops-slack-webhook")
+
+
+def _change_ms(text: str) -> int | None:
+    """CloudWatch's StateChangeTime ("2026-12-05T08:01:02.345+0000") in epoch milliseconds."""
+    from datetime import datetime
+
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            return int(datetime.strptime(text, fmt).timestamp() * 1000)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def post_alarm(sns_message: str) -> str:
+    """Posts one alarm state change to the platform's channel: once per state change (its alarm,
+    time and new state are the delivery's id), in order per alarm (an older change than one
+    already posted is dropped), never repeated after an unknown outcome; 429/5xx raise RetryLater
+    (SNS retries the invocation)."""
+    try:
+        alarm = json.loads(sns_message)
+        name, state, changed = alarm["AlarmName"], alarm["NewStateValue"], alarm["StateChangeTime"]
+        if not all(isinstance(v, str) and v for v in (name, state, changed)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        logger.warning("unreadable alarm notification dropped")
+        return "dropped"
+    seq = _change_ms(changed)
+    if seq is None:
+        logger.warning("alarm notification without a readable time dropped", extra={"alarm": name[:255]})
+        return "dropped"
+    try:
+        url = aws.secrets().get_secret_value(SecretId=ops_webhook_secret_id())["SecretString"]
+    except aws.secrets().exceptions.ResourceNotFoundException:
+        return "not-configured"
+    event_id = ids.stable_id("alarm", name, changed, state)
+    if not _take_turn(f"alarm#{name}", 0, seq, event_id):
+        return "superseded"
+    claimed = _claim(event_id)
+    if claimed != "claimed":
+        return claimed
+    result = slack_http.post(url, messages.alarm_message(alarm))
+    if result.ok:
+        _settle(event_id, "sent")
+        metrics.alarm_posted()
+        return "sent"
+    metrics.slack_delivery_failed()
+    if result.unknown:
+        _settle(event_id, "unknown", f"{result.body}; not re-posted")
+        return "unknown"
+    _settle(event_id, "failed", f"{result.status} {result.body}"[:200])
+    if result.permanent:
+        logger.error("the platform's alarm webhook refuses posts", extra={"status": result.status})
+        return "failed"
+    raise RetryLater(f"Slack answered {result.status}; retrying")
+
+
+def post_alarms(event: dict) -> list[str]:
+    """An SNS delivery to the alarm notifier: each record's message, in order. A raise (RetryLater)
+    makes Lambda retry the whole event; records already sent are then duplicates, not re-posted."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    return [post_alarm((r.get("Sns") or {}).get("Message") or "") if isinstance(r, dict) else "dropped"
+            for r in records or []]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import outbox
+from chalicelib import metrics, outbox
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
@@ -215,6 +215,16 @@ def _files(report: RunReport) -> None:
     report.files_expired = _repair(report, "expired files", files.delete_expired) or 0
 
 
+def _measure(report: RunReport) -> None:
+    """The pass's metrics: one pass, what it repaired, what failed, the ledger dead letters left."""
+    dead = report.money.get("ledger_dead_letters") or {}
+    repaired = (report.changed + report.submitted + report.stalled + report.finalized + report.projects_made
+                + sum(int(dead.get(k) or 0) for k in ("written", "parked")))
+    metrics.reconciler_pass(repaired, report.errors)
+    if "left" in dead:
+        metrics.ledger_dlq_depth(int(dead.get("left") or 0))
+
+
 def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -> RunReport:
     """One pass over every non-terminal job (a query on the sparse `active` index), within a deadline."""
     started = time.monotonic()
@@ -240,5 +250,6 @@ def reconcile(deadline_s: float | None = None, concurrency: int | None = None) -
     _projects(report)
     _files(report)
     report.seconds = round(time.monotonic() - started, 3)
+    _measure(report)
     logger.info("reconciled", extra={k: v for k, v in report.view().items() if k != "problems"})
     return report

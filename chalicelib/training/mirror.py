@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pynamodb.exceptions import UpdateError
 
+from chalicelib import metrics
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
 from chalicelib.errors import ApiError
@@ -43,9 +44,12 @@ def sync_events(job: Job) -> int:
         return 0
     fresh.reverse()
     for seq, event in zip(next_seqs(job, len(fresh)), fresh):
-        save_event(job.job_id, seq, event_id=event["id"], created_at=int(event.get("created_at") or ids.now()),
+        created_at = int(event.get("created_at") or ids.now())
+        save_event(job.job_id, seq, event_id=event["id"], created_at=created_at,
                     level=event.get("level") or "info", message=event.get("message") or "",
                     type_=event.get("type") or "message", data=event.get("data"), source="bedrock")
+        if event.get("type") == "metrics":
+            metrics.training_step(job.job_id, job.model, event.get("data"), at=created_at)
     # Conditional on the cursor we started from: a concurrent sync that won keeps its own copy.
     try:
         job.update(actions=[Job.bedrock_event_cursor.set(fresh[-1]["id"])],

@@ -10,7 +10,7 @@ from pynamodb.exceptions import PynamoDBException, TransactWriteError, UpdateErr
 from pynamodb.expressions.operand import Path
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import bus, outbox
+from chalicelib import bus, metrics, outbox
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
@@ -73,6 +73,7 @@ def apply_status(job: Job, observed: str, *, source: str, fine_tuned_model: str 
         return apply_status(job, observed, source=source, fine_tuned_model=fine_tuned_model,
                             error=error, trained_tokens=trained_tokens)
     job.refresh(consistent_read=True)
+    metrics.job_transition(previous, target)
     record_event(job, f"Status {previous} -> {target}.", source=source, data={"from": previous, "to": target})
     outbox.publish([event])
     if target in rules.TERMINAL:

@@ -10,6 +10,7 @@ import tempfile
 
 from pynamodb.exceptions import PynamoDBException, UpdateError
 
+from chalicelib import metrics
 from chalicelib.adapters import bedrock, queues
 from chalicelib.config import jobs_queue
 from chalicelib.domain import ids
@@ -109,6 +110,7 @@ def _deferred_preflight(job: Job) -> str:
         return "failed"
     refused = blocking(report, job.preflight_mode or "block")
     if refused:
+        metrics.preflight_refusal()
         _fail_before_bedrock(job, {"code": "grader_preflight_failed", "message": refused,
                                    "param": "method.reinforcement.grader"}, report)
         return "failed"

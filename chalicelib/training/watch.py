@@ -15,7 +15,7 @@ from __future__ import annotations
 from pynamodb.exceptions import DoesNotExist, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import outbox
+from chalicelib import metrics, outbox
 from chalicelib.domain import ids, numbers
 from chalicelib.domain import watch as rules
 from chalicelib.errors import InvalidRequest
@@ -134,6 +134,7 @@ def _raise(job: Job, cfg: rules.Config, finding: dict, window: int) -> bool:
                       source="rft-hub", data={"code": code, "severity": severity, "window": window, "action": action,
                                               "evidence": finding["evidence"]})
     outbox.publish([event])
+    metrics.watch_finding(code, severity)
     if action == "cancel":
         job_record.request_stop(team_id, job_id, STOP_CODE,
                           f"The training watch found '{code}' ({severity}) and the job asked to be cancelled on a "

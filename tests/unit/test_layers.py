@@ -27,6 +27,7 @@ FLOORS = {
     "chalicelib.platform": 2,
     # the kernel: shared by every context, imports no context
     "chalicelib.outbox": 1, "chalicelib.bus": 1, "chalicelib.cache": 1, "chalicelib.failures": 1,
+    "chalicelib.metrics": 1, "chalicelib.tracing": 1,
     "chalicelib.domain": 0, "chalicelib.store": 0, "chalicelib.adapters": 0, "chalicelib.config": 0,
     "chalicelib.errors": 0, "chalicelib.log": 0, "chalicelib.deadline": 0, "chalicelib": 0,
 }
