@@ -35,6 +35,7 @@ from chalicelib.store.models import AuditEntry, OutboxEvent, connection
 LOG = "audit"
 DETAIL_TYPE = "rft-hub.audit.recorded"
 SYSTEM = "system"
+MAX_SECONDS = 9_999_999_998       # since/until: ms keep 13 digits, so entry ids compare as times
 
 # The acts recorded (docs/controls.md lists them with their targets).
 ACTIONS = (
@@ -167,7 +168,7 @@ def snapshot(item, fields: tuple[str, ...]) -> dict | None:
 def _time_bound(value: str | None, name: str) -> int | None:
     if value in (None, ""):
         return None
-    seconds = numbers.query_int(value, 0, 10 ** 11)
+    seconds = numbers.query_int(value, 0, MAX_SECONDS)
     if seconds is None:
         raise InvalidRequest(f"Query parameter '{name}' must be a unix time in seconds.", param=name)
     return seconds
@@ -184,9 +185,10 @@ def list_entries(*, team_id: str | None, limit: int, after: str | None = None, a
     attr = AuditEntry.entry_id
     range_condition = None
     if lo is not None or hi is not None:
-        low = f"aud_{(lo or 0) * 1000:013d}"
-        high = f"aud_{((hi if hi is not None else 10 ** 10) + 1) * 1000:013d}"
-        range_condition = attr.between(low, high)
+        lo, hi = lo or 0, hi if hi is not None else MAX_SECONDS
+        if lo > hi:
+            return pagination.envelope([], None, first_last=None)
+        range_condition = attr.between(f"aud_{lo * 1000:013d}", f"aud_{(hi + 1) * 1000:013d}")
     conditions = []
     if action:
         conditions.append(AuditEntry.action.startswith(action) if action.endswith(".")
