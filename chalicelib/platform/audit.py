@@ -163,6 +163,21 @@ def snapshot(item, fields: tuple[str, ...]) -> dict | None:
     return {f: getattr(item, f) for f in fields if getattr(item, f, None) is not None}
 
 
+def save(item, *, action: str, target: str, team_id: str | None, fields: tuple[str, ...], before_item=None,
+         condition=None, what: str) -> AuditEntry:
+    """`item.save(condition=...)` and its entry, one transaction: the shape of an admin setting that
+    replaces a row (a budget, a price, a limit). `before_item`: the row it replaces (None: new)."""
+    act = Act(action, target, team_id, before=snapshot(before_item, fields), after=snapshot(item, fields))
+    return commit(act, lambda tx: tx.save(item, condition=condition), what=what)
+
+
+def delete(item, *, action: str, target: str, team_id: str | None, fields: tuple[str, ...], condition=None,
+           what: str) -> AuditEntry:
+    """`item.delete(condition=...)` and its entry, one transaction (a price override removed)."""
+    act = Act(action, target, team_id, before=snapshot(item, fields))
+    return commit(act, lambda tx: tx.delete(item, condition=condition), what=what)
+
+
 # ---- reading ------------------------------------------------------------------------------------------
 
 def _time_bound(value: str | None, name: str) -> int | None:

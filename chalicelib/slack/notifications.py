@@ -279,6 +279,8 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     except (ValueError, KeyError, TypeError):
         logger.warning("unreadable notification dropped")
         return "dropped"
+    if not isinstance(team_id, str) or not team_id:
+        return "not-wanted"         # an event of no team (an audit entry of a price change): no channel
     try:
         # consistent: a rotated webhook applies to the next message
         cfg = dynamo.call(lambda: SlackConfig.get(team_id, consistent_read=True), idempotent=True, what="slack config")

@@ -207,3 +207,39 @@ def test_any_query_value_is_an_answer_or_a_400_naming_it(api, admin_headers, nam
     assert r.status_code in (200, 400), (name, value, r.status_code, r.body[:300])
     if r.status_code == 400:
         assert r.json_body["error"]["param"] == name
+
+
+def test_the_helpers_for_settings_write_the_row_and_its_entry_together(make_team, ddb_faults):
+    """audit.save / audit.delete: what budgets.set_budget and prices.set_override/delete_override call
+    (the money path's owner wires them): the row and its entry in one transaction, or neither."""
+    from chalicelib.errors import ServiceUnavailable
+    from chalicelib.store.models import Budget, PriceOverride
+
+    team_id, _ = make_team("audit-helpers")
+    fields = ("limit_micro", "period", "thresholds")
+    budget = Budget(team_id, limit_micro=5_000_000, period="monthly", thresholds=[0.5, 1.0], updated_at=1)
+    ddb_faults.configure(rules=[{"operation": "TransactWriteItems", "table": "-audit_log", "rate": 1.0,
+                                 "error": "ThrottlingException"}])
+    with pytest.raises(ServiceUnavailable):
+        audit.save(budget, action="budget.set", target=f"team:{team_id}", team_id=team_id, fields=fields,
+                   what="budget set")
+    ddb_faults.reset()
+    budget_entries = lambda: [e for e in _all_entries_of(team_id) if e.action == "budget.set"]  # noqa: E731 - a query
+    assert Budget.count(team_id, consistent_read=True) == 0 and budget_entries() == []
+
+    with audit.acting(None, "req-1"):
+        entry = audit.save(budget, action="budget.set", target=f"team:{team_id}", team_id=team_id, fields=fields,
+                           what="budget set")
+    assert Budget.get(team_id, consistent_read=True).limit_micro == 5_000_000
+    assert [(e.action, e.actor, e.request_id, e.before, e.after["limit_micro"]) for e in budget_entries()] == \
+        [("budget.set", "system", "req-1", None, 5_000_000)] and entry.entry_id
+
+    model = f"audit-model-{team_id[-8:]}"
+    price = PriceOverride(model, input="1", output="2", cached_input="1", updated_at=1)
+    price.save()
+    audit.delete(price, action="price.deleted", target=f"price:{model}", team_id=None,
+                 fields=("input", "output", "cached_input"), what="price delete")
+    assert PriceOverride.count(model, consistent_read=True) == 0
+    found = [e for e in AuditEntry.query(audit.LOG, consistent_read=True, scan_index_forward=False, limit=50)
+             if e.target == f"price:{model}"]
+    assert [(e.action, e.team_id, e.before["output"]) for e in found] == [("price.deleted", None, "2")]
