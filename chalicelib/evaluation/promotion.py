@@ -76,10 +76,13 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
     # The audit log (issue #29): a gate set, changed or removed, or a gate overridden by the admin,
     # is one entry in this same transaction.
     act = None
-    if moving and evidence and evidence.get("override_reason") and existing is not None and current is not None:
+    overrode_gate = bool(override_reason) and moving and existing is not None and current is not None
+    overrode_flag = moving and bool(watch_evidence) and watch_evidence["watch"].get("state") == registry.FLAGGED
+    if overrode_gate or overrode_flag:
         act = audit.Act("alias.override", f"alias:{alias}", team_id,
-                        before={"model": current.model_id, "gate": existing},
-                        after={"model": model_id, "gate": wanted, "override_reason": override_reason})
+                        before={"model": current.model_id if current else None, "gate": existing},
+                        after={"model": model_id, "gate": wanted, "override_reason": override_reason,
+                               "overrode": "gate" if overrode_gate else "watch_flag"})
     elif gate_changed:
         act = audit.Act("gate.set", f"alias:{alias}", team_id, before={"gate": existing}, after={"gate": wanted})
     audited = None
