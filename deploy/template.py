@@ -298,6 +298,7 @@ def dataplane_policy(stage: str) -> list[dict]:
                    [f"arn:aws:logs:*:*:log-group:/aws/lambda/{APP}-{stage}-*"], "Logs"),
         _statement(["bedrock:CallWithBearerToken"], ["*"], "BedrockToken"),
         _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "BedrockMantle"),
+        GUARDRAILS,
         _statement(["events:PutEvents"], [f"arn:aws:events:*:*:event-bus/rfthub-{stage}"], "OwnBus"),
         _statement(["sqs:SendMessage", "sqs:GetQueueUrl"], [f"arn:aws:sqs:*:*:rfthub-{stage}-ledger-dlq"],
                    "LedgerDeadLetters"),
@@ -365,6 +366,9 @@ AUDIT_DENIED = ["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWri
                 "dynamodb:PartiQLDelete", "dynamodb:DeleteTable", "dynamodb:UpdateTable"]
 
 
+# ApplyGuardrail on the guardrails admins attach (issue #29): the account's own guardrails. A guardrail
+# of another account (cross-account guardrails) would need its ARN here.
+GUARDRAILS = _statement(["bedrock:ApplyGuardrail"], ["arn:aws:bedrock:*:*:guardrail/*"], "Guardrails")
 AUDIT_TABLE = "audit_log"          # store/models.AuditEntry's table (tests/deploy checks they agree)
 
 
@@ -526,6 +530,8 @@ def policies(stage: str) -> dict[str, dict]:
     }
     for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
         out[function] += nova_statements(stage, **needs)
+    for function in ("api_handler", "eval_worker"):   # the gateway's checks (inference/guardrails.py)
+        out[function].append(GUARDRAILS)
     for statements in out.values():                # no function changes or removes an audit entry
         statements.append(audit_append_only(stage))
     return out

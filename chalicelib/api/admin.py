@@ -12,6 +12,7 @@ from chalicelib.domain import ids, scopes
 from chalicelib.errors import InvalidRequest
 from chalicelib.evaluation import promotion
 from chalicelib.grading import lambda_graders
+from chalicelib.inference import guardrails
 from chalicelib.platform import audit, teams
 
 bp = Blueprint(__name__)
@@ -143,3 +144,32 @@ def list_audit(req: Request):
                               action=req.query.get("action"), actor=req.query.get("actor"),
                               target=req.query.get("target"), since=req.query.get("since"),
                               until=req.query.get("until"))
+
+
+# Bedrock Guardrails (issue #29; inference/guardrails.py): attached to a team, or to one of its
+# aliases (which wins over the team's); every attach and detach is an audit entry.
+class AttachGuardrail(StrictModel):
+    guardrail_identifier: str = Field(min_length=1, max_length=2048)
+    guardrail_version: str = Field(min_length=1, max_length=8)
+    alias: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/guardrails", ("PUT",), auth="admin", body=AttachGuardrail)
+def attach_guardrail(req: Request, team_id: str):
+    """Attach a Bedrock guardrail to the team or to one of its aliases (replacing the one there)."""
+    teams.get_team(team_id)
+    return guardrails.attach(team_id, req.body.guardrail_identifier, req.body.guardrail_version, req.body.alias,
+                             ids.now())
+
+
+@route(bp, "/v1/admin/teams/{team_id}/guardrails", auth="admin")
+def list_guardrails(req: Request, team_id: str):
+    teams.get_team(team_id)
+    return {"object": "list", "data": guardrails.list_attached(team_id)}
+
+
+@route(bp, "/v1/admin/teams/{team_id}/guardrails", ("DELETE",), auth="admin", query={"alias": "string"})
+def detach_guardrail(req: Request, team_id: str):
+    """Detach the team's guardrail (or, with ?alias=, the alias's)."""
+    teams.get_team(team_id)
+    return guardrails.detach(team_id, req.query.get("alias") or None)

@@ -909,3 +909,19 @@ class AuditEntry(_Base):
 
 
 ALL_MODELS += (AuditEntry,)
+
+
+class GuardrailAttachment(_Base):
+    """A Bedrock guardrail an admin attached to a team (scope "team") or to one of its aliases
+    (scope "alias:<name>", which wins over the team's): the gateway checks calls with it."""
+    class Meta(_Base.Meta):
+        table_name = table_name("guardrails")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    scope = UnicodeAttribute(range_key=True)        # "team" | "alias:<alias>"
+    guardrail_identifier = UnicodeAttribute()       # id or ARN
+    guardrail_version = UnicodeAttribute()          # "1", "2", ... or "DRAFT"
+    updated_at = NumberAttribute()
+
+
+ALL_MODELS += (GuardrailAttachment,)

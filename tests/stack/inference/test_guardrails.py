@@ -1,0 +1,143 @@
+"""Bedrock Guardrails (issue #29): the local Bedrock's ApplyGuardrail (held to botocore's model), the
+admin's attachments (audited), and the checks the gateway makes (inference/guardrails.py)."""
+import json
+
+import pytest
+from helpers import http
+
+from chalicelib.adapters import bedrock_native
+from chalicelib.errors import NotFound
+from chalicelib.inference import guardrails
+from chalicelib.store.models import AuditEntry
+from local import bedrock_native as local_native
+
+
+@pytest.fixture
+def make_guardrail(stack):
+    def make(**definition):
+        status, body = http("POST", f"http://127.0.0.1:{stack.bedrock.port}/_local/guardrails", body=definition)
+        assert status == 201, body
+        return body
+    return make
+
+
+def _calls(stack):
+    return http("GET", f"http://127.0.0.1:{stack.bedrock.port}/_local/guardrails")[1]["calls"]
+
+
+def _valid_output(answer: dict) -> None:
+    """The answer fits botocore's ApplyGuardrail output shape (members, types, enums, required)."""
+    problems: list[str] = []
+    local_native.validate_shape(local_native.operation_model("bedrock-runtime", "ApplyGuardrail").output_shape,
+                                answer, "", problems)
+    assert problems == []
+
+
+def test_apply_guardrail_blocks_masks_and_counts_units(stack, make_guardrail):
+    g = make_guardrail(blocked_words=["launch codes"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}],
+                       regexes=[{"name": "ticket", "pattern": r"TCK-\d+", "action": "ANONYMIZE"}],
+                       blocked_input_messaging="Not here.")
+    blocked = bedrock_native.apply_guardrail(g["guardrailId"], "1", "INPUT", ["Give me the Launch Codes"], 10)
+    _valid_output(blocked)
+    assert blocked["action"] == "GUARDRAIL_INTERVENED" and blocked["outputs"] == [{"text": "Not here."}]
+    assert blocked["assessments"][0]["wordPolicy"]["customWords"][0]["action"] == "BLOCKED"
+    masked = bedrock_native.apply_guardrail(g["guardrailArn"], "DRAFT", "OUTPUT",
+                                            ["Mail ana@example.com about TCK-42" + "." * 1000], 10)
+    _valid_output(masked)
+    assert masked["action"] == "GUARDRAIL_INTERVENED"
+    assert masked["outputs"][0]["text"].startswith("Mail {EMAIL} about {ticket}.")
+    assert masked["usage"]["sensitiveInformationPolicyUnits"] == 2          # 1,034 characters: two text units
+    clean = bedrock_native.apply_guardrail(g["guardrailId"], "1", "INPUT", ["hello"], 10)
+    _valid_output(clean)
+    assert clean["action"] == "NONE" and clean["outputs"] == []
+
+
+@pytest.mark.parametrize("identifier, version", [
+    ("UPPER", "1"), ("abc", "0"), ("abc", "draft"), ("abc", "123456789"), ("", "1"), ("abc", " 1")])
+def test_apply_guardrail_is_as_strict_as_botocores_model(stack, make_guardrail, identifier, version):
+    from chalicelib.adapters.bedrock import BedrockRejected
+    with pytest.raises(BedrockRejected):
+        bedrock_native.apply_guardrail(identifier, version, "INPUT", ["x"], 10)
+    ident = make_guardrail()["guardrailId"]
+    with pytest.raises(BedrockRejected):     # an unknown source: botocore or the server says no
+        bedrock_native.apply_guardrail(ident, "1", "SIDEWAYS", ["x"], 10)
+    with pytest.raises(NotFound):
+        bedrock_native.apply_guardrail("nosuchguardrail", "1", "INPUT", ["x"], 10)
+    with pytest.raises(NotFound):
+        bedrock_native.apply_guardrail(ident, "2", "INPUT", ["x"], 10)
+
+
+def test_the_admin_attaches_a_guardrail_to_a_team_or_an_alias(api, admin_headers, make_team, make_guardrail):
+    team_id, _ = make_team("guarded")
+    g = make_guardrail(blocked_words=["forbidden"])
+    url = f"/v1/admin/teams/{team_id}/guardrails"
+    for body, param in [({"guardrail_identifier": "Bad Id", "guardrail_version": "1"}, "guardrail_identifier"),
+                        ({"guardrail_identifier": "abc", "guardrail_version": "0"}, "guardrail_version"),
+                        ({"guardrail_identifier": "abc"}, "guardrail_version"),
+                        ({"guardrail_identifier": "abc", "guardrail_version": "1", "x": 1}, "x")]:
+        r = api.http.put(url, headers=admin_headers, body=json.dumps(body))
+        assert r.status_code == 400 and r.json_body["error"]["param"] == param, r.json_body
+    r = api.http.put(url, headers=admin_headers, body=json.dumps({"guardrail_identifier": g["guardrailId"],
+                                                                 "guardrail_version": "1"}))
+    assert r.status_code == 200 and r.json_body["alias"] is None
+    r = api.http.put(url, headers=admin_headers, body=json.dumps({"guardrail_identifier": g["guardrailArn"],
+                                                                 "guardrail_version": "DRAFT", "alias": "bot"}))
+    assert r.status_code == 200 and r.json_body["alias"] == "bot"
+    listed = api.http.get(url, headers=admin_headers).json_body["data"]
+    assert {(a["alias"], a["guardrail_version"]) for a in listed} == {(None, "1"), ("bot", "DRAFT")}
+    assert guardrails.for_call(team_id, "bot").scope == "alias:bot"          # the alias's wins
+    assert guardrails.for_call(team_id, "other").scope == "team"
+    assert api.http.delete(f"{url}?alias=bot", headers=admin_headers).status_code == 200
+    assert api.http.delete(f"{url}?alias=bot", headers=admin_headers).status_code == 404
+    assert api.http.put("/v1/admin/teams/team-nope/guardrails", headers=admin_headers,
+                        body=json.dumps({"guardrail_identifier": "abc", "guardrail_version": "1"})).status_code == 404
+    acts = sorted(e.action for e in AuditEntry.query("audit", consistent_read=True) if e.team_id == team_id
+                  and e.action.startswith("guardrail."))
+    assert acts == ["guardrail.attached", "guardrail.attached", "guardrail.detached"]
+
+
+def test_a_blocked_prompt_is_a_400_content_filter_and_priced(make_team, make_guardrail, stack):
+    team_id, _ = make_team("guard-input")
+    g = make_guardrail(blocked_words=["exploit"], pii=[{"type": "PHONE", "action": "BLOCK"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    body = {"model": "m", "messages": [{"role": "system", "content": "be nice"},
+                                       {"role": "user", "content": [{"type": "text", "text": "write an EXPLOIT"}]}]}
+    verdict = guardrails.check_input(team_id, None, body, "/v1/chat/completions")
+    assert verdict.blocked and verdict.intervened
+    assert verdict.cost_micro == 200     # 2 blocks: 2 PII units at $0.10 per 1,000 (word units are free)
+    err = guardrails.blocked_error(verdict)
+    assert (err.status, err.code, err.param) == (400, "content_filter", "messages")
+    assert _calls(stack)[-1]["texts"] == ["be nice", "write an EXPLOIT"]
+    fine = guardrails.check_input(team_id, None, {"input": "hello", "instructions": "hi"}, "/v1/responses")
+    assert not fine.intervened and fine.cost_micro == 200
+    other, _ = make_team("unguarded")
+    assert guardrails.check_input(other, None, body, "/v1/chat/completions") is None
+
+
+def test_an_output_is_masked_and_a_stream_stops_in_its_middle(make_team, make_guardrail):
+    team_id, _ = make_team("guard-output")
+    g = make_guardrail(blocked_words=["secret-sauce"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    masked = guardrails.check_output(team_id, None, "write to bob@example.com")
+    assert masked.intervened and not masked.blocked and masked.texts == ["write to {EMAIL}"]
+
+    guard = guardrails.OutputGuard(team_id, None, chunk_chars=50)
+    first = "word " * 12                                     # 60 characters: one chunk of 50 is checked
+    sent = guard.feed(first)
+    assert sent == first[:50] and not guard.blocked and guard.checks == 1
+    sent = guard.feed("ok then the secret-sauce is " + "more " * 20)
+    assert sent == "" and guard.blocked                       # the chunk holding the word is never sent
+    assert guard.feed("anything") == "" and guard.finish() == ""
+    assert guard.cost_micro == 2 * 100 and guard.checks == 2
+    tail = guardrails.OutputGuard(team_id, None, chunk_chars=50)
+    assert tail.feed("short, mail me at a@b.co") == "" and tail.finish() == "short, mail me at {EMAIL}"
+
+
+def test_an_attached_guardrail_bedrock_lacks_is_rft_hubs_error_not_the_callers(make_team):
+    from chalicelib.errors import UpstreamError
+
+    team_id, _ = make_team("guard-missing")
+    guardrails.attach(team_id, "nosuchguardrail", "1", None, 1)
+    with pytest.raises(UpstreamError) as err:
+        guardrails.check_input(team_id, None, {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions")
+    assert err.value.status == 502 and err.value.code == "guardrail_not_found"
