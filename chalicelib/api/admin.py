@@ -136,6 +136,8 @@ def list_audit(req: Request):
     """Audit entries, newest first; filters: team_id (admin), action (or a prefix: 'key.'), actor, target, since, until."""
     if req.principal.is_admin:
         team_id = req.query.get("team_id") or None
+        if team_id is not None and len(team_id.encode("utf-8", "surrogatepass")) > 256:
+            raise InvalidRequest("'team_id' is longer than any team id.", param="team_id")
     else:
         if req.query.get("team_id") not in (None, "", req.principal.team_id):
             raise InvalidRequest("A team key sees its own team's entries only; leave out 'team_id'.", param="team_id")
