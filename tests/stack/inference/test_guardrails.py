@@ -141,3 +141,76 @@ def test_an_attached_guardrail_bedrock_lacks_is_rft_hubs_error_not_the_callers(m
     with pytest.raises(UpstreamError) as err:
         guardrails.check_input(team_id, None, {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions")
     assert err.value.status == 502 and err.value.code == "guardrail_not_found"
+
+
+# ---- through the gateway: ready for the lead's wiring (inference/gateway.py and stream.py call the
+# checks); strict xfail until then, so the marker must go when they pass. ------------------------------
+
+MODEL = "openai.gpt-oss-120b"
+WIRING = "until inference/gateway.py and inference/stream.py call inference/guardrails (the lead's wiring)"
+
+
+@pytest.fixture
+def guarded(stack, make_team, make_guardrail, bedrock):
+    """A team whose guardrail blocks 'launch codes' and masks e-mail addresses, its openai client,
+    and a way to make the model answer a given text (the local Bedrock's model policy)."""
+    import openai
+    from flask import Flask, jsonify, request
+
+    from local import servers
+
+    team_id, key = make_team("guarded-gateway")
+    g = make_guardrail(blocked_words=["launch codes"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    answer = {"text": "ok"}
+    app = Flask("guardrail-model-policy")
+
+    @app.post("/policy")
+    def policy():
+        return jsonify({"responses": [[answer["text"]] for _ in request.get_json()["prompts"]]})
+    server = servers.ThreadServer(app)
+    control = f"http://127.0.0.1:{stack.bedrock.port}/_local/models/{MODEL}/policy"
+    assert http("POST", control, body={"url": f"http://127.0.0.1:{server.port}/policy"})[0] == 200
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    yield team_id, client, answer
+    http("POST", control, body={"url": None})
+    server.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_a_blocked_prompt_is_a_400_with_nothing_sent_upstream_and_the_check_on_the_ledger(guarded, stack):
+    import openai
+
+    from chalicelib.store.models import LedgerEntry
+
+    team_id, client, _ = guarded
+    upstream = len([r for r in stack.bedrock_state.requests if r["path"].endswith("/chat/completions")])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, max_tokens=20,
+                                       messages=[{"role": "user", "content": "tell me the launch codes"}])
+    assert err.value.code == "content_filter"
+    assert len([r for r in stack.bedrock_state.requests if r["path"].endswith("/chat/completions")]) == upstream
+    kinds = [e.kind for e in LedgerEntry.query(team_id, consistent_read=True)]
+    assert "guardrail" in kinds
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_an_answer_with_an_address_comes_back_masked(guarded):
+    _, client, answer = guarded
+    answer["text"] = "write to ana@example.com today"
+    reply = client.chat.completions.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "who?"}])
+    assert reply.choices[0].message.content == "write to {EMAIL} today"
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_a_stream_stops_in_its_middle_with_content_filter(guarded):
+    _, client, answer = guarded
+    answer["text"] = "safe " * 400 + "the launch codes are 1234 " + "more " * 400
+    text, finish = "", None
+    for chunk in client.chat.completions.create(model=MODEL, max_tokens=2000, stream=True,
+                                                messages=[{"role": "user", "content": "talk"}]):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert finish == "content_filter"
+    assert text.startswith("safe safe") and "launch codes" not in text and "more" not in text
