@@ -16,6 +16,7 @@ two checks. A blocked chunk is never sent: the stream ends with what came before
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -262,3 +263,52 @@ class OutputGuard:
             return ""
         rest, self.pending = self.pending, ""
         return self._check(rest)
+
+
+def filter_answer(team_id: str, alias: str | None, raw: bytes, style: str) -> tuple[bytes, int]:
+    """A plain (not streamed) answer's text checked with source OUTPUT: (the answer to send, the checks'
+    cost in micro-dollars). `style`: "chat" (each choice's message content) or "responses" (each
+    output_text). Blocked: the text emptied, a chat choice's finish_reason "content_filter", a
+    response "incomplete" with incomplete_details.reason "content_filter" (OpenAI's values); masked:
+    the masked text. An answer that is not JSON, or has no text, is returned as it came."""
+    if for_call(team_id, alias) is None:
+        return raw, 0
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw, 0
+    cost, changed = 0, False
+    for holder, key, on_block in _answer_texts(body, style):
+        verdict = check_output(team_id, alias, holder[key])
+        if verdict is None:
+            continue
+        cost += verdict.cost_micro
+        if verdict.blocked:
+            holder[key] = ""
+            on_block()
+            changed = True
+        elif verdict.intervened:
+            holder[key] = "".join(verdict.texts)
+            changed = True
+    return (json.dumps(body).encode() if changed else raw), cost
+
+
+def _answer_texts(body, style: str):
+    """(holder, key, on_block) for each text of an answer."""
+    if not isinstance(body, dict):
+        return
+    if style == "chat":
+        for choice in body.get("choices") or []:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str) and message["content"]:
+                yield message, "content", lambda choice=choice: choice.__setitem__("finish_reason", "content_filter")
+        return
+
+    def incomplete():
+        body["status"] = "incomplete"
+        body["incomplete_details"] = {"reason": "content_filter"}
+    for item in body.get("output") or []:
+        for part in (item.get("content") or []) if isinstance(item, dict) else []:
+            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str) \
+                    and part["text"]:
+                yield part, "text", incomplete

@@ -214,3 +214,28 @@ def test_a_stream_stops_in_its_middle_with_content_filter(guarded):
             finish = choice.finish_reason or finish
     assert finish == "content_filter"
     assert text.startswith("safe safe") and "launch codes" not in text and "more" not in text
+
+
+def test_a_plain_answer_is_filtered_as_openai_filters(make_team, make_guardrail):
+    """filter_answer: what the gateway sends instead of a plain answer (chat and responses)."""
+    team_id, _ = make_team("guard-answers")
+    g = make_guardrail(blocked_words=["launch codes"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    chat = {"object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "mail a@b.co"}},
+        {"index": 1, "finish_reason": "stop", "message": {"role": "assistant", "content": "the launch codes: 1"}},
+        {"index": 2, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": None}}]}
+    raw, cost = guardrails.filter_answer(team_id, None, json.dumps(chat).encode(), "chat")
+    out = json.loads(raw)
+    assert [c["message"]["content"] for c in out["choices"]] == ["mail {EMAIL}", "", None]
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop", "content_filter", "tool_calls"]
+    assert cost == 200                                      # two checks, one PII unit each
+    response = {"object": "response", "status": "completed", "incomplete_details": None, "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "the launch codes", "annotations": []}]}]}
+    out = json.loads(guardrails.filter_answer(team_id, None, json.dumps(response).encode(), "responses")[0])
+    assert out["status"] == "incomplete" and out["incomplete_details"] == {"reason": "content_filter"}
+    assert out["output"][0]["content"][0]["text"] == ""
+    clean = json.dumps({"choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]}).encode()
+    assert guardrails.filter_answer(team_id, None, clean, "chat") == (clean, 100)
+    other, _ = make_team("guard-answers-none")
+    assert guardrails.filter_answer(other, None, b"not json", "chat") == (b"not json", 0)
