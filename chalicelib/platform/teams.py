@@ -184,14 +184,13 @@ def issue_key(team_id: str, spec: KeySpec | None = None) -> dict:
     return {**key_view(record), "key": full_key}
 
 
-def list_keys(team_id: str) -> list[dict]:
-    get_team(team_id)
-    found = dynamo.call(lambda: list(ApiKey.by_team.query(team_id)), idempotent=True, what="key list")
-    return [key_view(k) for k in found]
-
-
 def team_keys(team_id: str) -> list[ApiKey]:
     return dynamo.call(lambda: list(ApiKey.by_team.query(team_id)), idempotent=True, what="key list")
+
+
+def list_keys(team_id: str) -> list[dict]:
+    get_team(team_id)
+    return [key_view(k) for k in team_keys(team_id)]
 
 
 def get_key(key_id: str) -> ApiKey:
