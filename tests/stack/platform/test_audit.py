@@ -244,3 +244,23 @@ def test_the_helpers_for_settings_write_the_row_and_its_entry_together(make_team
     found = [e for e in AuditEntry.query(audit.LOG, consistent_read=True, scan_index_forward=False, limit=50)
              if e.target == f"price:{model}"]
     assert [(e.action, e.team_id, e.before["output"]) for e in found] == [("price.deleted", None, "2")]
+
+
+def test_a_transaction_applied_whose_answer_was_lost_is_one_change_and_one_entry(api, admin_headers, make_team,
+                                                                                    ddb_faults):
+    """The fault layer holds the key's transaction past the client's read timeout (an unknown outcome),
+    so it is sent again while the first is still held; then both go on. The first applies; the repeat
+    finds its own entry and is taken as done: one key, one entry, a 201."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    team_id, _ = make_team("audit-lost-answer")
+    ddb_faults.configure(tx_delay_ms=120_000)
+    with ThreadPoolExecutor(1) as pool:
+        issued = pool.submit(api.http.post, f"/v1/admin/teams/{team_id}/keys", headers=admin_headers)
+        assert ddb_faults.wait_for("TransactWriteItems", 2, timeout=60)   # the first is held; its repeat too
+        ddb_faults.reset()                                                # both go on
+        r = issued.result(timeout=60)
+    assert r.status_code == 201, r.json_body
+    assert len(list(ApiKey.by_team.query(team_id))) == 2                  # make_team's and this one
+    created = [e for e in _all_entries_of(team_id) if e.action == "key.created"]
+    assert len(created) == 2 and sum(e.target == f"key:{r.json_body['id']}" for e in created) == 1
