@@ -234,3 +234,16 @@ def test_last_use_is_kept_to_the_day_with_one_write_per_key_per_day(api, admin_h
         assert api.http.get("/v1/me", headers=_h(other["key"])).status_code == 200
     today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert _listed(api, admin_headers, team_id)[other["id"]]["last_used"] == today
+
+
+def test_a_console_session_of_a_read_key_can_look_not_change(api, admin_headers, make_team):
+    team_id, _ = make_team("console-read")
+    read = _issue(api, admin_headers, team_id, role="read", models=[BASE])["key"]
+    r = api.http.post("/console/session", headers={"Content-Type": "application/json"}, body=json.dumps({"key": read}))
+    assert r.status_code == 200
+    cookie = {"Cookie": r.headers["Set-Cookie"].split(";")[0], "X-CSRF-Token": r.json_body["csrf_token"],
+              "Content-Type": "application/json"}
+    assert [m["id"] for m in api.http.get("/v1/models", headers=cookie).json_body["data"]] == [BASE]
+    refused = api.http.post("/v1/uploads", headers=cookie, body=json.dumps(
+        {"bytes": 10, "filename": "x.jsonl", "mime_type": "application/jsonl", "purpose": "fine-tune"}))
+    assert refused.status_code == 403 and refused.json_body["error"]["code"] == "insufficient_permissions"
