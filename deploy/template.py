@@ -300,10 +300,14 @@ def dataplane_policy(stage: str) -> list[dict]:
         _statement(["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:DescribeTable"],
                    [f"{table}*", f"{table}*/index/*"], "Reads"),
         _statement(["dynamodb:PutItem", "dynamodb:UpdateItem"], writes, "Metering"),
+        # A key's last use, to the day (platform/teams.note_use: at most once per key per day).
+        _statement(["dynamodb:UpdateItem"], [f"{table}api_keys"], "KeyLastUse"),
+        audit_append_only(stage),
         _statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
                    [f"arn:aws:logs:*:*:log-group:/aws/lambda/{APP}-{stage}-*"], "Logs"),
         _statement(["bedrock:CallWithBearerToken"], ["*"], "BedrockToken"),
         _statement(["bedrock-mantle:CallWithBearerToken"] + MANTLE_INFER, ["*"], "BedrockMantle"),
+        GUARDRAILS,
         _statement(["events:PutEvents"], [f"arn:aws:events:*:*:event-bus/rfthub-{stage}"], "OwnBus"),
         # GetQueueAttributes: a slice is closed from the ledger only while no entry is dead-lettered.
         _statement(["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
@@ -363,6 +367,25 @@ def add_dataplane(template: dict, stage: str) -> None:
 
 def _statement(actions: list[str], resources: list[str], sid: str) -> dict:
     return {"Sid": sid, "Effect": "Allow", "Action": sorted(set(actions)), "Resource": resources}
+
+
+# The audit log is append-only (issue #29; platform/audit.py): every function may put an entry (in
+# the transaction of the change it records: TransactWriteItems is authorized per item as PutItem),
+# none may change or remove one. An explicit Deny, so no Allow on the tables' wildcard can grant it.
+# BatchWriteItem is denied too (its DeleteRequest deletes), and PartiQL's update and delete.
+AUDIT_DENIED = ["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem", "dynamodb:PartiQLUpdate",
+                "dynamodb:PartiQLDelete", "dynamodb:DeleteTable", "dynamodb:UpdateTable"]
+
+
+# ApplyGuardrail on the guardrails admins attach (issue #29): the account's own guardrails. A guardrail
+# of another account (cross-account guardrails) would need its ARN here.
+GUARDRAILS = _statement(["bedrock:ApplyGuardrail"], ["arn:aws:bedrock:*:*:guardrail/*"], "Guardrails")
+AUDIT_TABLE = "audit_log"          # store/models.AuditEntry's table (tests/deploy checks they agree)
+
+
+def audit_append_only(stage: str) -> dict:
+    arn = f"arn:aws:dynamodb:*:*:table/rfthub-{stage}-{AUDIT_TABLE}"
+    return {"Sid": "AuditLogAppendOnly", "Effect": "Deny", "Action": sorted(AUDIT_DENIED), "Resource": [arn]}
 
 
 # ---- Amazon Nova through Bedrock's native API (issue #15) ----------------------------------------
@@ -520,8 +543,11 @@ def policies(stage: str) -> dict[str, dict]:
     }
     for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
         out[function] += nova_statements(stage, **needs)
-    for statements in out.values():                # every function is traced (.chalice/config.json: xray)
-        statements.append(operating.XRAY)
+    for function in ("api_handler", "eval_worker"):   # the gateway's checks (inference/guardrails.py)
+        out[function].append(GUARDRAILS)
+    for statements in out.values():                # every function is traced (.chalice/config.json: xray),
+        statements.append(operating.XRAY)          # and none changes or removes an audit entry
+        statements.append(audit_append_only(stage))
     return out
 
 

@@ -80,12 +80,16 @@ class AwsError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _aws_error(status: int, code: str, message: str) -> Response:
+def aws_error(status: int, code: str, message: str) -> Response:
+    """An error as AWS's rest-json services send it (botocore reads the code from the header)."""
     resp = jsonify({"message": message})
     resp.status_code = status
     resp.headers["x-amzn-ErrorType"] = f"{code}:http://internal.amazon.com/coral/com.amazon.bedrock/"
     resp.headers["x-amzn-RequestId"] = secrets.token_hex(16)
     return resp
+
+
+_aws_error = aws_error
 
 
 def _now_iso(at: float | None = None) -> str:

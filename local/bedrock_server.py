@@ -42,7 +42,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from local import bedrock_native
+from local import bedrock_native, guardrails
 from local.bedrock_model import POLICY, BadRequest, chat_completion, paced, response_answer, sse_chat, sse_response
 from local.bedrock_state import (
     DEFAULT_STREAM,
@@ -70,6 +70,7 @@ def create_app(state: State | None = None) -> Flask:
     app = Flask("local-bedrock")
     app.config["state"] = state
     app.register_blueprint(bedrock_native.create_blueprint(state))   # the native API (SigV4): before the gate
+    app.register_blueprint(guardrails.create_blueprint(state))       # ApplyGuardrail (SigV4), /_local/guardrails
 
     @app.before_request
     def gate():

@@ -161,3 +161,12 @@ def _idle_limit(stream, seconds: float) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):      # a closed socket: its reads fail at once anyway
             sock.settimeout(seconds)
+
+
+# ---- Guardrails (issue #29) ----------------------------------------------------------------------
+
+def apply_guardrail(identifier: str, version: str, source: str, texts: list[str], deadline_s: float) -> dict:
+    """ApplyGuardrail on text blocks (source INPUT or OUTPUT): botocore's answer as plain data."""
+    content = [{"text": {"text": t}} for t in texts]
+    return _plain(_call("ApplyGuardrail", lambda: runtime(deadline_s).apply_guardrail(
+        guardrailIdentifier=identifier, guardrailVersion=version, source=source, content=content)))

@@ -144,7 +144,7 @@ def console_session(req: Request):
     with `signed_in: false`, so the sign-in page's probe logs nothing in the browser. A bearer key
     is checked as on any route (a wrong one is a 401)."""
     if "authorization" in req.headers:
-        p = authenticate("any", req.headers, "GET")
+        p = authenticate("any", req.headers, "GET", "/console/session")
         return {"object": "console.session", "signed_in": True, "principal": "admin" if p.is_admin else "team",
                 "team_id": p.team_id, "key_id": p.key_id, "expires_at": None, "csrf_token": None}
     session = console_sessions.current(req.headers)

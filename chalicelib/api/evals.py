@@ -80,7 +80,8 @@ def compare_runs(req: Request, eval_id: str):
 @route(bp, "/v1/evals/{eval_id}/runs", ("POST",), json_body=True, schema=CREATE_RUN)
 def create_run(req: Request, eval_id: str):
     """Start a run of the eval on a model (or on given outputs)."""
-    status, view = evals.create_run(req.team_id, eval_id, _parse(rules.CreateRun, req.body), req.principal.key_id)
+    status, view = evals.create_run(req.team_id, eval_id, _parse(rules.CreateRun, req.body), req.principal.key_id,
+                                    allowed=req.principal.models)
     view["report_url"] = _base_url(req) + view["report_url"]
     return status, view
 

@@ -27,12 +27,20 @@ from pynamodb.exceptions import PynamoDBException
 
 from chalicelib import deadline
 from chalicelib.config import settings
-from chalicelib.domain import keys, numbers
+from chalicelib.domain import keys, numbers, scopes
 from chalicelib.domain.datasets import JsonDepthError, parse_json
 from chalicelib.domain.keys import bearer_token
-from chalicelib.errors import ApiError, InternalError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from chalicelib.errors import (
+    ApiError,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from chalicelib.log import logger
-from chalicelib.platform import console_sessions, teams
+from chalicelib.platform import audit, console_sessions, teams
 from chalicelib.platform.teams import Principal
 from chalicelib.store import dynamo
 
@@ -162,7 +170,22 @@ def _request_id(current) -> str:
     return context.get("requestId") or str(uuid.uuid4())
 
 
-def authenticate(auth: str | None, headers: dict[str, str], method: str | None = None) -> Principal | None:
+def authenticate(auth: str | None, headers: dict[str, str], method: str | None = None,
+                 path: str | None = None) -> Principal | None:
+    """The request's principal for a route whose auth is `auth`, or an ApiError.
+
+    The ONE place a scoped key's role is enforced (issue #29; domain/scopes.py): by the route's
+    `method` and registered `path` pattern, so no route can be forgotten. A caller that names no
+    route (method or path None) admits only `full` keys: a scoped key is refused, never guessed at."""
+    principal = _principal(auth, headers, method)
+    if principal is not None and not principal.is_admin and not scopes.allows(principal.role, method, path):
+        route_name = f"{method.upper()} {path}" if method and path else "this route"
+        raise Forbidden(f"This key's role is '{principal.role}' ({scopes.describe(principal.role)}); it cannot "
+                        f"call {route_name}.", code="insufficient_permissions")
+    return principal
+
+
+def _principal(auth: str | None, headers: dict[str, str], method: str | None) -> Principal | None:
     if auth is None:
         return None
     token = bearer_token(headers.get("authorization"))
@@ -182,13 +205,14 @@ def authenticate(auth: str | None, headers: dict[str, str], method: str | None =
 def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
           auth: str | None = "team", body: type[pydantic.BaseModel] | None = None,
           json_body: bool = False, consumes: str | None = None, produces: str = "application/json",
-          query: dict[str, str] | None = None, schema: dict | None = None) -> Callable:
+          query: dict[str, str] | None = None, schema: dict | None = None, body_optional: bool = False) -> Callable:
     """Registers `fn(request, **path_params)` on the blueprint with rft-hub's conventions.
 
     auth: "team", "admin", "any" (a team key or the admin key) or None.
     consumes/produces/query/schema only describe the route in the OpenAPI document. body: a pydantic
     model to validate a JSON body
-    against (unknown fields rejected); json_body=True parses JSON without a model.
+    against (unknown fields rejected); json_body=True parses JSON without a model. body_optional: an
+    empty body is the model's defaults (the model must have a default for every field).
     """
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -207,11 +231,15 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
                               request_id=request_id)
                 # Every wait inside (DynamoDB retries, Bedrock) fits in what API Gateway and Lambda allow,
                 # authentication's reads included (a console cookie's two reads took 25 s each without).
-                with deadline.running(deadline.budget_from_context(_lambda_context(bp))):
-                    req.principal = authenticate(auth, headers, current.method)
+                with deadline.running(deadline.budget_from_context(_lambda_context(bp))), \
+                        audit.acting(None, request_id):
+                    req.principal = authenticate(auth, headers, current.method, path)
+                    audit.set_actor(req.principal)   # who the audit entries of this request name
                     team_id = req.principal.team_id if req.principal else None
                     check_path_params(path_params)
-                    if body is not None or json_body:
+                    if body is not None and body_optional and not raw.strip():
+                        req.body = body()
+                    elif body is not None or json_body:
                         req.body = parse_json_body(raw, body)
                     result = fn(req, **path_params)
                 if isinstance(result, Response):
@@ -230,8 +258,9 @@ def route(bp: Blueprint, path: str, methods: tuple[str, ...] = ("GET",), *,
             return response
 
         # What the OpenAPI document says about this route (chalicelib/api/openapi.py).
-        view.openapi = {"auth": auth, "body": body, "json_body": json_body, "consumes": consumes,
-                        "produces": produces, "query": query or {}, "schema": schema, "name": fn.__name__,
+        view.openapi = {"auth": auth, "body": body, "body_optional": body_optional, "json_body": json_body,
+                        "consumes": consumes, "produces": produces, "query": query or {}, "schema": schema,
+                        "name": fn.__name__,
                         "summary": (fn.__doc__ or fn.__name__.replace("_", " ")).strip().splitlines()[0]}
         bp.route(path, methods=list(methods), content_types=ANY_CONTENT)(view)
         return fn

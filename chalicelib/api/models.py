@@ -27,12 +27,12 @@ class PointAlias(StrictModel):
 
 @route(bp, "/v1/models")
 def list_models(req: Request):
-    return {"object": "list", "data": models.list_for_team(req.team_id)}
+    return {"object": "list", "data": models.list_for_team(req.team_id, req.principal.models)}
 
 
 @route(bp, "/v1/models/{model_id}")
 def retrieve_model(req: Request, model_id: str):
-    found = models.describe(req.team_id, model_id)
+    found = models.describe(req.team_id, model_id, req.principal.models)
     if found is None:
         raise NotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
                        param="model", code="model_not_found")

@@ -39,7 +39,7 @@ def _request_body(r: dict, components: dict) -> dict | None:
         schema = r["body"].model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[r["body"].__name__] = schema
-        return {"required": True, "content": {"application/json": {
+        return {"required": not r.get("body_optional"), "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{r['body'].__name__}"}}}}
     if r["json_body"]:
         return {"required": True, "content": {"application/json": {"schema": r["schema"] or {"type": "object"}}}}

@@ -268,7 +268,8 @@ def check_rows(ev: EvalDefinition, ds: rules.DataSource, rows: list) -> None:
 
 
 def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | None, *, job_id: str | None = None,
-               role: str | None = None, run_id: str | None = None) -> tuple[int, dict]:
+               role: str | None = None, run_id: str | None = None, allowed=None) -> tuple[int, dict]:
+    """`allowed`: the models the calling key may call (issue #29; None: any)."""
     ev = get_eval(team_id, eval_id)
     apply_rules(rules.check_metadata, body.metadata)
     ds = apply_rules(rules.check_data_source, body.data_source)
@@ -281,7 +282,7 @@ def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | 
     if ds.type == "completions":
 
         try:
-            target, _ = targets.priced(team_id, ds.model, "data_source.model")
+            target, _ = targets.priced(team_id, ds.model, "data_source.model", allowed=allowed)
         except NotFound as err:
             raise InvalidRequest(err.message, param="data_source.model", code="model_not_found") from None
         upstream, base, alias = target.upstream, target.base_model, target.alias

@@ -14,6 +14,7 @@ from chalicelib.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from chalicelib.evaluation import gates
 from chalicelib.inference import registry
 from chalicelib.log import logger
+from chalicelib.platform import audit
 from chalicelib.store import dynamo
 from chalicelib.store.models import Alias, AliasChange, AliasGate, Job, TunedModel, connection
 
@@ -72,6 +73,19 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
             evidence = {**gates.gate_evidence(team_id, alias, existing, model_id, current.model_id), "gate": existing}
     if moving and watch_evidence:
         evidence = {**(evidence or {}), **watch_evidence}
+    # The audit log (issue #29): a gate set, changed or removed, or a gate overridden by the admin,
+    # is one entry in this same transaction.
+    act = None
+    overrode_gate = bool(override_reason) and moving and existing is not None and current is not None
+    overrode_flag = moving and bool(watch_evidence) and watch_evidence["watch"].get("state") == registry.FLAGGED
+    if overrode_gate or overrode_flag:
+        act = audit.Act("alias.override", f"alias:{alias}", team_id,
+                        before={"model": current.model_id if current else None, "gate": existing},
+                        after={"model": model_id, "gate": wanted, "override_reason": override_reason,
+                               "overrode": "gate" if overrode_gate else "watch_flag"})
+    elif gate_changed:
+        act = audit.Act("gate.set", f"alias:{alias}", team_id, before={"gate": existing}, after={"gate": wanted})
+    audited = None
     key = gates.gate_key(team_id, alias)
     gate_unchanged = (AliasGate.updated_at == gate_item.updated_at) if gate_item else AliasGate.entry.does_not_exist()
     record = current
@@ -104,6 +118,8 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
                         condition=gate_unchanged)
             else:       # the gate this move was checked against is still the alias's gate
                 tx.condition_check(AliasGate, key, "gate", condition=gate_unchanged)
+            if act is not None:
+                audited = audit.transact_put(tx, act)
     except TransactWriteError as err:
         # Only a failed condition is "changed concurrently"; a throttle or a transaction conflict is
         # a busy DynamoDB (a 503 to retry), never read by a caller as "the alias exists".
@@ -112,6 +128,8 @@ def point_alias(team_id: str, alias: str, model_id: str, *, changed_by: str, onl
         raise Conflict(f"Alias '{alias}' changed concurrently; retry.", param="alias") from None
     if event is not None:
         outbox.publish([event])
+    if audited is not None:
+        audit.published(audited)
     registry.forget(team_id, alias)
     if event is not None:   # Amazon Nova: deployments follow the aliases (inference/deployments.py)
         registry.deployments_follow(team_id, record, current)

@@ -26,15 +26,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pynamodb.exceptions import TransactWriteError
-from pynamodb.transactions import TransactWrite
 
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain.graders import Grader
 from chalicelib.domain.graders.core import LambdaGrader, Multi
 from chalicelib.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from chalicelib.platform import audit
 from chalicelib.store import dynamo
-from chalicelib.store.models import LambdaGraderOwner, LambdaGraderRegistration, connection
+from chalicelib.store.models import LambdaGraderOwner, LambdaGraderRegistration
 
 NAME_PREFIX = "rft-grader-"
 OWN_PREFIX = "rft-hub-"          # every function of the app is deployed as rft-hub-<stage>-<name>
@@ -160,14 +160,15 @@ def register(team_id: str, function_arn: str) -> tuple[int, dict]:
     now = ids.now()
     record = LambdaGraderRegistration(team_id, fn.name, function_arn=fn.unqualified, created_at=now)
 
-    def write() -> None:
-        with TransactWrite(connection=connection()) as tx:
-            tx.save(LambdaGraderOwner(fn.name, team_id=team_id, created_at=now),
-                    condition=LambdaGraderOwner.function_name.does_not_exist())
-            tx.save(record)
+    def write(tx) -> None:
+        tx.save(LambdaGraderOwner(fn.name, team_id=team_id, created_at=now),
+                condition=LambdaGraderOwner.function_name.does_not_exist())
+        tx.save(record)
 
+    act = audit.Act("lambda_grader.registered", f"lambda_grader:{fn.name}", team_id,
+                    after={"function_arn": fn.unqualified})
     try:   # a repeat after an unknown outcome meets its own owner record: answered as a retry below
-        dynamo.call(write, idempotent=True, what="lambda grader registration")
+        audit.commit(act, write, what="lambda grader registration")
     except TransactWriteError as exc:
         if not dynamo.is_condition(exc):
             raise
@@ -191,13 +192,14 @@ def unregister(team_id: str, name: str) -> dict:
     if record is None:
         raise missing
 
-    def write() -> None:
-        with TransactWrite(connection=connection()) as tx:
-            tx.delete(record, condition=LambdaGraderRegistration.function_name.exists())
-            tx.delete(LambdaGraderOwner(name), condition=LambdaGraderOwner.team_id == team_id)
+    def write(tx) -> None:
+        tx.delete(record, condition=LambdaGraderRegistration.function_name.exists())
+        tx.delete(LambdaGraderOwner(name), condition=LambdaGraderOwner.team_id == team_id)
 
+    act = audit.Act("lambda_grader.unregistered", f"lambda_grader:{name}", team_id,
+                    before={"function_arn": record.function_arn})
     try:
-        dynamo.call(write, idempotent=True, what="lambda grader removal")
+        audit.commit(act, write, what="lambda grader removal")
     except TransactWriteError as exc:
         if not dynamo.is_condition(exc):
             raise

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from chalicelib import deadline
+from chalicelib import deadline, metrics
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError
 from chalicelib.inference.targets import Target
@@ -45,16 +45,21 @@ class Hold:
     worst: int
     started: float = field(default_factory=time.perf_counter)
     book_later: Callable[[], None] | None = None
+    upstream_ms: float | None = None     # a plain call's upstream time (the gateway's own is the rest)
+    ttft_ms: float | None = None         # a stream's time to its first event
 
     def run(self, invoke, *, defer: bool = False):
         """Runs `invoke()` -> (result, (input, cached, output) tokens or None) under the hold;
         returns (result, ledger entry). `defer`: the ledger write is left in `book_later`, for the
         caller to run once the answer is sent (and before its invocation ends)."""
+        started = time.perf_counter()
         try:
             result, counted = invoke()
         except BaseException as exc:
             self.fail(exc)
             raise
+        finally:
+            self.upstream_ms = (time.perf_counter() - started) * 1000
         return result, self.finish(counted, defer=defer)
 
     def finish(self, counted: tuple[int, int, int] | None, *, estimated: bool = False,
@@ -90,6 +95,7 @@ class Hold:
         slice it was admitted against. Never raises."""
         ledger.write(self.entry)
         slices.lender().finish(self.admission, int(self.entry.cost_micro or 0))
+        metrics.ledger_call(self.entry, self.upstream_ms, self.ttft_ms)
 
     def fail(self, exc: BaseException) -> None:
         """Nothing was served: an ApiError goes on the ledger at no cost; anything else leaves
@@ -109,7 +115,11 @@ def reserve(team_id: str, key_id: str | None, request_id: str, target: Target, p
     A call that may run longer than a short slice admits (a stream, a long deadline) takes a long one."""
     created_ms = ids.now_ms()
     short = not stream and deadline.remaining() <= budgets.CALL_SECONDS["s"]
-    admission = slices.lender().admit(team_id, worst, "s" if short else "u")
+    try:
+        admission = slices.lender().admit(team_id, worst, "s" if short else "u")
+    except budgets.OverBudget:
+        metrics.budget_refusal(team_id)
+        raise
     entry = ledger.new_entry(team_id, created_ms, request_id, admission.hold_id, key_id=key_id, model=target.requested,
                              upstream_model=target.upstream, alias=target.alias, endpoint=endpoint,
                              reserved_micro=worst, stream=stream, status=200, kind=kind, job_id=job_id)

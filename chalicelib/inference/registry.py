@@ -16,6 +16,7 @@ from chalicelib.domain.nova import is_nova
 from chalicelib.errors import Conflict, NotFound
 from chalicelib.inference import deployments
 from chalicelib.log import logger
+from chalicelib.platform import audit
 from chalicelib.store import dynamo
 from chalicelib.store.models import Alias, AliasChange, Checkpoint, Job, TunedModel, connection
 
@@ -132,15 +133,18 @@ def release_model(team_id: str, model_id: str, reason: str, released_by: str) ->
     event = outbox.stage("rft-hub.model.released", team_id, model=model_id, job_id=model.job_id,
                          released_from=state, released_by=released_by, reason=reason,
                          findings=[f.get("code") for f in model.watch.get("findings") or []])
+    act = audit.Act("model.released", f"model:{model_id}", team_id, before={"watch": state},
+                    after={"watch": RELEASED, "reason": reason, "released_by": released_by})
     try:
         with TransactWrite(connection=connection()) as tx:
             tx.update(model, actions=[TunedModel.watch.set(released)], condition=TunedModel.watch == model.watch)
             tx.save(event)
+            audited = audit.transact_put(tx, act)    # the audit log's entry, in the same transaction
     except TransactWriteError as err:
         if dynamo.is_busy(err):
             raise dynamo.busy_error("tuned model") from None
         raise Conflict(f"Model '{model_id}' changed concurrently; retry.", param="model") from None
-    outbox.publish([event])
+    outbox.publish([event, audited])
     _resolved.invalidate()
     model.watch = released
     return model, state

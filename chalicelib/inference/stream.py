@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 
 from chalicelib.errors import ApiError, UpstreamError
@@ -154,6 +155,8 @@ class Stream:
             for block in _event_blocks(lines):
                 out = self._account(block)
                 if out:
+                    if self._hold.ttft_ms is None:
+                        self._hold.ttft_ms = (time.perf_counter() - self._hold.started) * 1000
                     yield out
         except GeneratorExit:
             self._drain(lines)               # the caller went away: read the rest for its usage

@@ -31,13 +31,13 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from pynamodb.exceptions import DoesNotExist
+from pynamodb.exceptions import DoesNotExist, TransactWriteError
 
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.config import settings
 from chalicelib.domain import keys
 from chalicelib.errors import Forbidden, Unauthorized
-from chalicelib.platform import teams
+from chalicelib.platform import audit, teams
 from chalicelib.platform.teams import Principal
 from chalicelib.store import dynamo
 from chalicelib.store.models import ApiKey, ConsoleSessionRevocation
@@ -74,9 +74,10 @@ class Session:
         self.expires_at: int = int(payload["exp"])
 
     def principal(self) -> Principal:
+        """Who the session is, before its key's record is read (console_sessions._key_principal)."""
         if self.kind == "admin":
-            return Principal(team_id=None, key_id=None, is_admin=True)
-        return Principal(team_id=self.team_id, key_id=self.key_id)
+            return Principal(team_id=None, key_id=None, is_admin=True, session_id=self.sid)
+        return Principal(team_id=self.team_id, key_id=self.key_id, session_id=self.sid)
 
     def view(self) -> dict:
         return {"object": "console.session", "principal": self.kind, "team_id": self.team_id,
@@ -144,22 +145,34 @@ def decode(token: str, now: float | None = None) -> Session | None:
 
 
 def sign_in(key: str) -> tuple[str, Session]:
-    """A team key or the admin key, checked exactly as a bearer key is, for a new session."""
+    """A team key or the admin key, checked exactly as a bearer key is, for a new session. The
+    sign-in is audited (its entry is the only write: a session is a signed token, not a row)."""
     principal = teams.authenticate_team(key) if keys.parse_key_id(key) else teams.authenticate_admin(key)
-    return issue(principal)
+    token, session = issue(principal)
+    audit.commit(audit.Act("console.signed_in", f"console:{session.sid}", session.team_id,
+                           after={"expires_at": session.expires_at}, actor=audit.actor_of(session.principal())),
+                 what="console sign-in")
+    return token, session
 
 
 # ---- revocation --------------------------------------------------------------------------------------
 
 _revoked_here: dict[str, int] = {}       # sid -> expiry: signed out through this instance
-_keys: dict[str, tuple[float, bool, str | None]] = {}   # key id -> (checked at, valid, team id)
+_keys: dict[str, tuple[float, bool, ApiKey | None]] = {}   # key id -> (checked at, not revoked, record)
 _lock = threading.Lock()
 
 
 def sign_out(session: Session) -> None:
     expires = datetime.fromtimestamp(session.expires_at + 60, tz=UTC)
     record = ConsoleSessionRevocation(session.sid, revoked_at=int(time.time()), expires_at=expires)
-    dynamo.call(lambda: record.save(), idempotent=True, what="console sign-out")
+    try:
+        audit.commit(audit.Act("console.signed_out", f"console:{session.sid}", session.team_id,
+                               actor=audit.actor_of(session.principal())),
+                     lambda tx: tx.save(record, condition=ConsoleSessionRevocation.session_id.does_not_exist()),
+                     what="console sign-out")
+    except TransactWriteError as exc:
+        if not dynamo.is_condition(exc):
+            raise       # (a condition: signed out already by another request; that one left the entry)
     with _lock:
         now = time.time()
         for sid in [s for s, exp in _revoked_here.items() if exp < now]:
@@ -179,9 +192,11 @@ def _signed_out(session: Session) -> bool:
     return True
 
 
-def _key_valid(session: Session) -> bool:
+def _key_principal(session: Session) -> Principal | None:
+    """The session's principal while its key is valid (None otherwise): a team key's role, models
+    and expiry as its record says now, so a console session can do no more than its key."""
     if session.kind == "admin":
-        return hmac.compare_digest(session.key_id, admin_fingerprint())
+        return session.principal() if hmac.compare_digest(session.key_id, admin_fingerprint()) else None
     now = time.monotonic()
     with _lock:
         hit = _keys.get(session.key_id)
@@ -189,12 +204,16 @@ def _key_valid(session: Session) -> bool:
         try:
             record = dynamo.call(lambda: ApiKey.get(session.key_id, consistent_read=True),
                                  idempotent=True, what="key lookup")
-            hit = (now, record.revoked_at is None, record.team_id)
+            hit = (now, record.revoked_at is None, record)
         except DoesNotExist:
             hit = (now, False, None)
         with _lock:
             _keys[session.key_id] = hit
-    return hit[1] and hit[2] == session.team_id
+    record = hit[2]
+    if not hit[1] or record is None or record.team_id != session.team_id:
+        return None
+    principal = teams.principal_for(record, session_id=session.sid)
+    return None if principal.expired() else principal
 
 
 def clear_cache() -> None:
@@ -222,7 +241,7 @@ def current(headers: dict[str, str]) -> Session | None:
     or its key revoked)."""
     token = cookie_token(headers)
     session = decode(token) if token else None
-    if session is None or _signed_out(session) or not _key_valid(session):
+    if session is None or _signed_out(session) or _key_principal(session) is None:
         return None
     return session
 
@@ -235,7 +254,8 @@ def authenticate(headers: dict[str, str], auth: str, method: str | None) -> Prin
     if token is None:
         return None
     session = current(headers)
-    if session is None:
+    principal = _key_principal(session) if session is not None else None
+    if session is None or principal is None:
         raise Unauthorized(_EXPIRED)
     if auth == "team" and session.kind != "team":
         raise Unauthorized("This route needs a team key; the console is signed in with the admin key.")
@@ -247,7 +267,7 @@ def authenticate(headers: dict[str, str], auth: str, method: str | None) -> Prin
             raise CsrfInvalid("Missing or wrong X-CSRF-Token header: a request authenticated by the console's "
                             "session cookie must send the token GET /console/session returns.",
                             param="X-CSRF-Token")
-    return session.principal()
+    return principal
 
 
 def set_cookie(token: str, max_age: int) -> str:

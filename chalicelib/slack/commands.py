@@ -16,6 +16,7 @@ from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import slack_messages as messages
 from chalicelib.errors import Unauthorized
 from chalicelib.inference import registry
+from chalicelib.platform import teams
 from chalicelib.slack import notifications
 from chalicelib.spend import budgets
 from chalicelib.store.models import Job, SlackChannel
@@ -24,7 +25,7 @@ from chalicelib.training import state as job_state
 
 HELP = ["`/rft help` this list", "`/rft jobs` recent jobs", "`/rft status <job>` one job",
         "`/rft usage` month-to-date spend against the budget", "`/rft models` tuned models and aliases",
-        "`/rft cancel <job>` cancel a running job"]
+        "`/rft keys` the team's API keys (role, models, expiry, last use)", "`/rft cancel <job>` cancel a running job"]
 
 
 def verify(raw_body: bytes, headers: dict) -> dict:
@@ -85,6 +86,8 @@ def command(form: dict) -> dict:
         lines = [f"`{a['id']}` → `{a['rft_target']}` (v{a['rft_version']})" for a in registry.list_aliases(team_id)]
         lines += [f"`{m['id']}` best reward {m['rft_best_reward']}" for m in registry.list_tuned(team_id)]
         return messages.ephemeral("Your models:" if lines else "No tuned models yet.", lines)
+    if name == "keys":
+        return _keys(team_id)
     if name == "cancel":
         job = _job_arg(team_id, args)
         if isinstance(job, dict):
@@ -93,6 +96,24 @@ def command(form: dict) -> dict:
             {"command": "cancel", "team_id": team_id, "job_id": job.job_id, "response_url": form.get("response_url")}))
         return messages.ephemeral(f"Cancelling `{job.job_id}`… I will post here when it is done.")
     return messages.ephemeral(f"Unknown command `{truncate_word(name)}`.", HELP)
+
+
+def _keys(team_id: str) -> dict:
+    """The team's keys, newest first: prefix, name, owner, role, models, status, expiry, last use. Never a
+    secret (only the public prefix is stored with the hash)."""
+    found = sorted(teams.team_keys(team_id), key=lambda k: k.created_at, reverse=True)
+    lines = []
+    for key in found[:20]:
+        view = teams.key_view(key)
+        models = ", ".join(f"`{m}`" for m in view["models"]) if view["models"] else "any model"
+        expires = f" until <!date^{view['expires_at']}^{{date_short}}|{view['expires_at']}>" \
+            if view["expires_at"] and view["status"] == "active" else ""
+        who = " ".join(x for x in (messages.truncate(view["name"] or "", 60),
+                                   f"({messages.truncate(view['owner'], 60)})" if view["owner"] else "") if x)
+        lines.append(f"`{view['prefix']}` {who} *{view['role']}* {models}, {view['status']}{expires}, "
+                     f"last used {view['last_used'] or 'never'}".replace("  ", " "))
+    more = f" (newest 20 of {len(found)})" if len(found) > 20 else ""
+    return messages.ephemeral(f"{len(found)} API keys{more}:" if found else "No API keys.", lines)
 
 
 def truncate_word(word: str) -> str:

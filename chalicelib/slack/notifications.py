@@ -283,6 +283,8 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
     if detail_type == "rft-hub.budget.threshold_crossed":
         # Every rft-hub event passes through this queue (a rule on the bus), Slack configured or not.
         metrics.budget_threshold(team_id, detail.get("threshold"))
+    if not isinstance(team_id, str) or not team_id:
+        return "not-wanted"         # an event of no team (an audit entry of a price change): no channel
     try:
         # consistent: a rotated webhook applies to the next message
         cfg = dynamo.call(lambda: SlackConfig.get(team_id, consistent_read=True), idempotent=True, what="slack config")

@@ -66,6 +66,15 @@ class ApiKey(_Base):
     prefix = UnicodeAttribute()
     created_at = NumberAttribute()
     revoked_at = NumberAttribute(null=True)
+    # Scoped keys (issue #29; domain/scopes.py). Absent on keys made before: a full key, any model.
+    name = UnicodeAttribute(null=True)
+    owner = UnicodeAttribute(null=True)
+    role = UnicodeAttribute(null=True)              # full | inference | read
+    models = ListAttribute(null=True)               # model ids / aliases it may call; absent: any
+    expires_at = NumberAttribute(null=True)         # unix s: refused from then (a rotation sets it too)
+    replaced_by = UnicodeAttribute(null=True)       # the key a rotation issued in its place
+    rotated_from = UnicodeAttribute(null=True)
+    last_used_day = UnicodeAttribute(null=True)     # "YYYY-MM-DD", written at most once a day per key
     by_team = KeysByTeam()
 
 
@@ -871,3 +880,55 @@ class ConsoleSessionRevocation(_Base):
 
 
 ALL_MODELS += (ConsoleSessionRevocation,)
+
+
+# ---- the audit log (issue #29) ----------------------------------------------------------------------
+
+class AuditByTeam(GlobalSecondaryIndex):
+    """A team's entries, newest first (sparse: entries of no team, e.g. a price change, are absent)."""
+    class Meta:
+        index_name = "by_team"
+        projection = AllProjection()
+
+    team_id = UnicodeAttribute(hash_key=True)
+    entry_id = UnicodeAttribute(range_key=True)
+
+
+class AuditEntry(_Base):
+    """One security-relevant act, written in the same transaction as the change it records, with a
+    condition that the entry is new; never updated or deleted (the functions' IAM denies both).
+    One partition: security acts are rare (admin changes, sign-ins), far under a partition's
+    1,000 writes a second, and one partition lists every entry in time order."""
+    class Meta(_Base.Meta):
+        table_name = table_name("audit_log")
+
+    log = UnicodeAttribute(hash_key=True)           # "audit"
+    entry_id = UnicodeAttribute(range_key=True)     # "aud_<unix ms:013d>_<random>": sorts by time
+    created_at = NumberAttribute()                  # unix ms
+    action = UnicodeAttribute()                     # e.g. key.created, budget.set (docs/controls.md)
+    actor = UnicodeAttribute()                      # "admin" | "key:<id>" | "console:<session>" | "system"
+    target = UnicodeAttribute()                     # what was changed, e.g. "key:<id>", "team:<id>"
+    team_id = UnicodeAttribute(null=True)           # the team concerned, if any (the by_team index)
+    before = JSONAttribute(null=True)
+    after = JSONAttribute(null=True)
+    request_id = UnicodeAttribute(null=True)
+    by_team = AuditByTeam()
+
+
+ALL_MODELS += (AuditEntry,)
+
+
+class GuardrailAttachment(_Base):
+    """A Bedrock guardrail an admin attached to a team (scope "team") or to one of its aliases
+    (scope "alias:<name>", which wins over the team's): the gateway checks calls with it."""
+    class Meta(_Base.Meta):
+        table_name = table_name("guardrails")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    scope = UnicodeAttribute(range_key=True)        # "team" | "alias:<alias>"
+    guardrail_identifier = UnicodeAttribute()       # id or ARN
+    guardrail_version = UnicodeAttribute()          # "1", "2", ... or "DRAFT"
+    updated_at = NumberAttribute()
+
+
+ALL_MODELS += (GuardrailAttachment,)

@@ -474,6 +474,8 @@ def test_the_admin_sees_every_team_side_by_side(world, browser):
     assert "console-a" in row_a and "$25.00" in row_a
     assert c.page.locator(f"#teams-table tr[data-team='{world['team_b']}']").count() == 1
     assert c.page.locator("#prices tbody tr").count() >= 3
+    audit = c.page.inner_text("#audit")                         # the audit log (issue #29): the newest acts
+    assert "key.created" in audit and "console.signed_in" in audit
     c.shot("admin")
     c.page.click("#nav a[data-page=jobs]")
     assert "admin key has no team" in c.page.inner_text("main")

@@ -32,7 +32,35 @@ def test_policies_grant_no_wildcard_action_on_a_wildcard_resource():
         for statement in json.loads(path.read_text())["Statement"]:
             assert not (_service_wide(statement["Action"]) and _wildcard(statement["Resource"])), \
                 f"{path.name}: {statement.get('Sid')} grants {statement['Action']} on *"
-            assert statement["Effect"] == "Allow"
+            assert statement["Effect"] == "Allow" or statement["Sid"] == "AuditLogAppendOnly"
+
+
+def _grants(statements, action: str, arn: str) -> bool:
+    """Whether the statements allow `action` on `arn` (IAM's rules: an explicit Deny wins)."""
+    from fnmatch import fnmatchcase
+
+    def matches(statement):
+        return any(fnmatchcase(action, a) for a in statement["Action"]) and \
+            any(fnmatchcase(arn, r) for r in statement["Resource"])
+    return any(matches(s) for s in statements if s["Effect"] == "Allow") and \
+        not any(matches(s) for s in statements if s["Effect"] == "Deny")
+
+
+def test_no_function_can_update_or_delete_an_audit_entry():
+    """The audit log is append-only (issue #29): every function may put an entry (its transactions
+    are authorized per item as PutItem) and none may update, delete or batch-write one."""
+    from chalicelib.store.models import AuditEntry
+    from deploy import template
+
+    assert AuditEntry.Meta.table_name.endswith("-" + template.AUDIT_TABLE)
+    for stage in ("dev", "prod"):
+        arn = f"arn:aws:dynamodb:us-west-2:123456789012:table/rfthub-{stage}-{template.AUDIT_TABLE}"
+        functions = {**template.policies(stage), "data_plane": template.dataplane_policy(stage)}
+        for function, statements in functions.items():
+            for action in ("dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"):
+                assert not _grants(statements, action, arn), f"{stage}/{function} may {action} the audit log"
+        assert _grants(functions["api_handler"], "dynamodb:PutItem", arn)   # where audited acts happen
+        assert f"Table{AuditEntry.__name__}" in template.table_resources(stage, [AuditEntry])
 
 
 def test_committed_policies_match_the_generator():

@@ -82,7 +82,7 @@ def test_values_are_what_the_caller_measured():
 def test_a_ledger_entry_gives_the_calls_metrics_at_the_ledgers_exact_cost():
     from chalicelib.store.models import LedgerEntry
 
-    entry = LedgerEntry("team_a", "k", request_id="req-1", key_id="0123456789abcdef", model="support-bot",
+    entry = LedgerEntry("team_a#00", "k", team_id="team_a", request_id="req-1", key_id="0123456789abcdef", model="support-bot",
                         upstream_model="openai.gpt-oss-20b:ft-1", status=200, stream=True, latency_ms=412,
                         input_tokens=31, output_tokens=64, cost_micro=1234)
     with captured() as lines:

@@ -912,8 +912,9 @@
 
   function adminPage(view) {
     if (S.session.principal !== "admin") { show(view, "Admin", empty("Sign in with the admin key for every team's budgets and prices.")); return null; }
-    return Promise.all([api("v1/admin/teams"), api("v1/usage?group_by=kind&start=" + monthStart()), api("v1/admin/prices")]).then(function (r) {
-      var teams = r[0].data || r[0] || [], usage = r[1], prices = r[2].data || [];
+    return Promise.all([api("v1/admin/teams"), api("v1/usage?group_by=kind&start=" + monthStart()), api("v1/admin/prices"),
+                        api("v1/admin/audit?limit=20")]).then(function (r) {
+      var teams = r[0].data || r[0] || [], usage = r[1], prices = r[2].data || [], audit = r[3].data || [];
       var byTeam = usage.spend_by_team || {};
       return Promise.all(teams.map(function (t) {
         return api("v1/admin/teams/" + enc(t.id) + "/budget").catch(function () { return null; });
@@ -938,7 +939,14 @@
               return h("tr", null, td(h("span", {"class": "mono"}, p.model || p.id)), td(p.input_usd_per_1m, "num"),
                 td(p.cached_input_usd_per_1m || "–", "num hide-sm"), td(p.output_usd_per_1m, "num"),
                 td(h("span", {"class": "small muted"}, (p.override ? "override · " : "") + (p.source || "")), "hide-sm"));
-            })), {id: "prices"})]);
+            })), {id: "prices"}),
+          // The audit log (issue #29): the newest security-relevant acts; GET /v1/admin/audit pages and filters.
+          card("Audit log (newest 20)", audit.length ? table(null, ["When", "Action", "Target", "Actor", {label: "Team", cls: "hide-sm"}],
+            audit.map(function (e) {
+              return h("tr", {"data-entry": e.id}, td(when(e.created_at)), td(h("span", {"class": "mono"}, e.action)),
+                td(h("span", {"class": "mono"}, e.target)), td(h("span", {"class": "mono small"}, e.actor)),
+                td(h("span", {"class": "mono small"}, e.team_id || "–"), "hide-sm"));
+            })) : empty("No audited act yet."), {id: "audit"})]);
       });
     });
   }

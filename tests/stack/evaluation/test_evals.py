@@ -475,6 +475,12 @@ def test_a_gated_alias_moves_only_to_a_model_that_passes(client, stack, bedrock)
     assert history[0]["override_reason"] == "rollback requested by the on-call" and history[0]["changed_by"] == "admin"
     assert history[1]["eval_run_id"] == runs[step4].id and history[1]["comparison"]["step4"]["min_score"] == 1.0
     assert "eval_run_id" not in history[2]                                               # the job's own first point
+    # The audit log (issue #29): the team's gate set, the admin's gate change and override, one entry each.
+    from chalicelib.domain import keys
+    from chalicelib.store.models import AuditEntry
+    acts = sorted((e.action, e.actor) for e in AuditEntry.query("audit", consistent_read=True)
+                  if e.target == f"alias:{alias}" and e.team_id == team_id)
+    assert acts == [("alias.override", "admin"), ("gate.set", "admin"), ("gate.set", f"key:{keys.parse_key_id(key)}")]
 
 
 # ---- the eval a fine-tuning job names -----------------------------------------------------------------

@@ -361,3 +361,24 @@ def test_deployment_and_eval_events_reach_slack(api, admin_headers, make_team, s
     assert "exact 0.750" in posted[3]["text"] and "base `openai.gpt-oss-20b` (completed): exact 0.250" in posted[4]["text"]
     configure(api, admin_headers, stack, team_id, f"T/D/{team_id}", notify=["job"])
     assert slack.deliver(_event(team_id, "rft-hub.eval.run_finished", **{**run, "run_id": "evalrun_2"})) == "not-wanted"
+
+
+def test_slash_keys_lists_the_teams_keys_and_no_secret(api, admin_headers, make_team, stack, sink):
+    """`/rft keys` (issue #29): the channel's team's keys with role, models, status and last use."""
+    team_id, key = make_team("slash-keys")
+    channel = configure(api, admin_headers, stack, team_id, f"T/B/{team_id}")["channel_ids"][0]
+    scoped = api.http.post(f"/v1/admin/teams/{team_id}/keys", headers=admin_headers, body=json.dumps(
+        {"name": "grafana", "owner": "sre", "role": "read", "models": ["openai.gpt-oss-20b"]})).json_body
+    assert api.http.get("/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    r = slash(api, {"team_id": "TTEST1", "channel_id": channel, "user_id": "U1", "command": "/rft", "text": "keys",
+                    "response_url": f"http://127.0.0.1:{stack.slack.port}/commands/T/{team_id}/resp"})
+    assert r.status_code == 200 and r.json_body["response_type"] == "ephemeral"
+    text = r.json_body["text"] + json.dumps(r.json_body["blocks"])
+    assert "2 API keys" in text and scoped["prefix"] in text and "grafana" in text and "*read*" in text
+    assert "`openai.gpt-oss-20b`" in text and "any model" in text and "last used 20" in text and "never" in text
+    assert key not in text and scoped["key"] not in text and keys_hash_absent(text)
+
+
+def keys_hash_absent(text: str) -> bool:
+    import re
+    return re.search(r"[0-9a-f]{64}", text) is None

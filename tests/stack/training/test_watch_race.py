@@ -175,6 +175,10 @@ def test_a_late_hack_that_bedrock_finishes_is_never_served_until_the_admin_relea
     released = bus_events("rft-hub.model.released", model)
     assert len(released) == 1 and released[0]["reason"] == "reviewed the rollouts"
     assert released[0]["released_from"] == "quarantined" and released[0]["job_id"] == job.id
+    from chalicelib.store.models import AuditEntry  # the audit log (issue #29): one entry, the admin's
+    entries = [e for e in AuditEntry.query("audit", consistent_read=True) if e.team_id == team_id]
+    assert [(e.action, e.actor, e.target) for e in entries if e.action in ("model.released", "alias.override")] == \
+        [("model.released", "admin", f"model:{model}")]
     assert client.models.retrieve(model).id == model
     assert client.chat.completions.create(model="late-hack", messages=[{"role": "user", "content": "2+2?"}],
                                           max_tokens=5).choices
@@ -212,5 +216,9 @@ def test_with_alert_the_flagged_model_is_served_but_no_alias_moves_to_it_without
     history = client.get("/models/aliases/prod/history", cast_to=object)["data"]
     assert history[0]["override_reason"] == "the length finding is the grader's, accepted"
     assert history[0]["watch"]["state"] == "flagged" and {f["code"] for f in history[0]["watch"]["findings"]} == codes
+    from chalicelib.store.models import AuditEntry  # the audit log (issue #29): the admin's override, once
+    overrides = [e for e in AuditEntry.query("audit", consistent_read=True)
+                 if e.team_id == team_id and e.action == "alias.override"]
+    assert [(e.actor, e.target, e.after["overrode"]) for e in overrides] == [("admin", "alias:prod", "watch_flag")]
     assert client.chat.completions.create(model="prod", messages=[{"role": "user", "content": "2+2?"}],
                                           max_tokens=5).choices
