@@ -292,10 +292,10 @@ def _stage_environment(stage: str) -> dict:
 
 
 def dataplane_policy(stage: str) -> list[dict]:
-    """What the data plane does: authenticate team keys, resolve and price models (reads), hold,
-    ledger and settle (budget periods, ledger, threshold events), call Bedrock."""
+    """What the data plane does: authenticate team keys, resolve and price models (reads), take
+    budget and rate-limit slices, write the ledger and threshold events, call Bedrock."""
     table = f"arn:aws:dynamodb:*:*:table/rfthub-{stage}-"
-    writes = [f"{table}{name}" for name in ("budget_periods", "ledger", "outbox")]
+    writes = [f"{table}{name}" for name in ("budget_periods", "ledger", "outbox", "rate_windows")]
     return [
         _statement(["dynamodb:GetItem", "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:DescribeTable"],
                    [f"{table}*", f"{table}*/index/*"], "Reads"),

@@ -7,6 +7,7 @@ from decimal import Decimal
 from chalice import Blueprint, Response
 
 from chalicelib.api.http import Request, route
+from chalicelib.inference import ratelimits
 from chalicelib.platform import teams
 from chalicelib.spend import budgets, metering, prices
 
@@ -82,6 +83,17 @@ def set_budget(req: Request, team_id: str):
 def get_budget(req: Request, team_id: str):
     teams.get_team(team_id)
     return budgets.view(team_id)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/limits", ("PUT",), auth="admin", json_body=True)
+def set_limits(req: Request, team_id: str):
+    """Requests and tokens a minute for the team, or for one of its keys (`key_id`)."""
+    return ratelimits.set_limits(team_id, req.body)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/limits", auth="admin")
+def get_limits(req: Request, team_id: str):
+    return ratelimits.list_limits(team_id)
 
 
 @route(bp, "/v1/admin/prices/{model}", ("PUT",), auth="admin", json_body=True)

@@ -25,7 +25,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import numbers, pricing
 from chalicelib.errors import InvalidRequest
 from chalicelib.inference import converse as nova_converse
-from chalicelib.inference import metered
+from chalicelib.inference import guardrails, metered, ratelimits
 from chalicelib.inference.metered import tokens
 from chalicelib.inference.stream import Stream
 from chalicelib.inference.targets import priced
@@ -85,12 +85,21 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     target, price = priced(principal.team_id, body.get("model"))
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
+    # Rate limits first (no DynamoDB write in steady state either): a refused call costs nothing.
+    ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
+        max_output or budget_rules.DEFAULT_OUTPUT_CAP))
+    limit_headers = {**ticket.headers, "x-rft-upstream-model": target.upstream}
     upstream_body = {**body, "model": target.upstream}
     # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).
     converse = nova_converse.converse_call(principal.team_id, target, endpoint, upstream_body)
+    hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
+                           endpoint=endpoint, stream=stream)
+    try:
+        _guard_input(principal, request_id, target, body, endpoint)
+    except BaseException as exc:
+        hold.fail(exc)
+        raise
     if stream:
-        hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
-                               endpoint=endpoint, stream=True)
         try:
             upstream = converse.open_stream(upstream_deadline()) if converse else \
                 open_upstream(principal.team_id, endpoint, upstream_body)
@@ -98,7 +107,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
             hold.fail(exc)
             raise
         return Stream(upstream, hold, style=style, prompt_tokens=prompt_tokens,
-                      client_wants_usage=client_wants_usage, headers={"x-rft-upstream-model": target.upstream})
+                      client_wants_usage=client_wants_usage, headers=limit_headers)
 
     def invoke():
         status, content_type, raw = send(principal.team_id, target, endpoint, upstream_body, converse)
@@ -108,11 +117,32 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
             usage = None
         return (status, content_type, raw), tokens(usage, style)
 
-    hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
-                           endpoint=endpoint, stream=False)
     (status, content_type, raw), entry = hold.run(invoke, defer=defer)
-    headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), "x-rft-upstream-model": target.upstream}
+    ticket.finish(entry.input_tokens + entry.output_tokens if entry.outcome == "served" else None)
+    if status == 200:
+        raw = _guard_output(principal, request_id, target, raw, style, endpoint)
+    headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), **limit_headers}
     return Reply(status, content_type, raw, headers, after=hold.book_later)
+
+
+def _guard_input(principal: Principal, request_id: str, target, body: dict, endpoint: str) -> None:
+    """The team's (or the alias's) Bedrock guardrail on the prompt, before anything goes upstream:
+    a block is a 400 `content_filter`; the check's own cost is on the ledger (`kind: guardrail`)."""
+    verdict = guardrails.check_input(principal.team_id, target.alias, body, endpoint)
+    if verdict is None:
+        return
+    metered.charge(principal.team_id, principal.key_id, f"{request_id}.guardrail-input", target, verdict.cost_micro,
+                   endpoint=endpoint, kind="guardrail")
+    if verdict.blocked:
+        raise guardrails.blocked_error(verdict)
+
+
+def _guard_output(principal: Principal, request_id: str, target, raw: bytes, style: str, endpoint: str) -> bytes:
+    """A plain answer through the guardrail: blocked -> finish_reason content_filter; masked -> masked."""
+    answer, cost = guardrails.filter_answer(principal.team_id, target.alias, raw, style)
+    metered.charge(principal.team_id, principal.key_id, f"{request_id}.guardrail-output", target, cost,
+                   endpoint=endpoint, kind="guardrail")
+    return answer
 
 
 def chat_completions(principal: Principal, request_id: str, body: dict, *,

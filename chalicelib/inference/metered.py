@@ -133,3 +133,16 @@ def metered_call(team_id: str, key_id: str | None, request_id: str, target: Targ
     team (gateway calls and grader judges alike). Returns (result, entry)."""
     return reserve(team_id, key_id, request_id, target, price, worst, endpoint=endpoint, stream=stream, kind=kind,
                    job_id=job_id).run(invoke)
+
+
+def charge(team_id: str, key_id: str | None, request_id: str, target: Target, cost_micro: int, *, endpoint: str,
+           kind: str) -> LedgerEntry | None:
+    """A cost known up front (a guardrail check, priced by what it checked): admitted against the
+    budget and booked at once as its own ledger entry. Nothing when it is 0."""
+    if cost_micro <= 0:
+        return None
+    hold = reserve(team_id, key_id, request_id, target, pricing.Price(target.upstream, 0, 0, 0, "", "", False),
+                   cost_micro, endpoint=endpoint, stream=False, kind=kind)
+    hold.entry.cost_micro = cost_micro
+    hold.book()
+    return hold.entry

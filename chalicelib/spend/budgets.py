@@ -30,6 +30,7 @@ from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
+from chalicelib.platform import audit
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, BudgetPeriod
 
@@ -151,8 +152,11 @@ def set_budget(team_id: str, body: dict) -> dict:
     if not isinstance(thresholds, list) or len(thresholds) > 10 or any(
             numbers.finite(t) is None or not 0 < t <= 1 for t in thresholds):     # 5e-324: not storable
         raise InvalidRequest("alert_thresholds must be up to 10 fractions in (0, 1].", param="alert_thresholds")
-    Budget(team_id, limit_micro=limit, period="monthly", thresholds=sorted(set(float(t) for t in thresholds)),
-           updated_at=ids.now()).save()
+    before = dynamo.get_or_none(Budget, team_id, what="budget config read")
+    item = Budget(team_id, limit_micro=limit, period="monthly", thresholds=sorted(set(float(t) for t in thresholds)),
+                  updated_at=ids.now())
+    audit.save(item, action="budget.set", target=f"team:{team_id}", team_id=team_id,    # one transaction
+               fields=("limit_micro", "period", "thresholds"), before_item=before, what="budget change")
     _config.invalidate(team_id)
     return view(team_id)
 

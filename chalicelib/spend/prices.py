@@ -10,6 +10,7 @@ from chalicelib.cache import TTLCache
 from chalicelib.domain import ids, pricing
 from chalicelib.domain.budget import MAX_PRICE_PER_1M
 from chalicelib.errors import InvalidRequest, NotFound
+from chalicelib.platform import audit
 from chalicelib.store import dynamo
 from chalicelib.store.models import PriceOverride
 
@@ -38,6 +39,9 @@ def price(model: str, base_model: str | None = None) -> pricing.Price | None:
                                                       what="price read"))
 
 
+_AUDITED = ("input", "output", "cached_input", "note")
+
+
 def set_override(model: str, body: dict) -> dict:
     values = {}
     for field in ("input", "output", "cached_input"):
@@ -57,19 +61,23 @@ def set_override(model: str, body: dict) -> dict:
         if value.as_tuple().exponent < -9:
             raise InvalidRequest(f"'{param}' has more than 9 decimal places.", param=param)
         values[field] = value
-    PriceOverride(model, input=str(values["input"]), output=str(values["output"]),
-                  cached_input=str(values["cached_input"]), updated_at=ids.now(),
-                  note=str(body.get("note") or "admin override")[:200]).save()
+    before = dynamo.get_or_none(PriceOverride, model, what="price read")
+    item = PriceOverride(model, input=str(values["input"]), output=str(values["output"]),
+                         cached_input=str(values["cached_input"]), updated_at=ids.now(),
+                         note=str(body.get("note") or "admin override")[:200])
+    audit.save(item, action="price.set", target=f"price:{model}", team_id=None, fields=_AUDITED,
+               before_item=before, what="price change")
     _cache.invalidate(model)
     return _load(model).view()
 
 
 def delete_override(model: str) -> dict:
     """Back to the repository's price (or to no price: calls to the model are then refused)."""
-    try:
-        PriceOverride.get(model).delete()
-    except DoesNotExist:
-        raise NotFound(f"No price override for '{model}'.", param="model") from None
+    item = dynamo.get_or_none(PriceOverride, model, what="price read")
+    if item is None:
+        raise NotFound(f"No price override for '{model}'.", param="model")
+    audit.delete(item, action="price.deleted", target=f"price:{model}", team_id=None, fields=_AUDITED,
+                 what="price change")
     _cache.invalidate(model)
     current = _load(model)
     return current.view() if current else {"model": model, "priced": False}

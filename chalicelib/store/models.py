@@ -932,3 +932,31 @@ class GuardrailAttachment(_Base):
 
 
 ALL_MODELS += (GuardrailAttachment,)
+
+
+class RateLimit(_Base):
+    """A team's (scope "team") or one key's (scope "key:<id>") request and token limits a minute."""
+    class Meta(_Base.Meta):
+        table_name = table_name("rate_limits")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    scope = UnicodeAttribute(range_key=True)        # "team" | "key:<key id>"
+    rpm = NumberAttribute(null=True)                # requests a minute
+    tpm = NumberAttribute(null=True)                # tokens a minute (prompt estimate + output limit)
+    updated_at = NumberAttribute()
+
+
+class RateWindow(_Base):
+    """One limit's one minute: what instances have carved out of it as slices (inference/ratelimits.py).
+    A new item each minute, expired by TTL an hour later: no counter is ever reset."""
+    class Meta(_Base.Meta):
+        table_name = table_name("rate_windows")
+
+    window = UnicodeAttribute(hash_key=True)        # "<team>#<scope>#<unix minute>"
+    requests = NumberAttribute(default=0)
+    tokens = NumberAttribute(default=0)
+    slices = MapAttribute(default=dict)             # slice id -> requests (a repeated take is a no-op)
+    expires_at = TTLAttribute(null=True)
+
+
+ALL_MODELS += (RateLimit, RateWindow)

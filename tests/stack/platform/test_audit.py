@@ -68,6 +68,25 @@ def test_lambda_grader_registrations_are_audited_once(api, admin_headers, make_t
     assert acts == ["lambda_grader.registered", "lambda_grader.unregistered"]
 
 
+def test_budget_and_price_changes_are_audited_once_with_before_and_after(api, admin_headers, make_team):
+    team_id, _ = make_team("audit-money")
+    for usd in ("10", "25"):
+        r = api.http.put(f"/v1/admin/teams/{team_id}/budget", headers=admin_headers,
+                         body=json.dumps({"limit_usd": usd, "alert_thresholds": [0.5]}))
+        assert r.status_code == 200, r.json_body
+    sets = [e for e in _entries(api, admin_headers, team_id) if e["action"] == "budget.set"]
+    assert len(sets) == 2 and sets[0]["target"] == f"team:{team_id}"        # newest first
+    assert sets[0]["before"]["limit_micro"] == 10_000_000 and sets[0]["after"]["limit_micro"] == 25_000_000
+    assert sets[1]["before"] is None
+    model = f"audit-model-{team_id[-6:]}"
+    for method, body in (("put", {"input_usd_per_1m": "1", "output_usd_per_1m": "2"}), ("delete", None)):
+        kwargs = {"body": json.dumps(body)} if body else {}
+        assert getattr(api.http, method)(f"/v1/admin/prices/{model}", headers=admin_headers, **kwargs).status_code == 200
+    acts = [e for e in _entries(api, admin_headers) if e["target"] == f"price:{model}"]
+    assert [e["action"] for e in acts] == ["price.deleted", "price.set"]
+    assert acts[1]["after"]["output"] == "2" and acts[0]["before"]["output"] == "2"
+
+
 def test_console_sign_in_and_out_are_audited(api, admin_headers, make_team):
     team_id, key = make_team("audit-console")
     r = api.http.post("/console/session", headers={"Content-Type": "application/json"}, body=json.dumps({"key": key}))
