@@ -23,9 +23,12 @@ _cold = True
 
 
 def enabled() -> bool:
-    """Inside Lambda (AWS_LAMBDA_FUNCTION_NAME) and not switched off (POWERTOOLS_TRACE_DISABLED)."""
+    """Inside Lambda (AWS_LAMBDA_FUNCTION_NAME), not switched off (POWERTOOLS_TRACE_DISABLED), and not
+    the data plane: behind Lambda Web Adapter (AWS_LWA_PORT) the web app is a child process whose
+    environment never carries an invocation's trace id, so the SDK would find no segment and log an
+    error per call; Lambda's own segment (Tracing: Active) traces it there."""
     off = os.environ.get("POWERTOOLS_TRACE_DISABLED", "").lower() in ("1", "true", "yes", "on")
-    return bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")) and not off
+    return bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME")) and not off and not os.environ.get("AWS_LWA_PORT")
 
 
 def tracer():

@@ -70,6 +70,8 @@ def alarms(stage: str) -> dict:
     s = f"rft-hub {stage}"
     out = {
         # API Gateway counts every 5xx it answers (Lambda's and its own) as 1, others 0: the average is the rate.
+        # ApiName is the REST API's name, which API Gateway takes from the definition's info.title
+        # (chalice sets it to the app's name); Stage is chalice's api_gateway_stage.
         "ApiServerErrorRateAlarm": _alarm(
             f"{s}: over 5% of API requests answered 5xx for 10 minutes (docs/operating.md#api-5xx)",
             {"Namespace": "AWS/ApiGateway", "MetricName": "5XXError", "Statistic": "Average",

@@ -576,6 +576,8 @@ MAX_PACKAGE_BYTES = 20_000_000         # 20 MB zipped (issue #12)
 
 def _dropped(name: str) -> bool:
     parts = name.split("/")
+    if "__pycache__" in parts:      # chalice copies chalicelib/ as it is, with a local run's bytecode
+        return True
     return (len(parts) > 3 and parts[0] == "botocore" and parts[1] == "data"
             and parts[2] not in BOTOCORE_SERVICES)
 
@@ -613,7 +615,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--slim":
         result = slim_package(Path(sys.argv[2]))
         print(f"slimmed {sys.argv[2]}: {result['zip_bytes_before']:,} -> {result['zip_bytes']:,} bytes "
-              f"({result['files_dropped']} botocore model files dropped)")
+              f"({result['files_dropped']} files dropped: botocore models not in use, bytecode)")
         if result["zip_bytes"] > MAX_PACKAGE_BYTES:
             sys.exit(f"the deployment package is {result['zip_bytes']:,} bytes; the limit is {MAX_PACKAGE_BYTES:,}")
     else:

@@ -62,3 +62,18 @@ def test_a_lambda_handler_is_traced_with_its_name_and_cold_start_only():
     calls = [s for d in docs for s in [d, *d.get("subsegments", [])] if s.get("namespace") == "aws"]
     assert any(s["name"].lower() == "sqs" for s in calls), [d["name"] for d in docs]
     assert probe["annotations"] == {"ColdStart": False, "Function": "probe"}
+
+
+def test_traces_are_recorded_only_inside_lambda_and_never_behind_the_web_adapter(monkeypatch):
+    from chalicelib import tracing
+
+    for name in ("AWS_LAMBDA_FUNCTION_NAME", "POWERTOOLS_TRACE_DISABLED", "AWS_LWA_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not tracing.enabled()                              # locally, in tests: never
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "rft-hub-prod-api_handler")
+    assert tracing.enabled()
+    monkeypatch.setenv("AWS_LWA_PORT", "8080")                # the data plane (deploy/template.py sets it)
+    assert not tracing.enabled()
+    monkeypatch.delenv("AWS_LWA_PORT")
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    assert not tracing.enabled()
