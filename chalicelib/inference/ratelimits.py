@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
@@ -30,7 +31,6 @@ from chalicelib.store import dynamo
 from chalicelib.store.models import RateLimit, RateWindow
 
 MAX_LIMIT = 10**9
-MIN_SLICE = 1
 _config = TTLCache(30)      # a changed limit is honoured within 30 s on other instances
 
 
@@ -102,16 +102,15 @@ class Ticket:
     taken: list[tuple[_Slice, int]] = field(default_factory=list)
     headers: dict = field(default_factory=dict)
 
+    minute: int = 0
+
     def finish(self, actual_tokens: int | None) -> None:
+        """A plain call's real usage: the tokens it did not use go back to its minute's slices."""
         if actual_tokens is None:
             return
         for s, estimated in self.taken:
-            if estimated > actual_tokens and s.window.endswith(f"#{_minute()}"):
+            if estimated > actual_tokens and s.window.endswith(f"#{self.minute}"):
                 s.tokens += estimated - actual_tokens
-
-
-def _minute() -> int:
-    return int(time.time() // 60)
 
 
 def _reset(now: float) -> str:
@@ -121,7 +120,8 @@ def _reset(now: float) -> str:
 class Limiter:
     """This process's slices of the current minutes. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.time) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._slices: dict[str, _Slice] = {}
         self._taking: defaultdict = defaultdict(threading.Lock)
@@ -131,7 +131,8 @@ class Limiter:
         limits = limits_for(team_id, key_id)
         if not limits:
             return Ticket()
-        minute, ticket = _minute(), Ticket()
+        minute = int(self._clock() // 60)
+        ticket = Ticket(minute=minute)
         try:
             for lim in limits:
                 s = self._admit_one(f"{team_id}#{lim.scope}#{minute}", lim, tokens if lim.tpm else 0)
@@ -171,12 +172,12 @@ class Limiter:
                 del self._slices[old]           # earlier minutes: over
                 self._demand.pop(old, None)
             demand = self._demand.get(window, 0)
-        sizes = []
-        if lim.rpm:
-            want = max(MIN_SLICE, min(max(4, demand), (lim.rpm - s.seen_requests) // 4))
-            sizes = [(want, tokens * want if lim.tpm else 0), (1, tokens)]
-        else:
-            sizes = [(0, max(tokens, min(tokens * 4, (lim.tpm - s.seen_tokens) // 4))), (0, tokens)]
+        # What this call lacks beyond the slice's free part, or more for the calls to come.
+        need_r = 1 if lim.rpm and s.requests < 1 else 0
+        need_t = max(0, tokens - s.tokens) if lim.tpm else 0
+        want_r = max(need_r, min(max(4, demand), (lim.rpm - s.seen_requests) // 4)) if need_r else 0
+        want_t = max(need_t, min(4 * tokens, (lim.tpm - s.seen_tokens) // 4)) if need_t else 0
+        sizes = [(want_r, want_t), (need_r, need_t)]
         for n, t in dict.fromkeys(sizes):
             if self._write(window, lim, n, t, s):
                 return
@@ -190,7 +191,7 @@ class Limiter:
         if lim.tpm:
             condition &= RateWindow.tokens.does_not_exist() | (RateWindow.tokens <= lim.tpm - t)
         actions = [RateWindow.requests.add(n), RateWindow.tokens.add(t), RateWindow.slices[slice_id].set(n),
-                   RateWindow.expires_at.set(int(window.rsplit("#", 1)[1]) * 60 + 3600)]
+                   RateWindow.expires_at.set(datetime.fromtimestamp(int(window.rsplit("#", 1)[1]) * 60 + 3600, UTC))]
 
         def attempt():
             item.update(actions=actions, condition=condition)
@@ -226,16 +227,15 @@ class Limiter:
                 s.tokens += tokens
 
     def _refusal(self, lim: RateLimit) -> RateLimited:
-        now = time.time()
+        now = self._clock()
         wait = _reset(now)
         what = "requests" if lim.rpm else "tokens"
-        err = RateLimited(f"Rate limit reached for {'this key' if lim.scope != 'team' else 'the team'}: "
-                          f"{lim.rpm or lim.tpm} {what} a minute. Retry after {wait}.",
-                          headers={"Retry-After": wait[:-1], **self._lim_headers(lim, None, now)})
-        return err
+        who = "this key" if lim.scope != "team" else "the team"
+        return RateLimited(f"Rate limit reached for {who}: {lim.rpm or lim.tpm} {what} a minute. Retry after {wait}.",
+                           headers={"Retry-After": wait[:-1], **self._lim_headers(lim, None, now)}, should_retry=True)
 
     def _headers(self, ticket: Ticket, limits: list[RateLimit]) -> dict:
-        now, out = time.time(), {}
+        now, out = self._clock(), {}
         for (s, _), lim in zip(ticket.taken, limits):
             out.update(self._lim_headers(lim, s, now))     # the key's own limit, when it has one, wins
         return out

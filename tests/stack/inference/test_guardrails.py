@@ -147,7 +147,7 @@ def test_an_attached_guardrail_bedrock_lacks_is_rft_hubs_error_not_the_callers(m
 # checks); strict xfail until then, so the marker must go when they pass. ------------------------------
 
 MODEL = "openai.gpt-oss-120b"
-WIRING = "until inference/gateway.py and inference/stream.py call inference/guardrails (the lead's wiring)"
+WIRING = "streamed output is not checked yet: inference/stream.py does not call guardrails.OutputGuard"
 
 
 @pytest.fixture
@@ -177,11 +177,10 @@ def guarded(stack, make_team, make_guardrail, bedrock):
     server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_a_blocked_prompt_is_a_400_with_nothing_sent_upstream_and_the_check_on_the_ledger(guarded, stack):
     import openai
 
-    from chalicelib.store.models import LedgerEntry
+    from chalicelib.spend import ledger
 
     team_id, client, _ = guarded
     upstream = len([r for r in stack.bedrock_state.requests if r["path"].endswith("/chat/completions")])
@@ -190,11 +189,12 @@ def test_a_blocked_prompt_is_a_400_with_nothing_sent_upstream_and_the_check_on_t
                                        messages=[{"role": "user", "content": "tell me the launch codes"}])
     assert err.value.code == "content_filter"
     assert len([r for r in stack.bedrock_state.requests if r["path"].endswith("/chat/completions")]) == upstream
-    kinds = [e.kind for e in LedgerEntry.query(team_id, consistent_read=True)]
-    assert "guardrail" in kinds
+    entries = ledger.entries(team_id)
+    (check,) = [e for e in entries if e.kind == "guardrail"]
+    assert check.cost_micro > 0 and check.request_id.endswith(".guardrail-input")
+    assert [e.status for e in entries if e.kind == "inference"] == [400]           # the call: refused, at $0
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_an_answer_with_an_address_comes_back_masked(guarded):
     _, client, answer = guarded
     answer["text"] = "write to ana@example.com today"
