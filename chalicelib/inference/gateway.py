@@ -27,7 +27,7 @@ from chalicelib.errors import InvalidRequest
 from chalicelib.inference import converse as nova_converse
 from chalicelib.inference import guardrails, metered, ratelimits
 from chalicelib.inference.metered import tokens
-from chalicelib.inference.stream import Stream
+from chalicelib.inference.stream import ChatGuard, Stream
 from chalicelib.inference.targets import priced
 from chalicelib.inference.upstream import open_upstream, send, upstream_deadline
 from chalicelib.platform.teams import Principal
@@ -92,6 +92,15 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     upstream_body = {**body, "model": target.upstream}
     # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).
     converse = nova_converse.converse_call(principal.team_id, target, endpoint, upstream_body)
+    guard = None
+    if stream and guardrails.for_call(principal.team_id, target.alias) is not None:
+        if style != "chat":
+            raise InvalidRequest("A streamed response is not checked by the team's guardrail yet: call without "
+                                 "stream, or stream chat completions.", param="stream", code="unsupported_value")
+        guard = ChatGuard(lambda: guardrails.OutputGuard(principal.team_id, target.alias),
+                          lambda cost: metered.charge(principal.team_id, principal.key_id,
+                                                      f"{request_id}.guardrail-output", target, cost,
+                                                      endpoint=endpoint, kind="guardrail"))
     hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
                            endpoint=endpoint, stream=stream)
     try:
@@ -107,7 +116,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
             hold.fail(exc)
             raise
         return Stream(upstream, hold, style=style, prompt_tokens=prompt_tokens,
-                      client_wants_usage=client_wants_usage, headers=limit_headers)
+                      client_wants_usage=client_wants_usage, headers=limit_headers, guard=guard)
 
     def invoke():
         status, content_type, raw = send(principal.team_id, target, endpoint, upstream_body, converse)

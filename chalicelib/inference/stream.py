@@ -71,8 +71,9 @@ class Stream:
     content_type = "text/event-stream"
 
     def __init__(self, upstream, hold: Hold, *, style: str, prompt_tokens: int, client_wants_usage: bool,
-                 headers: dict) -> None:
+                 headers: dict, guard: ChatGuard | None = None) -> None:
         self.headers = headers
+        self._guard = guard
         self._upstream, self._hold, self._style = upstream, hold, style
         self._prompt_tokens, self._client_wants_usage = prompt_tokens, client_wants_usage
         self._usage, self._pieces, self._chars = None, 0, 0
@@ -117,11 +118,18 @@ class Stream:
                 return raw
             if data.get("usage"):
                 self._usage = data["usage"]
-                if not self._client_wants_usage:
-                    if not data.get("choices"):
-                        return None          # the usage-only chunk the caller did not ask for
-                    return _sse({k: v for k, v in data.items() if k != "usage"})
-            return raw
+            out = data
+            if self._guard is not None and data.get("choices"):
+                out = self._guard.apply(data)            # what of it has passed the guardrail
+                if out is None:
+                    out = {**data, "choices": []} if data.get("usage") else None
+            if out is None:
+                return None
+            if out.get("usage") and not self._client_wants_usage:
+                if not out.get("choices"):
+                    return None              # the usage-only chunk the caller did not ask for
+                out = {k: v for k, v in out.items() if k != "usage"}
+            return raw if out is data else _sse(out)
         kind = data.get("type")
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             self._ended = True
@@ -191,6 +199,52 @@ class Stream:
             self.entry = self._hold.finish((self._prompt_tokens, 0, output), estimated=True, failure=self._failure)
         else:
             self.entry = self._hold.finish(counted, failure=self._failure)
+        if self._guard is not None:
+            self._guard.charge()
+
+
+class ChatGuard:
+    """A chat stream's output through the team's guardrail: each choice's text is held back until
+    its chunk has passed (guardrails.OutputGuard: 1,000 characters, masked where the guardrail
+    masks); a blocked chunk is never sent, and its choice ends with `finish_reason:
+    "content_filter"`, after which nothing more of the stream is sent but its end. `charge(cost)`:
+    the checks' price, put on the ledger when the stream ends."""
+
+    def __init__(self, make_guard, charge) -> None:
+        self._make, self._charge = make_guard, charge
+        self._guards: dict = {}
+        self.cut = False
+
+    def apply(self, data: dict) -> dict | None:
+        if self.cut:
+            return None
+        choices = []
+        for choice in data.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            guard = self._guards.setdefault(choice.get("index", 0), self._make())
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            text = delta.get("content") if isinstance(delta.get("content"), str) else None
+            cleared = guard.feed(text) if text else ""
+            if choice.get("finish_reason") and not guard.blocked:
+                cleared += guard.finish()
+            if guard.blocked:
+                self.cut = True
+                choices.append({"index": choice.get("index", 0), "delta": {}, "logprobs": None,
+                                "finish_reason": "content_filter"})
+                continue
+            others = {k: v for k, v in delta.items() if k != "content" and v not in (None, "", [])}
+            if cleared or others or choice.get("finish_reason"):
+                choices.append({**choice, "delta": {**delta, "content": cleared} if text is not None or cleared
+                                else delta})
+        return {**data, "choices": choices} if choices else None
+
+    def charge(self) -> None:
+        cost = sum(g.cost_micro for g in self._guards.values())
+        try:
+            self._charge(cost)
+        except Exception:  # noqa: BLE001 - the call itself is booked; its guard checks must not undo that
+            logger.exception("guardrail checks of a stream not charged", extra={"cost_micro": cost})
 
 
 def _sse(data: dict) -> bytes:

@@ -147,7 +147,6 @@ def test_an_attached_guardrail_bedrock_lacks_is_rft_hubs_error_not_the_callers(m
 # checks); strict xfail until then, so the marker must go when they pass. ------------------------------
 
 MODEL = "openai.gpt-oss-120b"
-WIRING = "streamed output is not checked yet: inference/stream.py does not call guardrails.OutputGuard"
 
 
 @pytest.fixture
@@ -202,7 +201,6 @@ def test_an_answer_with_an_address_comes_back_masked(guarded):
     assert reply.choices[0].message.content == "write to {EMAIL} today"
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_a_stream_stops_in_its_middle_with_content_filter(guarded):
     _, client, answer = guarded
     answer["text"] = "safe " * 400 + "the launch codes are 1234 " + "more " * 400
@@ -214,6 +212,22 @@ def test_a_stream_stops_in_its_middle_with_content_filter(guarded):
             finish = choice.finish_reason or finish
     assert finish == "content_filter"
     assert text.startswith("safe safe") and "launch codes" not in text and "more" not in text
+
+
+def test_a_streamed_response_with_a_guardrail_is_refused_not_left_unchecked(guarded):
+    import openai
+
+    _, client, answer = guarded
+    answer["text"] = "the launch codes are 1234"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="talk", max_output_tokens=50, stream=True)
+    assert err.value.param == "stream"
+    stream = client.chat.completions.create(model=MODEL, max_tokens=50, stream=True,
+                                            messages=[{"role": "user", "content": "talk"}])
+    chunks = list(stream)                                  # a short answer: checked whole at its end
+    assert "launch codes" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        ["content_filter"]
 
 
 def test_a_plain_answer_is_filtered_as_openai_filters(make_team, make_guardrail):
