@@ -93,15 +93,20 @@ def _ledger_queue() -> None:
 
 
 def _event_bus() -> None:
-    """rft-hub's bus, plus a queue subscribed to all of it so outbound events can be watched."""
+    """rft-hub's bus, plus queues subscribed to all of it so outbound events can be watched."""
     from chalicelib.outbox import SOURCE, bus_name
+    from chalicelib.platform.audit import DETAIL_TYPE as AUDIT
 
     events = boto3.client("events", region_name=settings().region)
     sqs = boto3.client("sqs", region_name=settings().region)
     if bus_name() not in {b["Name"] for b in events.list_event_buses()["EventBuses"]}:
         events.create_event_bus(Name=bus_name())
-    url = sqs.create_queue(QueueName=f"{bus_name()}-outbound-tap")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name="rfthub-outbound-tap", EventBusName=bus_name(),
-                    EventPattern=json.dumps({"source": [SOURCE]}), State="ENABLED")
-    events.put_targets(Rule="rfthub-outbound-tap", EventBusName=bus_name(), Targets=[{"Id": "tap", "Arn": arn}])
+    # Two taps: the audit log's entries (one per team, key, sign-in ...: many) on a queue of their own,
+    # so a watcher of the other events never reads past them.
+    for tap, pattern in (("outbound-tap", {"source": [SOURCE], "detail-type": [{"anything-but": [AUDIT]}]}),
+                         ("audit-tap", {"source": [SOURCE], "detail-type": [AUDIT]})):
+        url = sqs.create_queue(QueueName=f"{bus_name()}-{tap}")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        events.put_rule(Name=f"rfthub-{tap}", EventBusName=bus_name(), EventPattern=json.dumps(pattern),
+                        State="ENABLED")
+        events.put_targets(Rule=f"rfthub-{tap}", EventBusName=bus_name(), Targets=[{"Id": "tap", "Arn": arn}])
