@@ -127,7 +127,7 @@ def _handle(path: str, headers: dict[str, str], raw: bytes, request_id: str, sec
         # Authentication (a console cookie reads DynamoDB twice) answers within API Gateway's 29 s,
         # whatever a stream may be allowed afterwards.
         with deadline.running(min(seconds, deadline.budget_from_context(None))):
-            principal = http.authenticate("team", headers)
+            principal = http.authenticate("team", headers, "POST", path)
         body = http.parse_json_body(raw, None)
         with deadline.running(seconds):
             result = SERVICES[path](principal, request_id, body, defer=True)

@@ -82,7 +82,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     """One gateway call: a plain one answered whole (Reply), or a streamed one opened (Stream).
     `defer`: a plain call's booking is left in `Reply.after` for the caller to run once it has
     answered (the data plane); otherwise it is done before returning."""
-    target, price = priced(principal.team_id, body.get("model"))
+    target, price = priced(principal.team_id, body.get("model"), allowed=principal.models)
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
     # Rate limits first (no DynamoDB write in steady state either): a refused call costs nothing.

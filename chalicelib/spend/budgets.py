@@ -55,6 +55,7 @@ class Reservation:
     hold_id: str | None = None
     committed_after: int = 0
     limit_micro: int | None = None
+    spent_after: int = 0
 
 
 # ---- hold ids ------------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def take(team_id: str, cfg: Budget, period: str, hold_id: str, micro: int,
     for _ in range(2):
         try:
             dynamo.call(attempt, idempotent=False, what="budget reservation")
-            res = Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro)
+            res = Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro,
+                              int(item.spent or 0))
             if release:
                 announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
             return res

@@ -73,6 +73,7 @@ class Slice:
     calls: int = 0
     used: int = 0             # real cost of finished calls
     retired: bool = False     # admits nothing more; given back when its calls are done
+    spent_seen: int = 0       # the period's spend when it was taken
     returning: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
@@ -107,6 +108,7 @@ class Lender:
         self._demand: dict[tuple[str, str], tuple[float, int]] = {}    # since, worst cases admitted
         self._committed: dict[str, int] = {}               # the budget's committed at the last take
         self._no_room: dict[str, tuple[float, int, tuple]] = {}   # team -> (until, room seen, setting)
+        self._announced: dict[tuple[str, str], set] = {}            # thresholds this instance announced
         self._timer: threading.Thread | None = None
 
     # ---- admitting ------------------------------------------------------------------------------
@@ -209,7 +211,8 @@ class Lender:
             return None
         self._committed[team_id] = res.committed_after
         new = Slice(team_id, period, res.hold_id, amount, _setting(cfg),
-                    time.time() + (1 if per_call else budgets.SLICE_WINDOW_SECONDS), per_call=per_call)
+                    time.time() + (1 if per_call else budgets.SLICE_WINDOW_SECONDS), per_call=per_call,
+                    spent_seen=res.spent_after)
         self._ensure_timer()
         with self._lock:
             if old is not None:
@@ -267,6 +270,7 @@ class Lender:
         if s.per_call:
             self._retire(key, s)
         try:
+            self._announce(s)
             if ahead and self._taking[key].acquire(blocking=False):
                 try:
                     cfg = budgets.config(s.team_id)
@@ -277,6 +281,19 @@ class Lender:
             self._give_back_if_done(s)
         except (ApiError, PynamoDBException) as exc:
             logger.warning("slice renewal deferred", extra={"team_id": s.team_id, "error": type(exc).__name__})
+
+    def _announce(self, s: Slice) -> None:
+        """Thresholds the period's spend has surely reached -- what it was when the slice was taken
+        plus what the slice's calls cost since -- announced now, after the call's answer, not when
+        the slice is given back (budgets.announce_thresholds: once per threshold per period)."""
+        cfg = budgets.config(s.team_id)
+        if cfg is None or not cfg.thresholds:
+            return
+        bound, done = s.spent_seen + s.used, self._announced.setdefault((s.team_id, s.period), set())
+        due = rules.crossed(cfg.thresholds, cfg.limit_micro, -1, bound, list(done))
+        if due:
+            budgets.announce_thresholds(budgets.Reservation(s.team_id, s.period, 0), bound, list(done))
+            done.update(due)
 
     def _retire(self, key, s: Slice) -> None:
         """Admits nothing more; given back when its last call ends."""

@@ -316,11 +316,12 @@ def test_the_template_streams_the_two_routes_from_the_data_plane_function():
                   res["DataPlaneRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]}
     for statement in statements.values():
         assert not (any(a.endswith(":*") for a in statement["Action"]) and "*" in statement["Resource"])
-    # It writes only what metering writes: holds, the ledger and threshold events; and a key's day of
-    # last use (issue #29: one UpdateItem per key per day, nothing else on the keys table).
+    # It writes only what metering writes: budget slices, the ledger and threshold events; rate-limit
+    # slices; and a key's day of last use (issue #29: one UpdateItem per key per day, nothing else there).
     writes = [st for st in statements.values()
               if st["Effect"] == "Allow" and {"dynamodb:PutItem", "dynamodb:UpdateItem"} & set(st["Action"])]
     assert [st["Sid"] for st in writes] == ["Metering", "KeyLastUse"]
-    assert sorted(r.rsplit("-", 1)[-1] for r in writes[0]["Resource"]) == ["budget_periods", "ledger", "outbox"]
+    assert sorted(r.rsplit("-", 1)[-1] for r in writes[0]["Resource"]) == ["budget_periods", "ledger", "outbox",
+                                                                                 "rate_windows"]
     assert writes[1]["Action"] == ["dynamodb:UpdateItem"] and writes[1]["Resource"] == [
         "arn:aws:dynamodb:*:*:table/rfthub-prod-api_keys"]

@@ -127,8 +127,6 @@ def test_an_inference_key_calls_models_but_cannot_train(api, scoped, bedrock):
     assert scoped["inference"] not in r.body.decode()
 
 
-@pytest.mark.xfail(strict=True, reason="until the lead passes the route to http.authenticate in dataplane/app.py "
-                                       "(_handle): the data plane admits only full keys (fails closed)")
 def test_an_inference_key_calls_the_data_plane(scoped, stack, bedrock):
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=scoped["inference"], max_retries=0)
     assert client.chat.completions.create(model=BASE, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
@@ -158,8 +156,6 @@ def test_the_model_list_is_checked_where_models_are_resolved(make_team, api, adm
     assert targets.priced(team_id, OTHER, allowed=None)[0].upstream == OTHER
 
 
-@pytest.mark.xfail(strict=True, reason="until the lead passes allowed=principal.models to priced() in "
-                                       "inference/gateway.py _call")
 def test_a_key_limited_to_one_model_gets_a_404_calling_another(api, admin_headers, make_team, bedrock):
     team_id, _ = make_team("chat-scoped")
     key = _issue(api, admin_headers, team_id, models=[BASE])["key"]
