@@ -97,14 +97,16 @@ def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_
     assert row["judge_spent_usd"] != "0.000000"
 
     # A second job; once it is held and submitted (Bedrock still validating its files), the budget is
-    # lowered to what is committed plus a few judge calls: training runs out of money.
+    # lowered to what is committed plus what a few judge calls cost -- less than one call's worst
+    # case, which a call must fit to be admitted: training runs out of money.
     bedrock.clock["validating_seconds"] = 3
     job2 = client.fine_tuning.jobs.create(model="openai.gpt-oss-20b", training_file=f.id,
                                           extra_body={"method": method, "preflight": "warn"})
     wait_submitted(client, job2.id)           # its preflight (judge calls too) ran in the worker
     slices.lender().give_back_all()           # committed: what is spent and the jobs' holds, no slice
     period = BudgetPeriod.get(team_id, budget_rules.period_of(time.time()), consistent_read=True)
-    few_calls = 3 * max(e.reserved_micro for e in entries)
+    few_calls = 3 * max(e.cost_micro for e in entries)
+    assert few_calls < min(e.reserved_micro for e in entries)
     set_budget(api, admin_headers, team_id, str((period.committed + few_calls) / 1_000_000))
     bedrock.clock.update({"validating_seconds": 0.1, "step_seconds": 1.0, "total_steps": 8})
     # The reward Lambda flags the job; the reconciler (here: the next read of the job) cancels it.
