@@ -10,8 +10,9 @@ when it is renewed (in the same write as the next slice), when the instance goes
 
 - Sizing: enough for the worst cases the instance admitted in the last window, at least four
   calls' worth, at most a quarter of what the budget had left at the last take (so no instance
-  sits on money another needs). When the budget runs low (under LOW_WATER of its limit) a slice
-  is one call's worth and is given back right after the call: per-call holds, as before slices.
+  sits on money another needs). When the budget runs low (a quarter of what is left holds fewer
+  than PER_CALL_BELOW worst cases) a slice is one call's worth and is given back right after the
+  call: per-call holds, as before slices.
 - Renewal ahead of need: after a call (off the caller's clock), if the slice is nearly used or
   its window nearly over, the next is taken then; a caller waits for a take only on an idle or
   new instance, or when the budget runs low.
@@ -42,7 +43,7 @@ from chalicelib.errors import ApiError, RateLimited
 from chalicelib.log import logger
 from chalicelib.spend import budgets, metering
 
-LOW_WATER = 0.10          # below this share of the limit left, slices are per call
+PER_CALL_BELOW = 8        # when a quarter of what is left holds fewer worst cases, slices are per call
 SPENT_SECONDS = 1.0       # a budget found without room is believed so this long (no write per refusal)
 RENEW_AHEAD_SECONDS = 5   # renew a slice this long before its window ends
 MIN_CALLS = 4             # a slice holds at least this many worst cases (outside low water)
@@ -109,6 +110,7 @@ class Lender:
         self._committed: dict[str, int] = {}               # the budget's committed at the last take
         self._no_room: dict[str, tuple[float, int, tuple]] = {}   # team -> (until, room seen, setting)
         self._announced: dict[tuple[str, str], set] = {}            # thresholds this instance announced
+        self._taking_ids: set[str] = set()                            # slice ids being taken now
         self._timer: threading.Thread | None = None
 
     # ---- admitting ------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ class Lender:
     def _size(self, key, cfg, worst: int) -> tuple[int, bool]:
         """(amount, per call) for the next slice."""
         room = cfg.limit_micro - self._committed.get(key[0], 0)
-        if room < cfg.limit_micro * LOW_WATER:
+        if room // 4 < PER_CALL_BELOW * worst:
             return worst, True
         since, total = self._demand.pop(key, (time.monotonic(), 0))
         rate = total / max(1.0, time.monotonic() - since)
@@ -172,12 +174,18 @@ class Lender:
 
         def attempt(size: int):
             nonlocal release, old
+            slice_id = budgets.slice_id(kind, ids.now_ms())
+            with self._lock:
+                self._taking_ids.add(slice_id)        # ours, even before it is installed
             try:
-                return budgets.take(team_id, cfg, period, budgets.slice_id(kind, ids.now_ms()), size, release)
+                return budgets.take(team_id, cfg, period, slice_id, size, release)
             except budgets.Released:                  # the reconciler closed it from the ledger already
                 self._drop(key, old)
                 old = release = None
-                return budgets.take(team_id, cfg, period, budgets.slice_id(kind, ids.now_ms()), size)
+                return budgets.take(team_id, cfg, period, slice_id, size)
+            finally:
+                with self._lock:
+                    self._taking_ids.discard(slice_id)
 
         try:
             res = attempt(amount)
@@ -240,7 +248,8 @@ class Lender:
     def _refusal(self, team_id: str, cfg, period: str, worst: int) -> ApiError:
         item = budgets.period_item(team_id, period)
         room = cfg.limit_micro - int(item.committed or 0)
-        mine = {s.hold_id for s in self._slices()}
+        with self._lock:
+            mine = {s.hold_id for s in (*self._current.values(), *self._draining)} | self._taking_ids
         others = {h: m for h, m in budgets.open_holds(item).items() if budgets.is_slice(h) and h not in mine}
         if not others or room + sum(others.values()) < worst:
             self._no_room[team_id] = (time.monotonic() + SPENT_SECONDS, max(0, room), _setting(cfg))
