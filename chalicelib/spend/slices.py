@@ -129,14 +129,20 @@ class Lender:
         admitted = self._admit_now(key, worst, cfg, period)
         if admitted:
             return admitted
-        until, room, setting = self._no_room.get(team_id, (0.0, 0, ()))
-        if time.monotonic() < until and worst > room and setting == _setting(cfg):
-            # Refused a moment ago with this little room: an exhausted team's calls are refused
-            # without a write each on its period item (they would throttle it for everyone).
-            raise budgets.over_budget(worst, cfg, period)
+        self._refuse_if_spent(team_id, worst, cfg, period)
         with self._taking[key]:         # one thread takes; the others admit against what it took
             admitted = self._admit_now(key, worst, cfg, period)
-            return admitted or self._renew(key, cfg, period, worst)
+            if admitted:
+                return admitted
+            self._refuse_if_spent(team_id, worst, cfg, period)     # found so while this thread waited
+            return self._renew(key, cfg, period, worst)
+
+    def _refuse_if_spent(self, team_id: str, worst: int, cfg, period: str) -> None:
+        """Refused a moment ago with this little room: an exhausted team's calls are refused
+        without a write each on its period item (they would throttle it for everyone)."""
+        until, room, setting = self._no_room.get(team_id, (0.0, 0, ()))
+        if time.monotonic() < until and worst > room and setting == _setting(cfg):
+            raise budgets.over_budget(worst, cfg, period)
 
     def _admit_now(self, key, worst: int, cfg, period: str) -> Admission | None:
         with self._lock:
