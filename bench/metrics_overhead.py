@@ -16,23 +16,15 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402  (after the path is set, as a script)
+
 CALLS = 5000
 ROUNDS = 5
-
-
-def _per_call(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
 
 
 def overhead() -> dict:
@@ -52,8 +44,8 @@ def overhead() -> dict:
 
         with_m, without = [], []
         for _ in range(ROUNDS):            # interleaved rounds: the machine's load falls on both sides
-            with_m += _per_call(call, CALLS // ROUNDS)
-            without += _per_call(nothing, CALLS // ROUNDS)
+            with_m += common.timed(call, CALLS // ROUNDS)
+            without += common.timed(nothing, CALLS // ROUNDS)
     finally:
         sys.stdout.close()
         sys.stdout = real

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fnmatch
+import gc
 import http.client
 import json
 import logging
@@ -355,7 +356,9 @@ def main() -> None:
     from local import cloudwatch
     cloudwatch.Collector().install()          # this process' EMF lines into moto's CloudWatch
     _, dataplane_port = serve_dataplane(args.host, args.dataplane_port)
-    create_server(config.chalice_app, config, args.host, args.port, (args.host, dataplane_port)).serve_forever()
+    server = create_server(config.chalice_app, config, args.host, args.port, (args.host, dataplane_port))
+    gc.freeze()       # as the data plane does (chalicelib/dataplane/__main__.py)
+    server.serve_forever()
 
 
 if __name__ == "__main__":

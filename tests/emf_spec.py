@@ -2,6 +2,7 @@
 tests/stack/operating/)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -47,3 +48,16 @@ def check_emf(line: str) -> dict:
             assert 1 <= len(values) <= 100
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     return doc
+
+
+@contextlib.contextmanager
+def captured():
+    """The EMF lines chalicelib.metrics writes meanwhile (a LINE_SINK, as the local stack adds one)."""
+    from chalicelib import metrics
+
+    lines: list[str] = []
+    metrics.LINE_SINKS.append(lines.append)
+    try:
+        yield lines
+    finally:
+        metrics.LINE_SINKS.remove(lines.append)

@@ -3,7 +3,6 @@ specification states it, carries no key and no text, uses only the declared dime
 call never raises into its caller. Pure: the lines are taken from the module's line sinks."""
 from __future__ import annotations
 
-import contextlib
 import json
 import string
 import sys
@@ -16,17 +15,7 @@ from hypothesis import strategies as st
 from chalicelib import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from emf_spec import check_emf  # noqa: E402  (tests/emf_spec.py)
-
-
-@contextlib.contextmanager
-def captured():
-    lines: list[str] = []
-    metrics.LINE_SINKS.append(lines.append)
-    try:
-        yield lines
-    finally:
-        metrics.LINE_SINKS.remove(lines.append)
+from emf_spec import captured, check_emf  # noqa: E402  (tests/emf_spec.py)
 
 
 def every_call(team: str, model: str, code: str, n: float) -> None:

@@ -6,7 +6,6 @@ them -- and reach the platform's Slack channel once.
 
 Test order matters and is the file's: the alarm tests run last, the dead-letter one moving the
 evaluation clock forward (a queue's 5-minute maximum must pass before its alarm can clear)."""
-import contextlib
 import json
 import sys
 import uuid
@@ -16,7 +15,7 @@ from pathlib import Path
 import boto3
 import openai
 import pytest
-from emf_spec import check_emf
+from emf_spec import captured, check_emf
 from helpers import reconcile_until_ended, register_graders
 
 from chalicelib import metrics
@@ -35,14 +34,6 @@ def cw():
     return boto3.client("cloudwatch", region_name="us-west-2")
 
 
-@contextlib.contextmanager
-def emf_lines():
-    lines: list[str] = []
-    metrics.LINE_SINKS.append(lines.append)
-    try:
-        yield lines
-    finally:
-        metrics.LINE_SINKS.remove(lines.append)
 
 
 def stat(cw, name, dims, statistic, start, end=None):
@@ -84,7 +75,7 @@ def test_a_job_steps_and_a_watch_finding_are_in_moto_cloudwatch(api, admin_heade
     stack.cloudwatch.drain()
     findings_before = {sev: stat(cw, "WatchFindings", [{"Name": "Severity", "Value": sev}], "Sum", start) or 0
                        for sev in ("critical", "warning")}
-    with emf_lines() as lines:
+    with captured() as lines:
         job, _, policy = watch_run.run_with_policy(stack, bedrock, client, grader, watch_run.hacking, total_steps=40)
         try:
             done = reconcile_until_ended(client, job.id, timeout=90)
