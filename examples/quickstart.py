@@ -53,6 +53,12 @@ def main() -> None:
     print(f"job {job.id}: {job.status}, fine_tuned_model={job.fine_tuned_model}")
     for ck in client.fine_tuning.jobs.checkpoints.list(job.id).data:
         print(f"  checkpoint step {ck.step_number}: {ck.fine_tuned_model_checkpoint}")
+    if job.status == "succeeded":
+        # The tuned model answers by its suffix alias, metered like any call (x-rft-cost-usd).
+        reply = client.chat.completions.with_raw_response.create(
+            model="calculator", max_tokens=16, messages=[{"role": "user", "content": "What is 17 + 25?"}])
+        print(f"calculator says {reply.parse().choices[0].message.content!r} "
+              f"for {reply.headers['x-rft-cost-usd']} USD")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from chalicelib import metrics
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import numbers, pricing
-from chalicelib.errors import InvalidRequest
+from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.inference import converse as nova_converse
 from chalicelib.inference import guardrails, metered, ratelimits
 from chalicelib.inference.metered import tokens
@@ -86,8 +87,12 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     prompt_tokens = budget_rules.prompt_tokens_estimate(prompt)
     worst = budget_rules.worst_case_micro(price, prompt_tokens, max_output, choices)
     # Rate limits first (no DynamoDB write in steady state either): a refused call costs nothing.
-    ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
-        max_output or budget_rules.DEFAULT_OUTPUT_CAP))
+    try:
+        ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
+            max_output or budget_rules.DEFAULT_OUTPUT_CAP))
+    except RateLimited:
+        metrics.throttled(principal.team_id, target.upstream)
+        raise
     limit_headers = {**ticket.headers, "x-rft-upstream-model": target.upstream}
     upstream_body = {**body, "model": target.upstream}
     # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).

@@ -282,10 +282,14 @@ class Lender:
             s.used += cost_micro
             ahead = (self._current.get(key) is s and not s.retired and not s.per_call and
                      (s.free() < s.amount // 4 or time.time() > s.admit_until - RENEW_AHEAD_SECONDS))
-        if s.per_call:
-            self._retire(key, s)
         try:
-            self._announce(s)
+            self._announce(s)           # before a per-call slice's give-back, which announces too
+        except (ApiError, PynamoDBException) as exc:
+            logger.warning("threshold announcement deferred", extra={"team_id": s.team_id,
+                                                                     "error": type(exc).__name__})
+        if s.per_call:
+            self._retire(key, s)        # its give-back never raises
+        try:
             if ahead and self._taking[key].acquire(blocking=False):
                 try:
                     cfg = budgets.config(s.team_id)

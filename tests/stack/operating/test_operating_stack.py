@@ -64,6 +64,39 @@ def ops_messages(stack, alarm):
 
 # ---- metrics --------------------------------------------------------------------------------------
 
+def test_a_chat_call_and_a_streamed_call_are_in_moto_cloudwatch_at_the_ledgers_cost(make_team, stack, bedrock, cw):
+    from chalicelib.spend import ledger
+
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    team_id, key = make_team("operating-calls")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(model="openai.gpt-oss-20b", max_tokens=8,
+                                   messages=[{"role": "user", "content": "count to three"}])
+    usage = None
+    for chunk in client.chat.completions.create(model="openai.gpt-oss-20b", max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "and to four"}]):
+        usage = chunk.usage or usage
+    entries = []
+    for _ in range(200):                              # a call is booked just after its answer
+        entries = [e for e in ledger.entries(team_id) if e.kind == "inference"]
+        if len(entries) == 2:
+            break
+        __import__("time").sleep(0.05)
+    assert len(entries) == 2
+    stack.cloudwatch.drain()
+    dims = [{"Name": "Team", "Value": team_id}, {"Name": "Model", "Value": "openai.gpt-oss-20b"}]
+    assert stat(cw, "Calls", dims, "Sum", start) == 2
+    assert stat(cw, "StreamedCalls", dims, "Sum", start) == 1
+    assert stat(cw, "CostMicroUsd", dims, "Sum", start) == sum(e.cost_micro for e in entries)      # the ledger
+    assert stat(cw, "InputTokens", dims, "Sum", start) == sum(e.input_tokens for e in entries)
+    assert stat(cw, "OutputTokens", dims, "Sum", start) == sum(e.output_tokens for e in entries)
+    streamed = next(e for e in entries if e.stream)
+    assert (streamed.input_tokens, streamed.output_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert stat(cw, "TimeToFirstToken", dims, "SampleCount", start) == 1
+    assert stat(cw, "UpstreamLatency", dims, "SampleCount", start) == 1         # the plain call's
+
+
 def test_a_job_steps_and_a_watch_finding_are_in_moto_cloudwatch(api, admin_headers, make_team, stack, bedrock, cw):
     start = datetime.now(UTC) - timedelta(minutes=1)
     team_id, key = make_team("operating")

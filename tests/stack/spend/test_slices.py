@@ -139,14 +139,14 @@ def test_a_budget_lowered_below_what_slices_hold_admits_nothing_beyond_it(make_t
 
 
 def test_room_set_aside_by_an_idle_instance_comes_back_instead_of_a_refusal(make_team, stack):
-    team_id, limit = with_budget(make_team, 10)
+    team_id, limit = with_budget(make_team, 100)
     idle, busy = slices.Lender(idle_timer=False), slices.Lender(idle_timer=False)
     call(idle, team_id, WORST // 10)                                        # takes a slice, then sits idle
-    assert budgets.open_holds(period(team_id))
-    big = 8 * WORST                                                         # fits the budget, not what is free
-    with pytest.raises(slices.BudgetHeld) as held:
+    (held,) = budgets.open_holds(period(team_id)).values()
+    big = limit - held // 2                                                 # fits the budget, not what is free
+    with pytest.raises(slices.BudgetHeld) as refused:
         busy.admit(team_id, big, "s")
-    assert held.value.status == 429 and int(held.value.headers["Retry-After"]) >= 1   # retryable, with a time
+    assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1   # retryable, timed
     idle.give_back_idle(0)                                                  # its idle timer gives the slice back
     admission = busy.admit(team_id, big, "s")                               # the room came back
     busy.finish(admission, big // 2)
