@@ -147,8 +147,9 @@ def test_a_job_steps_and_a_watch_finding_are_in_moto_cloudwatch(api, admin_heade
     for f in raised:
         dims = [{"Name": "Code", "Value": f["code"]}, {"Name": "Severity", "Value": f["severity"]}]
         assert stat(cw, "WatchFindings", dims, "Sum", start) >= 1
-    assert stat(cw, "JobTransitions", [{"Name": "From", "Value": "running"}, {"Name": "To", "Value": "cancelled"}],
-                "Sum", start) >= 1
+    # The cancel's transition, from whichever state the reconciler found it in (a loaded machine can
+    # find the job still validating), counted under the To-only dimension set.
+    assert (stat(cw, "JobTransitions", [{"Name": "To", "Value": "cancelled"}], "Sum", start) or 0) >= 1
     assert stat(cw, "ReconcilerPasses", [], "Sum", start) >= 1
 
 
