@@ -200,8 +200,8 @@ class Lender:
                 res = attempt(worst)
             if res is None and worst:
                 if release is not None:               # no room even with it: give it back on its own
-                    self._drop(key, old)
                     self._settle(old)
+                    self._drop(key, old)
                     old = release = None
                 # Slices that surely have no call left are closed from the ledger, then once more.
                 if metering.close_expired(team_id, period):
