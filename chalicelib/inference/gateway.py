@@ -89,7 +89,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     # Rate limits first (no DynamoDB write in steady state either): a refused call costs nothing.
     try:
         ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
-            max_output or budget_rules.DEFAULT_OUTPUT_CAP))
+            max_output or budget_rules.DEFAULT_OUTPUT_CAP), target.requested)
     except RateLimited:
         metrics.throttled(principal.team_id, target.upstream)
         raise

@@ -36,9 +36,10 @@ _config = TTLCache(30)      # a changed limit is honoured within 30 s on other i
 
 # ---- settings ------------------------------------------------------------------------------------
 
-def limits_for(team_id: str, key_id: str | None) -> list[RateLimit]:
-    """The limits a call of this key counts against (the team's, then the key's own)."""
-    scopes = ["team"] + ([f"key:{key_id}"] if key_id else [])
+def limits_for(team_id: str, key_id: str | None, model: str | None = None) -> list[RateLimit]:
+    """The limits a call of this key to this model (as the caller named it: an alias, a tuned or
+    a base model) counts against: the team's, the team's for the model, then the key's own."""
+    scopes = ["team"] + ([f"model:{model}"] if model else []) + ([f"key:{key_id}"] if key_id else [])
     found = _config.get(team_id, lambda: list(RateLimit.query(team_id)))
     return [lim for scope in scopes for lim in found if lim.scope == scope and (lim.rpm or lim.tpm)]
 
@@ -58,13 +59,21 @@ def view(lim: RateLimit) -> dict:
 
 
 def set_limits(team_id: str, body: dict) -> dict:
-    """`{"requests_per_minute": N, "tokens_per_minute": M, "key_id": optional}`; null lifts one."""
+    """`{"requests_per_minute": N, "tokens_per_minute": M, "key_id" or "model": optional}`; null lifts
+    one. `model`: the team's limit for calls naming that model (an alias, a tuned or a base model)."""
     teams.get_team(team_id)
-    unknown = set(body) - {"requests_per_minute", "tokens_per_minute", "key_id"}
+    unknown = set(body) - {"requests_per_minute", "tokens_per_minute", "key_id", "model"}
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequest(f"Unknown field '{name}'.", param=name)
     scope = "team"
+    if body.get("key_id") is not None and body.get("model") is not None:
+        raise InvalidRequest("Set a key's limit or a model's, not both at once.", param="model")
+    if body.get("model") is not None:
+        model = body["model"]
+        if not isinstance(model, str) or not 1 <= len(model) <= 256 or not model.isprintable():
+            raise InvalidRequest("'model' must be a model or alias name.", param="model")
+        scope = f"model:{model}"
     if body.get("key_id") is not None:
         key_id = body["key_id"]
         key = teams.get_key(key_id) if isinstance(key_id, str) and len(key_id) <= 64 else None
@@ -127,8 +136,8 @@ class Limiter:
         self._taking: defaultdict = defaultdict(threading.Lock)
         self._demand: dict[str, int] = defaultdict(int)       # requests admitted this minute, per window
 
-    def admit(self, team_id: str, key_id: str | None, tokens: int) -> Ticket:
-        limits = limits_for(team_id, key_id)
+    def admit(self, team_id: str, key_id: str | None, tokens: int, model: str | None = None) -> Ticket:
+        limits = limits_for(team_id, key_id, model)
         if not limits:
             return Ticket()
         minute = int(self._clock() // 60)
@@ -230,7 +239,8 @@ class Limiter:
         now = self._clock()
         wait = _reset(now)
         what = "requests" if lim.rpm else "tokens"
-        who = "this key" if lim.scope != "team" else "the team"
+        who = {"team": "the team"}.get(lim.scope) or (
+            f"the team's calls to {lim.scope[6:]}" if lim.scope.startswith("model:") else "this key")
         return RateLimited(f"Rate limit reached for {who}: {lim.rpm or lim.tpm} {what} a minute. Retry after {wait}.",
                            headers={"Retry-After": wait[:-1], **self._lim_headers(lim, None, now)}, should_retry=True)
 

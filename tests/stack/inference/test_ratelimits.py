@@ -90,3 +90,19 @@ def test_a_sixth_call_in_a_minute_against_5_rpm_is_a_429_with_retry_after(api, a
     assert err.value.code == "rate_limit_exceeded"
     assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
     assert err.value.response.headers["x-should-retry"] == "true"        # the SDK retries it (after Retry-After)
+
+
+def test_a_models_limit_counts_only_the_calls_naming_it(api, admin_headers, make_team):
+    team_id, _ = make_team("per-model")
+    limit(api, admin_headers, team_id, model="openai.gpt-oss-120b", requests_per_minute=2)
+    lim = ratelimits.Limiter(clock=clock_at(20))
+    for _ in range(2):
+        lim.admit(team_id, None, 10, "openai.gpt-oss-120b")
+    with pytest.raises(RateLimited) as err:
+        lim.admit(team_id, None, 10, "openai.gpt-oss-120b")
+    assert "openai.gpt-oss-120b" in err.value.message
+    for _ in range(5):
+        lim.admit(team_id, None, 10, MODEL)                 # another model: the team has no limit of its own
+    r = api.http.put(f"/v1/admin/teams/{team_id}/limits", headers=admin_headers,
+                     body=json.dumps({"requests_per_minute": 5, "model": "m", "key_id": "k"}))
+    assert r.status_code == 400 and r.json_body["error"]["param"] == "model"
