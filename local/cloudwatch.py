@@ -71,8 +71,15 @@ class Collector:
     def install(self) -> Collector:
         from chalicelib import metrics
 
-        metrics.LINE_SINKS.append(self.take)
+        if self.take not in metrics.LINE_SINKS:
+            metrics.LINE_SINKS.append(self.take)
         return self
+
+    def uninstall(self) -> None:
+        from chalicelib import metrics
+
+        if self.take in metrics.LINE_SINKS:
+            metrics.LINE_SINKS.remove(self.take)
 
     def drain(self) -> None:
         """Returns when every line taken before the call is in moto (join, not a timed wait)."""

@@ -52,9 +52,11 @@ class Stack:
         ports["lambda"] = servers.free_port()
         os.environ.update(servers.base_env(ports))
         self.ports = ports
-        # CloudWatch Logs' part: the EMF lines the app writes become moto's metrics (local/cloudwatch.py).
+        # CloudWatch Logs' part: the EMF lines the app writes become moto's metrics (local/cloudwatch.py),
+        # for the tests that read them (tests/stack/operating installs it): for every other test, putting
+        # each call's metrics into moto would only load the machine.
         from local import cloudwatch
-        self.cloudwatch = cloudwatch.Collector().install()
+        self.cloudwatch = cloudwatch.Collector()
 
         from local import lambda_server
         self.lambda_app = lambda_server.create_app(lambda_server.app_functions())

@@ -108,7 +108,8 @@ def test_training_judge_calls_are_billed_to_the_job_and_stop_it_when_money_runs_
     few_calls = 3 * max(e.cost_micro for e in entries)
     assert few_calls < min(e.reserved_micro for e in entries)
     set_budget(api, admin_headers, team_id, str((period.committed + few_calls) / 1_000_000))
-    bedrock.clock.update({"validating_seconds": 0.1, "step_seconds": 1.0, "total_steps": 8})
+    # Long enough that the reconciler's cancel lands before Bedrock would finish (a loaded machine).
+    bedrock.clock.update({"validating_seconds": 0.1, "step_seconds": 1.0, "total_steps": 40})
     # The reward Lambda flags the job; the reconciler (here: the next read of the job) cancels it.
     current = reconcile_until_ended(client, job2.id, timeout=60)
     assert current.status == "cancelled", (current.status, current.error)
