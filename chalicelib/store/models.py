@@ -935,12 +935,13 @@ ALL_MODELS += (GuardrailAttachment,)
 
 
 class RateLimit(_Base):
-    """A team's (scope "team") or one key's (scope "key:<id>") request and token limits a minute."""
+    """Request and token limits a minute: a team's (scope "team"), the team's for one model it calls
+    ("model:<name>") or one key's ("key:<id>")."""
     class Meta(_Base.Meta):
         table_name = table_name("rate_limits")
 
     team_id = UnicodeAttribute(hash_key=True)
-    scope = UnicodeAttribute(range_key=True)        # "team" | "key:<key id>"
+    scope = UnicodeAttribute(range_key=True)        # "team" | "model:<name>" | "key:<key id>"
     rpm = NumberAttribute(null=True)                # requests a minute
     tpm = NumberAttribute(null=True)                # tokens a minute (prompt estimate + output limit)
     updated_at = NumberAttribute()
