@@ -10,8 +10,22 @@ from chalicelib import (
     tracing,
     wiring,  # noqa: F401  (the reactions between contexts, for every function)
 )
-from chalicelib.api import admin, console, evals, files, gateway, graders, health, jobs, models, openapi, slack, usage
-from chalicelib.config import evals_queue, jobs_queue
+from chalicelib.api import (
+    admin,
+    console,
+    evals,
+    files,
+    gateway,
+    graders,
+    health,
+    jobs,
+    models,
+    openapi,
+    pipelines,
+    slack,
+    usage,
+)
+from chalicelib.config import evals_queue, jobs_queue, pipeline_steps_queue, pipeline_triggers_queue
 from chalicelib.slack import commands as slash_commands
 from chalicelib.slack import notifications as slack_service
 from chalicelib.training import hosted_grader, lifecycle
@@ -21,7 +35,7 @@ app = Chalice(app_name="rft-hub")
 app.api.binary_types.append("multipart/form-data")
 
 for blueprint in (health.bp, admin.bp, files.bp, jobs.bp, models.bp, graders.bp, gateway.bp, usage.bp,
-                  evals.bp, slack.bp, console.bp, openapi.bp):
+                  evals.bp, pipelines.bp, slack.bp, console.bp, openapi.bp):
     app.register_blueprint(blueprint)
 
 
@@ -103,3 +117,32 @@ def alarm_notifier(event, context):
 def slack_commands(event):
     for record in event:
         slash_commands.finish_command(record.body)
+
+
+# Pipelines (issue #27): each step of a run, sent by its Step Functions execution with a task token.
+# A raise (a busy store or service) leaves the message queued; the step is idempotent.
+@app.on_sqs_message(queue=pipeline_steps_queue(), batch_size=1, name="pipeline_worker")
+def pipeline_worker(event):
+    from chalicelib.pipelines import steps  # only this function needs it at start
+
+    for record in event:
+        with deadline.running(deadline.budget_from_context(event.context, cap=900.0)):
+            steps.handle(json.loads(record.body))
+
+
+# Schedules (EventBridge Scheduler), new data under a pipeline's prefix (S3's EventBridge
+# notifications) and `rft-hub.pipeline.trigger` events, all through one queue.
+@app.on_sqs_message(queue=pipeline_triggers_queue(), batch_size=1, name="pipeline_triggers")
+def pipeline_triggers(event):
+    from chalicelib.pipelines import triggers
+
+    for record in event:
+        triggers.handle(record.body, record.to_dict().get("messageId"))
+
+
+# Runs whose execution ended unseen, or whose job or eval runs ended without their event.
+@app.schedule(Rate(5, unit=Rate.MINUTES), name="reconcile_pipelines")
+def reconcile_pipelines(event):
+    from chalicelib.pipelines import repair
+
+    return repair.reconcile()

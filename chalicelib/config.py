@@ -95,6 +95,36 @@ def evals_queue() -> str:
     return os.environ.get("RFT_EVALS_QUEUE", f"rfthub-{stage}-evals")
 
 
+def _stage_name(env: str, suffix: str) -> str:
+    stage = os.environ.get("RFT_STAGE", "local")
+    return os.environ.get(env, f"rfthub-{stage}-{suffix}")
+
+
+def pipeline_steps_queue() -> str:
+    """Where the pipeline state machine sends each step with its task token (the pipeline worker's)."""
+    return _stage_name("RFT_PIPELINE_STEPS_QUEUE", "pipeline-steps")
+
+
+def pipeline_triggers_queue() -> str:
+    """Where schedules, new data under a pipeline's prefix and trigger events arrive."""
+    return _stage_name("RFT_PIPELINE_TRIGGERS_QUEUE", "pipeline-triggers")
+
+
+def pipeline_state_machine_arn() -> str:
+    """The one state machine every pipeline run executes (deploy/pipeline.asl.json); its ARN is set by
+    the template (and by .chalice/config.json's local stage)."""
+    return os.environ.get("RFT_PIPELINE_STATE_MACHINE_ARN", "")
+
+
+def pipeline_schedule_group() -> str:
+    return _stage_name("RFT_PIPELINE_SCHEDULE_GROUP", "pipelines")
+
+
+def pipeline_scheduler_role_arn() -> str:
+    """The role EventBridge Scheduler assumes to send a schedule's trigger to the triggers queue."""
+    return os.environ.get("RFT_PIPELINE_SCHEDULER_ROLE_ARN", "")
+
+
 def table_name(short: str) -> str:
     """Full DynamoDB table name; read at import time by the PynamoDB models."""
     stage = os.environ.get("RFT_STAGE", "local")

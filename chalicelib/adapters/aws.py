@@ -32,7 +32,8 @@ ANSWER_MARGIN_S = 1.0                         # kept to answer after the last wa
 BACKOFF_S = 1.0                               # botocore's standard mode sleeps up to 1 s before attempt 2
 STEP_S = 0.5                                  # timeouts rounded down to this: a bounded set of clients
 _NAMES = {"s3": "Amazon S3", "sqs": "Amazon SQS", "events": "Amazon EventBridge",
-          "secretsmanager": "AWS Secrets Manager"}
+          "secretsmanager": "AWS Secrets Manager", "stepfunctions": "AWS Step Functions",
+          "scheduler": "Amazon EventBridge Scheduler"}
 
 
 def timeouts(remaining: float) -> tuple[float, float, int]:
@@ -139,6 +140,14 @@ def events():
 
 def secrets():
     return _Guarded(_client("secretsmanager", *timeouts(deadline.remaining())), "secretsmanager")
+
+
+def stepfunctions():
+    return _Guarded(_client("stepfunctions", *timeouts(deadline.remaining())), "stepfunctions")
+
+
+def scheduler():
+    return _Guarded(_client("scheduler", *timeouts(deadline.remaining())), "scheduler")
 
 
 def lambda_():

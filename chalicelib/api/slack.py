@@ -6,6 +6,7 @@ from chalice import Blueprint
 from chalicelib.api.http import Request, route
 from chalicelib.platform import teams
 from chalicelib.slack import commands as slack_commands
+from chalicelib.slack import interactions as slack_interactions
 from chalicelib.slack import notifications as slack
 
 bp = Blueprint(__name__)
@@ -15,6 +16,12 @@ bp = Blueprint(__name__)
 def slash_command(req: Request):
     # Verified against the raw body with the app's signing secret; 401 on any failure.
     return slack_commands.command(slack_commands.verify(req.raw_body, req.headers))
+
+
+@route(bp, "/slack/interactions", ("POST",), auth=None, consumes="application/x-www-form-urlencoded")
+def slack_interaction(req: Request):
+    # Buttons (a pipeline's approval): verified exactly as slash commands are.
+    return slack_interactions.handle(slack_commands.verify(req.raw_body, req.headers))
 
 
 @route(bp, "/v1/admin/teams/{team_id}/slack", ("PUT",), auth="admin", json_body=True)

@@ -21,3 +21,23 @@ class JobSucceeded:
     by every finalize until it completes, so handlers are idempotent."""
     team_id: str
     job_id: str
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """A job reached its end (succeeded, failed or cancelled) and its finalize got this far:
+    `served` says whether its model is callable. Emitted by every finalize until it completes."""
+    team_id: str
+    job_id: str
+    status: str
+    served: bool
+    pipeline_run: str | None = None      # "<pipeline id>/<run id>" when a pipeline run made the job
+
+
+@dataclass(frozen=True)
+class EvalRunEnded:
+    """An eval run reached its end (completed, failed or canceled)."""
+    team_id: str
+    eval_id: str
+    run_id: str
+    pipeline_run: str | None = None

@@ -20,7 +20,11 @@ STATUS_EMOJI = {"validating_files": ":hourglass_flowing_sand:", "queued": ":inbo
 CATEGORY = {"rft-hub.job.state_changed": "job", "rft-hub.job.stalled": "job", "rft-hub.model.registered": "model",
             "rft-hub.alias.changed": "model", "rft-hub.budget.threshold_crossed": "budget",
             "rft-hub.job.watch_finding": "job", "rft-hub.model.deployment_changed": "model",
-            "rft-hub.eval.run_finished": "eval", "rft-hub.eval.compared": "eval"}
+            "rft-hub.eval.run_finished": "eval", "rft-hub.eval.compared": "eval",
+            "rft-hub.pipeline.approval_requested": "pipeline", "rft-hub.pipeline.run_finished": "pipeline"}
+# Posted whatever a team's `notify` says: a run waits on it.
+ALWAYS = frozenset({"rft-hub.pipeline.approval_requested"})
+APPROVE, REJECT = "pipeline_approve", "pipeline_reject"
 
 
 def truncate(text: str, limit: int) -> str:
@@ -226,3 +230,74 @@ def alarm_message(alarm: dict) -> dict:
         blocks.append(_b().SectionBlock(text=_b().MarkdownTextObject(
             text=truncate(f"_{alarm['NewStateReason']}_", SECTION_MAX))))
     return _message(f"{state}: {name} ({alarm.get('OldStateValue') or '?'} → {state})", blocks)
+
+
+# ---- pipelines (issue #27) -----------------------------------------------------------------------
+
+def _comparison_lines(comparison: dict | None) -> list[str]:
+    lines = []
+    for name, entry in (comparison or {}).items():
+        line = f"• *{name}*: candidate {_score(entry.get('score'))}"
+        if "current_score" in entry:
+            line += f" vs production {_score(entry.get('current_score'))} (Δ {_score(entry.get('delta'))})"
+        if "min_score" in entry:
+            line += f", minimum {_score(entry.get('min_score'))}"
+        lines.append(line)
+    return lines
+
+
+def pipeline_approval_message(detail: dict) -> dict:
+    """The candidate against production per criterion, the watch's findings and the cost, with
+    Approve and Reject buttons whose value names the run (never a token: the run keeps it)."""
+    value = f"{detail.get('team_id')}/{detail.get('pipeline_id')}/{detail.get('run_id')}"
+    watch = detail.get("watch") or {}
+    found = ", ".join(f"{n} {sev}" for sev, n in sorted((watch.get("findings") or {}).items())) or "none"
+    text = (f"Pipeline `{detail.get('pipeline_name')}` run `{detail.get('run_id')}` asks to move alias "
+            f"`{detail.get('target_alias')}` to `{detail.get('candidate_model')}`.")
+    body = "\n".join([text, *(_comparison_lines(detail.get("comparison")) or ["• no comparison"])])
+    approvers = " ".join(f"<@{u}>" for u in detail.get("approvers") or [])
+    return _message(text, [
+        _b().HeaderBlock(text=_b().PlainTextObject(text=":vertical_traffic_light: Approval needed", emoji=True)),
+        _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(body, SECTION_MAX))),
+        _fields([("Production", f"`{detail.get('current_model') or 'none yet'}`"),
+                 ("Training watch", truncate(found + ("; " + "; ".join(watch.get("titles") or [])
+                                                      if watch.get("titles") else ""), 300)),
+                 ("Cost (estimate)", f"${detail.get('cost_usd')}" if detail.get("cost_usd") else "unpriced"),
+                 ("Decide by", f"<!date^{int(detail.get('expires_at') or 0)}^{{date_short}} {{time}}|the timeout>"),
+                 ("Approvers", approvers or "none")]),
+        _b().ActionsBlock(block_id=f"pipeline:{detail.get('run_id')}"[:255], elements=[
+            _b().ButtonElement(text="Approve", action_id=APPROVE, value=value, style="primary"),
+            _b().ButtonElement(text="Reject", action_id=REJECT, value=value, style="danger")]),
+    ])
+
+
+def pipeline_decided_message(detail: dict, decision: str, user: str, late: bool) -> dict:
+    """Replaces the approval message once someone decided (its buttons gone)."""
+    verb = "approved" if decision == "approve" else "rejected"
+    text = (f"Pipeline `{detail.get('pipeline_name') or detail.get('pipeline_id')}` run `{detail.get('run_id')}`: "
+            f"{verb} by <@{user}>.")
+    if late:
+        text += " Too late: the approval had already timed out, so the run was rejected."
+    return {"replace_original": True, **_message(text, [_b().SectionBlock(text=_b().MarkdownTextObject(text=text))])}
+
+
+RUN_EMOJI = {"succeeded": ":white_check_mark:", "skipped_unchanged": ":fast_forward:", "gate_failed": ":no_entry:",
+             "rejected": ":no_entry_sign:", "failed": ":x:"}
+
+
+def pipeline_run_message(detail: dict) -> dict:
+    status = str(detail.get("status"))
+    error = detail.get("error") or {}
+    text = f"Pipeline `{detail.get('pipeline_name')}` run `{detail.get('run_id')}` *{status}*."
+    if status == "succeeded":
+        text += f" Alias `{detail.get('target_alias')}` now points at `{detail.get('candidate_model')}`."
+    elif error.get("message"):
+        text += f" {('At ' + error['step'] + ': ') if error.get('step') else ''}{error['message']}"
+    lines = _comparison_lines(detail.get("comparison"))
+    approval = detail.get("approval") or {}
+    if approval.get("by"):
+        lines.append(f"• {approval.get('decision')}d by <@{approval['by']}>")
+    body = "\n".join([text, *lines])
+    return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(
+        text=f"{RUN_EMOJI.get(status, ':gear:')} Pipeline run {status}", emoji=True)),
+        _b().SectionBlock(text=_b().MarkdownTextObject(text=truncate(body, SECTION_MAX)))])

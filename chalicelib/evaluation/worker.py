@@ -27,14 +27,16 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist, PynamoDBException, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import deadline, metrics, outbox
+from chalicelib import bus, deadline, metrics, outbox
 from chalicelib.adapters import lambdas
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import evals as rules
 from chalicelib.domain import ids, pricing
+from chalicelib.domain.events import EvalRunEnded
 from chalicelib.domain.graders import Deps, JudgeRefused, judge_models, judge_specs
 from chalicelib.domain.graders import run as run_grader
 from chalicelib.domain.graders.templates import InvalidVariable, compile_template, make_sample
+from chalicelib.domain.pipelines import RUN_METADATA_KEY as PIPELINE_RUN_KEY
 from chalicelib.errors import ApiError
 from chalicelib.evaluation import after_training, evals
 from chalicelib.failures import retryable
@@ -513,6 +515,10 @@ def _finish(run: EvalRunRecord, token: str, status: str | None, error: dict | No
 
 
 def _after(run: EvalRunRecord) -> None:
+    try:      # e.g. a pipeline run waiting on its eval runs (the pipelines' reconciler covers a miss)
+        bus.emit(EvalRunEnded(run.team_id, run.eval_id, run.run_id, (run.metadata or {}).get(PIPELINE_RUN_KEY)))
+    except (ApiError, PynamoDBException) as exc:
+        logger.warning("eval run end not handled", extra={"run_id": run.run_id, "error": type(exc).__name__})
     if run.job_id:
         try:
             after_training.report_job(run.team_id, run.job_id)

@@ -14,8 +14,10 @@ from chalicelib.adapters import queues
 from chalicelib.adapters import slack as slack_http
 from chalicelib.adapters.secrets import get_secret
 from chalicelib.domain import slack_messages as messages
-from chalicelib.errors import Unauthorized
+from chalicelib.errors import ApiError, Unauthorized
 from chalicelib.inference import registry
+from chalicelib.pipelines import runs as pipeline_runs
+from chalicelib.pipelines import specs as pipeline_specs
 from chalicelib.platform import teams
 from chalicelib.slack import notifications
 from chalicelib.spend import budgets
@@ -25,7 +27,8 @@ from chalicelib.training import state as job_state
 
 HELP = ["`/rft help` this list", "`/rft jobs` recent jobs", "`/rft status <job>` one job",
         "`/rft usage` month-to-date spend against the budget", "`/rft models` tuned models and aliases",
-        "`/rft keys` the team's API keys (role, models, expiry, last use)", "`/rft cancel <job>` cancel a running job"]
+        "`/rft keys` the team's API keys (role, models, expiry, last use)", "`/rft cancel <job>` cancel a running job",
+        "`/rft pipeline run <name>` start a pipeline run", "`/rft pipeline status <name>` its newest runs"]
 
 
 def verify(raw_body: bytes, headers: dict) -> dict:
@@ -95,7 +98,30 @@ def command(form: dict) -> dict:
         queues.send(notifications.commands_queue(), json.dumps(
             {"command": "cancel", "team_id": team_id, "job_id": job.job_id, "response_url": form.get("response_url")}))
         return messages.ephemeral(f"Cancelling `{job.job_id}`… I will post here when it is done.")
+    if name == "pipeline":
+        return _pipeline(team_id, args, form.get("user_id"))
     return messages.ephemeral(f"Unknown command `{truncate_word(name)}`.", HELP)
+
+
+def _pipeline(team_id: str, args: list[str], user: str | None) -> dict:
+    """`/rft pipeline run|status <name>` (issue #27)."""
+    if len(args) < 2 or args[0] not in ("run", "status"):
+        return messages.ephemeral("Try `/rft pipeline run <name>` or `/rft pipeline status <name>`.")
+    found = pipeline_specs.find_by_name(team_id, args[1])
+    if found is None:
+        return messages.ephemeral(f"No pipeline `{truncate_word(args[1])}` in this team.")
+    if args[0] == "run":
+        try:
+            run = pipeline_runs.trigger(team_id, found.pipeline_id, "manual", by=f"slack:{user}")
+        except ApiError as err:
+            return messages.ephemeral(f"Could not start `{found.name}`: {err.message}")
+        return messages.ephemeral(f"Pipeline `{found.name}`: run `{run['id']}` is *{run['status']}*.")
+    recent = pipeline_runs.list_runs(team_id, found.pipeline_id, 5, None)["data"]
+    lines = [f"`{r['id']}` *{r['status']}*" + (f" at {r['error']['step']}: {messages.truncate(r['error']['message'], 200)}"
+                                               if r.get("error") and r["error"].get("message") else "")
+             + (f", waiting on {r['waiting_on']}" if r.get("waiting_on") else "") for r in recent]
+    heading = "newest runs:" if lines else "no runs yet."
+    return messages.ephemeral(f"Pipeline `{found.name}` (v{found.version}): {heading}", lines)
 
 
 def _keys(team_id: str) -> dict:

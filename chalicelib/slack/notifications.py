@@ -28,7 +28,7 @@ from chalicelib.store import dynamo
 from chalicelib.store.models import Job, SlackChannel, SlackConfig, SlackDelivery, SlackJobCursor
 from chalicelib.training import rewards as job_rewards
 
-NOTIFY = ("job", "budget", "model", "eval")
+NOTIFY = ("job", "budget", "model", "eval", "pipeline")
 LEASE_SECONDS = 60
 
 
@@ -255,6 +255,10 @@ def build_message(detail_type: str, detail: dict) -> dict | None:
         return messages.eval_run_message(detail)
     if detail_type == "rft-hub.eval.compared":
         return messages.eval_comparison_message(detail)
+    if detail_type == "rft-hub.pipeline.approval_requested":
+        return messages.pipeline_approval_message(detail)
+    if detail_type == "rft-hub.pipeline.run_finished":
+        return messages.pipeline_run_message(detail)
     return None
 
 
@@ -290,7 +294,8 @@ def deliver(body: str, receipt_handle: str | None = None) -> str:
         cfg = dynamo.call(lambda: SlackConfig.get(team_id, consistent_read=True), idempotent=True, what="slack config")
     except DoesNotExist:
         return "not-configured"
-    if not cfg.webhook_secret_id or messages.CATEGORY.get(detail_type) not in (cfg.notify or []):
+    wanted = detail_type in messages.ALWAYS or messages.CATEGORY.get(detail_type) in (cfg.notify or [])
+    if not cfg.webhook_secret_id or not wanted:
         return "not-wanted"
     if (cfg.health or {}).get("status") == "broken":
         return "webhook-broken"

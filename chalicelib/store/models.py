@@ -934,6 +934,74 @@ class GuardrailAttachment(_Base):
 ALL_MODELS += (GuardrailAttachment,)
 
 
+# ---- pipelines (issue #27): specs, their versions, runs ------------------------------------------
+
+class PipelineRecord(_Base):
+    """A team's pipeline: its current spec and version, and the one run it may have going
+    (`active_run`, set and cleared by conditional writes: one run at a time)."""
+    class Meta(_Base.Meta):
+        table_name = table_name("pipelines")
+
+    team_id = UnicodeAttribute(hash_key=True)
+    pipeline_id = UnicodeAttribute(range_key=True)
+    name = UnicodeAttribute()
+    version = NumberAttribute()
+    spec = JSONAttribute()
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    created_by = UnicodeAttribute(null=True)
+    active_run = UnicodeAttribute(null=True)
+    queued_trigger = JSONAttribute(null=True)          # on_busy "queue": the one trigger waiting
+    last_data_sha256 = UnicodeAttribute(null=True)     # the data of the last run that succeeded
+    last_run = UnicodeAttribute(null=True)
+
+
+class PipelineVersion(_Base):
+    class Meta(_Base.Meta):
+        table_name = table_name("pipeline_versions")
+
+    pipeline_id = UnicodeAttribute(hash_key=True)
+    version = NumberAttribute(range_key=True)
+    team_id = UnicodeAttribute()
+    spec = JSONAttribute()
+    created_at = NumberAttribute()
+    created_by = UnicodeAttribute(null=True)
+
+
+class PipelineRun(_Base):
+    """One run: its steps with their times, the job, the eval comparison, who approved, the money
+    it holds, and the task token of the step waiting on something outside the run."""
+    class Meta(_Base.Meta):
+        table_name = table_name("pipeline_runs")
+
+    pipeline_id = UnicodeAttribute(hash_key=True)
+    run_id = UnicodeAttribute(range_key=True)          # time-ordered: newest last
+    team_id = UnicodeAttribute()
+    pipeline_version = NumberAttribute()
+    status = UnicodeAttribute()
+    trigger = JSONAttribute()
+    created_at = NumberAttribute()
+    updated_at = NumberAttribute()
+    ended_at = NumberAttribute(null=True)
+    execution_arn = UnicodeAttribute(null=True)
+    steps = JSONAttribute(default=list)
+    waiting_step = UnicodeAttribute(null=True)
+    task_token = UnicodeAttribute(null=True)
+    data = JSONAttribute(null=True)                    # file id, sha256, rows
+    job_id = UnicodeAttribute(null=True)
+    candidate_model = UnicodeAttribute(null=True)
+    current_model = UnicodeAttribute(null=True)
+    eval_runs = JSONAttribute(null=True)               # {"candidate": run id, "current": run id}
+    comparison = JSONAttribute(null=True)
+    approval = JSONAttribute(null=True)                # who decided, what, when
+    hold = JSONAttribute(null=True)                    # the run's estimate held against the budget
+    error = JSONAttribute(null=True)                   # {"step", "message"}
+    alias_version = NumberAttribute(null=True)
+
+
+ALL_MODELS += (PipelineRecord, PipelineVersion, PipelineRun)
+
+
 class RateLimit(_Base):
     """Request and token limits a minute: a team's (scope "team"), the team's for one model it calls
     ("model:<name>") or one key's ("key:<id>")."""

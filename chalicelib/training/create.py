@@ -45,8 +45,28 @@ def _training_file(team_id: str, file_id: str, param: str, enforce_rows: bool) -
     return record
 
 
+def _price(model: str):
+    price = prices.price(model)
+    if price is None:
+        # Unpriced means refused, for training as for inference: a $0 hold is no budget at all.
+        raise InvalidRequest(f"Model '{model}' has no price, so its training cannot be estimated or held "
+                             "against the budget; an admin can set one with PUT /v1/admin/prices/{model}.",
+                             param="model", code="model_not_priced")
+    return price
 
 
+def _estimate(team_id: str, price, report: dict, hyperparameters: dict, spec: dict) -> dict:
+    return rules.estimate_cost(price, report.get("rows", 0), report.get("estimated_tokens", 0),
+                               hyperparameters.get("n_epochs"), judges=_judge_prices(team_id, spec),
+                               samples_per_prompt=hyperparameters.get("samples_per_prompt"))
+
+
+def estimate_micro(team_id: str, req: rules.CreateJob) -> int:
+    """What a job of this request would hold against the budget (a pipeline run holds it first)."""
+    hyperparameters = rules.check_create(req, settings().rft_models + settings().nova_models)
+    spec, _, _ = graders.resolve(team_id, req.method.reinforcement.grader)
+    report = _training_file(team_id, req.training_file, "training_file", enforce_rows=True).validation or {}
+    return int(_estimate(team_id, _price(req.model), report, hyperparameters, spec).get("estimated_micro_usd") or 0)
 
 
 def _preflight(team_id: str, req: rules.CreateJob, spec: dict) -> dict:
@@ -82,12 +102,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
         existing = None
     if existing is None:   # e.g. the eval to run when it succeeds (evaluation/after_training.py)
         bus.emit(JobAccepted(team_id, job_id, req.rft_eval))
-    price = prices.price(req.model)
-    if price is None:
-        # Unpriced means refused, for training as for inference: a $0 hold is no budget at all.
-        raise InvalidRequest(f"Model '{req.model}' has no price, so its training cannot be estimated or held "
-                             "against the budget; an admin can set one with PUT /v1/admin/prices/{model}.",
-                             param="model", code="model_not_priced")
+    price = _price(req.model)
     # Graders that call out (an LLM judge, a team Lambda) are preflighted by the job worker: on
     # this path they could take longer than API Gateway's 29 s.
     # So is base-model sampling (`sample_base`: metered model calls), its settings checked now.
@@ -103,9 +118,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
                                                                                 exclude_none=True),
               bedrock_method=rules.bedrock_method(lambda_arn, hyperparameters, req.model), suffix=req.suffix,
               metadata=req.metadata, seed=req.seed, created_at=now, updated_at=now,
-              estimate=rules.estimate_cost(price, report.get("rows", 0), report.get("estimated_tokens", 0),
-                                           hyperparameters.get("n_epochs"), judges=_judge_prices(team_id, spec),
-                                           samples_per_prompt=hyperparameters.get("samples_per_prompt")),
+              estimate=_estimate(team_id, price, report, hyperparameters, spec),
               request_hash=request_hash, submit_state="pending", active_shard=ACTIVE,
               status_path=["validating_files"], grader_ref=grader_ref, preflight=checked,
               preflight_state="queued" if deferred else "done", preflight_mode=req.preflight,

@@ -14,8 +14,9 @@ from chalicelib import bus, metrics, outbox
 from chalicelib.config import settings
 from chalicelib.domain import ids
 from chalicelib.domain import jobs as rules
-from chalicelib.domain.events import JobSucceeded
+from chalicelib.domain.events import JobEnded, JobSucceeded
 from chalicelib.domain.nova import is_nova
+from chalicelib.domain.pipelines import RUN_METADATA_KEY as PIPELINE_RUN_KEY
 from chalicelib.errors import ApiError, Conflict, NotFound
 from chalicelib.inference import deployments, registry
 from chalicelib.log import logger
@@ -113,6 +114,9 @@ def finalize(job: Job) -> None:
     if served:
         # the suffix alias, the request's rft_eval: handlers raise to be repeated (wiring.py)
         bus.emit(JobSucceeded(job.team_id, job.job_id))
+    # e.g. a pipeline run waiting on this job (pipelines/steps.py)
+    bus.emit(JobEnded(job.team_id, job.job_id, job.status, served,
+                      (job.metadata or {}).get(PIPELINE_RUN_KEY)))
     job.update(actions=[Job.active_shard.remove()])
 
 
