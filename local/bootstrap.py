@@ -19,6 +19,7 @@ def bootstrap(admin_key: str, slack_signing_secret: str) -> None:
     _event_bus()
     _slack_queues()
     _ledger_queue()
+    _pipelines(s.datasets_bucket)
     from chalicelib.slack import commands as slash_commands
     _secret(s.admin_key_secret_id, admin_key)
     _secret(slash_commands.settings_secret_id(), slack_signing_secret)
@@ -110,3 +111,60 @@ def _event_bus() -> None:
         events.put_rule(Name=f"rfthub-{tap}", EventBusName=bus_name(), EventPattern=json.dumps(pattern),
                         State="ENABLED")
         events.put_targets(Rule=f"rfthub-{tap}", EventBusName=bus_name(), Targets=[{"Id": "tap", "Arn": arn}])
+
+
+ASL = "deploy/pipeline.asl.json"
+
+
+def _pipelines(bucket: str) -> None:
+    """As the template declares them: the step and trigger queues, the state machine every run
+    executes (the repository's definition, its queue substituted as the template does), the
+    schedules' group, the rules that bring new data and trigger events, and S3's EventBridge
+    notifications on the datasets bucket. moto runs the definition (its Step Functions
+    interpreter, switched on through moto's config API)."""
+    import os
+    import urllib.request
+
+    from chalicelib.config import (
+        pipeline_schedule_group,
+        pipeline_state_machine_arn,
+        pipeline_steps_queue,
+        pipeline_triggers_queue,
+    )
+    from chalicelib.outbox import bus_name
+    from chalicelib.pipelines.triggers import TRIGGER_DETAIL_TYPE
+    from local.servers import ROOT
+
+    region = settings().region
+    moto = os.environ["AWS_ENDPOINT_URL_SQS"]
+    urllib.request.urlopen(urllib.request.Request(
+        f"{moto}/moto-api/config", data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(),
+        method="POST"), timeout=10).read()
+    sqs = boto3.client("sqs", region_name=region)
+    steps = sqs.create_queue(QueueName=pipeline_steps_queue(), Attributes={"VisibilityTimeout": "960"})["QueueUrl"]
+    triggers = sqs.create_queue(QueueName=pipeline_triggers_queue(), Attributes={"VisibilityTimeout": "120"})["QueueUrl"]
+    triggers_arn = sqs.get_queue_attributes(QueueUrl=triggers, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    definition = (ROOT / ASL).read_text().replace("${PipelineStepsQueueUrl}", steps)
+    sfn = boto3.client("stepfunctions", region_name=region)
+    arn = pipeline_state_machine_arn()
+    try:
+        sfn.describe_state_machine(stateMachineArn=arn)
+        sfn.update_state_machine(stateMachineArn=arn, definition=definition)
+    except sfn.exceptions.StateMachineDoesNotExist:
+        sfn.create_state_machine(name=arn.rsplit(":", 1)[1], definition=definition, type="STANDARD",
+                                 roleArn=f"arn:aws:iam::{arn.split(':')[4]}:role/rfthub-local-pipeline-states")
+    scheduler = boto3.client("scheduler", region_name=region)
+    try:
+        scheduler.create_schedule_group(Name=pipeline_schedule_group())
+    except scheduler.exceptions.ConflictException:
+        pass
+    events = boto3.client("events", region_name=region)
+    for name, bus, pattern in (
+            ("rfthub-pipeline-trigger", bus_name(), {"detail-type": [TRIGGER_DETAIL_TYPE]}),
+            ("rfthub-pipeline-new-data", "default", {"source": ["aws.s3"], "detail-type": ["Object Created"],
+                                                     "detail": {"bucket": {"name": [bucket]},
+                                                                "object": {"key": [{"prefix": "incoming/"}]}}})):
+        events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps(pattern), State="ENABLED")
+        events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "triggers", "Arn": triggers_arn}])
+    boto3.client("s3", region_name=region).put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"EventBridgeConfiguration": {}})

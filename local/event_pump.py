@@ -185,6 +185,20 @@ def main() -> None:
             pump.faults.update({k: int(v) for k, v in body.items() if k in pump.faults})
         return jsonify(pump.faults)
 
+    from chalicelib.config import pipeline_schedule_group
+    from local import scheduler
+    scheduler.Runner(pipeline_schedule_group()).start()     # rate(...) schedules, on time
+
+    @web.post("/_local/scheduler/fire")
+    def fire_schedule():
+        body = request.get_json(force=True, silent=True) or {}
+        if not isinstance(body.get("name"), str):
+            return jsonify({"error": "send {\"name\": <schedule name: the pipeline id>}"}), 400
+        try:
+            return jsonify(scheduler.fire(body["name"], body.get("group") or pipeline_schedule_group()))
+        except Exception as exc:  # noqa: BLE001 - e.g. no such schedule: said plainly
+            return jsonify({"error": str(exc)}), 404
+
     @web.get("/_local/pump")
     def pump_status():
         return jsonify({"faults": pump.faults, "delivered": len(pump.delivered), "errors": pump.errors[-20:]})

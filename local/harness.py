@@ -33,6 +33,7 @@ class Stack:
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         ports = {"moto": self.moto.get_host_and_port()[1], "dynamodb_local": servers.free_port()}
+        os.environ["MOTO_PORT"] = str(ports["moto"])     # moto's Step Functions calls back into itself there
         self.procs.append(servers.start_dynamodb(ports["dynamodb_local"], None))
         # Everything talks to DynamoDB through the fault layer (pass-through until a test configures it).
         from local import ddb_faults
@@ -71,11 +72,14 @@ class Stack:
         ops_channel(f"http://127.0.0.1:{self.slack.port}/services/TLOCALOPS/BOPS/ops")
         self.api_port = self._serve_app()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
+        self.slack_app.config.update(signing_secret=SLACK_SIGNING_SECRET,
+                                     interactions_url=f"{self.base_url}/slack/interactions")
         # The job and eval workers' queues, drained as Lambda's SQS trigger would (make run's pump drives all
         # handlers; here the other queues and schedules are driven by the tests that need them).
         from app import app
         from local.event_pump import Pump
-        self.pump = Pump(app, schedule_seconds=3600, only={"job_worker", "eval_worker"})
+        self.pump = Pump(app, schedule_seconds=3600, only={"job_worker", "eval_worker", "pipeline_worker",
+                                                                "pipeline_triggers"})
         self.pump.start()
 
     def _serve_app(self) -> int:

@@ -108,10 +108,14 @@ def main() -> int:
         servers.wait_for_port(ports["dynamodb"], 60, dynamodb)
         children.module("local.ddb_faults", "--port", str(ports["ddb_faults"]),
                         "--upstream", f"http://127.0.0.1:{ports['dynamodb']}", env=env)
-        children.module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]), env=env)
+        # MOTO_PORT: where moto's Step Functions interpreter sends a state machine's service calls.
+        children.module("moto.server", "-H", "127.0.0.1", "-p", str(ports["moto"]),
+                        env={**env, "MOTO_PORT": str(ports["moto"])})
         children.module("local.bedrock_server", "--port", str(ports["bedrock"]),
                         "--state-dir", str(LOCAL / "bedrock"), env=env)
-        children.module("local.slack_sink", "--port", str(ports["slack"]), "--log", str(LOCAL / "slack.log"), env=env)
+        children.module("local.slack_sink", "--port", str(ports["slack"]), "--log", str(LOCAL / "slack.log"),
+                        "--interactions-url", f"http://127.0.0.1:{ports['api']}/slack/interactions",
+                        env={**env, "LOCAL_SLACK_SIGNING_SECRET": signing_secret})   # not on the command line
         for name in ("ddb_faults", "moto", "bedrock", "slack"):
             servers.wait_for_port(ports[name], 60)
 
@@ -133,7 +137,7 @@ def main() -> int:
         team_id, demo_key = _demo_team(base_url, admin_key, previous)
         webhook = f"http://127.0.0.1:{ports['slack']}/services/TLOCALDEMO/BDEMO/demo"
         _http("PUT", f"{base_url}/v1/admin/teams/{team_id}/slack", admin_key,
-              {**DEMO_SLACK, "webhook_url": webhook, "notify": ["job", "budget", "model"]})
+              {**DEMO_SLACK, "webhook_url": webhook, "notify": ["job", "budget", "model", "pipeline"]})
         # Alarms go to the platform's own channel, on the same sink.
         from local.bootstrap import ops_channel
         ops_channel(f"http://127.0.0.1:{ports['slack']}/services/TLOCALOPS/BOPS/ops")

@@ -58,6 +58,8 @@ def base_env(ports: dict[str, int]) -> dict[str, str]:
         # botocore names EventBridge's variable after its service id; both spellings are set.
         "AWS_ENDPOINT_URL_EVENTBRIDGE": moto, "AWS_ENDPOINT_URL_EVENTS": moto,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto, "AWS_ENDPOINT_URL_KMS": moto,
+        # Pipelines: Step Functions (botocore's service id "SFN") and EventBridge Scheduler.
+        "AWS_ENDPOINT_URL_SFN": moto, "AWS_ENDPOINT_URL_SCHEDULER": moto,
         "AWS_ENDPOINT_URL_CLOUDWATCH": moto,      # the EMF collector and the alarms (local/cloudwatch.py)
         "AWS_ENDPOINT_URL_LAMBDA": f"http://127.0.0.1:{ports['lambda']}",
         "AWS_ENDPOINT_URL_BEDROCK_MANTLE": f"http://127.0.0.1:{ports['bedrock']}",

@@ -25,6 +25,7 @@ CATEGORY = {"rft-hub.job.state_changed": "job", "rft-hub.job.stalled": "job", "r
 # Posted whatever a team's `notify` says: a run waits on it.
 ALWAYS = frozenset({"rft-hub.pipeline.approval_requested"})
 APPROVE, REJECT = "pipeline_approve", "pipeline_reject"
+DECIDED = {"approve": "approved", "reject": "rejected"}
 
 
 def truncate(text: str, limit: int) -> str:
@@ -273,7 +274,7 @@ def pipeline_approval_message(detail: dict) -> dict:
 
 def pipeline_decided_message(detail: dict, decision: str, user: str, late: bool) -> dict:
     """Replaces the approval message once someone decided (its buttons gone)."""
-    verb = "approved" if decision == "approve" else "rejected"
+    verb = DECIDED.get(decision, "decided")
     text = (f"Pipeline `{detail.get('pipeline_name') or detail.get('pipeline_id')}` run `{detail.get('run_id')}`: "
             f"{verb} by <@{user}>.")
     if late:
@@ -296,7 +297,7 @@ def pipeline_run_message(detail: dict) -> dict:
     lines = _comparison_lines(detail.get("comparison"))
     approval = detail.get("approval") or {}
     if approval.get("by"):
-        lines.append(f"• {approval.get('decision')}d by <@{approval['by']}>")
+        lines.append(f"• {DECIDED.get(approval.get('decision'), 'decided')} by <@{approval['by']}>")
     body = "\n".join([text, *lines])
     return _message(text, [_b().HeaderBlock(text=_b().PlainTextObject(
         text=f"{RUN_EMOJI.get(status, ':gear:')} Pipeline run {status}", emoji=True)),

@@ -4,6 +4,7 @@ and the decision answers the approval step's task token."""
 from __future__ import annotations
 
 from chalicelib.domain import ids
+from chalicelib.domain import slack_messages as messages
 from chalicelib.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from chalicelib.pipelines import runs, steps
 from chalicelib.store.models import PipelineRun
@@ -24,7 +25,7 @@ def decide(team_id: str, pipeline_id: str, run_id: str, decision: str, slack_use
                         code="not_an_approver")
     if run.approval:
         if run.approval.get("decision") != decision:
-            raise Conflict(f"This run was already {run.approval['decision']}d by {run.approval['by']}.",
+            raise Conflict(f"This run was already {messages.DECIDED[run.approval['decision']]} by {run.approval['by']}.",
                            param="decision", code="already_decided")
         return {"run": runs.run_view(run), "decided": False, "late": False}
     if run.waiting_step != "approval":

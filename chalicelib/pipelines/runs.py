@@ -232,12 +232,21 @@ def complete(run: PipelineRun, step: str, *, output: dict | None = None, error: 
     if run.waiting_step != step or not run.task_token:
         return False
     token = run.task_token
+    # Recorded first: the next step may start the moment the token is answered.
+    record_step(run, step, "failed" if error else "succeeded", _said(cause) if error else output)
     sent = send(token, output=output, error=error, cause=cause)
-    record_step(run, step, "failed" if error else "succeeded", cause if error else output)
     save_fields(run, [PipelineRun.waiting_step.remove(), PipelineRun.task_token.remove()],
             condition=PipelineRun.task_token == token)
     run.refresh(consistent_read=True)
     return sent
+
+
+def _said(cause: str | None) -> dict:
+    try:
+        found = json.loads(cause or "")
+    except ValueError:
+        found = None
+    return found if isinstance(found, dict) else {"message": cause}
 
 
 def hold(run: PipelineRun, micro: int) -> None:
@@ -359,5 +368,6 @@ def manual(team_id: str, pipeline_id: str, by: str | None, idempotency_key: str 
 
 
 def current_step(run: PipelineRun) -> str | None:
+    """The step the run was in: the one running, or waiting, or else the last one it recorded."""
     running = [s["name"] for s in (run.steps or []) if s.get("status") == "running"]
-    return running[-1] if running else (run.waiting_step or None)
+    return running[-1] if running else (run.waiting_step or (run.steps[-1]["name"] if run.steps else None))

@@ -76,6 +76,10 @@ def check(team_id: str, raw: Any, *, current: dict | None = None) -> dict:
             raise InvalidRequest(err.message, param="dataset.file_id") from None
     if "job" in sent:
         check_job_template(team_id, spec["job"])
+    if spec["job"].get("suffix") and spec["job"]["suffix"] == spec["target_alias"]:
+        # A job's suffix becomes an alias when it succeeds: this one would skip the gate and the approval.
+        raise InvalidRequest("job.suffix must differ from target_alias: a succeeded job's suffix alias is given "
+                             "before any eval or approval.", param="job.suffix")
     if "eval" in sent:
         try:
             gate = gates.check_gate(team_id, sent["eval"])
@@ -248,7 +252,8 @@ def sync_schedule(team_id: str, pipeline_id: str, expression: str | None) -> Non
         return
     client = aws.scheduler()
     target = {"Arn": _queue_arn(), "RoleArn": pipeline_scheduler_role_arn(),
-              "Input": json.dumps({"trigger": "schedule", "team_id": team_id, "pipeline_id": pipeline_id}),
+              "Input": json.dumps({"trigger": "schedule", "team_id": team_id, "pipeline_id": pipeline_id,
+                                  "scheduled_time": "<aws.scheduler.scheduled-time>"}),
               "RetryPolicy": {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 10}}
     args = {"Name": _schedule_name(pipeline_id), "GroupName": pipeline_schedule_group(),
             "ScheduleExpression": expression, "ScheduleExpressionTimezone": "UTC",

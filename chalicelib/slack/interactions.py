@@ -46,7 +46,7 @@ def handle(form: dict) -> dict:
         _answer(response_url, messages.pipeline_decided_message(detail, decision, user, result["late"]))
     else:
         _answer(response_url, {"replace_original": False, **messages.ephemeral(
-            f"Already {run['approval']['decision']}d by <@{run['approval']['by']}>.")})
+            f"Already {messages.DECIDED[run['approval']['decision']]} by <@{run['approval']['by']}>.")})
     return {}
 
 
