@@ -5,8 +5,9 @@ from __future__ import annotations
 from chalice import Blueprint
 
 from chalicelib.api.http import Request, query_int, route
-from chalicelib.errors import InvalidRequest
-from chalicelib.pipelines import runs, specs
+from chalicelib.errors import Forbidden, InvalidRequest
+from chalicelib.pipelines import approval, runs, specs
+from chalicelib.platform import teams
 
 bp = Blueprint(__name__)
 
@@ -76,3 +77,24 @@ def list_runs(req: Request, pipeline_id: str):
 @route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}")
 def retrieve_run(req: Request, pipeline_id: str, run_id: str):
     return runs.retrieve(req.team_id, pipeline_id, run_id)
+
+
+@route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}/approve", ("POST",))
+def approve_run(req: Request, pipeline_id: str, run_id: str):
+    return _decide(req, pipeline_id, run_id, "approve")
+
+
+@route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}/reject", ("POST",))
+def reject_run(req: Request, pipeline_id: str, run_id: str):
+    return _decide(req, pipeline_id, run_id, "reject")
+
+
+def _decide(req: Request, pipeline_id: str, run_id: str, decision: str) -> dict:
+    """The console's (or any client's) Approve and Reject: the caller is the approver its key's owner names
+    (a listed Slack user id), so a decision there is the same person's as in Slack."""
+    owner = teams.key_owner(req.principal.key_id) if req.principal.key_id else None
+    if not owner:
+        raise Forbidden("Only a key whose owner is one of the pipeline's approvers (a Slack user id) may decide.",
+                        param="owner", code="not_an_approver")
+    via = "console" if req.principal.session_id else "api"
+    return approval.decide(req.team_id, pipeline_id, run_id, decision, owner, via)

@@ -200,6 +200,12 @@ def get_key(key_id: str) -> ApiKey:
     return found
 
 
+def key_owner(key_id: str) -> str | None:
+    """Who a key says it belongs to (e.g. the Slack user id that may approve pipeline runs)."""
+    found = dynamo.get_or_none(ApiKey, key_id, what="api key")
+    return found.owner if found is not None else None
+
+
 def revoke_key(key_id: str) -> dict:
     record = get_key(key_id)
     if record.revoked_at is None:

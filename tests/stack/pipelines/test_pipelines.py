@@ -8,9 +8,9 @@ fails every model.
 """
 import json
 import time
-from datetime import UTC, datetime, timedelta
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
