@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from deploy import operating
+from deploy import operating, pipelines
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "rft-hub"
@@ -194,6 +194,8 @@ def resources(stage: str) -> dict:
                                                "IgnorePublicAcls": True, "RestrictPublicBuckets": True},
             "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
             "VersioningConfiguration": {"Status": "Enabled"},
+            # New data under a pipeline's prefix starts a run (deploy/pipelines.py's rule).
+            "NotificationConfiguration": {"EventBridgeConfiguration": {"EventBridgeEnabled": True}},
             "LifecycleConfiguration": {"Rules": [
                 {"Id": "abandoned-multipart", "Status": "Enabled",
                  "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
@@ -256,6 +258,7 @@ def resources(stage: str) -> dict:
             "GenerateSecretString": {"PasswordLength": 64, "ExcludePunctuation": True}}},
     })
     res["BedrockServiceRole"] = bedrock_service_role(stage)
+    res.update(pipelines.resources(stage))       # the state machine, its queues, schedules and rules
     res.update(operating.resources(stage))       # alarms, their Slack poster, the dashboard, log groups
     for logical, resource in res.items():        # every alarm named as the Slack message shows it
         if resource.get("Type") == "AWS::CloudWatch::Alarm":
@@ -264,8 +267,9 @@ def resources(stage: str) -> dict:
     env = {"RFT_HOSTED_GRADER_ARN": {"Fn::GetAtt": ["HostedGrader", "Arn"]},
            "RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"},
            "RFT_BEDROCK_SERVICE_ROLE_ARN": {"Fn::GetAtt": ["BedrockServiceRole", "Arn"]}}
-    for logical in ("APIHandler", "ReconcileJobs", "JobWorker", "EvalWorker"):
-        res[logical] = {"Properties": {"Environment": {"Variables": env}}}
+    for logical in ("APIHandler", "ReconcileJobs", "JobWorker", "EvalWorker", *pipelines.FUNCTIONS):
+        extra = pipelines.environment() if logical in pipelines.FUNCTIONS else {}
+        res[logical] = {"Properties": {"Environment": {"Variables": {**env, **extra}}}}
     res["HostedGrader"] = {"Properties": {"Environment": {"Variables": {"RFT_DATASETS_BUCKET": {"Ref": "DatasetsBucket"}}}}}
     # Deep-merged by `chalice package` into its AWS::Serverless::Api (logical id RestAPI).
     res["RestAPI"] = {"Properties": {"DefinitionBody": {"x-amazon-apigateway-gateway-responses": gateway_responses()},
@@ -540,7 +544,23 @@ def policies(stage: str) -> dict[str, dict]:
         "slack_commands": [ddb_rw, logs, token, bus, _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
                            sqs(["slack-commands"], consume, "CommandsQueue")],
         "alarm_notifier": [logs, *operating.notifier_policy(stage)],
+        # Pipelines (issue #27): each step of a run (a job through the job path, eval runs, the alias move),
+        # the triggers, and the reconciler of runs; their Step Functions, Scheduler and S3 needs below.
+        "pipeline_worker": [ddb_rw, logs, token, bus,
+                            _statement(MANTLE_READ + MANTLE_WRITE + MANTLE_INFER + MANTLE_PROJECTS, ["*"],
+                                       "BedrockMantle"),
+                            _statement(["s3:GetObject", "s3:PutObject"], [f"{bucket}/files/*"], "Datasets"),
+                            _statement(["lambda:InvokeFunction"], [grader, TEAM_GRADER_PATTERN], "Graders"),
+                            sqs(["pipeline-steps"], consume, "StepsQueue"), sqs(["jobs"], send, "JobsQueue"),
+                            evals_send, ledger_dlq],
+        "pipeline_triggers": [ddb_rw, logs, bus, sqs(["pipeline-triggers"], consume, "TriggersQueue")],
+        "reconcile_pipelines": [ddb_rw, logs, token, bus,
+                                _statement(MANTLE_READ + MANTLE_WRITE, ["*"], "BedrockMantle"),
+                                _statement(["s3:GetObject"], [f"{bucket}/files/*"], "Datasets"),
+                                sqs(["jobs"], send, "JobsQueue"), evals_send],
     }
+    for function, extra in pipelines.statements(stage, _statement).items():
+        out[function] += extra
     for function, needs in NOVA_NEEDS.items():     # Amazon Nova: Bedrock's native API
         out[function] += nova_statements(stage, **needs)
     for function in ("api_handler", "eval_worker"):   # the gateway's checks (inference/guardrails.py)
@@ -561,6 +581,9 @@ NOVA_NEEDS = {
     "job_worker": {"submit": True, "jobs": True, "deployments": False, "infer": False},
     "slack_commands": {"submit": False, "jobs": True, "deployments": False, "infer": False},
     "eval_worker": {"submit": False, "jobs": False, "deployments": False, "infer": True},
+    # a run's job is created (and a failed run's cancelled) through the job path; a run's alias move
+    "pipeline_worker": {"submit": False, "jobs": True, "deployments": True, "infer": True},
+    "reconcile_pipelines": {"submit": False, "jobs": True, "deployments": True, "infer": False},
 }
 
 
@@ -569,8 +592,8 @@ NOVA_NEEDS = {
 # ~400 services rft-hub never calls are 15 MB of the zip. Kept: the services the code creates
 # clients for (chalicelib/adapters/aws.py; dynamodb through PynamoDB) and sts for credential
 # providers. tests/test_deploy.py imports the app from the slimmed zip and creates each client.
-BOTOCORE_SERVICES = ("bedrock", "bedrock-runtime", "dynamodb", "events", "lambda", "s3", "secretsmanager", "sqs",
-                     "sts")
+BOTOCORE_SERVICES = ("bedrock", "bedrock-runtime", "dynamodb", "events", "lambda", "s3", "scheduler",
+                     "secretsmanager", "sqs", "stepfunctions", "sts")
 MAX_PACKAGE_BYTES = 20_000_000         # 20 MB zipped (issue #12)
 
 
