@@ -287,8 +287,14 @@ def failed(run: PipelineRun, token: str, body: dict) -> dict:
         said = json.loads(error.get("Cause") or "")
     except ValueError:
         said = None
+    # The step's own record first: the worker wrote it before answering (and moto's SendTaskFailure
+    # drops the cause, which Step Functions keeps).
+    recorded = next((st for st in reversed(run.steps or []) if st.get("status") == "failed"
+                     and isinstance(st.get("detail"), dict) and st["detail"].get("message")), None)
     if isinstance(said, dict) and "message" in said:
         step, message = said.get("step"), said["message"]
+    elif recorded is not None:
+        step, message = recorded["name"], recorded["detail"]["message"]
     else:
         step = runs.current_step(run)
         message = f"{error.get('Error') or 'error'}: {error.get('Cause') or 'the step did not finish'}"

@@ -299,3 +299,107 @@ def test_a_run_whose_execution_dies_midway_holds_no_money_and_moves_no_alias(sta
     assert budgets.view(team["id"])["reserved_usd"] in ("0", "0.000000", "0.00"), budgets.view(team["id"])
     assert _alias(team, spec["target_alias"])[0] == 404
     assert _call(team, "GET", f"/v1/pipelines/{pipeline['id']}")[1]["active_run"] is None
+
+
+def _runs(team, pipeline_id, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(found := _call(team, "GET", f"/v1/pipelines/{pipeline_id}/runs")[1]["data"]) < count:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+    return found
+
+
+def test_new_data_and_trigger_events_start_runs_and_a_failed_step_names_itself(stack, team, api):
+    """An upload under the prefix starts a run (S3's EventBridge notification, through the rule the
+    template declares); a bad line fails the data step, naming the line; a trigger event on rft-hub's bus
+    starts one too; with on_busy "queue" a trigger during a run waits for it, then runs."""
+    spec = _spec(team, triggers={"new_data": True, "on_busy": "queue"}, approval={"mode": "auto"})
+    pipeline = _create(team, spec)
+    status, up = _call(team, "POST", f"/v1/pipelines/{pipeline['id']}/uploads", {"filename": "bad.jsonl"})
+    req = urllib.request.Request(up["url"], data=b'{"messages": "not a list"}\n', method="PUT",
+                                 headers={"Content-Type": "application/jsonl"})
+    urllib.request.urlopen(req, timeout=30).read()
+    first = _runs(team, pipeline["id"], 1)[0]
+    assert first["trigger"]["kind"] == "new_data" and first["trigger"]["detail"]["key"] == up["key"]
+    failed = _until(team, pipeline["id"], first["id"], {"failed", "succeeded"})
+    assert failed["error"]["step"] == "check_data" and "line 1" in failed["error"]["message"], failed
+    assert failed["steps"][0]["status"] == "failed" and failed["held_usd"] is None
+
+    # Good data; an internal app's trigger event during that run is queued, then runs (and is skipped: same data).
+    _upload(team, pipeline["id"])
+    second = _runs(team, pipeline["id"], 2)[0]
+    events = boto3.client("events", region_name=servers.REGION)
+    from chalicelib.outbox import bus_name
+    events.put_events(Entries=[{"Source": "internal.app", "DetailType": "rft-hub.pipeline.trigger", "EventBusName": bus_name(),
+                                "Detail": json.dumps({"team_id": team["id"], "pipeline_id": pipeline["id"]})}])
+    queued = _runs(team, pipeline["id"], 3)[0]
+    assert queued["trigger"]["kind"] == "event" and queued["status"] in ("queued", "running"), queued
+    done = _until(team, pipeline["id"], second["id"], {"succeeded", "failed", "gate_failed"}, timeout=180)
+    assert done["status"] == "succeeded" and done["approval"] is None, done           # approval: auto
+    after = _until(team, pipeline["id"], queued["id"], {"skipped_unchanged", "failed", "succeeded"})
+    assert after["status"] == "skipped_unchanged", after
+
+
+def test_the_api_names_each_bad_field_and_keeps_teams_apart(stack, team, make_team, api, admin_headers):
+    spec = _spec(team)
+    cases = [({**spec, "name": "Bad Name"}, "name"), ({**spec, "dataset": {}}, "dataset"),
+             ({**spec, "dataset": {"file_id": "file-nope"}}, "dataset.file_id"),
+             ({**spec, "job": {"model": "openai.gpt-oss-20b"}}, "job.method"),
+             ({**spec, "job": {**spec["job"], "model": "nope"}}, "job.model"),
+             ({**spec, "job": {**spec["job"], "suffix": spec["target_alias"]}}, "job.suffix"),
+             ({**spec, "eval": {**spec["eval"], "eval_id": "eval_nope"}}, "eval.eval_id"),
+             ({**spec, "eval": {**spec["eval"], "criteria": {"nope": 1}}}, "eval.criteria.nope"),
+             ({**spec, "approval": {"mode": "slack"}}, "approval.approvers"),
+             ({**spec, "triggers": {"schedule": "rate(1 minute)"}}, "triggers.schedule"),
+             ({**spec, "extra": 1}, "body.extra")]
+    for body, param in cases:
+        status, answer = _call(team, "POST", "/v1/pipelines", body)
+        assert status == 400 and answer["error"]["param"] == param, (param, answer)
+    pipeline = _create(team, spec)
+    status, changed = _call(team, "PATCH", f"/v1/pipelines/{pipeline['id']}", {"name": "renamed"})
+    assert status == 400 and changed["error"]["param"] == "name"
+    status, changed = _call(team, "PATCH", f"/v1/pipelines/{pipeline['id']}", {"triggers": {"schedule": None}})
+    assert status == 200 and changed["version"] == 2 and changed["triggers"]["schedule"] is None
+    scheduler_client = boto3.client("scheduler", region_name=servers.REGION)
+    with pytest.raises(scheduler_client.exceptions.ResourceNotFoundException):   # the schedule went with it
+        scheduler_client.get_schedule(Name=pipeline["id"], GroupName=pipeline_schedule_group())
+    assert _call(team, "GET", f"/v1/pipelines/{pipeline['id']}?version=1")[1]["triggers"]["schedule"] == "rate(7 days)"
+    versions = _call(team, "GET", f"/v1/pipelines/{pipeline['id']}/versions")[1]["data"]
+    assert [v["version"] for v in versions] == [2, 1]
+    # Another team sees nothing of it.
+    _, other = make_team("other")
+    for method, path in (("GET", f"/v1/pipelines/{pipeline['id']}"), ("POST", f"/v1/pipelines/{pipeline['id']}/runs"),
+                         ("DELETE", f"/v1/pipelines/{pipeline['id']}"), ("GET", f"/v1/pipelines/{pipeline['id']}/runs")):
+        status, answer = http(method, f"{team['base']}{path}", other)
+        assert status == 404 and answer["error"]["param"] == "pipeline_id", (path, answer)
+    # Deciding through the API: only a key whose owner is a listed approver; a fixed-file pipeline takes no upload.
+    status, answer = _call(team, "POST", f"/v1/pipelines/{pipeline['id']}/runs/prun-x/approve")
+    assert status == 403 and answer["error"]["code"] == "not_an_approver"
+    fixed = _create(team, {**_spec(team, name="fixed"), "dataset": {"file_id": spec["eval"]["data_source"]["source"]["id"]}})
+    status, answer = _call(team, "POST", f"/v1/pipelines/{fixed['id']}/uploads", {})
+    assert status == 400 and answer["error"]["param"] == "dataset"
+    status, deleted = _call(team, "DELETE", f"/v1/pipelines/{pipeline['id']}")
+    assert status == 200 and deleted["deleted"] is True
+    assert _call(team, "GET", f"/v1/pipelines/{pipeline['id']}")[0] == 404
+
+
+def test_slash_pipeline_run_and_status(stack, team, api):
+    from chalicelib.domain import ids
+    pipeline = _create(team, _spec(team, name="slashed", approval={"mode": "auto"}))
+    r = api.http.put(f"/v1/admin/teams/{team['id']}/slack", headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                                                    "Content-Type": "application/json"},
+                     body=json.dumps({"slack_team_id": "TPIPE1", "channel_ids": ["CPIPE1"]}))
+    assert r.status_code == 200, r.json_body
+
+    def ask(text):
+        form = urllib.parse.urlencode({"team_id": "TPIPE1", "channel_id": "CPIPE1", "user_id": "U0ASKER1",
+                                       "command": "/rft", "text": text}).encode()
+        return api.http.post("/slack/commands", headers=signed_request(SLACK_SIGNING_SECRET, form), body=form).json_body
+
+    started = ask("pipeline run slashed")
+    assert "run `prun-" in started["text"], started
+    status = ask("pipeline status slashed")
+    assert "newest runs" in status["text"] and "prun-" in json.dumps(status), status
+    assert "No pipeline" in ask(f"pipeline status nope-{ids.now()}")["text"]
+    runs = _runs(team, pipeline["id"], 1)
+    assert runs[0]["trigger"] == {**runs[0]["trigger"], "kind": "manual", "by": "slack:U0ASKER1"}
