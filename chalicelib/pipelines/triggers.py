@@ -37,7 +37,11 @@ def handle(body: str, message_id: str | None = None) -> str:
         parts = key.split("/")
         if len(parts) < 4 or parts[0] != "incoming" or not key.endswith(".jsonl"):
             return "ignored"
-        found = runs.trigger(parts[1], parts[2], "new_data", trigger_id=f"s3:{msg.get('id')}", at=msg.get("time"),
+        # The event's id names a delivery on AWS; the key and its ETag name the object whatever the
+        # id (moto gives every S3 event the same one).
+        etag = (detail.get("object") or {}).get("etag")
+        found = runs.trigger(parts[1], parts[2], "new_data", trigger_id=f"s3:{msg.get('id')}:{key}:{etag}",
+                             at=msg.get("time"),
                              detail={"key": key})
         return "started" if found else "ignored"
     if msg.get("detail-type") == TRIGGER_DETAIL_TYPE:
