@@ -173,4 +173,24 @@ def test_an_approvers_click_moves_the_run_on_and_the_page_says_who_approved(worl
     assert c.page.locator("#steps-table tr[data-step=promote] .badge.succeeded").count() == 1
     assert f"{world['alias']} v{run['alias_version']}" in c.page.inner_text("#run")
     c.shot("pipeline-run-approved")
+
+    # Start a run from the pipeline's page: the page opens it; the API names this key as who started it.
+    c.page.click(f"main a[href='pipelines/{world['pipeline']['id']}']")
+    c.page.click("#start-run")
+    c.page.wait_for_function("rid => location.pathname.includes('/runs/') && !location.pathname.endsWith('/' + rid) "
+                             "&& document.querySelector('#page-title .badge') !== null", arg=rid)
+    started = c.page.url.rsplit("/", 1)[1]
+    assert started != rid and started.startswith("prun-"), c.page.url
+    again = _run(world, started)
+    assert again["trigger"]["kind"] == "manual" and again["trigger"]["by"] == f"key:{world['approver_key'].split('_')[1]}"
+    c.close()
+
+
+def test_a_run_page_fits_a_phone_screen(world, browser):  # noqa: F811
+    c = Console(browser, world["base"], viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    c.sign_in(world["key"])
+    _open_run(c, world)
+    c.page.wait_for_selector("#comparison-table")
+    assert c.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    c.shot("pipeline-run-phone")
     c.close()

@@ -191,7 +191,7 @@
             {label: "Took", cls: "num"}, {label: "Detail", cls: "hide-sm"}], run.steps.map(function (s) {
               return h("tr", {"data-step": s.name}, td(s.name), td(badge(s.status)), td(ui.when(s.started_at)),
                 td(ui.when(s.ended_at), "hide-sm"), td(duration(s.started_at, s.ended_at), "num"),
-                td(h("span", {"class": "small mono"}, detailText(s.detail)), "hide-sm"));
+                td(h("span", {"class": "small mono"}, detailText(s.detail)), "detail hide-sm"));
             }), {id: "steps-table"}) : ui.empty("No step has started yet."), {id: "steps"}),
           comparisonCard(run)])) return;
         document.getElementById("page-title").replaceChildren(title);
