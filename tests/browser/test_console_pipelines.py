@@ -8,6 +8,7 @@ its prefix, a manual run, driven to its approval step.
 import time
 import urllib.request
 
+import httpx
 import openai
 import pytest
 from helpers import http, register_graders, rft
@@ -194,3 +195,47 @@ def test_a_run_page_fits_a_phone_screen(world, browser):  # noqa: F811
     assert c.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     c.shot("pipeline-run-phone")
     c.close()
+
+
+def test_an_approvers_reject_ends_the_run_and_leaves_the_alias_where_it_was(world, browser):  # noqa: F811
+    """A second run on new data, compared with the model the first run put in production."""
+    base, pid = world["base"], world["pipeline"]["id"]
+    status, up = http("POST", f"{base}/v1/pipelines/{pid}/uploads", world["key"], {"filename": "week2.jsonl"})
+    assert status == 201, up
+    req = urllib.request.Request(up["url"], data=jsonl(arithmetic_rows(100, seed=8)), method="PUT",
+                                 headers={"Content-Type": "application/jsonl"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+    status, run = http("POST", f"{base}/v1/pipelines/{pid}/runs", world["key"])
+    assert status == 201, run
+    run = _until(world, run["id"], lambda r: r["status"] != "running" or r["waiting_on"] == "approval")
+    assert run["status"] == "awaiting_approval" and run["current_model"], run
+    _, before = http("GET", f"{base}/v1/models/aliases/{world['alias']}/history", world["key"])
+
+    c = Console(browser, base, strict=True)
+    c.sign_in(world["approver_key"])
+    _open_run(c, {**world, "run": run})
+    row = c.page.inner_text("#comparison-table tr[data-criterion=tuned]").split("\t")
+    score = run["comparison"]["tuned"]
+    assert row[1:4] == [f"{score['score']:.4f}", f"{score['current_score']:.4f}", f"{score['delta']:.4f}"], row
+    assert run["current_model"] in c.page.inner_text("#comparison")
+    c.page.click("#reject-run")
+    c.page.wait_for_selector("#approval .badge.rejected")
+    assert f"Rejected by {APPROVER}" in c.page.inner_text("#status")
+    ended = _until(world, run["id"], lambda r: r["status"] not in ("awaiting_approval", "running"))
+    assert ended["status"] == "rejected" and ended["approval"]["decision"] == "reject", ended
+    _, after = http("GET", f"{base}/v1/models/aliases/{world['alias']}/history", world["key"])
+    assert after == before                                                     # the alias did not move
+    _open_run(c, {**world, "run": run})
+    c.page.wait_for_selector("main h1 .badge.rejected")
+    assert f"rejected by {APPROVER}" in c.page.inner_text("#run-error")
+    c.close()
+
+
+@pytest.mark.xfail(strict=True, reason="chalicelib/api/console.py (the lead's) does not yet serve the shell at the "
+                   "pipeline pages' URLs; remove this mark when it does")
+def test_the_pipeline_pages_open_from_a_typed_url(world):
+    base, pid, rid = world["base"], world["pipeline"]["id"], world["run"]["id"]
+    shell = httpx.get(f"{base}/console", timeout=30).text
+    for path in ("/console/pipelines", f"/console/pipelines/{pid}", f"/console/pipelines/{pid}/runs/{rid}"):
+        assert httpx.get(f"{base}{path}", timeout=30).text == shell, path
