@@ -108,7 +108,7 @@
               {label: "Ended", cls: "hide-sm"}, {label: "Job", cls: "hide-sm"}],
               runs.map(function (run) {
                 return h("tr", {"data-run": run.id}, td(link("pipelines/" + enc(id) + "/runs/" + enc(run.id), run.id)),
-                  td(badge(run.status)), td(triggerText(run.trigger)), td(run.waiting_on || "–", "hide-sm"),
+                  td(badge(run.status)), td(triggerText(run.trigger)), td(ENDED.indexOf(run.status) < 0 && run.waiting_on || "–", "hide-sm"),
                   td(ui.when(run.created_at)), td(ui.when(run.ended_at), "hide-sm"),
                   td(run.job_id ? link("jobs/" + enc(run.job_id), run.job_id) : "–", "hide-sm"));
               }), {id: "runs-table"}) : ui.empty("No runs yet.")], {id: "runs"})]);
