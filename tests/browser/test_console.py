@@ -205,7 +205,8 @@ def test_the_console_is_static_small_and_listed(world):
     assert '<base href="/console/">' in shell.text and "http" not in shell.text.split("<body>")[0].replace(
         "http://www.w3.org", "")                                               # nothing fetched from elsewhere
     total = len(shell.content)
-    for name, kind in (("console.css", "text/css"), ("console.js", "text/javascript"), ("chart.js", "text/javascript")):
+    for name, kind in (("console.css", "text/css"), ("console.js", "text/javascript"), ("chart.js", "text/javascript"),
+                       ("pipelines.js", "text/javascript")):
         asset = httpx.get(f"{base}/console/static/{name}", timeout=30)
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
         assert f"static/{name}?v=" in shell.text

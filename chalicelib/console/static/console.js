@@ -219,13 +219,16 @@
                  evals: parts[1] ? (parts[2] === "runs" && parts[3] ? function () { return runPage(view, parts[1], parts[3]); }
                                                                      : function () { return evalPage(view, parts[1]); })
                                  : function () { return evalsPage(view); },
+                 pipelines: parts[1] ? (parts[2] === "runs" && parts[3] ? function () { return pipelinePages().run(view, parts[1], parts[3]); }
+                                                                         : function () { return pipelinePages().pipeline(view, parts[1]); })
+                                     : function () { return pipelinePages().list(view); },
                  spend: function () { return spendPage(view); },
                  admin: function () { return adminPage(view); }};
     var fn = pages[page];
     if (!fn) { show(view, "Not found", empty("No such console page.")); return; }
-    if (S.session.principal === "admin" && ["jobs", "models", "evals"].indexOf(page) >= 0) {
+    if (S.session.principal === "admin" && ["jobs", "models", "evals", "pipelines"].indexOf(page) >= 0) {
       show(view, page.charAt(0).toUpperCase() + page.slice(1),
-           empty("The admin key has no team: jobs, models and evals belong to teams. Sign in with a team key to see " +
+           empty("The admin key has no team: jobs, models, evals and pipelines belong to teams. Sign in with a team key to see " +
                  "them; Spend and Admin show every team."));
       return;
     }
@@ -802,6 +805,19 @@
             h("h3", null, "Output"), h("pre", null, outputText(it.sample)));
         }) : empty("No output items yet."))]);
     });
+  }
+
+  // ---- pipelines (static/pipelines.js, given this file's helpers) -----------------------------------
+
+  var pipelinesUi = null;
+  function pipelinePages() {
+    if (!pipelinesUi) {
+      pipelinesUi = window.RftPipelines.pages({
+        BASE: BASE, h: h, enc: enc, link: link, badge: badge, num: num, usd: usd, when: when, card: card, table: table,
+        td: td, kv: kv, empty: empty, say: say, errorText: errorText, api: api, apiAll: apiAll, show: show,
+        navigate: navigate, render: render});
+    }
+    return pipelinesUi;
   }
 
   // ---- spend ----------------------------------------------------------------------------------------
