@@ -28,7 +28,7 @@ bp = Blueprint(__name__)
 ROOT = Path(__file__).resolve().parents[1] / "console"
 TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
          ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
-PAGES = ("jobs", "models", "evals", "spend", "admin")
+PAGES = ("jobs", "models", "evals", "pipelines", "spend", "admin")
 # The shell's policy: only this origin's scripts, styles and API; no inline script, no framing.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
@@ -94,6 +94,18 @@ def console_eval(req: Request, eval_id: str):
 @route(bp, "/console/evals/{eval_id}/runs/{run_id}", auth=None, produces="text/html")
 def console_eval_run(req: Request, eval_id: str, run_id: str):
     """The console's page of an eval run (an eval run's report_url)."""
+    return _shell()
+
+
+@route(bp, "/console/pipelines/{pipeline_id}", auth=None, produces="text/html")
+def console_pipeline(req: Request, pipeline_id: str):
+    """The console's page of a pipeline and its runs."""
+    return _shell()
+
+
+@route(bp, "/console/pipelines/{pipeline_id}/runs/{run_id}", auth=None, produces="text/html")
+def console_pipeline_run(req: Request, pipeline_id: str, run_id: str):
+    """The console's page of a pipeline run (its steps, comparison, approval)."""
     return _shell()
 
 

@@ -232,8 +232,6 @@ def test_an_approvers_reject_ends_the_run_and_leaves_the_alias_where_it_was(worl
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="chalicelib/api/console.py (the lead's) does not yet serve the shell at the "
-                   "pipeline pages' URLs; remove this mark when it does")
 def test_the_pipeline_pages_open_from_a_typed_url(world):
     base, pid, rid = world["base"], world["pipeline"]["id"], world["run"]["id"]
     shell = httpx.get(f"{base}/console", timeout=30).text
