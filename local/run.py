@@ -148,6 +148,10 @@ def main() -> int:
                 print(f"(example grader {name} stays with the team it is registered to)", flush=True)
             elif status not in (200, 201):
                 raise RuntimeError(f"could not register the example grader {name}: {status} {body}")
+        # The demo team's pipeline (docs/pipelines.md; examples/pipeline.py uploads data for it).
+        sys.path.insert(0, str(servers.ROOT / "examples"))
+        import pipeline as demo_pipeline
+        demo_pipeline.ensure(base_url, demo_key)
         stack = {**previous, "base_url": base_url, "openai_base_url": f"{base_url}/v1", "admin_key": admin_key,
                  "demo_team_id": team_id, "demo_key": demo_key, "slack_signing_secret": signing_secret,
                  "slack_messages": f"http://127.0.0.1:{ports['slack']}/messages", "slack_log": str(LOCAL / "slack.log"),
