@@ -9,7 +9,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
-from pynamodb.exceptions import TransactWriteError
+from pynamodb.exceptions import DeleteError, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.adapters import aws, queues
@@ -205,7 +205,7 @@ def delete(team_id: str, pipeline_id: str) -> dict:
     try:
         dynamo.call(lambda: current.delete(condition=PipelineRecord.active_run.does_not_exist()), idempotent=True,
                     what="pipeline delete")
-    except Exception as err:  # noqa: BLE001 - only a run started meanwhile makes it refuse
+    except DeleteError as err:
         if dynamo.is_condition(err):
             raise Conflict(f"Pipeline '{pipeline_id}' started a run meanwhile; retry when it has ended.",
                            param="pipeline_id", code="pipeline_busy") from None

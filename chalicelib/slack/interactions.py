@@ -12,6 +12,8 @@ from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.log import logger
 from chalicelib.pipelines import approval
 from chalicelib.slack import notifications
+from chalicelib.store import dynamo
+from chalicelib.store.models import SlackConfig
 
 ACTIONS = {messages.APPROVE: "approve", messages.REJECT: "reject"}
 
@@ -33,6 +35,13 @@ def handle(form: dict) -> dict:
     if decision is None or len(parts) != 3 or not isinstance(user, str):
         return {}
     team_id, pipeline_id, run_id = parts
+    workspace = (payload.get("team") or {}).get("id") if isinstance(payload.get("team"), dict) else None
+    linked = dynamo.get_or_none(SlackConfig, team_id, what="slack config")
+    if linked is not None and linked.slack_team_id and workspace and workspace != linked.slack_team_id:
+        # a click from another workspace than the team's: never a decision
+        _answer(response_url, {"replace_original": False, **messages.ephemeral(
+            "This button belongs to another Slack workspace's team.")})
+        return {}
     try:
         result = approval.decide(team_id, pipeline_id, run_id, decision, user, via="slack")
     except ApiError as err:

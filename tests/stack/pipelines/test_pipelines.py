@@ -404,3 +404,16 @@ def test_slash_pipeline_run_and_status(stack, team, api):
     assert "No pipeline" in ask(f"pipeline status nope-{ids.now()}")["text"]
     runs = _runs(team, pipeline["id"], 1)
     assert runs[0]["trigger"] == {**runs[0]["trigger"], "kind": "manual", "by": "slack:U0ASKER1"}
+
+
+def test_a_run_holds_its_estimate_and_one_the_budget_cannot_pay_stops_before_training(stack, team, api):
+    pipeline = _create(team, _spec(team, approval={"mode": "auto"}))
+    status, limited = http("PUT", f"{team['base']}/v1/admin/teams/{team['id']}/budget", ADMIN_KEY,
+                           {"limit_usd": "0.000001", "period": "monthly"})
+    assert status == 200, limited
+    _upload(team, pipeline["id"])
+    run = _call(team, "POST", f"/v1/pipelines/{pipeline['id']}/runs")[1]
+    ended = _until(team, pipeline["id"], run["id"], {"failed", "succeeded", "gate_failed"})
+    assert ended["status"] == "failed" and ended["error"]["step"] == "check_data", ended
+    assert "budget" in ended["error"]["message"].lower() and ended["job_id"] is None, ended
+    assert budgets.view(team["id"])["reserved_usd"] in ("0", "0.000000", "0.00")
