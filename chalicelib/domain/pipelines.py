@@ -119,15 +119,18 @@ def check_job(raw: Any) -> dict:
     return job
 
 
+def _name(raw: Any, field: str) -> str:
+    if not isinstance(raw, str) or not NAME_RE.match(raw):
+        raise _err(f"{field} must be 1-63 lowercase letters, digits or '-', starting with a letter or digit.", field)
+    return raw
+
+
 def check_spec(raw: Any, *, partial: bool = False) -> dict:
     """The spec's fields checked for shape (partial: a PATCH, only the fields sent)."""
     body = _obj(raw, "body", TOP_KEYS)
     out: dict[str, Any] = {}
     if not partial or "name" in body:
-        name = body.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise _err("name must be 1-63 lowercase letters, digits or '-', starting with a letter or digit.", "name")
-        out["name"] = name
+        out["name"] = _name(body.get("name"), "name")
     if not partial or "dataset" in body:
         out["dataset"] = check_dataset(body.get("dataset"))
     if not partial or "job" in body:
@@ -138,10 +141,7 @@ def check_spec(raw: Any, *, partial: bool = False) -> dict:
                        "\"min_items\"} (as an alias's gate).", "eval")
         out["eval"] = body["eval"]
     if not partial or "target_alias" in body:
-        alias = body.get("target_alias")
-        if not isinstance(alias, str) or not NAME_RE.match(alias):
-            raise _err("target_alias must be an alias name (lowercase letters, digits or '-').", "target_alias")
-        out["target_alias"] = alias
+        out["target_alias"] = _name(body.get("target_alias"), "target_alias")
     if not partial or "approval" in body:
         out["approval"] = check_approval(body.get("approval"))
     if not partial or "triggers" in body:
