@@ -65,27 +65,27 @@ def pipeline_upload(req: Request, pipeline_id: str):
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}/runs", ("POST",))
-def start_run(req: Request, pipeline_id: str):
+def start_pipeline_run(req: Request, pipeline_id: str):
     return runs.manual(req.team_id, pipeline_id, _who(req), req.headers.get("idempotency-key"))
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}/runs", query=LIST_QUERY)
-def list_runs(req: Request, pipeline_id: str):
+def list_pipeline_runs(req: Request, pipeline_id: str):
     return runs.list_runs(req.team_id, pipeline_id, query_int(req, "limit", 20, 1, 100), req.query.get("after"))
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}")
-def retrieve_run(req: Request, pipeline_id: str, run_id: str):
+def retrieve_pipeline_run(req: Request, pipeline_id: str, run_id: str):
     return runs.retrieve(req.team_id, pipeline_id, run_id)
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}/approve", ("POST",))
-def approve_run(req: Request, pipeline_id: str, run_id: str):
+def approve_pipeline_run(req: Request, pipeline_id: str, run_id: str):
     return _decide(req, pipeline_id, run_id, "approve")
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}/runs/{run_id}/reject", ("POST",))
-def reject_run(req: Request, pipeline_id: str, run_id: str):
+def reject_pipeline_run(req: Request, pipeline_id: str, run_id: str):
     return _decide(req, pipeline_id, run_id, "reject")
 
 
