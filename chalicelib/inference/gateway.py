@@ -25,8 +25,8 @@ from chalicelib import metrics
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
+from chalicelib.inference import concurrency, guardrails, metered, ratelimits
 from chalicelib.inference import converse as nova_converse
-from chalicelib.inference import guardrails, metered, ratelimits
 from chalicelib.inference.metered import tokens
 from chalicelib.inference.stream import ChatGuard, Stream
 from chalicelib.inference.targets import priced
@@ -90,9 +90,26 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     try:
         ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
             max_output or budget_rules.DEFAULT_OUTPUT_CAP), target.requested)
+        # In flight at once: one unit per limit, held until the answer is made (a stream: its end).
+        held = concurrency.limiter().acquire(ratelimits.concurrency_limits_for(
+            principal.team_id, principal.key_id, target.requested))
     except RateLimited:
         metrics.throttled(principal.team_id, target.upstream)
         raise
+    try:
+        return _admitted(principal, request_id, body, target, price, ticket, held, endpoint=endpoint, style=style,
+                         prompt_tokens=prompt_tokens, worst=worst, stream=stream,
+                         client_wants_usage=client_wants_usage, defer=defer)
+    except BaseException:
+        held.release()
+        raise
+
+
+def _admitted(principal: Principal, request_id: str, body: dict, target, price, ticket, held, *, endpoint: str,
+              style: str, prompt_tokens: int, worst: int, stream: bool, client_wants_usage: bool,
+              defer: bool) -> Reply | Stream:
+    """The call once admitted by its limits; a plain call releases its concurrency units when
+    answered, a stream when it ends (Stream._finish)."""
     limit_headers = {**ticket.headers, "x-rft-upstream-model": target.upstream}
     upstream_body = {**body, "model": target.upstream}
     # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).
@@ -121,7 +138,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
             hold.fail(exc)
             raise
         return Stream(upstream, hold, style=style, prompt_tokens=prompt_tokens,
-                      client_wants_usage=client_wants_usage, headers=limit_headers, guard=guard)
+                      client_wants_usage=client_wants_usage, headers=limit_headers, guard=guard, held=held)
 
     def invoke():
         status, content_type, raw = send(principal.team_id, target, endpoint, upstream_body, converse)
@@ -132,6 +149,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
         return (status, content_type, raw), tokens(usage, style)
 
     (status, content_type, raw), entry = hold.run(invoke, defer=defer)
+    held.release()
     ticket.finish(entry.input_tokens + entry.output_tokens if entry.outcome == "served" else None)
     if status == 200:
         raw = _guard_output(principal, request_id, target, raw, style, endpoint)

@@ -71,8 +71,9 @@ class Stream:
     content_type = "text/event-stream"
 
     def __init__(self, upstream, hold: Hold, *, style: str, prompt_tokens: int, client_wants_usage: bool,
-                 headers: dict, guard: ChatGuard | None = None) -> None:
+                 headers: dict, guard: ChatGuard | None = None, held=None) -> None:
         self.headers = headers
+        self._held = held                   # concurrency units (inference/concurrency.Held): kept to the end
         self._guard = guard
         self._upstream, self._hold, self._style = upstream, hold, style
         self._prompt_tokens, self._client_wants_usage = prompt_tokens, client_wants_usage
@@ -162,6 +163,8 @@ class Stream:
         try:
             for block in _event_blocks(lines):
                 out = self._account(block)
+                if self._held is not None:
+                    self._held.touch()       # a long stream keeps its lease (a write at most once a minute)
                 if out:
                     if self._hold.ttft_ms is None:
                         self._hold.ttft_ms = (time.perf_counter() - self._hold.started) * 1000
@@ -192,15 +195,20 @@ class Stream:
             self._upstream.close()
         except Exception:  # noqa: BLE001 - closing a broken connection
             pass
-        counted = tokens(self._usage, self._style) if self._usage else None
-        if counted is None and not (self._ended and self._failure is None):
-            # Cut short (or an error event) without usage: what was generated, by the rule above.
-            output = max(self._pieces, math.ceil(self._chars / 3))
-            self.entry = self._hold.finish((self._prompt_tokens, 0, output), estimated=True, failure=self._failure)
-        else:
-            self.entry = self._hold.finish(counted, failure=self._failure)
-        if self._guard is not None:
-            self._guard.charge()
+        try:
+            counted = tokens(self._usage, self._style) if self._usage else None
+            if counted is None and not (self._ended and self._failure is None):
+                # Cut short (or an error event) without usage: what was generated, by the rule above.
+                output = max(self._pieces, math.ceil(self._chars / 3))
+                self.entry = self._hold.finish((self._prompt_tokens, 0, output), estimated=True,
+                                               failure=self._failure)
+            else:
+                self.entry = self._hold.finish(counted, failure=self._failure)
+            if self._guard is not None:
+                self._guard.charge()
+        finally:
+            if self._held is not None:
+                self._held.release()
 
 
 class ChatGuard:
