@@ -237,6 +237,10 @@ class Limiter:
                 return applied
         return False
 
+    def give_back(self, ticket: Ticket) -> None:
+        """A call admitted here but refused by its concurrency limit: not counted in the minute."""
+        self._give_back(ticket)
+
     def _give_back(self, ticket: Ticket) -> None:
         """A call refused by a later limit gives back what the earlier ones admitted (in memory)."""
         with self._lock:
