@@ -32,6 +32,12 @@ from chalicelib.store.models import RateLimitRow as RateLimit
 from chalicelib.store.models import RateWindow
 
 MAX_LIMIT = 10**9
+_NUMBER = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_LIMIT}
+# The limits body, for the OpenAPI document (`schema=` of the PUT route in api/usage.py).
+LIMITS_BODY_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "requests_per_minute": _NUMBER, "tokens_per_minute": _NUMBER, "concurrent_requests": _NUMBER,
+    "key_id": {"type": ["string", "null"], "maxLength": 64},
+    "model": {"type": ["string", "null"], "minLength": 1, "maxLength": 256}}}
 _config = TTLCache(30)      # a changed limit is honoured within 30 s on other instances
 
 
@@ -85,7 +91,10 @@ def set_limits(team_id: str, body: dict) -> dict:
         scope = f"model:{model}"
     if body.get("key_id") is not None:
         key_id = body["key_id"]
-        key = teams.get_key(key_id) if isinstance(key_id, str) and len(key_id) <= 64 else None
+        # A key id is short printable ASCII; anything else (an empty string is DynamoDB's
+        # ValidationException, a lone surrogate cannot be encoded) is no key of this team.
+        plausible = isinstance(key_id, str) and 1 <= len(key_id) <= 64 and key_id.isascii() and key_id.isprintable()
+        key = teams.get_key(key_id) if plausible else None
         if key is None or key.team_id != team_id:
             raise NotFound("No such key in this team.", param="key_id")
         scope = f"key:{key_id}"
