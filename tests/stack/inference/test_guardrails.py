@@ -305,3 +305,63 @@ def test_a_plain_answer_is_filtered_as_openai_filters(make_team, make_guardrail)
     assert guardrails.filter_answer(team_id, None, clean, "chat") == (clean, 100)
     other, _ = make_team("guard-answers-none")
     assert guardrails.filter_answer(other, None, b"not json", "chat") == (b"not json", 0)
+
+
+def test_a_responses_stream_never_repeats_unchecked_text_whatever_events_carry_it(make_team, make_guardrail):
+    """ResponsesGuard on event sequences the local model does not send: text that arrives only in a
+    `done` event or only in the final response is checked before it is sent; after a block, an
+    upstream error still ends the stream with response.incomplete."""
+    from chalicelib.inference.stream import ResponsesGuard
+
+    team_id, _ = make_team("guard-response-events")
+    g = make_guardrail(blocked_words=["launch codes"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    guardrail = guardrails.for_call(team_id, None)
+    costs = []
+
+    def guard():
+        return ResponsesGuard(lambda: guardrails.OutputGuard(team_id, None, 50, guardrail=guardrail), costs.append)
+
+    def part(text):
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def item(text):
+        return {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [part(text)]}
+    ids = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    start = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+
+    # Only a done event carries the text (no deltas): checked, masked, sent as one delta first.
+    g1 = guard()
+    sent = [e for ev in [{"type": "response.created", "response": start},
+                         {"type": "response.output_item.added", "output_index": 0, "item": {**item(""), "content": []}},
+                         {"type": "response.output_text.done", **ids, "text": "mail ana@example.com"},
+                         {"type": "response.content_part.done", **ids, "part": part("mail ana@example.com")},
+                         {"type": "response.output_item.done", "output_index": 0, "item": item("mail ana@example.com")},
+                         {"type": "response.completed", "response": {**start, "status": "completed",
+                                                                     "output": [item("mail ana@example.com")]}}]
+            for e in g1.apply(ev)]
+    assert "ana@example.com" not in json.dumps(sent)
+    assert [e["type"] for e in sent][2:4] == ["response.output_text.delta", "response.output_text.done"]
+    assert sent[2]["delta"] == "mail {EMAIL}" and sent[-1]["response"]["output"][0]["content"][0]["text"] == \
+        "mail {EMAIL}"
+    assert [e["sequence_number"] for e in sent] == list(range(len(sent)))
+
+    # Only the final response carries a blocked text: the end is response.incomplete, content_filter.
+    g2 = guard()
+    final = g2.apply({"type": "response.completed", "response": {**start, "status": "completed",
+                                                                "output": [item("the launch codes")]}})
+    assert [e["type"] for e in final] == ["response.incomplete"]
+    assert final[0]["response"]["incomplete_details"] == {"reason": "content_filter"}
+    assert "launch codes" not in json.dumps(final)
+
+    # Cut in a delta, then Bedrock's stream fails: still ended as incomplete, nothing more sent.
+    g3 = guard()
+    out = g3.apply({"type": "response.output_text.delta", **ids, "delta": "x " * 30 + "the launch codes " * 5})
+    assert [e["type"] for e in out] == ["response.output_text.done", "response.content_part.done",
+                                        "response.output_item.done"]
+    assert out[0]["text"] == "x " * 25 and out[2]["item"]["status"] == "incomplete"
+    assert g3.apply({"type": "response.output_text.delta", **ids, "delta": "more"}) == []
+    end = g3.apply({"type": "error", "code": "server_error", "message": "broke"})
+    assert [e["type"] for e in end] == ["response.incomplete"] and "launch" not in json.dumps(end)
+    g3.charge()
+    assert costs[-1] == 2 * 100                         # two checks, one PII unit each
