@@ -107,7 +107,9 @@ class Stream:
             self._ended = True
             return raw
         if not isinstance(data, dict):
-            return raw
+            # A guarded response stream sends only what its guard has read (an unreadable event could
+            # carry text); chat's `[DONE]` above and its odd events pass as before.
+            return None if self._guard is not None and self._style != "chat" else raw
         pieces, chars = _delta_size(self._style, data)
         self._pieces += pieces
         self._chars += chars
