@@ -6,6 +6,8 @@ import time
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chalicelib.errors import RateLimited
 from chalicelib.inference import concurrency, ratelimits
@@ -261,3 +263,38 @@ def test_a_stream_holds_its_unit_until_its_last_event(api, admin_headers, make_t
         assert rest and opened.entry is not None
         assert call(stream=False).status == 200
         assert call(stream=False).status == 200      # a plain call gives its unit back when answered
+
+
+@pytest.fixture(scope="module")
+def concurrency_team(api):
+    from local.harness import ADMIN_KEY
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    team = api.http.post("/v1/admin/teams", headers=admin, body=json.dumps({"name": "concurrency-props"}))
+    limit(api, admin, team.json_body["id"], concurrent_requests=9)
+    return team.json_body["id"]
+
+
+_examples = iter(range(1, 10 ** 6))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3).map(bool), st.integers(0, 20)),   # 3 starts to 1 end
+                min_size=1, max_size=40))
+def test_any_order_of_starts_and_ends_on_three_instances_stays_within_the_limit(concurrency_team, ops):
+    """Each example plays three new instances a lease later than the last one's (whose leases, never
+    given back, are reclaimed as a crashed instance's would be)."""
+    at = time.time() + next(_examples) * (concurrency.LEASE_SECONDS + 1)
+    instances = [concurrency.ConcurrencyLimiter(clock=lambda: at) for _ in range(3)]
+    limits = ratelimits.concurrency_limits_for(concurrency_team, None)
+    parked = 3 * concurrency.spare(9)
+    in_flight: list = []
+    for instance, start, pick in ops:
+        if not start and in_flight:
+            in_flight.pop(pick % len(in_flight)).release()
+            continue
+        try:
+            in_flight.append(instances[instance].acquire(limits))
+        except RateLimited:
+            assert len(in_flight) >= 9 - parked          # refused only near the limit
+        assert len(in_flight) <= 9 and _pool(concurrency_team).requests <= 9
