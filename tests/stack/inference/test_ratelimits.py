@@ -298,3 +298,39 @@ def test_any_order_of_starts_and_ends_on_three_instances_stays_within_the_limit(
         except RateLimited:
             assert len(in_flight) >= 9 - parked          # refused only near the limit
         assert len(in_flight) <= 9 and _pool(concurrency_team).requests <= 9
+
+
+def test_n_plus_k_streams_on_three_instances_against_n(api, admin_headers, make_team, stack, monkeypatch):
+    """Streams opened through the gateway, each on one of three simulated instances (the process's
+    limiter swapped for another real one per call): N open at once, the k more refused, and once the
+    N have ended, new streams are admitted on every instance."""
+    import uuid
+
+    from chalicelib import deadline
+    from chalicelib.inference import gateway
+    from chalicelib.platform.teams import Principal
+
+    team_id, _ = make_team("concurrent-n-plus-k")
+    limit(api, admin_headers, team_id, concurrent_requests=3)
+    who = Principal(team_id, None)
+    instances = [concurrency.ConcurrencyLimiter() for _ in range(3)]
+
+    def stream_on(i):
+        monkeypatch.setattr(concurrency, "_limiter", instances[i % 3])
+        return gateway.chat_completions(who, str(uuid.uuid4()), {"model": MODEL, "messages": MESSAGES,
+                                                                  "max_tokens": 20, "stream": True})
+    opened, refused = [], 0
+    with deadline.running(120):
+        for i in range(5):
+            try:
+                opened.append(stream_on(i))
+            except RateLimited as err:
+                refused += 1
+                assert err.code == "rate_limit_exceeded" and err.headers["Retry-After"] == "1"
+        assert (len(opened), refused) == (3, 2)
+        assert _pool(team_id).requests <= 3
+        for s in opened:
+            assert s.read_all() and s.entry is not None     # relayed to its end, booked, its unit given back
+        again = [stream_on(i) for i in range(3)]
+        for s in again:
+            s.read_all()
