@@ -181,8 +181,8 @@ class ConcurrencyLimiter:
             room = lease.limit - (int(current.requests or 0) - freed - lease.units)
             target = max(min(target, room), lease.used)     # calls in flight keep their units
             delta = target - lease.units
-            if delta == 0 and lease.until - now >= RENEW_BEFORE and not expired:
-                return
+            if delta == 0 and not expired and (not lease.units or lease.until - now >= RENEW_BEFORE):
+                return                      # nothing to change or renew (a full pool: no write to refuse)
             until = now + LEASE_SECONDS
             actions = [RateWindow.requests.add(delta - freed)]
             condition = (RateWindow.slices[lease.lease_id] == mine) if mine is not None else \

@@ -216,8 +216,9 @@ def test_streams_over_the_concurrency_limit_are_429_until_one_ends(api, admin_he
     texts: list[str] = []
 
     def stream():
-        for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True):
-            texts.extend(c.delta.content or "" for c in chunk.choices)
+        got = "".join(c.delta.content or "" for chunk in client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=20, stream=True) for c in chunk.choices)
+        texts.append(got)
     threads = [threading.Thread(target=stream) for _ in range(2)]
     for t in threads:
         t.start()
@@ -231,10 +232,14 @@ def test_streams_over_the_concurrency_limit_are_429_until_one_ends(api, admin_he
     gate.set()
     for t in threads:
         t.join(60)
-    assert "".join(texts).count("held answer") == 2
-    for _ in range(3):                               # they ended: their units are free again
-        assert "held answer" in client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                               max_tokens=20).choices[0].message.content
+    assert texts == ["held answer", "held answer"]
+    # They ended: their units are free again. The SDK stops reading at `[DONE]`, a moment before the
+    # server has booked the stream and given its unit back, so a call made at once may still meet the
+    # 429; the SDK retries it after Retry-After, as it would for OpenAI's own.
+    patient = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=5)
+    for _ in range(3):
+        assert "held answer" in patient.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                                max_tokens=20).choices[0].message.content
 
 
 def test_a_stream_holds_its_unit_until_its_last_event(api, admin_headers, make_team, stack):
