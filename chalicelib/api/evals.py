@@ -45,7 +45,7 @@ def _base_url(req: Request) -> str:
 @route(bp, "/v1/evals", ("POST",), json_body=True, schema=CREATE_EVAL)
 def create_eval(req: Request):
     """Create an eval: an item schema and testing criteria."""
-    return 201, evals.create_eval(req.team_id, _parse(rules.CreateEval, req.body))
+    return 201, evals.create_eval(req.team_id, _parse(rules.CreateEval, req.body), allowed=req.principal.models)
 
 
 @route(bp, "/v1/evals", query={**LIST_QUERY, "order_by": "string"})

@@ -38,19 +38,19 @@ class Preflight(StrictModel):
 
 @route(bp, "/v1/fine_tuning/alpha/graders/validate", ("POST",), body=ValidateGrader)
 def validate_grader(req: Request):
-    graders.compile_spec(req.body.grader, team_id=req.team_id)
+    graders.compile_spec(req.body.grader, team_id=req.team_id, allowed=req.principal.models)
     return {"grader": req.body.grader}
 
 
 @route(bp, "/v1/fine_tuning/alpha/graders/run", ("POST",), body=RunGrader)
 def run_grader(req: Request):
     return graders.dry_run(req.body.grader, req.body.model_sample, req.body.item, req.team_id,
-                           req.principal.key_id)
+                           req.principal.key_id, allowed=req.principal.models)
 
 
 @route(bp, "/v1/graders", ("POST",), body=SaveGrader)
 def save_grader(req: Request):
-    return 201, graders.save(req.team_id, req.body.name, req.body.grader)
+    return 201, graders.save(req.team_id, req.body.name, req.body.grader, allowed=req.principal.models)
 
 
 @route(bp, "/v1/graders")
@@ -67,4 +67,4 @@ def get_grader(req: Request, grader_id: str):
 def preflight_grader(req: Request):
     base = req.body.sample_base.model_dump() if req.body.sample_base is not None else None
     return preflight.run(req.team_id, req.body.grader, req.body.file_id, req.body.sample_size,
-                         req.principal.key_id, sample_base=base)
+                         req.principal.key_id, sample_base=base, allowed=req.principal.models)

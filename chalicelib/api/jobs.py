@@ -22,7 +22,7 @@ def create_job(req: Request):
     key = req.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidRequest("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key")
-    return create.create_job(req.team_id, parsed, req.body, key)
+    return create.create_job(req.team_id, parsed, req.body, key, allowed=req.principal.models)
 
 
 @route(bp, "/v1/fine_tuning/jobs", query={"limit": "integer", "after": "string"})

@@ -120,15 +120,16 @@ def _order(order: str | None) -> bool:
 
 # ---- evals ----------------------------------------------------------------------------------------
 
-def compile_criteria(team_id: str, criteria: list[rules.Criterion]) -> list:
-    return [graders.compile_spec(c.spec, f"testing_criteria[{i}]", team_id) for i, c in enumerate(criteria)]
+def compile_criteria(team_id: str, criteria: list[rules.Criterion], allowed=None) -> list:
+    """`allowed`: the calling key's model list (None: any), for the judges the criteria name."""
+    return [graders.compile_spec(c.spec, f"testing_criteria[{i}]", team_id, allowed) for i, c in enumerate(criteria)]
 
 
-def create_eval(team_id: str, body: rules.CreateEval) -> dict:
+def create_eval(team_id: str, body: rules.CreateEval, allowed=None) -> dict:
     apply_rules(rules.check_metadata, body.metadata)
     cfg = apply_rules(rules.check_data_source_config, body.data_source_config)
     criteria = apply_rules(rules.check_criteria, body.testing_criteria)
-    compile_criteria(team_id, criteria)
+    compile_criteria(team_id, criteria, allowed)
     stored = [c.stored for c in criteria]
     if len(json.dumps(stored)) + len(json.dumps(cfg)) > 300_000:
         raise InvalidRequest("The testing criteria and item schema are larger than 300 KB together.",
@@ -275,7 +276,7 @@ def create_run(team_id: str, eval_id: str, body: rules.CreateRun, key_id: str | 
     ds = apply_rules(rules.check_data_source, body.data_source)
     cap = apply_rules(rules.cap_micro, body)
     criteria = apply_rules(rules.criteria_from_stored, ev.testing_criteria)
-    compile_criteria(team_id, criteria)          # judges still callable, Lambda graders still registered
+    compile_criteria(team_id, criteria, allowed)  # judges still callable (by this key), Lambda graders registered
     rows = source_rows(team_id, ds)
     check_rows(ev, ds, rows)
     upstream = base = alias = None

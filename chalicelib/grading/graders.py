@@ -36,7 +36,8 @@ def deps(team_id: str, *, key_id: str | None = None, job_id: str | None = None,
                 invoke_lambda=lambdas.invoke)
 
 
-def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -> Grader:
+def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None, allowed=None) -> Grader:
+    """`allowed`: the calling key's model list (None: any), for the judges the spec names."""
     try:
         grader = build(spec, param)
     except GraderSpecError as exc:
@@ -45,7 +46,7 @@ def compile_spec(spec: Any, param: str = "grader", team_id: str | None = None) -
     # team_id, still only functions registered to some team.
     lambda_graders.check(team_id, grader, param)
     if team_id is not None:
-        judge.check_judges(team_id, spec, param)
+        judge.check_judges(team_id, spec, param, allowed)
     return grader
 
 
@@ -66,8 +67,9 @@ def run_view(grader: Grader, result, seconds: float) -> dict:
             "model_grader_token_usage_per_model": {result.model: result.token_usage} if result.model else {}}
 
 
-def dry_run(spec: Any, model_sample: str, item: Any, team_id: str, key_id: str | None = None) -> dict:
-    grader = compile_spec(spec, team_id=team_id)
+def dry_run(spec: Any, model_sample: str, item: Any, team_id: str, key_id: str | None = None,
+            allowed=None) -> dict:
+    grader = compile_spec(spec, team_id=team_id, allowed=allowed)
     if item is not None and not isinstance(item, dict):
         raise InvalidRequest("item must be an object.", param="item")
     try:
@@ -105,8 +107,8 @@ def version_view(v: GraderVersion, spec: dict | None = None) -> dict:
             "created_at": v.created_at, "grader": spec if spec is not None else load_spec(f"spec:{v.spec_hash}")}
 
 
-def save(team_id: str, name: str, spec: dict) -> dict:
-    compile_spec(spec, team_id=team_id)
+def save(team_id: str, name: str, spec: dict, allowed=None) -> dict:
+    compile_spec(spec, team_id=team_id, allowed=allowed)
     ref = store_spec(spec)
     now = ids.now()
     for _ in range(5):   # optimistic: the version number is claimed with a conditional write
@@ -164,7 +166,7 @@ def hosted_grader_arn() -> str:
     return configured
 
 
-def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None]:
+def resolve(team_id: str, grader: dict[str, Any], allowed=None) -> tuple[dict, str, str | None]:
     """(spec, Lambda ARN for Bedrock, grader ref) for a job's grader.
 
     Every reward goes through rft-hub: Bedrock is always given the hosted grader, and every row
@@ -183,5 +185,5 @@ def resolve(team_id: str, grader: dict[str, Any]) -> tuple[dict, str, str | None
         spec = get(team_id, grader["id"], version)["grader"]
     else:
         spec = grader
-    compile_spec(spec, PARAM, team_id)
+    compile_spec(spec, PARAM, team_id, allowed)
     return spec, hosted_grader_arn(), store_spec(spec)

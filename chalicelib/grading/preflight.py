@@ -66,10 +66,10 @@ def _grade_all(grader: Grader, pairs: list[tuple[str, str, dict]], deps) -> list
 
 
 def run(team_id: str, spec: dict, file_id: str, sample_size: int, key_id: str | None = None,
-        sample_base: dict | None = None) -> dict:
+        sample_base: dict | None = None, allowed=None) -> dict:
     """Judge calls are the team's (metered, held to its budget); out of budget is the 429."""
-    grader = graders.compile_spec(spec, team_id=team_id)
-    base_plan = _base_plan(team_id, sample_base) if sample_base is not None else None   # checked before any call
+    grader = graders.compile_spec(spec, team_id=team_id, allowed=allowed)
+    base_plan = _base_plan(team_id, sample_base, allowed) if sample_base is not None else None   # checked before any call
     rows = sample_rows(team_id, file_id, sample_size)
     items = [{**row, "id": str(row.get("id") or f"row-{i}")} for i, row in enumerate(rows)]
     pairs = []
@@ -110,12 +110,12 @@ def _text(reply_body: bytes) -> str:
     return message.get("content") or "" if isinstance(message, dict) else ""
 
 
-def check_base_plan(team_id: str, options: dict) -> None:
+def check_base_plan(team_id: str, options: dict, allowed=None) -> None:
     """Refuses (400 naming `sample_base.<field>`) base-model sampling settings before any call."""
-    _base_plan(team_id, options)
+    _base_plan(team_id, options, allowed)
 
 
-def _base_plan(team_id: str, options: dict) -> dict:
+def _base_plan(team_id: str, options: dict, allowed=None) -> dict:
     """The base-model sampling's settings, checked (model priced for the team, the cap an amount)."""
 
     model = options.get("model") or settings().rft_models[0]
@@ -123,7 +123,7 @@ def _base_plan(team_id: str, options: dict) -> dict:
         cap = budget_rules.to_micro(options.get("max_usd") or "1.00", maximum_micro=10_000 * 1_000_000)
     except ValueError as exc:
         raise InvalidRequest(f"{BASE_PARAM}.max_usd {exc}.", param=f"{BASE_PARAM}.max_usd") from None
-    _, price = targets.priced(team_id, model, f"{BASE_PARAM}.model")
+    _, price = targets.priced(team_id, model, f"{BASE_PARAM}.model", allowed=allowed)
     return {**options, "model": model, "cap": cap, "price": price}
 
 

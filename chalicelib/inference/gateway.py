@@ -25,10 +25,10 @@ from chalicelib import metrics
 from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
+from chalicelib.inference import concurrency, guardrails, metered, ratelimits
 from chalicelib.inference import converse as nova_converse
-from chalicelib.inference import guardrails, metered, ratelimits
 from chalicelib.inference.metered import tokens
-from chalicelib.inference.stream import ChatGuard, Stream
+from chalicelib.inference.stream import ChatGuard, ResponsesGuard, Stream
 from chalicelib.inference.targets import priced
 from chalicelib.inference.upstream import open_upstream, send, upstream_deadline
 from chalicelib.platform.teams import Principal
@@ -90,26 +90,47 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
     try:
         ticket = ratelimits.limiter().admit(principal.team_id, principal.key_id, prompt_tokens + choices * (
             max_output or budget_rules.DEFAULT_OUTPUT_CAP), target.requested)
+        # In flight at once: one unit per limit, held until the answer is made (a stream: its end).
+        try:
+            held = concurrency.limiter().acquire(ratelimits.concurrency_limits_for(
+                principal.team_id, principal.key_id, target.requested))
+        except RateLimited:
+            ratelimits.limiter().give_back(ticket)
+            raise
     except RateLimited:
         metrics.throttled(principal.team_id, target.upstream)
         raise
+    try:
+        return _admitted(principal, request_id, body, target, price, ticket, held, endpoint=endpoint, style=style,
+                         prompt_tokens=prompt_tokens, worst=worst, stream=stream,
+                         client_wants_usage=client_wants_usage, defer=defer)
+    except BaseException:
+        held.release()
+        raise
+
+
+def _admitted(principal: Principal, request_id: str, body: dict, target, price, ticket, held, *, endpoint: str,
+              style: str, prompt_tokens: int, worst: int, stream: bool, client_wants_usage: bool,
+              defer: bool) -> Reply | Stream:
+    """The call once admitted by its limits; a plain call releases its concurrency units when
+    answered, a stream when it ends (Stream._finish)."""
     limit_headers = {**ticket.headers, "x-rft-upstream-model": target.upstream}
     upstream_body = {**body, "model": target.upstream}
     # Amazon Nova is served by Converse, not the OpenAI-compatible API: translated (inference/converse.py).
     converse = nova_converse.converse_call(principal.team_id, target, endpoint, upstream_body)
+    # The call's guardrail, looked up once and passed to every check of the call.
+    guardrail = guardrails.for_call(principal.team_id, target.alias)
     guard = None
-    if stream and guardrails.for_call(principal.team_id, target.alias) is not None:
-        if style != "chat":
-            raise InvalidRequest("A streamed response is not checked by the team's guardrail yet: call without "
-                                 "stream, or stream chat completions.", param="stream", code="unsupported_value")
-        guard = ChatGuard(lambda: guardrails.OutputGuard(principal.team_id, target.alias),
-                          lambda cost: metered.charge(principal.team_id, principal.key_id,
-                                                      f"{request_id}.guardrail-output", target, cost,
-                                                      endpoint=endpoint, kind="guardrail"))
+    if stream and guardrail is not None:
+        kind = ChatGuard if style == "chat" else ResponsesGuard
+        guard = kind(lambda: guardrails.OutputGuard(principal.team_id, target.alias, guardrail=guardrail),
+                     lambda cost: metered.charge(principal.team_id, principal.key_id,
+                                                 f"{request_id}.guardrail-output", target, cost,
+                                                 endpoint=endpoint, kind="guardrail"))
     hold = metered.reserve(principal.team_id, principal.key_id, request_id, target, price, worst,
                            endpoint=endpoint, stream=stream)
     try:
-        _guard_input(principal, request_id, target, body, endpoint)
+        _guard_input(principal, request_id, target, body, endpoint, guardrail)
     except BaseException as exc:
         hold.fail(exc)
         raise
@@ -121,7 +142,7 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
             hold.fail(exc)
             raise
         return Stream(upstream, hold, style=style, prompt_tokens=prompt_tokens,
-                      client_wants_usage=client_wants_usage, headers=limit_headers, guard=guard)
+                      client_wants_usage=client_wants_usage, headers=limit_headers, guard=guard, held=held)
 
     def invoke():
         status, content_type, raw = send(principal.team_id, target, endpoint, upstream_body, converse)
@@ -132,17 +153,18 @@ def _call(principal: Principal, request_id: str, body: dict, *, endpoint: str, s
         return (status, content_type, raw), tokens(usage, style)
 
     (status, content_type, raw), entry = hold.run(invoke, defer=defer)
+    held.release()
     ticket.finish(entry.input_tokens + entry.output_tokens if entry.outcome == "served" else None)
     if status == 200:
-        raw = _guard_output(principal, request_id, target, raw, style, endpoint)
+        raw = _guard_output(principal, request_id, target, raw, style, endpoint, guardrail)
     headers = {"x-rft-cost-usd": pricing.usd(entry.cost_micro), **limit_headers}
     return Reply(status, content_type, raw, headers, after=hold.book_later)
 
 
-def _guard_input(principal: Principal, request_id: str, target, body: dict, endpoint: str) -> None:
+def _guard_input(principal: Principal, request_id: str, target, body: dict, endpoint: str, guardrail) -> None:
     """The team's (or the alias's) Bedrock guardrail on the prompt, before anything goes upstream:
     a block is a 400 `content_filter`; the check's own cost is on the ledger (`kind: guardrail`)."""
-    verdict = guardrails.check_input(principal.team_id, target.alias, body, endpoint)
+    verdict = guardrails.check_input(principal.team_id, target.alias, body, endpoint, guardrail=guardrail)
     if verdict is None:
         return
     metered.charge(principal.team_id, principal.key_id, f"{request_id}.guardrail-input", target, verdict.cost_micro,
@@ -151,9 +173,10 @@ def _guard_input(principal: Principal, request_id: str, target, body: dict, endp
         raise guardrails.blocked_error(verdict)
 
 
-def _guard_output(principal: Principal, request_id: str, target, raw: bytes, style: str, endpoint: str) -> bytes:
+def _guard_output(principal: Principal, request_id: str, target, raw: bytes, style: str, endpoint: str,
+                  guardrail) -> bytes:
     """A plain answer through the guardrail: blocked -> finish_reason content_filter; masked -> masked."""
-    answer, cost = guardrails.filter_answer(principal.team_id, target.alias, raw, style)
+    answer, cost = guardrails.filter_answer(principal.team_id, target.alias, raw, style, guardrail=guardrail)
     metered.charge(principal.team_id, principal.key_id, f"{request_id}.guardrail-output", target, cost,
                    endpoint=endpoint, kind="guardrail")
     return answer

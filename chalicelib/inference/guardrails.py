@@ -203,15 +203,25 @@ def _any_blocked(value) -> bool:
     return False
 
 
-def check_input(team_id: str, alias: str | None, body: dict, endpoint: str) -> Verdict | None:
+# "Not looked up yet": a caller that has the call's guardrail (or knows there is none) passes it on,
+# so one call looks it up once (issue #29); a caller without it leaves the lookup to the check.
+LOOK_UP = object()
+
+
+def _given(team_id: str, alias: str | None, guardrail) -> Guardrail | None:
+    return for_call(team_id, alias) if guardrail is LOOK_UP else guardrail
+
+
+def check_input(team_id: str, alias: str | None, body: dict, endpoint: str, *,
+                guardrail=LOOK_UP) -> Verdict | None:
     """The prompt checked before the upstream call (None: no guardrail applies, or no text)."""
-    guardrail = for_call(team_id, alias)
+    guardrail = _given(team_id, alias, guardrail)
     texts = prompt_texts(body, endpoint) if guardrail else []
     return _apply(guardrail, "INPUT", texts) if texts else None
 
 
-def check_output(team_id: str, alias: str | None, text: str) -> Verdict | None:
-    guardrail = for_call(team_id, alias)
+def check_output(team_id: str, alias: str | None, text: str, *, guardrail=LOOK_UP) -> Verdict | None:
+    guardrail = _given(team_id, alias, guardrail)
     return _apply(guardrail, "OUTPUT", [text]) if guardrail and text else None
 
 
@@ -228,8 +238,9 @@ class OutputGuard:
     `blocked` is set and nothing more is cleared (end the stream with finish_reason content_filter).
     `cost_micro` sums every check's price."""
 
-    def __init__(self, team_id: str, alias: str | None, chunk_chars: int = CHUNK_CHARS) -> None:
-        self.guardrail = for_call(team_id, alias)
+    def __init__(self, team_id: str, alias: str | None, chunk_chars: int = CHUNK_CHARS, *,
+                 guardrail=LOOK_UP) -> None:
+        self.guardrail = _given(team_id, alias, guardrail)
         self.chunk_chars = chunk_chars
         self.pending = ""
         self.blocked = False
@@ -265,13 +276,15 @@ class OutputGuard:
         return self._check(rest)
 
 
-def filter_answer(team_id: str, alias: str | None, raw: bytes, style: str) -> tuple[bytes, int]:
+def filter_answer(team_id: str, alias: str | None, raw: bytes, style: str, *,
+                  guardrail=LOOK_UP) -> tuple[bytes, int]:
     """A plain (not streamed) answer's text checked with source OUTPUT: (the answer to send, the checks'
     cost in micro-dollars). `style`: "chat" (each choice's message content) or "responses" (each
     output_text). Blocked: the text emptied, a chat choice's finish_reason "content_filter", a
     response "incomplete" with incomplete_details.reason "content_filter" (OpenAI's values); masked:
     the masked text. An answer that is not JSON, or has no text, is returned as it came."""
-    if for_call(team_id, alias) is None:
+    guardrail = _given(team_id, alias, guardrail)
+    if guardrail is None:
         return raw, 0
     try:
         body = json.loads(raw)
@@ -279,7 +292,7 @@ def filter_answer(team_id: str, alias: str | None, raw: bytes, style: str) -> tu
         return raw, 0
     cost, changed = 0, False
     for holder, key, on_block in _answer_texts(body, style):
-        verdict = check_output(team_id, alias, holder[key])
+        verdict = check_output(team_id, alias, holder[key], guardrail=guardrail)
         if verdict is None:
             continue
         cost += verdict.cost_micro

@@ -18,15 +18,16 @@ from chalicelib.spend import budgets
 from chalicelib.store.models import LedgerEntry
 
 
-def check_judges(team_id: str, spec, param: str) -> None:
+def check_judges(team_id: str, spec, param: str, allowed=None) -> None:
     """A grader's judge models resolve exactly as the gateway resolves them for the team (priced
-    base models, the team's own tuned models and aliases), and a judge served by Converse has no
-    sampling parameter Converse lacks; anything else is a 400 naming it."""
+    base models, the team's own tuned models and aliases, within the calling key's model list
+    `allowed`), and a judge served by Converse has no sampling parameter Converse lacks; anything
+    else is a 400 naming it (a model outside the key's list: the same 400 as another team's)."""
 
     for spec_, where in judge_specs(spec, param):
         model = spec_.get("model")
         try:
-            target, _ = priced(team_id, model, f"{where}.model")
+            target, _ = priced(team_id, model, f"{where}.model", allowed=allowed)
         except NotFound:
             raise InvalidRequest(f"The judge model '{model}' does not exist or you do not have access to it.",
                                  param=f"{where}.model", code="invalid_grader") from None

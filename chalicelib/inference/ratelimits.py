@@ -28,9 +28,16 @@ from chalicelib.domain import ids
 from chalicelib.errors import InvalidRequest, NotFound, RateLimited
 from chalicelib.platform import audit, teams
 from chalicelib.store import dynamo
-from chalicelib.store.models import RateLimit, RateWindow
+from chalicelib.store.models import RateLimitRow as RateLimit
+from chalicelib.store.models import RateWindow
 
 MAX_LIMIT = 10**9
+_NUMBER = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_LIMIT}
+# The limits body, for the OpenAPI document (`schema=` of the PUT route in api/usage.py).
+LIMITS_BODY_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "requests_per_minute": _NUMBER, "tokens_per_minute": _NUMBER, "concurrent_requests": _NUMBER,
+    "key_id": {"type": ["string", "null"], "maxLength": 64},
+    "model": {"type": ["string", "null"], "minLength": 1, "maxLength": 256}}}
 _config = TTLCache(30)      # a changed limit is honoured within 30 s on other instances
 
 
@@ -44,6 +51,14 @@ def limits_for(team_id: str, key_id: str | None, model: str | None = None) -> li
     return [lim for scope in scopes for lim in found if lim.scope == scope and (lim.rpm or lim.tpm)]
 
 
+def concurrency_limits_for(team_id: str, key_id: str | None, model: str | None = None) -> list[tuple[str, str, int]]:
+    """(team, scope, limit) of each concurrent-requests limit such a call counts against."""
+    scopes = ["team"] + ([f"model:{model}"] if model else []) + ([f"key:{key_id}"] if key_id else [])
+    found = _config.get(team_id, lambda: list(RateLimit.query(team_id)))
+    return [(team_id, lim.scope, int(lim.concurrent)) for scope in scopes for lim in found
+            if lim.scope == scope and lim.concurrent]
+
+
 def _bound(body: dict, name: str) -> int | None:
     value = body.get(name)
     if value is None:
@@ -55,14 +70,14 @@ def _bound(body: dict, name: str) -> int | None:
 
 def view(lim: RateLimit) -> dict:
     return {"object": "rate_limit", "scope": lim.scope, "requests_per_minute": lim.rpm,
-            "tokens_per_minute": lim.tpm}
+            "tokens_per_minute": lim.tpm, "concurrent_requests": lim.concurrent}
 
 
 def set_limits(team_id: str, body: dict) -> dict:
     """`{"requests_per_minute": N, "tokens_per_minute": M, "key_id" or "model": optional}`; null lifts
     one. `model`: the team's limit for calls naming that model (an alias, a tuned or a base model)."""
     teams.get_team(team_id)
-    unknown = set(body) - {"requests_per_minute", "tokens_per_minute", "key_id", "model"}
+    unknown = set(body) - {"requests_per_minute", "tokens_per_minute", "concurrent_requests", "key_id", "model"}
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequest(f"Unknown field '{name}'.", param=name)
@@ -76,15 +91,18 @@ def set_limits(team_id: str, body: dict) -> dict:
         scope = f"model:{model}"
     if body.get("key_id") is not None:
         key_id = body["key_id"]
-        key = teams.get_key(key_id) if isinstance(key_id, str) and len(key_id) <= 64 else None
+        # A key id is short printable ASCII; anything else (an empty string is DynamoDB's
+        # ValidationException, a lone surrogate cannot be encoded) is no key of this team.
+        plausible = isinstance(key_id, str) and 1 <= len(key_id) <= 64 and key_id.isascii() and key_id.isprintable()
+        key = teams.get_key(key_id) if plausible else None
         if key is None or key.team_id != team_id:
             raise NotFound("No such key in this team.", param="key_id")
         scope = f"key:{key_id}"
     before = dynamo.get_or_none(RateLimit, team_id, scope, what="rate limit read")
     item = RateLimit(team_id, scope, rpm=_bound(body, "requests_per_minute"), tpm=_bound(body, "tokens_per_minute"),
-                     updated_at=ids.now())
-    audit.save(item, action="limit.set", target=f"team:{team_id}", team_id=team_id, fields=("scope", "rpm", "tpm"),
-               before_item=before, what="rate limit change")
+                     concurrent=_bound(body, "concurrent_requests"), updated_at=ids.now())
+    audit.save(item, action="limit.set", target=f"team:{team_id}", team_id=team_id,
+               fields=("scope", "rpm", "tpm", "concurrent"), before_item=before, what="rate limit change")
     _config.invalidate(team_id)
     return view(item)
 
@@ -227,6 +245,10 @@ class Limiter:
                         s.seen_requests, s.seen_tokens = int(current.requests or 0), int(current.tokens or 0)
                 return applied
         return False
+
+    def give_back(self, ticket: Ticket) -> None:
+        """A call admitted here but refused by its concurrency limit: not counted in the minute."""
+        self._give_back(ticket)
 
     def _give_back(self, ticket: Ticket) -> None:
         """A call refused by a later limit gives back what the earlier ones admitted (in memory)."""

@@ -1029,3 +1029,11 @@ class RateWindow(_Base):
 
 
 ALL_MODELS += (RateLimit, RateWindow)
+
+
+class RateLimitRow(RateLimit):
+    """A RateLimit row read and written with its concurrent-requests limit (issue #29): the same
+    table and keys as RateLimit (so no table of its own, and no ALL_MODELS entry), one attribute
+    more. Each instance's leases of concurrency units live in the rate_windows table
+    (inference/concurrency.py)."""
+    concurrent = NumberAttribute(null=True)         # requests in flight at once

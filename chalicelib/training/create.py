@@ -11,7 +11,7 @@ from pynamodb.exceptions import DoesNotExist, PutError
 
 from chalicelib import bus
 from chalicelib.config import settings
-from chalicelib.domain import ids
+from chalicelib.domain import ids, scopes
 from chalicelib.domain import jobs as rules
 from chalicelib.domain.datasets import MAX_ROWS, MIN_ROWS
 from chalicelib.domain.events import JobAccepted
@@ -85,10 +85,15 @@ def _judge_prices(team_id: str, spec: dict) -> list:
     return [(targets.priced(team_id, model, param)[1], cap) for model, param, cap in judge_models(spec, PARAM)]
 
 
-def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None) -> tuple[int, dict]:
-    """Returns (HTTP status, job)."""
-    hyperparameters = rules.check_create(req, settings().rft_models + settings().nova_models)
-    spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader)
+def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_key: str | None, *,
+               allowed=None) -> tuple[int, dict]:
+    """Returns (HTTP status, job). `allowed`: the calling key's model list (None: any): the base
+    model, the grader's judges and base-model sampling's model must be in it, each refused as a
+    model the team cannot use is (the base model: 400 model_not_allowed, the list showing only
+    what the key may train)."""
+    trainable = tuple(m for m in settings().rft_models + settings().nova_models if scopes.model_allowed(allowed, m))
+    hyperparameters = rules.check_create(req, trainable)
+    spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader, allowed)
     audit_ref = watch.audit_ref(team_id, req.method.reinforcement.audit_grader)   # training watch (extra)
     training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
     if req.validation_file:
@@ -108,7 +113,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
     # So is base-model sampling (`sample_base`: metered model calls), its settings checked now.
     sample_base = req.sample_base.model_dump() if req.sample_base is not None else None
     if sample_base is not None and existing is None:
-        preflight.check_base_plan(team_id, sample_base)
+        preflight.check_base_plan(team_id, sample_base, allowed)
     deferred = calls_out(spec) or sample_base is not None
     checked = _preflight(team_id, req, spec) if existing is None and not deferred else None
     report = training.validation or {}

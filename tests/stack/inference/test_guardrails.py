@@ -214,20 +214,72 @@ def test_a_stream_stops_in_its_middle_with_content_filter(guarded):
     assert text.startswith("safe safe") and "launch codes" not in text and "more" not in text
 
 
-def test_a_streamed_response_with_a_guardrail_is_refused_not_left_unchecked(guarded):
-    import openai
-
+def test_a_short_chat_stream_is_checked_whole_at_its_end(guarded):
     _, client, answer = guarded
     answer["text"] = "the launch codes are 1234"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.responses.create(model=MODEL, input="talk", max_output_tokens=50, stream=True)
-    assert err.value.param == "stream"
     stream = client.chat.completions.create(model=MODEL, max_tokens=50, stream=True,
                                             messages=[{"role": "user", "content": "talk"}])
     chunks = list(stream)                                  # a short answer: checked whole at its end
     assert "launch codes" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         ["content_filter"]
+
+
+def _streamed_response(client, **kwargs):
+    events = list(client.responses.create(model=MODEL, input="talk", stream=True, **kwargs))
+    assert [e.sequence_number for e in events] == list(range(len(events)))    # renumbered, none missing
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    return events, text
+
+
+def test_a_streamed_response_stops_in_its_middle_with_content_filter(guarded):
+    from chalicelib.spend import ledger
+
+    team_id, client, answer = guarded
+    answer["text"] = "safe " * 400 + "the launch codes are 1234 " + "more " * 400
+    events, text = _streamed_response(client, max_output_tokens=2000)
+    assert text == "safe " * 400                           # two chunks of 1,000 passed, the third never sent
+    final = events[-1]
+    assert final.type == "response.incomplete" and final.response.status == "incomplete"
+    assert final.response.incomplete_details.reason == "content_filter"
+    assert final.response.usage is not None and final.response.usage.output_tokens > 0
+    repeated = [e.text for e in events if e.type == "response.output_text.done"] + \
+        [c.text for e in events if e.type == "response.output_item.done" for c in e.item.content] + \
+        [c.text for item in final.response.output for c in item.content]
+    assert repeated and all(t == text for t in repeated)   # no event repeats the upstream's text
+    assert [e.item.status for e in events if e.type == "response.output_item.done"] == ["incomplete"]
+    checks = [e for e in ledger.entries(team_id) if e.kind == "guardrail" and e.request_id.endswith(".guardrail-output")]
+    assert len(checks) == 1 and checks[0].cost_micro == 300      # three checks, one PII unit each
+    assert "launch codes" not in str([e.model_dump() for e in events])
+
+
+def test_a_streamed_response_is_masked_and_its_checks_priced(guarded):
+    from chalicelib.spend import ledger
+
+    team_id, client, answer = guarded
+    answer["text"] = "write to ana@example.com today"
+    events, text = _streamed_response(client, max_output_tokens=50)
+    assert text == "write to {EMAIL} today"
+    final = events[-1]
+    assert final.type == "response.completed" and final.response.output_text == "write to {EMAIL} today"
+    assert "ana@example.com" not in str([e.model_dump() for e in events])
+    (check,) = [e for e in ledger.entries(team_id) if e.kind == "guardrail" and e.request_id.endswith(".guardrail-output")]
+    assert check.cost_micro == 100                                # one PII text unit at $0.10 per 1,000
+
+
+def test_a_streamed_call_looks_its_guardrail_up_once(guarded, monkeypatch):
+    """gateway passes the guardrail it looked up to every check of the call (counted, not replaced)."""
+    _, client, answer = guarded
+    answer["text"] = "fine " * 300
+    looked_up = []
+    real = guardrails.for_call
+    monkeypatch.setattr(guardrails, "for_call", lambda *a: looked_up.append(a) or real(*a))
+    list(client.chat.completions.create(model=MODEL, max_tokens=500, stream=True,
+                                        messages=[{"role": "user", "content": "talk"}]))
+    assert len(looked_up) == 1
+    _streamed_response(client, max_output_tokens=500)
+    client.chat.completions.create(model=MODEL, max_tokens=500, messages=[{"role": "user", "content": "talk"}])
+    assert len(looked_up) == 3
 
 
 def test_a_plain_answer_is_filtered_as_openai_filters(make_team, make_guardrail):
@@ -253,3 +305,63 @@ def test_a_plain_answer_is_filtered_as_openai_filters(make_team, make_guardrail)
     assert guardrails.filter_answer(team_id, None, clean, "chat") == (clean, 100)
     other, _ = make_team("guard-answers-none")
     assert guardrails.filter_answer(other, None, b"not json", "chat") == (b"not json", 0)
+
+
+def test_a_responses_stream_never_repeats_unchecked_text_whatever_events_carry_it(make_team, make_guardrail):
+    """ResponsesGuard on event sequences the local model does not send: text that arrives only in a
+    `done` event or only in the final response is checked before it is sent; after a block, an
+    upstream error still ends the stream with response.incomplete."""
+    from chalicelib.inference.stream import ResponsesGuard
+
+    team_id, _ = make_team("guard-response-events")
+    g = make_guardrail(blocked_words=["launch codes"], pii=[{"type": "EMAIL", "action": "ANONYMIZE"}])
+    guardrails.attach(team_id, g["guardrailId"], "1", None, 1)
+    guardrail = guardrails.for_call(team_id, None)
+    costs = []
+
+    def guard():
+        return ResponsesGuard(lambda: guardrails.OutputGuard(team_id, None, 50, guardrail=guardrail), costs.append)
+
+    def part(text):
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def item(text):
+        return {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [part(text)]}
+    ids = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    start = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+
+    # Only a done event carries the text (no deltas): checked, masked, sent as one delta first.
+    g1 = guard()
+    sent = [e for ev in [{"type": "response.created", "response": start},
+                         {"type": "response.output_item.added", "output_index": 0, "item": {**item(""), "content": []}},
+                         {"type": "response.output_text.done", **ids, "text": "mail ana@example.com"},
+                         {"type": "response.content_part.done", **ids, "part": part("mail ana@example.com")},
+                         {"type": "response.output_item.done", "output_index": 0, "item": item("mail ana@example.com")},
+                         {"type": "response.completed", "response": {**start, "status": "completed",
+                                                                     "output": [item("mail ana@example.com")]}}]
+            for e in g1.apply(ev)]
+    assert "ana@example.com" not in json.dumps(sent)
+    assert [e["type"] for e in sent][2:4] == ["response.output_text.delta", "response.output_text.done"]
+    assert sent[2]["delta"] == "mail {EMAIL}" and sent[-1]["response"]["output"][0]["content"][0]["text"] == \
+        "mail {EMAIL}"
+    assert [e["sequence_number"] for e in sent] == list(range(len(sent)))
+
+    # Only the final response carries a blocked text: the end is response.incomplete, content_filter.
+    g2 = guard()
+    final = g2.apply({"type": "response.completed", "response": {**start, "status": "completed",
+                                                                "output": [item("the launch codes")]}})
+    assert [e["type"] for e in final] == ["response.incomplete"]
+    assert final[0]["response"]["incomplete_details"] == {"reason": "content_filter"}
+    assert "launch codes" not in json.dumps(final)
+
+    # Cut in a delta, then Bedrock's stream fails: still ended as incomplete, nothing more sent.
+    g3 = guard()
+    out = g3.apply({"type": "response.output_text.delta", **ids, "delta": "x " * 30 + "the launch codes " * 5})
+    assert [e["type"] for e in out] == ["response.output_text.done", "response.content_part.done",
+                                        "response.output_item.done"]
+    assert out[0]["text"] == "x " * 25 and out[2]["item"]["status"] == "incomplete"
+    assert g3.apply({"type": "response.output_text.delta", **ids, "delta": "more"}) == []
+    end = g3.apply({"type": "error", "code": "server_error", "message": "broke"})
+    assert [e["type"] for e in end] == ["response.incomplete"] and "launch" not in json.dumps(end)
+    g3.charge()
+    assert costs[-1] == 2 * 100                         # two checks, one PII unit each

@@ -1,13 +1,16 @@
 """Rate limits (issue #29): requests and tokens a minute per team and per key, carved into
 per-instance slices of each minute's item (inference/ratelimits.py), OpenAI's headers and 429."""
 import json
+import random
 import time
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chalicelib.errors import RateLimited
-from chalicelib.inference import ratelimits
+from chalicelib.inference import concurrency, ratelimits
 
 MODEL = "openai.gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -106,3 +109,233 @@ def test_a_models_limit_counts_only_the_calls_naming_it(api, admin_headers, make
     r = api.http.put(f"/v1/admin/teams/{team_id}/limits", headers=admin_headers,
                      body=json.dumps({"requests_per_minute": 5, "model": "m", "key_id": "k"}))
     assert r.status_code == 400 and r.json_body["error"]["param"] == "model"
+
+
+# ---- concurrent requests (inference/concurrency.py) ---------------------------------------------------
+
+def _pool(team_id, scope="team"):
+    from chalicelib.store.models import RateWindow
+    return RateWindow.get(concurrency.pool_key(team_id, scope), consistent_read=True)
+
+
+def test_concurrent_calls_from_three_instances_never_pass_the_limit_and_free_units_come_back(
+        api, admin_headers, make_team):
+    team_id, _ = make_team("concurrent")
+    limit(api, admin_headers, team_id, concurrent_requests=10)
+    assert api.http.get(f"/v1/admin/teams/{team_id}/limits", headers=admin_headers).json_body["data"][0][
+        "concurrent_requests"] == 10
+    limits = ratelimits.concurrency_limits_for(team_id, None)
+    instances = [concurrency.ConcurrencyLimiter() for _ in range(3)]
+    parked = 3 * concurrency.spare(10)               # the documented early refusal: idle spares
+    rng = random.Random(29)
+    in_flight: list = []
+    admitted = refused = 0
+    for step in range(300):                          # calls start and end in an arbitrary order
+        if in_flight and rng.random() < 0.4:
+            in_flight.pop(rng.randrange(len(in_flight))).release()
+            continue
+        try:
+            in_flight.append(instances[step % 3].acquire(limits))
+            admitted += 1
+        except RateLimited as err:
+            refused += 1
+            assert err.code == "rate_limit_exceeded" and err.headers["Retry-After"] == "1"
+            assert len(in_flight) >= 10 - parked     # refused only near the limit
+        assert len(in_flight) <= 10                  # never more at once, whatever the instance
+        assert _pool(team_id).requests <= 10
+    assert admitted > 10 and refused > 0             # the limit was reached, and calls went on after
+    while in_flight:
+        in_flight.pop().release()
+    # N + k at once: N admitted at most, the rest refused; after they end, new calls are admitted.
+    burst = []
+    for i in range(15):
+        try:
+            burst.append(instances[i % 3].acquire(limits))
+        except RateLimited:
+            pass
+    assert 10 - parked <= len(burst) <= 10
+    for held in burst:
+        held.release()
+    assert all(inst.acquire(limits) for inst in instances)
+
+
+def test_a_crashed_instances_units_come_back_when_its_lease_ends(api, admin_headers, make_team):
+    team_id, key = make_team("concurrent-crash")
+    key_id = api.http.post(f"/v1/admin/teams/{team_id}/keys", headers=admin_headers).json_body["id"]
+    limit(api, admin_headers, team_id, key_id=key_id, concurrent_requests=3)
+    limits = ratelimits.concurrency_limits_for(team_id, key_id)
+    assert limits == [(team_id, f"key:{key_id}", 3)]
+    start = time.time()
+    crashed = concurrency.ConcurrencyLimiter(clock=lambda: start)
+    for _ in range(3):
+        crashed.acquire(limits)                      # never released: the instance is gone
+    with pytest.raises(RateLimited) as err:
+        concurrency.ConcurrencyLimiter(clock=lambda: start + 10).acquire(limits)
+    assert "this key" in err.value.message
+    assert ratelimits.concurrency_limits_for(team_id, None) == []     # the team's own calls: no limit
+    later = concurrency.ConcurrencyLimiter(clock=lambda: start + concurrency.LEASE_SECONDS + 1)
+    for _ in range(3):
+        later.acquire(limits)                        # the expired lease reclaimed in the carve's write
+    assert _pool(team_id, f"key:{key_id}").requests == 3
+
+
+@pytest.fixture
+def held_model(stack):
+    """The model's answers wait until the test lets them go; `arrived` counts the calls waiting."""
+    import threading
+
+    from flask import Flask, jsonify, request
+    from helpers import http
+
+    from local import servers
+
+    gate, arrived = threading.Event(), threading.Semaphore(0)
+    app = Flask("held-model-policy")
+
+    @app.post("/policy")
+    def policy():
+        arrived.release()
+        gate.wait(30)
+        return jsonify({"responses": [["held answer" for _ in request.get_json()["prompts"]]]})
+    server = servers.ThreadServer(app)
+    control = f"http://127.0.0.1:{stack.bedrock.port}/_local/models/{MODEL}/policy"
+    assert http("POST", control, body={"url": f"http://127.0.0.1:{server.port}/policy"})[0] == 200
+    yield gate, arrived
+    gate.set()
+    http("POST", control, body={"url": None})
+    server.stop()
+
+
+def test_streams_over_the_concurrency_limit_are_429_until_one_ends(api, admin_headers, make_team, stack, held_model):
+    import threading
+
+    gate, arrived = held_model
+    team_id, key = make_team("concurrent-streams")
+    limit(api, admin_headers, team_id, concurrent_requests=2)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    texts: list[str] = []
+
+    def stream():
+        got = "".join(c.delta.content or "" for chunk in client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=20, stream=True) for c in chunk.choices)
+        texts.append(got)
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(2):
+        assert arrived.acquire(timeout=60)           # both streams admitted and waiting on the model
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True)
+        assert err.value.code == "rate_limit_exceeded"
+        assert err.value.response.headers["retry-after"] == "1"
+    gate.set()
+    for t in threads:
+        t.join(60)
+    assert texts == ["held answer", "held answer"]
+    # They ended: their units are free again. The SDK stops reading at `[DONE]`, a moment before the
+    # server has booked the stream and given its unit back, so a call made at once may still meet the
+    # 429; the SDK retries it after Retry-After, as it would for OpenAI's own.
+    patient = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=5)
+    for _ in range(3):
+        assert "held answer" in patient.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                                max_tokens=20).choices[0].message.content
+
+
+def test_a_stream_holds_its_unit_until_its_last_event(api, admin_headers, make_team, stack):
+    import uuid
+
+    from chalicelib import deadline
+    from chalicelib.inference import gateway
+    from chalicelib.platform.teams import Principal
+
+    team_id, _ = make_team("concurrent-one-stream")
+    limit(api, admin_headers, team_id, concurrent_requests=1)
+    who = Principal(team_id, None)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 20, "stream": True}
+
+    def call(**changes):
+        return gateway.chat_completions(who, str(uuid.uuid4()), {**body, **changes})
+    with deadline.running(60):
+        opened = call()                              # the upstream's 200 in hand, nothing relayed yet
+        with pytest.raises(RateLimited):
+            call(stream=False)
+        events = iter(opened)
+        assert next(events)                          # relaying: still held
+        with pytest.raises(RateLimited):
+            call()
+        rest = list(events)                          # its end: metered, and the unit given back
+        assert rest and opened.entry is not None
+        assert call(stream=False).status == 200
+        assert call(stream=False).status == 200      # a plain call gives its unit back when answered
+
+
+@pytest.fixture(scope="module")
+def concurrency_team(api):
+    from local.harness import ADMIN_KEY
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    team = api.http.post("/v1/admin/teams", headers=admin, body=json.dumps({"name": "concurrency-props"}))
+    limit(api, admin, team.json_body["id"], concurrent_requests=9)
+    return team.json_body["id"]
+
+
+_examples = iter(range(1, 10 ** 6))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3).map(bool), st.integers(0, 20)),   # 3 starts to 1 end
+                min_size=1, max_size=40))
+def test_any_order_of_starts_and_ends_on_three_instances_stays_within_the_limit(concurrency_team, ops):
+    """Each example plays three new instances a lease later than the last one's (whose leases, never
+    given back, are reclaimed as a crashed instance's would be)."""
+    at = time.time() + next(_examples) * (concurrency.LEASE_SECONDS + 1)
+    instances = [concurrency.ConcurrencyLimiter(clock=lambda: at) for _ in range(3)]
+    limits = ratelimits.concurrency_limits_for(concurrency_team, None)
+    parked = 3 * concurrency.spare(9)
+    in_flight: list = []
+    for instance, start, pick in ops:
+        if not start and in_flight:
+            in_flight.pop(pick % len(in_flight)).release()
+            continue
+        try:
+            in_flight.append(instances[instance].acquire(limits))
+        except RateLimited:
+            assert len(in_flight) >= 9 - parked          # refused only near the limit
+        assert len(in_flight) <= 9 and _pool(concurrency_team).requests <= 9
+
+
+def test_n_plus_k_streams_on_three_instances_against_n(api, admin_headers, make_team, stack, monkeypatch):
+    """Streams opened through the gateway, each on one of three simulated instances (the process's
+    limiter swapped for another real one per call): N open at once, the k more refused, and once the
+    N have ended, new streams are admitted on every instance."""
+    import uuid
+
+    from chalicelib import deadline
+    from chalicelib.inference import gateway
+    from chalicelib.platform.teams import Principal
+
+    team_id, _ = make_team("concurrent-n-plus-k")
+    limit(api, admin_headers, team_id, concurrent_requests=3)
+    who = Principal(team_id, None)
+    instances = [concurrency.ConcurrencyLimiter() for _ in range(3)]
+
+    def stream_on(i):
+        monkeypatch.setattr(concurrency, "_limiter", instances[i % 3])
+        return gateway.chat_completions(who, str(uuid.uuid4()), {"model": MODEL, "messages": MESSAGES,
+                                                                  "max_tokens": 20, "stream": True})
+    opened, refused = [], 0
+    with deadline.running(120):
+        for i in range(5):
+            try:
+                opened.append(stream_on(i))
+            except RateLimited as err:
+                refused += 1
+                assert err.code == "rate_limit_exceeded" and err.headers["Retry-After"] == "1"
+        assert (len(opened), refused) == (3, 2)
+        assert _pool(team_id).requests <= 3
+        for s in opened:
+            assert s.read_all() and s.entry is not None     # relayed to its end, booked, its unit given back
+        again = [stream_on(i) for i in range(3)]
+        for s in again:
+            s.read_all()
