@@ -26,7 +26,7 @@ def _who(req: Request) -> str | None:
 
 @route(bp, "/v1/pipelines", ("POST",), json_body=True, schema=CREATE)
 def create_pipeline(req: Request):
-    return 201, specs.create(req.team_id, req.body, _who(req))
+    return 201, specs.create(req.team_id, req.body, _who(req), req.principal.models)
 
 
 @route(bp, "/v1/pipelines", query=LIST_QUERY)
@@ -41,7 +41,7 @@ def retrieve_pipeline(req: Request, pipeline_id: str):
 
 @route(bp, "/v1/pipelines/{pipeline_id}", ("PATCH",), json_body=True, schema=SPEC)
 def update_pipeline(req: Request, pipeline_id: str):
-    return specs.update(req.team_id, pipeline_id, req.body, _who(req))
+    return specs.update(req.team_id, pipeline_id, req.body, _who(req), req.principal.models)
 
 
 @route(bp, "/v1/pipelines/{pipeline_id}", ("DELETE",))

@@ -85,7 +85,8 @@ def get_budget(req: Request, team_id: str):
     return budgets.view(team_id)
 
 
-@route(bp, "/v1/admin/teams/{team_id}/limits", ("PUT",), auth="admin", json_body=True)
+@route(bp, "/v1/admin/teams/{team_id}/limits", ("PUT",), auth="admin", json_body=True,
+       schema=ratelimits.LIMITS_BODY_SCHEMA)
 def set_limits(req: Request, team_id: str):
     """Requests and tokens a minute for the team, or for one of its keys (`key_id`)."""
     return ratelimits.set_limits(team_id, req.body)

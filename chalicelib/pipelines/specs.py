@@ -19,7 +19,7 @@ from chalicelib.config import (
     pipeline_triggers_queue,
     settings,
 )
-from chalicelib.domain import ids
+from chalicelib.domain import ids, scopes
 from chalicelib.domain import jobs as job_rules
 from chalicelib.domain import pipelines as rules
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
@@ -48,8 +48,9 @@ def _under(err: ApiError, prefix_: str, renamed: tuple[str, str] | None = None) 
     return InvalidRequest(err.message, param=param, code=err.code)
 
 
-def check_job_template(team_id: str, job: dict) -> None:
-    """A job template is checked as the job a run will create (all but its training file)."""
+def check_job_template(team_id: str, job: dict, allowed=None) -> None:
+    """A job template is checked as the job a run will create (all but its training file), and against
+    the model list of the key that sets it (issue #29: `allowed`, None for any)."""
     try:
         req = job_rules.CreateJob.model_validate({**job, "training_file": PLACEHOLDER_FILE})
     except ValidationError as exc:
@@ -57,15 +58,16 @@ def check_job_template(team_id: str, job: dict) -> None:
         loc = ".".join(str(p) for p in first.get("loc", ()))
         raise InvalidRequest(f"job.{loc}: {first.get('msg')}", param=f"job.{loc}") from None
     try:
-        job_rules.check_create(req, settings().rft_models + settings().nova_models)
-        graders.resolve(team_id, req.method.reinforcement.grader)
+        trainable = tuple(m for m in settings().rft_models + settings().nova_models if scopes.model_allowed(allowed, m))
+        job_rules.check_create(req, trainable)
+        graders.resolve(team_id, req.method.reinforcement.grader, allowed)
         if req.validation_file:
             files.get_file(team_id, req.validation_file, param="validation_file")
     except (InvalidRequest, NotFound) as err:
         raise _under(err, "job") from None
 
 
-def check(team_id: str, raw: Any, *, current: dict | None = None) -> dict:
+def check(team_id: str, raw: Any, *, current: dict | None = None, allowed=None) -> dict:
     """The whole spec (a PATCH: `current` with the fields sent), checked against the team's data."""
     sent = rules.check_spec(raw, partial=current is not None)
     spec = {**(current or {}), **sent}
@@ -75,7 +77,7 @@ def check(team_id: str, raw: Any, *, current: dict | None = None) -> dict:
         except NotFound as err:
             raise InvalidRequest(err.message, param="dataset.file_id") from None
     if "job" in sent:
-        check_job_template(team_id, spec["job"])
+        check_job_template(team_id, spec["job"], allowed)
     if spec["job"].get("suffix") and spec["job"]["suffix"] == spec["target_alias"]:
         # A job's suffix becomes an alias when it succeeds: this one would skip the gate and the approval.
         raise InvalidRequest("job.suffix must differ from target_alias: a succeeded job's suffix alias is given "
@@ -151,8 +153,8 @@ def find_by_name(team_id: str, name: str) -> PipelineRecord | None:
 
 # ---- changes -------------------------------------------------------------------------------------
 
-def create(team_id: str, raw: Any, created_by: str | None) -> dict:
-    spec = check(team_id, raw)
+def create(team_id: str, raw: Any, created_by: str | None, allowed=None) -> dict:
+    spec = check(team_id, raw, allowed=allowed)
     pipeline_id = ids.new_id("pipe")
     now = ids.now()
     record = PipelineRecord(team_id, pipeline_id, name=spec["name"], version=1, spec=spec, created_at=now,
@@ -173,11 +175,11 @@ def create(team_id: str, raw: Any, created_by: str | None) -> dict:
     return view(record)
 
 
-def update(team_id: str, pipeline_id: str, raw: Any, changed_by: str | None) -> dict:
+def update(team_id: str, pipeline_id: str, raw: Any, changed_by: str | None, allowed=None) -> dict:
     current = get(team_id, pipeline_id)
     if isinstance(raw, dict) and "name" in raw and raw["name"] != current.name:
         raise InvalidRequest("A pipeline's name cannot change; create a new pipeline.", param="name")
-    spec = check(team_id, raw, current=current.spec)
+    spec = check(team_id, raw, current=current.spec, allowed=allowed)
     if spec == current.spec:
         return view(current)
     version, now = int(current.version) + 1, ids.now()

@@ -94,7 +94,7 @@ def create_job(team_id: str, req: rules.CreateJob, raw_body: dict, idempotency_k
     trainable = tuple(m for m in settings().rft_models + settings().nova_models if scopes.model_allowed(allowed, m))
     hyperparameters = rules.check_create(req, trainable)
     spec, lambda_arn, grader_ref = graders.resolve(team_id, req.method.reinforcement.grader, allowed)
-    audit_ref = watch.audit_ref(team_id, req.method.reinforcement.audit_grader)   # training watch (extra)
+    audit_ref = watch.audit_ref(team_id, req.method.reinforcement.audit_grader, allowed)   # training watch (extra)
     training = _training_file(team_id, req.training_file, "training_file", enforce_rows=True)
     if req.validation_file:
         _training_file(team_id, req.validation_file, "validation_file", enforce_rows=False)

@@ -33,13 +33,13 @@ DETAIL_TYPE = "rft-hub.job.watch_finding"
 METRICS_EVENTS_READ = 200
 
 
-def audit_ref(team_id: str, spec: dict | None) -> str | None:
-    """Checks a job's audit grader like any grader of the team (judges priced and allowed, Lambdas
-    registered) and stores it by hash; None without one."""
+def audit_ref(team_id: str, spec: dict | None, allowed=None) -> str | None:
+    """Checks a job's audit grader like any grader of the team (judges priced and allowed, by the team
+    and by the calling key's model list, Lambdas registered) and stores it by hash; None without one."""
     if spec is None:
         return None
 
-    graders.compile_spec(spec, AUDIT_PARAM, team_id)
+    graders.compile_spec(spec, AUDIT_PARAM, team_id, allowed=allowed)
     return graders.store_spec(spec)
 
 
