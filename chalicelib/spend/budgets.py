@@ -31,6 +31,7 @@ from chalicelib.domain import ids, numbers, pricing
 from chalicelib.errors import InvalidRequest, RateLimited
 from chalicelib.log import logger
 from chalicelib.platform import audit
+from chalicelib.spend import shards
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, BudgetPeriod
 
@@ -56,6 +57,9 @@ class Reservation:
     committed_after: int = 0
     limit_micro: int | None = None
     spent_after: int = 0
+    pk: str | None = None     # the item it is held on: the team's root, or a shard (spend/shards.py)
+    room_after: int = 0       # on a shard: the shard's free room after the take
+    holds_after: int = 0      # holds open on its item after the take
 
 
 # ---- hold ids ------------------------------------------------------------------------------------
@@ -116,11 +120,23 @@ def config(team_id: str) -> Budget | None:
 
 
 def period_item(team_id: str, period: str) -> BudgetPeriod:
+    """The team's period as one item, its shards included (shards.aggregate)."""
+    return shards.aggregate(team_id, period)
+
+
+def raw_item(key: str, period: str) -> BudgetPeriod:
+    """One item as stored: the root (key = team id) or a shard."""
     try:
-        return dynamo.call(lambda: BudgetPeriod.get(team_id, period, consistent_read=True),
+        return dynamo.call(lambda: BudgetPeriod.get(key, period, consistent_read=True),
                            idempotent=True, what="budget read")
     except DoesNotExist:
-        return BudgetPeriod(team_id, period)
+        return BudgetPeriod(key, period)
+
+
+def free_room(cfg: Budget, item: BudgetPeriod) -> int:
+    """What the budget could still set aside: its unallocated room plus the shards' free room."""
+    return cfg.limit_micro - int(item.committed or 0) + sum(v for k, v in open_holds(item).items()
+                                                            if shards.is_grant(k))
 
 
 def open_holds(item: BudgetPeriod) -> dict[str, int]:
@@ -132,13 +148,15 @@ def view(team_id: str) -> dict:
     period = rules.period_of(ids.now())
     item = period_item(team_id, period)
     holds = open_holds(item)
+    shard_room = sum(v for k, v in holds.items() if shards.is_grant(k))     # free room on shards: not reserved
     out = {"object": "budget", "team_id": team_id, "period": "monthly", "current_period": period,
            "resets_at": rules.resets_at(period), "spent_usd": pricing.usd(item.spent or 0),
-           "reserved_usd": pricing.usd((item.committed or 0) - (item.spent or 0)), "open_holds": len(holds),
+           "reserved_usd": pricing.usd((item.committed or 0) - (item.spent or 0) - shard_room),
+           "open_holds": len([k for k in holds if not shards.is_grant(k)]),
            "limit_usd": None, "remaining_usd": None, "alert_thresholds": [], "alerted": list(item.alerted or [])}
     if cfg:
         out.update({"limit_usd": pricing.usd(cfg.limit_micro), "alert_thresholds": list(cfg.thresholds),
-                    "remaining_usd": pricing.usd(max(0, cfg.limit_micro - (item.committed or 0)))})
+                    "remaining_usd": pricing.usd(max(0, free_room(cfg, item)))})
     return out
 
 
@@ -200,21 +218,30 @@ class Released(Exception):
 
 
 def take(team_id: str, cfg: Budget, period: str, hold_id: str, micro: int,
-         release: tuple[str, int, int] | None = None) -> Reservation | None:
+         release: tuple[str, int, int] | None = None, pk: str | None = None) -> Reservation | None:
     """Sets `micro` aside under `hold_id` in one conditional write; None when the budget has no
     room for it. `release` = (id, micro, used): a slice given back in the same write, its `used`
     moved to spent. Retried only when DynamoDB surely did not apply it (throttle, conflict); after
     an unknown outcome (timeout, 5xx) the read tells. Raises StoreBusy (503) when DynamoDB stays
-    busy, Released when `release` names a slice no longer there."""
-    item = BudgetPeriod(team_id, period)
+    busy, Released when `release` names a slice no longer there.
+    `pk`: a shard's key (spend/shards.py): carved from the shard's room, under the current setting."""
+    key = pk or team_id
+    on_shard = key != team_id
+    item = BudgetPeriod(key, period)
     delta = micro - (release[1] - release[2]) if release else micro
     actions = [BudgetPeriod.holds[hold_id].set(micro), BudgetPeriod.committed.add(delta)]
-    room = BudgetPeriod.committed <= cfg.limit_micro - delta
+    if on_shard:
+        actions.append(BudgetPeriod.room.add(-delta))
+        room = (BudgetPeriod.room >= delta) & (BudgetPeriod.setting == shards.setting_of(cfg))
+    else:
+        room = BudgetPeriod.committed <= cfg.limit_micro - delta
     condition = BudgetPeriod.holds[hold_id].does_not_exist()
     if release:
         old = release[0]
         actions += [BudgetPeriod.holds[old].remove(), BudgetPeriod.spent.add(release[2])]
         condition &= BudgetPeriod.holds[old].exists() & room
+    elif on_shard:
+        condition &= room
     else:
         condition &= BudgetPeriod.committed.does_not_exist() | room
 
@@ -225,20 +252,26 @@ def take(team_id: str, cfg: Budget, period: str, hold_id: str, micro: int,
         try:
             dynamo.call(attempt, idempotent=False, what="budget reservation")
             res = Reservation(team_id, period, micro, hold_id, int(item.committed), cfg.limit_micro,
-                              int(item.spent or 0))
-            if release:
+                              int(item.spent or 0), pk=key, room_after=int(item.room or 0),
+                              holds_after=len(item.holds.as_dict()) if item.holds else 0)
+            if release and not on_shard:
                 announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
+            elif release:
+                _announce_team(res)
             return res
         except UpdateError as exc:
-            if _missing_map(exc) and not release:
+            if _missing_map(exc) and not release and not on_shard:
                 _ensure_period(team_id, period)
                 continue
+            if _missing_map(exc) or (on_shard and dynamo.response_code(exc) == "ValidationException"):
+                return None           # a shard never granted anything: no room on it
             if not dynamo.is_condition(exc):
                 raise
-            current = period_item(team_id, period)
+            current = raw_item(key, period)
             holds = open_holds(current)
             if hold_id in holds:      # an earlier attempt was applied after all
-                return Reservation(team_id, period, micro, hold_id, int(current.committed or 0), cfg.limit_micro)
+                return Reservation(team_id, period, micro, hold_id, int(current.committed or 0), cfg.limit_micro,
+                                   pk=key, room_after=int(current.room or 0))
             if release and release[0] not in holds:
                 raise Released(release[0]) from None
             return None
@@ -250,23 +283,37 @@ def settle(res: Reservation, actual_micro: int) -> bool:
     False if it was settled already. Raises StoreBusy (503) when DynamoDB stays busy."""
     if not res.hold_id:
         return False
-    item = BudgetPeriod(res.team_id, res.period)
+    on_shard = bool(res.pk) and res.pk != res.team_id
+    item = BudgetPeriod(res.pk or res.team_id, res.period)
+    actions = [BudgetPeriod.holds[res.hold_id].remove(), BudgetPeriod.committed.add(actual_micro - res.micro),
+               BudgetPeriod.spent.add(actual_micro)]
+    if on_shard:
+        actions.append(BudgetPeriod.room.add(res.micro - actual_micro))   # what it did not use: the shard's again
     try:
-        dynamo.call(lambda: item.update(
-            actions=[BudgetPeriod.holds[res.hold_id].remove(), BudgetPeriod.committed.add(actual_micro - res.micro),
-                     BudgetPeriod.spent.add(actual_micro)],
-            condition=BudgetPeriod.holds[res.hold_id].exists()), idempotent=True, what="budget settlement")
+        dynamo.call(lambda: item.update(actions=actions, condition=BudgetPeriod.holds[res.hold_id].exists()),
+                    idempotent=True, what="budget settlement")
     except UpdateError as exc:
         if dynamo.is_condition(exc) or _missing_map(exc):
             # Settled already -- perhaps by this call's own first attempt whose answer was lost:
             # make sure its threshold crossings were announced all the same.
-            current = period_item(res.team_id, res.period)
-            announce_thresholds(res, int(current.spent or 0), list(current.alerted or []))
+            _announce_team(res)
             return False
         raise
     res.committed_after = int(item.committed or 0)
-    announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
+    if on_shard:
+        _announce_team(res)
+    else:
+        announce_thresholds(res, int(item.spent or 0), list(item.alerted or []))
     return True
+
+
+def _announce_team(res: Reservation) -> None:
+    """Thresholds the team's whole spend (root and shards) has reached."""
+    cfg = config(res.team_id)
+    if cfg is None or not cfg.thresholds:
+        return
+    current = period_item(res.team_id, res.period)
+    announce_thresholds(Reservation(res.team_id, res.period, 0), int(current.spent or 0), list(current.alerted or []))
 
 
 def announce_thresholds(res: Reservation, spent: int, alerted: list) -> None:

@@ -391,6 +391,13 @@ class BudgetPeriod(_Base):
     spent = NumberAttribute(default=0)
     holds = MapAttribute(default=dict)              # open holds: {hold id: micro}
     alerted = ListAttribute(default=list)           # thresholds already announced this period
+    # A budget shard (`<team>#bNN`, spend/shards.py) also has: what the root granted it (= its
+    # committed + room), its free room, the budget setting it was granted under, and its recent
+    # grant ids (so a repeated grant is not applied twice).
+    granted = NumberAttribute(null=True)
+    room = NumberAttribute(null=True)
+    setting = UnicodeAttribute(null=True)
+    grants = MapAttribute(null=True)                # {grant id: unix ms}
 
 
 class PendingUsage(GlobalSecondaryIndex):
