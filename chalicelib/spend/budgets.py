@@ -113,6 +113,20 @@ def hold_expired(hold_id: str, now_s: float) -> bool:
     return at is not None and at < now_s
 
 
+# ---- owners: a team, or one key's own budget inside it -------------------------------------------
+
+def key_owner(team_id: str, key_id: str) -> str:
+    """A key's own budget is kept as a budget owner of its own (its config, period items and
+    slices keyed by this id), so admission against it is the same mechanism as the team's."""
+    return f"{team_id}/key/{key_id}"
+
+
+def owner_key(owner: str) -> tuple[str, str] | None:
+    """(team id, key id) of a key's budget owner id; None for a team."""
+    team_id, sep, key_id = owner.partition("/key/")
+    return (team_id, key_id) if sep else None
+
+
 # ---- config and view -----------------------------------------------------------------------------
 
 def config(team_id: str) -> Budget | None:
@@ -149,7 +163,9 @@ def view(team_id: str) -> dict:
     item = period_item(team_id, period)
     holds = open_holds(item)
     shard_room = sum(v for k, v in holds.items() if shards.is_grant(k))     # free room on shards: not reserved
-    out = {"object": "budget", "team_id": team_id, "period": "monthly", "current_period": period,
+    keyed = owner_key(team_id)
+    out = {"object": "budget", "team_id": keyed[0] if keyed else team_id, "period": "monthly",
+           "current_period": period,
            "resets_at": rules.resets_at(period), "spent_usd": pricing.usd(item.spent or 0),
            "reserved_usd": pricing.usd((item.committed or 0) - (item.spent or 0) - shard_room),
            "open_holds": len([k for k in holds if not shards.is_grant(k)]),
@@ -157,34 +173,45 @@ def view(team_id: str) -> dict:
     if cfg:
         out.update({"limit_usd": pricing.usd(cfg.limit_micro), "alert_thresholds": list(cfg.thresholds),
                     "remaining_usd": pricing.usd(max(0, free_room(cfg, item)))})
+    if keyed:
+        out["key_id"] = keyed[1]
     return out
 
 
-def set_budget(team_id: str, body: dict) -> dict:
+def set_budget(team_id: str, body: dict, key_id: str | None = None) -> dict:
+    """The team's budget, or (`key_id`) that key's own monthly budget inside the team's. A key's
+    budget has no alert thresholds (the team's alerts cover the team's spend)."""
+    owner = key_owner(team_id, key_id) if key_id else team_id
+    if key_id and body.get("alert_thresholds"):
+        raise InvalidRequest("alert_thresholds are set on the team's budget, not on a key's.",
+                             param="alert_thresholds")
     if body.get("period", "monthly") != "monthly":
         raise InvalidRequest("period must be 'monthly' (calendar month, UTC).", param="period")
     try:
         limit = rules.to_micro(body.get("limit_usd"), rules.MAX_BUDGET_MICRO)
     except ValueError as exc:
         raise InvalidRequest(f"limit_usd: {exc}.", param="limit_usd") from None
-    thresholds = body.get("alert_thresholds", [0.5, 0.8, 1.0])
+    thresholds = body.get("alert_thresholds", [] if key_id else [0.5, 0.8, 1.0])
     if not isinstance(thresholds, list) or len(thresholds) > 10 or any(
             numbers.finite(t) is None or not 0 < t <= 1 for t in thresholds):     # 5e-324: not storable
         raise InvalidRequest("alert_thresholds must be up to 10 fractions in (0, 1].", param="alert_thresholds")
-    before = dynamo.get_or_none(Budget, team_id, what="budget config read")
-    item = Budget(team_id, limit_micro=limit, period="monthly", thresholds=sorted(set(float(t) for t in thresholds)),
+    before = dynamo.get_or_none(Budget, owner, what="budget config read")
+    item = Budget(owner, limit_micro=limit, period="monthly", thresholds=sorted(set(float(t) for t in thresholds)),
                   updated_at=ids.now())
-    audit.save(item, action="budget.set", target=f"team:{team_id}", team_id=team_id,    # one transaction
-               fields=("limit_micro", "period", "thresholds"), before_item=before, what="budget change")
-    _config.invalidate(team_id)
-    return view(team_id)
+    audit.save(item, action="budget.set", target=f"key:{key_id}" if key_id else f"team:{team_id}",
+               team_id=team_id, fields=("limit_micro", "period", "thresholds"), before_item=before,
+               what="budget change")                                                   # one transaction
+    _config.invalidate(owner)
+    return view(owner)
 
 
 # ---- reserve and settle --------------------------------------------------------------------------
 
 def over_budget(micro: int, cfg: Budget, period: str) -> OverBudget:
+    keyed = owner_key(cfg.team_id)
+    whose = f"API key {keyed[1]}'s own" if keyed else "team's"
     return OverBudget(f"This request could cost up to ${pricing.usd(micro)}, more than what is left of the "
-                      f"team's ${pricing.usd(cfg.limit_micro)} monthly budget (resets at "
+                      f"{whose} ${pricing.usd(cfg.limit_micro)} monthly budget (resets at "
                       f"{rules.resets_at(period)}). Lower max_tokens or ask an admin to raise the budget.")
 
 

@@ -121,22 +121,31 @@ def move(team_id: str, period: str, n: int, *, room: int = 0, spent: int = 0, li
         r_cond = BudgetPeriod.holds[b] == close
     else:
         r_actions.append(BudgetPeriod.holds[b].set((BudgetPeriod.holds[b] | 0) + grant_delta))
-        r_cond = BudgetPeriod.committed <= limit - room if room > 0 else BudgetPeriod.holds[b].exists()
+        r_cond = (BudgetPeriod.committed.does_not_exist() | (BudgetPeriod.committed <= limit - room)) if room > 0 \
+            else BudgetPeriod.holds[b].exists()
 
     def attempt():
         with TransactWrite(connection=connection()) as tx:
             tx.update(shard, actions=s_actions, condition=s_cond)
             tx.update(root, actions=r_actions, condition=r_cond)
 
-    try:
-        dynamo.call(attempt, idempotent=True, what="budget grant")
-        return True
-    except TransactWriteError as exc:
-        if not dynamo.is_condition(exc):
-            raise
-        # An earlier attempt of this very move may have been applied (its answer lost): its id says.
-        found = read([pk(team_id, n)], period).get(pk(team_id, n))
-        return bool(found is not None and found.grants and gid in found.grants.as_dict())
+    for first in (True, False):
+        try:
+            dynamo.call(attempt, idempotent=True, what="budget grant")
+            return True
+        except TransactWriteError as exc:
+            if first and room > 0 and (dynamo.response_code(exc) == "ValidationException"
+                                       or "ValidationError" in dynamo.reasons(exc)):
+                # A shard (or root) never written this period: its maps do not exist yet.
+                ensure(team_id, period, None)
+                ensure(team_id, period, n)
+                continue
+            if not dynamo.is_condition(exc):
+                raise
+            break
+    # An earlier attempt of this very move may have been applied (its answer lost): its id says.
+    found = read([pk(team_id, n)], period).get(pk(team_id, n))
+    return bool(found is not None and found.grants and gid in found.grants.as_dict())
 
 
 def stale_grants(item: BudgetPeriod | None) -> tuple[str, ...]:
@@ -147,14 +156,10 @@ def stale_grants(item: BudgetPeriod | None) -> tuple[str, ...]:
     return tuple(g for g, ms in item.grants.as_dict().items() if int(ms) < cutoff)[:20]
 
 
-def grant(team_id: str, cfg, period: str, n: int, amount: int, ensured: set) -> int | None:
+def grant(team_id: str, cfg, period: str, n: int, amount: int) -> int | None:
     """Shard n gets `amount` more room from the root, if the limit allows it (and its setting
     becomes the current one: the root's condition just checked everything granted against it).
     Returns the root's `committed` as read just before (for the instance's sizing), None if refused."""
-    for key in ((team_id, period, None), (team_id, period, n)):
-        if key not in ensured:
-            ensure(*key)
-            ensured.add(key)
     found = read([team_id, pk(team_id, n)], period)
     root = found.get(team_id)
     committed = int(root.committed or 0) if root is not None else 0

@@ -115,7 +115,6 @@ class Lender:
         self._taking_ids: set[str] = set()                            # slice ids being taken now
         self._shard: dict[str, int] = {}             # team -> this instance's shard, once the root is busy
         self._shard_room: dict[str, int] = {}        # team -> its shard's free room at the last take
-        self._ensured: set = set()                   # (team, period, shard) items known to exist
         self._timer: threading.Thread | None = None
 
     # ---- admitting ------------------------------------------------------------------------------
@@ -282,7 +281,7 @@ class Lender:
         return None
 
     def _grant(self, team_id: str, cfg, period: str, n: int, amount: int) -> bool:
-        seen = shards.grant(team_id, cfg, period, n, amount, self._ensured)
+        seen = shards.grant(team_id, cfg, period, n, amount)
         if seen is not None:
             self._committed[team_id] = seen + amount       # sizing: what the root has left
         return seen is not None
@@ -307,7 +306,9 @@ class Lender:
             return budgets.over_budget(worst, cfg, period)
         soonest = min(budgets.hold_created_ms(h) / 1000 + budgets.SLICE_WINDOW_SECONDS for h in others)
         wait = int(min(budgets.SLICE_WINDOW_SECONDS, max(1.0, min(soonest - time.time(), idle_seconds()))))
-        return BudgetHeld(f"${pricing.usd(worst)} of the team's budget is needed for this request and other "
+        keyed = budgets.owner_key(team_id)
+        whose = f"API key {keyed[1]}'s budget" if keyed else "the team's budget"
+        return BudgetHeld(f"${pricing.usd(worst)} of {whose} is needed for this request and other "
                           f"instances of rft-hub have it set aside for their calls; they give back what they do "
                           f"not use within seconds. Retry after {wait} s.", headers={"Retry-After": str(wait)})
 

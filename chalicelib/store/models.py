@@ -444,6 +444,7 @@ class LedgerEntry(_Base):
     kind = UnicodeAttribute(default="inference")   # inference | grader | abandoned
     outcome = UnicodeAttribute(default="served")   # served | error | abandoned
     hold_id = UnicodeAttribute(null=True)          # the hold or slice it was admitted against
+    key_hold_id = UnicodeAttribute(null=True)      # the slice of its key's own budget, if the key has one
     job_id = UnicodeAttribute(null=True)           # grader calls made for a training job
     agg_team = UnicodeAttribute(null=True)         # = pk until aggregated (sparse index)
     pending_usage = PendingUsage()

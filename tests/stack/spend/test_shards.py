@@ -84,7 +84,9 @@ def test_200_calls_from_eight_instances_on_four_shards_under_faults_never_pass_a
         if isinstance(result, ApiError):
             break
         served.append(result)
-    assert result.code == "insufficient_quota", result
+    assert result.code == "insufficient_quota", (result, limit, [(i.team_id, i.attribute_values) for i in (
+        raw(team_id), *shard_items(team_id))], [(s.pk, s.amount, s.used, s.inflight, s.retired, s.returning)
+                                                for lender in instances for s in lender._slices()])
     assert limit - sum(e.cost_micro for e in served) < WORST                 # really no room left
     for lender in instances:
         lender.give_back_all()
