@@ -111,8 +111,8 @@ def move(team_id: str, period: str, n: int, *, room: int = 0, spent: int = 0, li
     if spent:
         s_actions += [BudgetPeriod.committed.add(-spent), BudgetPeriod.spent.add(-spent)]
         s_cond &= BudgetPeriod.spent >= spent
-    if close is not None:
-        s_cond &= BudgetPeriod.granted == close
+    if close is not None:       # exactly as read: no grant, no slice carved since
+        s_cond &= (BudgetPeriod.granted == close) & (BudgetPeriod.room == -room)
     r_actions = [BudgetPeriod.committed.add(room)]
     if spent:
         r_actions.append(BudgetPeriod.spent.add(spent))

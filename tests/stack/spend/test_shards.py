@@ -79,8 +79,8 @@ def test_200_calls_from_eight_instances_on_four_shards_under_faults_never_pass_a
         lender.give_back_all()
     # Room held in other instances' slices was budget_held (retryable); once they are idle every
     # call is served until the budget as a whole has no room, and only then insufficient_quota.
-    for i in range(60):
-        result = call(instances[i % 8], team_id, WORST)
+    for _ in range(60):
+        result = call(instances[0], team_id, WORST)                          # one instance: no slice held elsewhere
         if isinstance(result, ApiError):
             break
         served.append(result)
