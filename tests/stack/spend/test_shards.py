@@ -150,6 +150,9 @@ def test_a_budget_lowered_below_what_shards_hold_admits_nothing_beyond_it(make_t
 def test_a_grant_whose_answer_is_lost_is_not_granted_twice(make_team, stack, ddb_faults, sharded):
     team_id, _ = with_budget(make_team, 100)
     lender = place(slices.Lender(idle_timer=False), team_id, 2)
+    period = budget_rules.period_of(time.time())
+    shards.ensure(team_id, period, None)                                    # both items there: the grant's
+    shards.ensure(team_id, period, 2)                                       # first attempt is applied
     # The grant's transaction is applied by DynamoDB and its answer lost (a 500): the retry
     # finds its grant id on the shard and is not applied again.
     ddb_faults.configure(rules=[{"operation": "TransactWriteItems", "table": "*", "next": 1,
