@@ -56,7 +56,7 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
     hold only when no job was recorded with it (the job settles its own)."""
     now = now or time.time()
     periods = {budget_rules.period_of(now), budget_rules.period_of(now - 32 * 86400)}
-    report = {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0, "slices_closed": 0, "shards_folded": 0}
+    report = {"settled": 0, "abandoned": 0, "orphaned_job_holds": 0, "slices_closed": 0}
     configs = [c for c in (budgets.config(t) for t in team_ids) if c] if team_ids is not None else Budget.scan()
     dlq_checked: list[bool] = []
     for cfg in configs:
@@ -78,7 +78,9 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
                             "team_id": cfg.team_id, "hold_id": hold_id, "error": type(exc).__name__})
             try:
                 # Shards with no slice left: their room and spend back in the root, nothing held there.
-                report["shards_folded"] += shards.fold_idle(cfg.team_id, period)
+                folded = shards.fold_idle(cfg.team_id, period)
+                if folded:
+                    report["shards_folded"] = report.get("shards_folded", 0) + folded
             except (ApiError, PynamoDBException) as exc:
                 report["failed"] = report.get("failed", 0) + 1
                 logger.warning("budget shards not folded", extra={"team_id": cfg.team_id,

@@ -90,6 +90,7 @@ def test_200_calls_from_eight_instances_on_four_shards_under_faults_never_pass_a
     assert limit - sum(e.cost_micro for e in served) < WORST                 # really no room left
     for lender in instances:
         lender.give_back_all()
+    assert 0.5 in raw(team_id).alerted                                      # the threshold fired from shard spend
     report = reconcile(far())
     assert report["shards_folded"] >= 1
     budgets_item = budgets.period_item(team_id, budget_rules.period_of(time.time()))
