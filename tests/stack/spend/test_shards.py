@@ -116,6 +116,11 @@ def test_a_team_with_room_only_on_another_shard_is_served_not_refused(make_team,
     assert admission.slice.pk == shards.pk(team_id, 1)
     second.finish(admission, big // 2)
     second.give_back_all()
+    # Before the reconciler folds them, the spend is on two shards: the budget view sums them.
+    assert raw(team_id).spent == 0
+    view = budgets.view(team_id)
+    assert view["spent_usd"] == pricing.usd(WORST // 10 + big // 2) and view["reserved_usd"] == pricing.usd(0)
+    assert view["remaining_usd"] == pricing.usd(limit - WORST // 10 - big // 2) and view["open_holds"] == 0
     reconcile(far())
     item = budgets.period_item(team_id, budget_rules.period_of(time.time()))
     assert item.spent == WORST // 10 + big // 2 and item.committed == item.spent
