@@ -7,6 +7,8 @@ every request byte for byte and, only when configured, refuses some without forw
 exact error shapes. Default: everything off (pure pass-through). Controls, on the same port and
 never forwarded: GET/POST /_local/faults, POST /_local/faults/reset and /_local/faults/release
 (docs/local-stack.md, "DynamoDB fault layer"); in-process: configure(**kw), reset(), counters(), release(), wait_for().
+A rule with `"after": true` forwards the request and then answers its error: the write was applied and
+its answer lost (an unknown outcome, as a 5xx or a read timeout after the write landed is on AWS).
 
     python -m local.ddb_faults --port 8006 --upstream http://127.0.0.1:8001
 """
