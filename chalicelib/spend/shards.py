@@ -184,7 +184,10 @@ def reclaim(team_id: str, cfg, period: str) -> int:
             free = int(item.room or 0) if item is not None else 0
             if free <= 0:
                 break
-            if move(team_id, period, n, room=-free, setting=setting_of(cfg), stale=stale_grants(item)):
+            # Its setting is left as it was: only a grant, which the root checks against the limit,
+            # may mark a shard's room as checked under the current setting (room a slice taken under
+            # an older one gives back later must not become usable unchecked).
+            if move(team_id, period, n, room=-free, stale=stale_grants(item)):
                 back += free
                 break
     if back:

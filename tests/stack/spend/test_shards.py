@@ -178,3 +178,18 @@ def test_a_grant_whose_answer_is_lost_is_not_granted_twice(make_team, stack, ddb
     item = budgets.period_item(team_id, budget_rules.period_of(time.time()))
     assert item.spent == item.committed == WORST // 3
     assert_nothing_on_shards(team_id)
+
+
+def test_a_slice_taken_before_a_budget_was_lowered_gives_back_room_that_admits_nothing_beyond_it(
+        make_team, stack, sharded):
+    """test_slices' lowered-budget case with every slice on a shard: the old slice's unused room,
+    given back to its shard after the change, is not usable until the root checks a grant against
+    the new limit (a reclaim does not mark the shard's room as checked)."""
+    import test_slices
+    test_slices.test_a_budget_lowered_below_what_slices_hold_admits_nothing_beyond_it(make_team, stack)
+
+
+def test_test_slices_fault_case_holds_on_shards(make_team, stack, ddb_faults, sharded):
+    import test_slices
+    test_slices.test_200_calls_from_four_instances_under_faults_never_pass_a_budget_for_50(make_team, stack,
+                                                                                            ddb_faults)
