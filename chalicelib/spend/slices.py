@@ -23,6 +23,9 @@ when it is renewed (in the same write as the next slice), when the instance goes
   for it (spend/metering.py `close_expired`).
 - A lowered budget: a slice taken under another budget setting admits nothing more once this
   instance sees the new setting (within the config cache's 30 s); its calls in flight end on it.
+- Shards: once an instance sees RFT_BUDGET_ROOT_SLICES slices open on the period item, it carves
+  its slices from one shard item of the team's budget instead (spend/shards.py: granted by the
+  period item, rebalanced through it), so a team's slice writes spread over many partition keys.
 """
 from __future__ import annotations
 
