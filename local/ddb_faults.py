@@ -7,6 +7,8 @@ every request byte for byte and, only when configured, refuses some without forw
 exact error shapes. Default: everything off (pure pass-through). Controls, on the same port and
 never forwarded: GET/POST /_local/faults, POST /_local/faults/reset and /_local/faults/release
 (docs/local-stack.md, "DynamoDB fault layer"); in-process: configure(**kw), reset(), counters(), release(), wait_for().
+A rule with `"after": true` forwards the request and then answers its error: the write was applied and
+its answer lost (an unknown outcome, as a 5xx or a read timeout after the write landed is on AWS).
 
     python -m local.ddb_faults --port 8006 --upstream http://127.0.0.1:8001
 """
@@ -170,14 +172,18 @@ class FaultProxy:
         if op in ("CreateTable", "DeleteTable"):
             with self.lock:
                 self.tables = {k: v for k, v in self.tables.items() if k[1] != payload.get("TableName")}
-        refused = self._rule_fault(op, _tables(payload))
-        if refused is not None:
+        refused, after = self._rule_fault(op, _tables(payload))
+        if refused is not None and not after:
             return refused
         if op in PLAIN_WRITES or op == TX:
-            return self._write(request, body, op, payload)
-        return self._forward(request, body, op)
+            answer = self._write(request, body, op, payload)
+        else:
+            answer = self._forward(request, body, op)
+        # `after`: the request was applied (or refused) by DynamoDB, and its answer is lost on the
+        # way back -- an unknown outcome, as a 500 or a read timeout after the write landed is on AWS.
+        return refused if refused is not None else answer
 
-    def _rule_fault(self, op: str, tables: set[str]) -> Response | None:
+    def _rule_fault(self, op: str, tables: set[str]) -> tuple[Response | None, bool]:
         with self.lock:
             for rule in self.config["rules"]:
                 if rule["operation"] not in ("*", op):
@@ -190,10 +196,10 @@ class FaultProxy:
                     rule["next"] -= 1
                 elif self.rng.random() >= rule["rate"]:
                     continue
-                self.faults[(rule["error"], op)] += 1
+                self.faults[(rule["error"] + (" after applying" if rule["after"] else ""), op)] += 1
                 status, type_, message = ERRORS[rule["error"]]
-                return _aws_error(status, {"__type": type_, "message": message})
-        return None
+                return _aws_error(status, {"__type": type_, "message": message}), rule["after"]
+        return None, False
 
     # ---- writes: conflicts and per-item throughput ---------------------------------------------
 
@@ -359,7 +365,9 @@ def _rule(rule: dict) -> dict:
         raise ValueError(f"each rule needs exactly one of rate (0..1) or next (a count): {rule!r}")
     if ("rate" in rule and not 0 <= float(rule["rate"]) <= 1) or ("next" in rule and int(rule["next"]) < 0):
         raise ValueError(f"rate must be within 0..1 and next >= 0: {rule!r}")
-    return {"operation": "*", "table": "*", **rule}
+    if not isinstance(rule.get("after", False), bool):
+        raise ValueError(f"after must be true or false: {rule!r}")
+    return {"operation": "*", "table": "*", "after": False, **rule}
 
 
 def _tables(payload: dict) -> set[str]:

@@ -10,11 +10,12 @@ from pydantic import Field, field_validator
 from chalicelib.api.bodies import StrictModel
 from chalicelib.api.http import Request, query_int, route
 from chalicelib.domain import ids, scopes
-from chalicelib.errors import InvalidRequest
+from chalicelib.errors import InvalidRequest, NotFound
 from chalicelib.evaluation import promotion
 from chalicelib.grading import lambda_graders
 from chalicelib.inference import guardrails
 from chalicelib.platform import audit, teams
+from chalicelib.spend import budgets
 
 bp = Blueprint(__name__)
 
@@ -94,6 +95,26 @@ def rotate_key(req: Request, key_id: str):
 @route(bp, "/v1/admin/teams/{team_id}/keys", auth="admin")
 def list_keys(req: Request, team_id: str):
     return {"object": "list", "data": teams.list_keys(team_id)}
+
+
+@route(bp, "/v1/admin/teams/{team_id}/keys/{key_id}/budget", ("PUT",), auth="admin", json_body=True)
+def set_key_budget(req: Request, team_id: str, key_id: str):
+    """The key's own monthly budget inside the team's ({"limit_usd": "..."}); audited as budget.set."""
+    _team_key(team_id, key_id)
+    return budgets.set_budget(team_id, req.body, key_id=key_id)
+
+
+@route(bp, "/v1/admin/teams/{team_id}/keys/{key_id}/budget", auth="admin")
+def get_key_budget(req: Request, team_id: str, key_id: str):
+    _team_key(team_id, key_id)
+    return budgets.view(budgets.key_owner(team_id, key_id))
+
+
+def _team_key(team_id: str, key_id: str) -> None:
+    """404 unless the team exists and the key is one of its own (another team's is not found)."""
+    teams.get_team(team_id)
+    if teams.get_key(key_id).team_id != team_id:
+        raise NotFound(f"No API key with id '{key_id}'", param="key_id")
 
 
 @route(bp, "/v1/admin/keys/{key_id}", ("DELETE",), auth="admin")

@@ -43,6 +43,7 @@ class Hold:
     entry: LedgerEntry
     price: pricing.Price
     worst: int
+    key_admission: slices.Admission | None = None     # against the key's own budget, if it has one
     started: float = field(default_factory=time.perf_counter)
     book_later: Callable[[], None] | None = None
     upstream_ms: float | None = None     # a plain call's upstream time (the gateway's own is the rest)
@@ -95,6 +96,8 @@ class Hold:
         slice it was admitted against. Never raises."""
         ledger.write(self.entry)
         slices.lender().finish(self.admission, int(self.entry.cost_micro or 0))
+        if self.key_admission is not None:
+            slices.lender().finish(self.key_admission, int(self.entry.cost_micro or 0))
         metrics.ledger_call(self.entry, self.upstream_ms, self.ttft_ms)
 
     def fail(self, exc: BaseException) -> None:
@@ -106,6 +109,8 @@ class Hold:
             self.book()
         else:
             slices.lender().finish(self.admission, 0)
+            if self.key_admission is not None:
+                slices.lender().finish(self.key_admission, 0)
 
 
 def reserve(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,
@@ -115,15 +120,26 @@ def reserve(team_id: str, key_id: str | None, request_id: str, target: Target, p
     A call that may run longer than a short slice admits (a stream, a long deadline) takes a long one."""
     created_ms = ids.now_ms()
     short = not stream and deadline.remaining() <= budgets.CALL_SECONDS["s"]
+    kind_of_slice = "s" if short else "u"
     try:
-        admission = slices.lender().admit(team_id, worst, "s" if short else "u")
+        admission = slices.lender().admit(team_id, worst, kind_of_slice)
     except budgets.OverBudget:
         metrics.budget_refusal(team_id)
         raise
+    key_admission = None
+    # A key with a budget of its own: the call must fit it too -- the same in-memory slices, with
+    # the key as the budget's owner (no write per call); refused, the team's admission is undone.
+    if key_id and budgets.config(budgets.key_owner(team_id, key_id)) is not None:
+        try:
+            key_admission = slices.lender().admit(budgets.key_owner(team_id, key_id), worst, kind_of_slice)
+        except BaseException:
+            slices.lender().finish(admission, 0)
+            raise
     entry = ledger.new_entry(team_id, created_ms, request_id, admission.hold_id, key_id=key_id, model=target.requested,
                              upstream_model=target.upstream, alias=target.alias, endpoint=endpoint,
-                             reserved_micro=worst, stream=stream, status=200, kind=kind, job_id=job_id)
-    return Hold(admission, entry, price, worst)
+                             reserved_micro=worst, stream=stream, status=200, kind=kind, job_id=job_id,
+                             key_hold_id=key_admission.hold_id if key_admission else None)
+    return Hold(admission, entry, price, worst, key_admission=key_admission)
 
 
 def metered_call(team_id: str, key_id: str | None, request_id: str, target: Target, price: pricing.Price, worst: int,

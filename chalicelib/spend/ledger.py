@@ -28,7 +28,7 @@ from chalicelib.store.models import LedgerEntry
 
 _ENTRY_FIELDS = ("pk", "sort_key", "team_id", "request_id", "key_id", "model", "upstream_model", "alias", "endpoint",
                  "input_tokens", "cached_tokens", "output_tokens", "cost_micro", "reserved_micro", "latency_ms",
-                 "status", "stream", "created_at", "kind", "outcome", "hold_id", "job_id")
+                 "status", "stream", "created_at", "kind", "outcome", "hold_id", "job_id", "key_hold_id")
 
 
 def shards() -> int:
@@ -79,7 +79,15 @@ def entries(team_id: str) -> list[LedgerEntry]:
 
 
 def entries_for_hold(team_id: str, hold_id: str) -> list[LedgerEntry]:
-    """The entries of calls admitted against one hold or slice."""
+    """The entries of calls admitted against one hold or slice. `team_id` may be a key's budget
+    owner (`<team>/key/<key id>`, spend/budgets.py): its slice is on the team's entries as
+    `key_hold_id`, found by a filtered query of each shard (the reconciler's path, not a call's)."""
+    team, sep, _ = team_id.partition("/key/")
+    if sep:
+        return [e for pk in partitions(team)
+                for e in dynamo.call(lambda pk=pk: list(LedgerEntry.query(
+                    pk, filter_condition=LedgerEntry.key_hold_id == hold_id, consistent_read=True)),
+                    idempotent=True, what="ledger read")]
     return [e for pk in partitions(team_id)
             for e in dynamo.call(lambda pk=pk: list(LedgerEntry.query(
                 pk, LedgerEntry.sort_key.startswith(f"{hold_id}#"), consistent_read=True)),

@@ -21,7 +21,7 @@ from chalicelib.domain import budget as budget_rules
 from chalicelib.domain import pricing
 from chalicelib.errors import ApiError, InvalidRequest
 from chalicelib.log import logger
-from chalicelib.spend import budgets, ledger
+from chalicelib.spend import budgets, ledger, shards
 from chalicelib.store import dynamo
 from chalicelib.store.models import Budget, Job, LedgerEntry, Team, UsageDaily, connection
 
@@ -61,21 +61,30 @@ def release_expired_holds(now: float | None = None, team_ids: list[str] | None =
     dlq_checked: list[bool] = []
     for cfg in configs:
         for period in periods:
-            item = budgets.period_item(cfg.team_id, period)
-            for hold_id, micro in budgets.open_holds(item).items():
-                if not budgets.hold_expired(hold_id, now):
-                    continue
-                try:
-                    res = budgets.Reservation(cfg.team_id, period, micro, hold_id)
-                    if budgets.is_slice(hold_id):
-                        report["slices_closed"] += int(_close_slice(res, dlq_checked))
-                    else:
-                        _repair_hold(report, res)
-                except (ApiError, PynamoDBException) as exc:
-                    # One hold that cannot be repaired now never stops the others (next pass retries it).
-                    report["failed"] = report.get("failed", 0) + 1
-                    logger.warning("expired hold not repaired", extra={"team_id": cfg.team_id, "hold_id": hold_id,
-                                                                       "error": type(exc).__name__})
+            for pk, item in shards.owners(cfg.team_id, period):      # the root, then each granted shard
+                for hold_id, micro in budgets.open_holds(item).items():
+                    if not budgets.hold_expired(hold_id, now):
+                        continue
+                    try:
+                        res = budgets.Reservation(cfg.team_id, period, micro, hold_id, pk=pk)
+                        if budgets.is_slice(hold_id):
+                            report["slices_closed"] += int(_close_slice(res, dlq_checked))
+                        else:
+                            _repair_hold(report, res)
+                    except (ApiError, PynamoDBException) as exc:
+                        # One hold that cannot be repaired now never stops the others (next pass retries it).
+                        report["failed"] = report.get("failed", 0) + 1
+                        logger.warning("expired hold not repaired", extra={
+                            "team_id": cfg.team_id, "hold_id": hold_id, "error": type(exc).__name__})
+            try:
+                # Shards with no slice left: their room and spend back in the root, nothing held there.
+                folded = shards.fold_idle(cfg.team_id, period)
+                if folded:
+                    report["shards_folded"] = report.get("shards_folded", 0) + folded
+            except (ApiError, PynamoDBException) as exc:
+                report["failed"] = report.get("failed", 0) + 1
+                logger.warning("budget shards not folded", extra={"team_id": cfg.team_id,
+                                                                  "error": type(exc).__name__})
     return report
 
 
@@ -85,9 +94,10 @@ def close_expired(team_id: str, period: str, now: float | None = None) -> int:
     now = now or time.time()
     dlq_checked: list[bool] = []
     closed = 0
-    for hold_id, micro in budgets.open_holds(budgets.period_item(team_id, period)).items():
-        if budgets.is_slice(hold_id) and budgets.hold_expired(hold_id, now):
-            closed += int(_close_slice(budgets.Reservation(team_id, period, micro, hold_id), dlq_checked))
+    for pk, item in shards.owners(team_id, period):
+        for hold_id, micro in budgets.open_holds(item).items():
+            if budgets.is_slice(hold_id) and budgets.hold_expired(hold_id, now):
+                closed += int(_close_slice(budgets.Reservation(team_id, period, micro, hold_id, pk=pk), dlq_checked))
     return closed
 
 

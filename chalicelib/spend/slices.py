@@ -23,6 +23,9 @@ when it is renewed (in the same write as the next slice), when the instance goes
   for it (spend/metering.py `close_expired`).
 - A lowered budget: a slice taken under another budget setting admits nothing more once this
   instance sees the new setting (within the config cache's 30 s); its calls in flight end on it.
+- Shards: once an instance sees RFT_BUDGET_ROOT_SLICES slices open on the period item, it carves
+  its slices from one shard item of the team's budget instead (spend/shards.py: granted by the
+  period item, rebalanced through it), so a team's slice writes spread over many partition keys.
 """
 from __future__ import annotations
 
@@ -41,12 +44,13 @@ from chalicelib.domain import budget as rules
 from chalicelib.domain import ids, pricing
 from chalicelib.errors import ApiError, RateLimited
 from chalicelib.log import logger
-from chalicelib.spend import budgets, metering
+from chalicelib.spend import budgets, metering, shards
 
 PER_CALL_BELOW = 8        # when a quarter of what is left holds fewer worst cases, slices are per call
 SPENT_SECONDS = 1.0       # a budget found without room is believed so this long (no write per refusal)
 RENEW_AHEAD_SECONDS = 5   # renew a slice this long before its window ends
 MIN_CALLS = 4             # a slice holds at least this many worst cases (outside low water)
+GRANT_SLICES = 4          # a shard is granted room for this many of the slices asking (fewer grant writes)
 
 
 def idle_seconds() -> float:
@@ -77,6 +81,7 @@ class Slice:
     spent_seen: int = 0       # the period's spend when it was taken
     returning: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    pk: str = ""              # the item it is carved from: the team's root, or a shard (spend/shards.py)
 
     def free(self) -> int:
         return self.amount - self.used - self.inflight
@@ -111,6 +116,8 @@ class Lender:
         self._no_room: dict[str, tuple[float, int, tuple]] = {}   # team -> (until, room seen, setting)
         self._announced: dict[tuple[str, str], set] = {}            # thresholds this instance announced
         self._taking_ids: set[str] = set()                            # slice ids being taken now
+        self._shard: dict[str, int] = {}             # team -> this instance's shard, once the root is busy
+        self._shard_room: dict[str, int] = {}        # team -> its shard's free room at the last take
         self._timer: threading.Thread | None = None
 
     # ---- admitting ------------------------------------------------------------------------------
@@ -158,7 +165,7 @@ class Lender:
 
     def _size(self, key, cfg, worst: int) -> tuple[int, bool]:
         """(amount, per call) for the next slice."""
-        room = cfg.limit_micro - self._committed.get(key[0], 0)
+        room = cfg.limit_micro - self._committed.get(key[0], 0) + self._shard_room.get(key[0], 0)
         if room // 4 < PER_CALL_BELOW * worst:
             return worst, True
         since, total = self._demand.pop(key, (time.monotonic(), 0))
@@ -171,10 +178,12 @@ class Lender:
         on it -- and admits `worst` against it (0: a renewal ahead of need, nothing admitted)."""
         team_id, kind = key
         amount, per_call = self._size(key, cfg, worst)
+        n = self._shard_of(team_id)
+        pk = team_id if n is None else shards.pk(team_id, n)
         with self._lock:
             old = self._current.get(key)
             release = None
-            if old is not None and old.period == period and not old.calls and not old.returning:
+            if old is not None and old.period == period and not old.calls and not old.returning and old.pk == pk:
                 old.returning = True                  # admits nothing while it is being given back
                 release = (old.hold_id, old.amount, old.used)
 
@@ -184,11 +193,11 @@ class Lender:
             with self._lock:
                 self._taking_ids.add(slice_id)        # ours, even before it is installed
             try:
-                return budgets.take(team_id, cfg, period, slice_id, size, release)
+                return self._take(team_id, cfg, period, slice_id, size, release, n)
             except budgets.Released:                  # the reconciler closed it from the ledger already
                 self._drop(key, old)
                 old = release = None
-                return budgets.take(team_id, cfg, period, slice_id, size)
+                return self._take(team_id, cfg, period, slice_id, size, None, n)
             finally:
                 with self._lock:
                     self._taking_ids.discard(slice_id)
@@ -223,10 +232,15 @@ class Lender:
             if worst:
                 raise self._refusal(team_id, cfg, period, worst)
             return None
-        self._committed[team_id] = res.committed_after
+        if res.pk == team_id:
+            self._committed[team_id] = res.committed_after
+            if shards.count() > 1 and res.holds_after >= shards.root_slices_max() and team_id not in self._shard:
+                self._shard[team_id] = shards.pick()      # the root is busy: this instance's next slices on a shard
+        else:
+            self._shard_room[team_id] = res.room_after
         new = Slice(team_id, period, res.hold_id, amount, _setting(cfg),
                     time.time() + (1 if per_call else budgets.SLICE_WINDOW_SECONDS), per_call=per_call,
-                    spent_seen=res.spent_after)
+                    spent_seen=res.spent_after, pk=res.pk or team_id)
         self._ensure_timer()
         with self._lock:
             if old is not None:
@@ -242,6 +256,39 @@ class Lender:
             self._give_back_if_done(old)
         return Admission(team_id, new.hold_id, worst, new) if worst else None
 
+    def _shard_of(self, team_id: str) -> int | None:
+        """This instance's shard of the team's budget, or None (slices from the root)."""
+        if team_id not in self._shard and shards.count() > 1 and shards.root_slices_max() == 0:
+            self._shard[team_id] = shards.pick()
+        return self._shard.get(team_id)
+
+    def _take(self, team_id: str, cfg, period: str, slice_id: str, size: int, release, n: int | None):
+        """A slice from the root (n None) or from shard n; a shard without room is granted more
+        by the root, and when the root has none, the other shards' free room is reclaimed first."""
+        if n is None:
+            return budgets.take(team_id, cfg, period, slice_id, size, release)
+        pk = shards.pk(team_id, n)
+        res = budgets.take(team_id, cfg, period, slice_id, size, release, pk=pk)
+        if res is not None:
+            return res
+        root_room = max(0, cfg.limit_micro - self._committed.get(team_id, 0))
+        want = max(size, min(GRANT_SLICES * size, root_room // shards.count()))
+        for amount in dict.fromkeys((want, size)):   # a share for several slices, else just this one
+            if self._grant(team_id, cfg, period, n, amount):
+                res = budgets.take(team_id, cfg, period, slice_id, size, release, pk=pk)
+                if res is not None:
+                    return res
+        # The root has no room: the free room other shards hold comes back to it, then a grant.
+        if shards.reclaim(team_id, cfg, period) and self._grant(team_id, cfg, period, n, size):
+            return budgets.take(team_id, cfg, period, slice_id, size, release, pk=pk)
+        return None
+
+    def _grant(self, team_id: str, cfg, period: str, n: int, amount: int) -> bool:
+        seen = shards.grant(team_id, cfg, period, n, amount)
+        if seen is not None:
+            self._committed[team_id] = seen + amount       # sizing: what the root has left
+        return seen is not None
+
     @staticmethod
     def _usable(s: Slice, cfg, period: str) -> bool:
         return not s.retired and not s.returning and s.period == period and s.setting == _setting(cfg) \
@@ -249,11 +296,11 @@ class Lender:
 
     @staticmethod
     def _room_now(team_id: str, cfg, period: str) -> int:
-        return cfg.limit_micro - int(budgets.period_item(team_id, period).committed or 0)
+        return budgets.free_room(cfg, budgets.period_item(team_id, period))
 
     def _refusal(self, team_id: str, cfg, period: str, worst: int) -> ApiError:
         item = budgets.period_item(team_id, period)
-        room = cfg.limit_micro - int(item.committed or 0)
+        room = budgets.free_room(cfg, item)
         with self._lock:
             mine = {s.hold_id for s in (*self._current.values(), *self._draining)} | self._taking_ids
         others = {h: m for h, m in budgets.open_holds(item).items() if budgets.is_slice(h) and h not in mine}
@@ -262,7 +309,9 @@ class Lender:
             return budgets.over_budget(worst, cfg, period)
         soonest = min(budgets.hold_created_ms(h) / 1000 + budgets.SLICE_WINDOW_SECONDS for h in others)
         wait = int(min(budgets.SLICE_WINDOW_SECONDS, max(1.0, min(soonest - time.time(), idle_seconds()))))
-        return BudgetHeld(f"${pricing.usd(worst)} of the team's budget is needed for this request and other "
+        keyed = budgets.owner_key(team_id)
+        whose = f"API key {keyed[1]}'s budget" if keyed else "the team's budget"
+        return BudgetHeld(f"${pricing.usd(worst)} of {whose} is needed for this request and other "
                           f"instances of rft-hub have it set aside for their calls; they give back what they do "
                           f"not use within seconds. Retry after {wait} s.", headers={"Retry-After": str(wait)})
 
@@ -334,7 +383,7 @@ class Lender:
 
     @staticmethod
     def _settle(s: Slice) -> bool:
-        budgets.settle(budgets.Reservation(s.team_id, s.period, s.amount, s.hold_id), s.used)
+        budgets.settle(budgets.Reservation(s.team_id, s.period, s.amount, s.hold_id, pk=s.pk or s.team_id), s.used)
         return True
 
     def _give_back_if_done(self, s: Slice) -> None:

@@ -391,6 +391,13 @@ class BudgetPeriod(_Base):
     spent = NumberAttribute(default=0)
     holds = MapAttribute(default=dict)              # open holds: {hold id: micro}
     alerted = ListAttribute(default=list)           # thresholds already announced this period
+    # A budget shard (`<team>#bNN`, spend/shards.py) also has: what the root granted it (= its
+    # committed + room), its free room, the budget setting it was granted under, and its recent
+    # grant ids (so a repeated grant is not applied twice).
+    granted = NumberAttribute(null=True)
+    room = NumberAttribute(null=True)
+    setting = UnicodeAttribute(null=True)
+    grants = MapAttribute(null=True)                # {grant id: unix ms}
 
 
 class PendingUsage(GlobalSecondaryIndex):
@@ -437,6 +444,7 @@ class LedgerEntry(_Base):
     kind = UnicodeAttribute(default="inference")   # inference | grader | abandoned
     outcome = UnicodeAttribute(default="served")   # served | error | abandoned
     hold_id = UnicodeAttribute(null=True)          # the hold or slice it was admitted against
+    key_hold_id = UnicodeAttribute(null=True)      # the slice of its key's own budget, if the key has one
     job_id = UnicodeAttribute(null=True)           # grader calls made for a training job
     agg_team = UnicodeAttribute(null=True)         # = pk until aggregated (sparse index)
     pending_usage = PendingUsage()
