@@ -15,10 +15,12 @@ NAMESPACE = "RftHub"
 FUNCTION_IDS = {"api_handler": "APIHandler", "on_bedrock_job_event": "OnBedrockJobEvent",
                 "reconcile_jobs": "ReconcileJobs", "hosted_grader": "HostedGrader", "slack_notifier": "SlackNotifier",
                 "slack_commands": "SlackCommands", "job_worker": "JobWorker", "eval_worker": "EvalWorker",
-                "alarm_notifier": "AlarmNotifier", "data_plane": "DataPlane"}
+                "alarm_notifier": "AlarmNotifier", "data_plane": "DataPlane", "pipeline_worker": "PipelineWorker",
+                "pipeline_triggers": "PipelineTriggers", "reconcile_pipelines": "ReconcilePipelines"}
 # Function errors worth waking someone for, per 5 minutes. A queue consumer raises to leave a message
 # queued (Slack's 429, a lease held elsewhere): a few are its retry path, a run of them is not.
-ERRORS_PER_5_MIN = {"slack_notifier": 5, "slack_commands": 5, "job_worker": 3, "eval_worker": 3}
+ERRORS_PER_5_MIN = {"slack_notifier": 5, "slack_commands": 5, "job_worker": 3, "eval_worker": 3, "pipeline_worker": 3,
+                    "pipeline_triggers": 3}
 RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
                   3288, 3653)
 P99_ADDED_MS = 50          # the gateway's own time per call (issue #14 budgets it well under this)
