@@ -52,7 +52,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 test: setup .local/.chromium litellm lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Deployable artefacts for STAGE=dev|prod, without AWS credentials: build/STAGE/sam.json + deployment.zip.
 package: $(STAMP)
