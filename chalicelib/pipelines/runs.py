@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -18,7 +17,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib import outbox
 from chalicelib.adapters import aws
 from chalicelib.config import pipeline_state_machine_arn
-from chalicelib.domain import ids
+from chalicelib.domain import ids, pricing
 from chalicelib.domain import pipelines as rules
 from chalicelib.errors import ApiError, Conflict, InvalidRequest, NotFound
 from chalicelib.log import logger
@@ -38,13 +37,9 @@ def run_view(r: PipelineRun) -> dict:
             "steps": r.steps or [], "waiting_on": r.waiting_step, "data": r.data, "job_id": r.job_id,
             "candidate_model": r.candidate_model, "current_model": r.current_model, "eval_runs": r.eval_runs,
             "comparison": r.comparison, "approval": r.approval, "error": r.error,
-            "held_usd": budgets_usd((r.hold or {}).get("micro")) if r.hold and not r.hold.get("released") else None,
+            "held_usd": pricing.usd(int(r.hold["micro"])) if r.hold and not r.hold.get("released") else None,
             "alias_version": int(r.alias_version) if r.alias_version is not None else None,
             "execution_arn": r.execution_arn, "created_at": r.created_at, "ended_at": r.ended_at}
-
-
-def budgets_usd(micro: Any) -> str | None:
-    return None if micro is None else str(Decimal(int(micro)) / Decimal(1_000_000))
 
 
 def get_run(pipeline_id: str, run_id: str) -> PipelineRun | None:
