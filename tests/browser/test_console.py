@@ -256,7 +256,9 @@ class Console:
         self.context = browser.new_context(viewport=context.pop("viewport", {"width": 1280, "height": 900}),
                                            accept_downloads=True, **context)
         self.page = self.context.new_page()
-        self.page.set_default_timeout(20_000)
+        # Waits for a page to be ready, not timings: generous, since `make test` runs two stacks on two cores
+        # and the admin's pages read every team of the session.
+        self.page.set_default_timeout(60_000)
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("console", lambda m: self.errors.append(m.text) if (
