@@ -88,7 +88,9 @@ def test_200_calls_from_four_instances_under_faults_never_pass_a_budget_for_50(m
     served = [o for o in outcomes if not isinstance(o, ApiError)]
     refused = {o.code for o in outcomes if isinstance(o, ApiError)}
     assert refused <= {"insufficient_quota", "budget_held", "service_unavailable"}, refused
-    assert "insufficient_quota" in refused                                  # the budget ran out ...
+    # the budget ran out (or, at that moment, what was left sat in another instance's slice or another
+    # shard: budget_held, which a retry gets back; which of the two a late call meets is timing) ...
+    assert refused & {"insufficient_quota", "budget_held"}
     assert sum(e.cost_micro for e in served) > limit // 2                   # ... not long before
     assert sum(e.cost_micro for e in served) <= limit                       # admitted calls never cost more
     for lender in instances:                                                # the instances go idle
