@@ -255,11 +255,7 @@ class ChatGuard:
         return {**data, "choices": choices} if choices else None
 
     def charge(self) -> None:
-        cost = sum(g.cost_micro for g in self._guards.values())
-        try:
-            self._charge(cost)
-        except Exception:  # noqa: BLE001 - the call itself is booked; its guard checks must not undo that
-            logger.exception("guardrail checks of a stream not charged", extra={"cost_micro": cost})
+        _charge_checks(self._guards, self._charge)
 
 
 class ResponsesGuard:
@@ -390,11 +386,16 @@ class ResponsesGuard:
             "output": output, "completed_at": None}})
 
     def charge(self) -> None:
-        cost = sum(g.cost_micro for g in self._guards.values())
-        try:
-            self._charge(cost)
-        except Exception:  # noqa: BLE001 - the call itself is booked; its guard checks must not undo that
-            logger.exception("guardrail checks of a stream not charged", extra={"cost_micro": cost})
+        _charge_checks(self._guards, self._charge)
+
+
+def _charge_checks(guards: dict, charge) -> None:
+    """A stream's guardrail checks onto the ledger, once its call is booked."""
+    cost = sum(g.cost_micro for g in guards.values())
+    try:
+        charge(cost)
+    except Exception:  # noqa: BLE001 - the call itself is booked; its guard checks must not undo that
+        logger.exception("guardrail checks of a stream not charged", extra={"cost_micro": cost})
 
 
 def _sse(data: dict) -> bytes:
