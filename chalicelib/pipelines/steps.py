@@ -88,7 +88,7 @@ def check_data(run: PipelineRun, token: str, body: dict) -> dict:
     since the last successful run: the run is skipped. Otherwise its estimate is held."""
     spec = spec_of(run)
     p = specs.get(run.team_id, run.pipeline_id)
-    data = run.data
+    data, content = run.data, None     # content: the upload's bytes when this attempt read them
     if data is None:
         if "file_id" in spec["dataset"]:
             record = files.get_file(run.team_id, spec["dataset"]["file_id"], purpose=files.PURPOSE)
@@ -97,19 +97,19 @@ def check_data(run: PipelineRun, token: str, body: dict) -> dict:
                 digest.update(chunk)
             data = {"file_id": record.file_id, "sha256": digest.hexdigest(), "source": "file"}
         else:
-            data = _newest_upload(run)
+            data, content = _newest_upload(run)
         runs.save_fields(run, [PipelineRun.data.set(data)])
         run.refresh(consistent_read=True)
     if data["sha256"] == p.last_data_sha256:
         return {"changed": False, "sha256": data["sha256"]}
     if data.get("file_id") is None:
-        data = _register(run, data)
+        data = _register(run, data, content)
     req = job_rules.CreateJob.model_validate({**spec["job"], "training_file": data["file_id"]})
     runs.hold(run, job_create.estimate_micro(run.team_id, req))
     return {"changed": True, "file_id": data["file_id"], "sha256": data["sha256"]}
 
 
-def _newest_upload(run: PipelineRun) -> dict:
+def _newest_upload(run: PipelineRun) -> tuple[dict, bytes]:
     s3, bucket = aws.s3(), settings().datasets_bucket
     where = specs.prefix(run.team_id, run.pipeline_id)
     newest = None
@@ -125,11 +125,14 @@ def _newest_upload(run: PipelineRun) -> dict:
         raise StepFailed(f"{newest['Key']} is {newest['Size']} bytes; a training file is at most "
                          f"{settings().max_file_bytes}")
     content = s3.get_object(Bucket=bucket, Key=newest["Key"])["Body"].read()
-    return {"file_id": None, "key": newest["Key"], "sha256": hashlib.sha256(content).hexdigest(), "source": "prefix"}
+    return ({"file_id": None, "key": newest["Key"], "sha256": hashlib.sha256(content).hexdigest(), "source": "prefix"},
+            content)
 
 
-def _register(run: PipelineRun, data: dict) -> dict:
-    content = aws.s3().get_object(Bucket=settings().datasets_bucket, Key=data["key"])["Body"].read()
+def _register(run: PipelineRun, data: dict, content: bytes | None) -> dict:
+    """The upload made a file: from the bytes this attempt hashed, or (a repeated step) read again."""
+    if content is None:
+        content = aws.s3().get_object(Bucket=settings().datasets_bucket, Key=data["key"])["Body"].read()
     if hashlib.sha256(content).hexdigest() != data["sha256"]:
         raise StepFailed(f"{data['key']} changed while the run read it; the next upload starts a new run")
     made = files.create_file(run.team_id, data["key"].rsplit("/", 1)[-1], files.PURPOSE, content)
